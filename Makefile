@@ -1,0 +1,21 @@
+# Quick start: `make demo` (set up + run the main job on the synthetic videos), `make test` (set up + tests).
+PY ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+$(BIN)/activate: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt
+	touch $(BIN)/activate
+
+setup: $(BIN)/activate
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python tokenizer.py --vfm tiny --model tiny --size 64 --global-batch 32 \
+		--batch-size 32 --steps 400 --warmup 40 --lr 1e-3 --eval-every 200 --ckpt-every 200 \
+		--num-workers 1 --out runs/demo/tokenizer
+
+test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+.PHONY: setup demo test

@@ -1,0 +1,331 @@
+"""
+Video data for every stage: where frames come from, and how training clips are cut from them.
+
+Two sources share one interface (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`):
+- `SyntheticVideos`: procedural moving shapes with class and depth labels, no download. The default
+  (`--data synthetic`) of every script, so the whole pipeline runs on a laptop in minutes.
+- `VideoFolder`: real videos, a folder tree of video files or of frame folders (one folder of images = one video).
+
+`ClipDataset.sample(step, j)` cuts clip j of training step `step` (a pure function of seed, step and j), and
+`make_loader` turns that into an infinite, resumable stream of micro-batches that is the same for any number of
+workers and processes: the union over ranks and micro-steps of step s is always clips j = 0 .. global_batch - 1.
+"""
+
+import functools
+import itertools
+import os
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+
+# -----------------------------------------------------------------------------
+# synthetic videos: moving shapes that turn at random moments, with class and depth labels
+
+SPLITS = ("train", "val")
+TINTS = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [0.2, 0.4, 0.9]], np.float32)  # circle, square, triangle
+TURNS = np.deg2rad([0.0, 90.0, -90.0, 180.0])  # keep going, left, right, reverse: the modes of the future
+TURN_EVERY = 0.75  # mean seconds between turn events (3 in 4 visibly turn): futures 0.6 s ahead fork
+
+
+def _sinusoids(rng, ys, xs, n):
+    """Sum of n random plane waves of small amplitude on the (H, W) grid: a smooth texture around 0."""
+    out = np.zeros(ys.shape, np.float32)
+    for _ in range(n):
+        fy, fx = rng.uniform(-4, 4, 2)  # cycles per frame
+        out += rng.uniform(0.05, 0.15) * np.sin(2 * np.pi * (fy * ys + fx * xs) + rng.uniform(0, 2 * np.pi))
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _scene(seed, split, i, size, fps, seconds):
+    """Everything about synthetic video i, drawn from its own seed: background, and per-frame object states."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), i])  # train and val draw from disjoint seeds
+    grid = ((np.arange(size) + 0.5) / size).astype(np.float32)
+    ys, xs = np.meshgrid(grid, grid, indexing="ij")  # (H, W) pixel centres in frame units
+    bg = (rng.uniform(0.25, 0.75, 3) + _sinusoids(rng, ys, xs, 4)[..., None]).clip(0, 1)  # (H, W, 3) muted texture
+    far, near = rng.uniform(40, 60), rng.uniform(15, 25)
+    bg_depth = (far + (near - far) * ys).astype(np.float32)  # ground plane: far at the top, near at the bottom
+
+    t = np.arange(round(seconds * fps)) / fps  # (F,)
+    n = rng.integers(2, 5)
+    cls = rng.integers(1, len(TINTS) + 1, n)  # class of each object, 0 is background
+    colour = 0.5 * TINTS[cls - 1] + 0.5 * rng.uniform(0, 1, (n, 3))  # class-tinted, so classes differ in colour too
+    pos, vel, depth = np.zeros((len(t), n, 2)), np.zeros((len(t), n, 2)), np.zeros((len(t), n))
+    for o in range(n):
+        # piecewise-constant velocity: constant speed, turning by one of TURNS at Poisson-distributed moments
+        k = int(4 * seconds / TURN_EVERY) + 8  # more events than the video needs; later ones go unused
+        starts = np.concatenate([[0.0], np.cumsum(rng.exponential(TURN_EVERY, k))])  # (k+1,)
+        heading = rng.uniform(0, 2 * np.pi) + np.concatenate([[0.0], np.cumsum(rng.choice(TURNS, k))])
+        v = rng.uniform(0.25, 0.5) * np.stack([np.sin(heading), np.cos(heading)], -1)  # frames/s, (y, x)
+        p = rng.uniform(0, 1, 2) + np.concatenate([[[0, 0]], np.cumsum(v[:-1] * np.diff(starts)[:, None], 0)])
+        seg = np.searchsorted(starts, t, side="right") - 1
+        pos[:, o] = p[seg] + v[seg] * (t - starts[seg])[:, None]  # unfolded: a free walk in the plane
+        vel[:, o] = v[seg]
+        depth[:, o] = rng.uniform(4, 12) * (1 + 0.15 * np.sin(2 * np.pi * (t / rng.uniform(4, 10) + rng.uniform())))
+    palette = (np.concatenate([bg.reshape(-1, 3), colour]) * 255 + 0.5).astype(np.uint8)  # (H*W + n, 3)
+    return dict(palette=palette, bg_depth=bg_depth, ys=ys, xs=xs, cls=cls, pos=pos, vel=vel, depth=depth)
+
+
+class SyntheticVideos:
+    """Procedural videos: 2-4 shapes over a textured background, occluding each other by depth. Each moves at
+    constant speed and at random moments keeps going, turns left, turns right or reverses, bouncing off the
+    borders, so a short context has several distinct plausible futures. Frame k of video i is a pure function of
+    (seed, split, i, k)."""
+
+    NUM_CLASSES = 4  # background, circle, square, triangle
+
+    def __init__(self, split="train", seed=0, num_videos=None, size=128, fps=15.0, seconds=8.0):
+        if split not in SPLITS:
+            raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
+        self.split, self.seed, self.size, self.fps, self.seconds = split, seed, size, fps, seconds
+        self.num_videos = num_videos or {"train": 512, "val": 64}[split]
+
+    def __len__(self):
+        return self.num_videos
+
+    def frame_times(self, i):
+        return np.arange(round(self.seconds * self.fps)) / self.fps
+
+    def trajectory(self, i):
+        """Object centres in frame units, folded into [0, 1] (bouncing), and the unfolded velocities: (F, n, 2)."""
+        s = _scene(self.seed, self.split, i, self.size, self.fps, self.seconds)
+        return 1 - np.abs(s["pos"] % 2 - 1), s["vel"]
+
+    def _render(self, i, idx):
+        s = _scene(self.seed, self.split, i, self.size, self.fps, self.seconds)
+        if not 0 <= min(idx) <= max(idx) < len(s["pos"]):
+            raise IndexError(f"frame indices {idx} out of range for {len(s['pos'])} frames")
+        pos = self.trajectory(i)[0][idx].astype(np.float32)  # (T, n, 2)
+        # paint indices into a palette (background pixels, then one colour per object): far cheaper than RGB writes
+        hw = s["ys"].size
+        index = np.tile(np.arange(hw, dtype=np.int32).reshape(s["ys"].shape), (len(idx), 1, 1))  # (T, H, W)
+        depth = np.broadcast_to(s["bg_depth"], index.shape)  # (T, H, W)
+        for o, c in enumerate(s["cls"]):
+            d = s["depth"][idx, o, None, None].astype(np.float32)  # (T, 1, 1)
+            r = 0.8 / d  # apparent radius shrinks with distance: depth is visible in the image
+            dy = s["ys"] - pos[:, o, 0, None, None]  # (T, H, W)
+            dx = s["xs"] - pos[:, o, 1, None, None]
+            if c == 1:  # circle
+                inside = dy**2 + dx**2 < r**2
+            elif c == 2:  # square
+                inside = np.maximum(np.abs(dy), np.abs(dx)) < 0.8 * r
+            else:  # triangle pointing up
+                inside = (dy < 0.5 * r) & (dy > -r + np.sqrt(3) * np.abs(dx))
+            inside &= d < depth  # z-buffer: the nearest surface wins
+            index[inside] = hw + o
+            depth = np.where(inside, d, depth)
+        classes = np.concatenate([np.zeros(hw, np.uint8), s["cls"].astype(np.uint8)])
+        return np.take(s["palette"], index, axis=0), np.take(classes, index), depth
+
+    def read(self, i, idx):
+        return self._render(i, list(idx))[0]  # (T, H, W, 3) uint8
+
+    def labels(self, i, idx):
+        """Per-pixel class (T, H, W) uint8 in 0..NUM_CLASSES-1 and depth (T, H, W) float32 in metres."""
+        _, classes, depth = self._render(i, list(idx))
+        return classes, depth
+
+
+# -----------------------------------------------------------------------------
+# real videos: video files decoded with PyAV, or folders of frames
+
+
+def _stem_seconds(name):
+    """'12.480.jpg' -> 12.48; None when the stem is not a decimal number (plain '000123' counts as a frame number)."""
+    stem = os.path.splitext(name)[0]
+    try:
+        return float(stem) if "." in stem else None
+    except ValueError:
+        return None
+
+
+def _probe(path):
+    """(number of frames, frame rate) from the stream's metadata, without decoding."""
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        rate = float(stream.average_rate or stream.guessed_rate)
+        n = stream.frames
+        if not n:  # webm / mkv store no frame count: derive it from the duration
+            seconds = stream.duration * stream.time_base if stream.duration else container.duration / av.time_base
+            n = round(float(seconds) * rate)
+    if n <= 0 or rate <= 0:
+        raise ValueError(f"no frames in {path}")
+    return n, rate
+
+
+class VideoFolder:
+    """Every video file under `root`, and every folder of images (one folder = one video, frames sorted by name).
+    Frame folders take their frame times from file names in seconds ('12.480.jpg') or else from `fps`.
+    Video files whose metadata cannot be read are left out, and counted, at start-up."""
+
+    def __init__(self, root, fps=None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"video root {root!r} does not exist (or is not a folder)")
+        self.videos, unreadable = [], []  # (frame paths, times) per frame folder, (path, (frames, rate)) per file
+        for folder, subfolders, files in os.walk(root, followlinks=True):
+            subfolders.sort()  # walk in a fixed order so video i is the same on every rank
+            images = sorted(f for f in files if f.lower().endswith(IMAGE_EXTS))
+            if images:
+                self.videos.append(self._frame_folder(folder, images, fps))
+            for f in sorted(f for f in files if f.lower().endswith(VIDEO_EXTS)):
+                path = os.path.join(folder, f)
+                try:
+                    n, rate = _probe(path)
+                except Exception:
+                    unreadable.append(path)
+                    continue
+                self.videos.append((path, (n, rate)))  # not times: a big corpus would hold them all in memory
+        if unreadable:
+            print(f"warning: skipped {len(unreadable)} unreadable videos: {', '.join(unreadable[:5])}")
+        if not self.videos:
+            raise FileNotFoundError(
+                f"no usable video under {root!r}: expected video files ({' '.join(VIDEO_EXTS)}) or folders of "
+                f"frames ({' '.join(IMAGE_EXTS)}, named by time in seconds like '12.480.jpg', or by order with --fps)")
+
+    @staticmethod
+    def _frame_folder(folder, images, fps):
+        seconds = [_stem_seconds(f) for f in images]
+        if None not in seconds:
+            order = np.argsort(seconds, kind="stable")
+            return [os.path.join(folder, images[k]) for k in order], np.array(seconds)[order]
+        if fps is None:
+            raise ValueError(f"frames in {folder!r} are not named by time in seconds (e.g. '12.480.jpg'): "
+                             "give their frame rate with --fps")
+        return [os.path.join(folder, f) for f in images], np.arange(len(images)) / fps
+
+    def __len__(self):
+        return len(self.videos)
+
+    def frame_times(self, i):
+        source, info = self.videos[i]
+        return info if isinstance(source, list) else np.arange(info[0]) / info[1]  # (F,) seconds
+
+    def read(self, i, idx):
+        source, info = self.videos[i]
+        idx = list(idx)
+        if isinstance(source, list):
+            return np.stack([np.asarray(Image.open(source[k]).convert("RGB")) for k in idx])
+        rate = info[1]
+        frames = {}
+        with av.open(source) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            tb, t0 = float(stream.time_base), stream.start_time or 0
+            # seek to the key frame at or before the first wanted frame, then decode forward
+            container.seek(t0 + int(min(idx) / rate / tb), stream=stream)
+            for frame in container.decode(stream):
+                k = round((frame.pts - t0) * tb * rate)
+                if k in idx:
+                    frames[k] = frame.to_ndarray(format="rgb24")
+                if k >= max(idx):
+                    break
+        missing = sorted(set(idx) - set(frames))
+        if missing:
+            raise RuntimeError(f"could not decode frames {missing} of {source}")
+        return np.stack([frames[k] for k in idx])  # (T, H, W, 3) uint8
+
+
+def open_source(root, split="train", fps=None, seed=0):
+    """'synthetic' -> the built-in videos of that split; anything else is a folder of real videos."""
+    return SyntheticVideos(split, seed) if root == "synthetic" else VideoFolder(root, fps)
+
+
+# -----------------------------------------------------------------------------
+# training clips
+
+
+def _crop_box(rng, height, width, scale, ratio):
+    """torchvision's RandomResizedCrop.get_params with a given rng: (top, left, h, w)."""
+    area, log_ratio = height * width, np.log(ratio)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = np.exp(rng.uniform(*log_ratio))
+        w, h = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
+    # fall back to the largest centre crop within the ratio range
+    if width / height < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class ClipDataset:
+    """Training clips. Sample j of step s is a pure function of (seed, s, j)."""
+
+    def __init__(self, source, num_frames=2, size=256, stride=(1 / 25, 1 / 3), scale=(0.6, 1.0),
+                 ratio=(3 / 4, 4 / 3), seed=0):
+        self.source, self.num_frames, self.size, self.seed = source, num_frames, size, seed
+        self.stride, self.scale, self.ratio = stride, scale, ratio  # appendix A: crop scale 0.6-1, ratio 3:4-4:3
+
+    def _frame_indices(self, rng, times):
+        """Indices of a clip with gaps uniform in `stride` seconds, snapped to the video's frames; None if too short."""
+        offsets = np.concatenate([[0.0], np.cumsum(rng.uniform(*self.stride, self.num_frames - 1))])  # (T,)
+        starts = np.flatnonzero(times <= times[-1] - offsets[-1])
+        if len(starts) == 0:
+            return None
+        target = times[rng.choice(starts)] + offsets
+        idx = np.searchsorted(times, target).clip(1, len(times) - 1)
+        idx -= target - times[idx - 1] < times[idx] - target  # nearest frame
+        for t in range(1, len(idx)):  # a gap shorter than the frame interval still moves on by one frame
+            idx[t] = max(idx[t], idx[t - 1] + 1)
+        return idx.tolist() if idx[-1] < len(times) else None
+
+    def sample(self, step, j):
+        """Clip j of `step`: frames (T, 3, S, S) uint8, times (T,) float32 seconds from the first frame, and the
+        number of broken videos skipped on the way."""
+        skipped = 0
+        for attempt in range(1000):
+            rng = np.random.default_rng([self.seed, step, j, attempt])
+            i = int(rng.integers(len(self.source)))
+            times = self.source.frame_times(i)
+            idx = self._frame_indices(rng, times)
+            if idx is None:  # too short for this clip: draw another video
+                continue
+            try:
+                frames = self.source.read(i, idx)  # (T, H, W, 3)
+            except Exception:
+                skipped += 1
+                continue
+            top, left, h, w = _crop_box(rng, frames.shape[1], frames.shape[2], self.scale, self.ratio)
+            # one crop for the whole clip, resized to a square (a small aspect distortion, appendix A)
+            crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2).float()
+            crop = F.interpolate(crop, (self.size, self.size), mode="bilinear", antialias=True)
+            clip_times = torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32)
+            return crop.round().clamp(0, 255).to(torch.uint8), clip_times, skipped
+        raise RuntimeError(f"no readable video long enough for {self.num_frames} frames at stride {self.stride} s "
+                           f"after 1000 draws ({skipped} broken)")
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Item n is micro-batch n of this rank, counted from `start_step`: a pure function of n, so workers can
+    compute items in any order and the DataLoader still yields them in order."""
+
+    def __init__(self, dataset, batch_size, rank, world_size, accum, start_step):
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.accum, self.start_step = accum, start_step
+
+    def __getitem__(self, n):
+        step, m = self.start_step + n // self.accum, n % self.accum
+        first = (m * self.world_size + self.rank) * self.batch_size
+        frames, times, skipped = zip(*(self.dataset.sample(step, j) for j in range(first, first + self.batch_size)))
+        return {"frames": torch.stack(frames), "times": torch.stack(times), "skipped": sum(skipped), "step": step}
+
+
+def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0, num_workers=2):
+    """Infinite iterator of micro-batches: for each step from `start_step`, `accum` dicts with "frames"
+    (B, T, 3, S, S) uint8, "times" (B, T) float32, "skipped" (broken videos skipped) and "step". Micro-batch m of
+    rank r holds clips j = (m * world_size + r) * batch_size + b, so one process at batch 2B equals two at B."""
+    micro = _MicroBatches(dataset, batch_size, rank, world_size, accum, start_step)
+    # batch_size=None: each item already is a micro-batch; an endless sequential sampler keeps the order fixed
+    loader = torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(), num_workers=num_workers)
+    return iter(loader)

@@ -1,0 +1,273 @@
+import itertools
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def small_source(split="train", seed=0):
+    return data.SyntheticVideos(split, seed, num_videos=8, size=32, fps=15.0, seconds=3.0)
+
+
+def write_video(path, levels, codec, rate=10, size=(64, 48)):
+    """A video whose frame k is a flat grey at levels[k]."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        stream.codec_context.gop_size = 4  # several key frames, so reading mid-video needs a real seek
+        for level in levels:
+            frame = np.full((size[1], size[0], 3), level, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def write_frames(folder, names, images):
+    folder.mkdir(parents=True)
+    for name, image in zip(names, images):
+        Image.fromarray(image).save(folder / name)
+
+
+# -----------------------------------------------------------------------------
+# synthetic videos
+
+
+def test_synthetic_is_a_pure_function_of_seed_split_and_index():
+    idx = [0, 7, 30]
+    a, b = data.SyntheticVideos(seed=0), data.SyntheticVideos(seed=0)
+    assert np.array_equal(a.read(3, idx), b.read(3, idx))
+    for x, y in zip(a.labels(3, idx), b.labels(3, idx)):
+        assert np.array_equal(x, y)
+    assert not np.array_equal(a.read(3, idx), data.SyntheticVideos(seed=1).read(3, idx))
+    assert not np.array_equal(a.read(3, idx), data.SyntheticVideos("val", seed=0).read(3, idx))
+    assert not np.array_equal(a.read(3, idx), a.read(4, idx))
+    # frame k alone equals frame k read among others, with or without a warm cache
+    together = a.read(5, [2, 40, 90])
+    data._scene.cache_clear()
+    assert np.array_equal(a.read(5, [40])[0], together[1])
+    assert len(a) == 512 and len(data.SyntheticVideos("val")) == 64
+
+
+def test_synthetic_labels_match_frames_and_depth_orders_objects_before_background():
+    source = data.SyntheticVideos(seed=0)
+    frames = source.read(2, [0, 50])
+    classes, depth = source.labels(2, [0, 50])
+    assert frames.shape == (2, 128, 128, 3) and frames.dtype == np.uint8
+    assert classes.shape == depth.shape == (2, 128, 128)
+    assert classes.dtype == np.uint8 and depth.dtype == np.float32
+    seen = set()
+    for i in range(16):
+        classes, depth = source.labels(i, [0, 60])
+        assert classes.max() < data.SyntheticVideos.NUM_CLASSES and (depth > 0).all()
+        assert depth[classes > 0].max() < depth[classes == 0].min()  # objects are nearer than the background
+        seen |= set(np.unique(classes).tolist())
+    assert seen == set(range(data.SyntheticVideos.NUM_CLASSES))
+
+
+def test_synthetic_occlusion_follows_depth_not_drawing_order(monkeypatch):
+    source, hw, frames = data.SyntheticVideos(seed=0), 128 * 128, list(range(120))
+    scenes = [data._scene(0, "train", i, 128, 15.0, 8.0) for i in range(8)]
+    rendered = [source._render(i, frames) for i in range(8)]
+
+    def reversed_objects(seed, split, i, *args):  # the same scene with the objects listed back to front
+        s = scenes[i]
+        palette = np.concatenate([s["palette"][:hw], s["palette"][hw:][::-1]])
+        return dict(s, palette=palette, cls=s["cls"][::-1], pos=s["pos"][:, ::-1], depth=s["depth"][:, ::-1])
+
+    monkeypatch.setattr(data, "_scene", reversed_objects)
+    for i in range(8):
+        for a, b in zip(rendered[i], source._render(i, frames)):
+            assert np.array_equal(a, b)
+
+
+def test_synthetic_objects_move_and_turn_every_way_at_random_times():
+    source = data.SyntheticVideos(seed=0, num_videos=32)
+    fps = source.fps
+    turns, intervals = {"left": 0, "right": 0, "reverse": 0}, []
+    for i in range(len(source)):
+        pos, vel = source.trajectory(i)
+        assert ((pos >= 0) & (pos <= 1)).all()  # bouncing keeps centres in the frame
+        step = np.linalg.norm(pos[int(0.6 * fps)] - pos[0], axis=-1)
+        assert (step > 0.02).any()  # something visibly moves over the 0.6 s horizon
+        for o in range(vel.shape[1]):
+            v = vel[:, o] / np.linalg.norm(vel[:, o], axis=-1, keepdims=True)
+            dot = (v[1:] * v[:-1]).sum(-1)
+            cross = v[:-1, 0] * v[1:, 1] - v[:-1, 1] * v[1:, 0]
+            assert np.allclose(np.abs(dot) + np.abs(cross), 1, atol=1e-6)  # only 0, +-90 and 180 degree turns
+            turns["reverse"] += int((dot < -0.5).sum())
+            turns["left"] += int((cross > 0.5).sum())
+            turns["right"] += int((cross < -0.5).sum())
+            intervals += np.diff(np.flatnonzero(dot < 0.5)).tolist()
+    total = sum(turns.values())
+    assert all(n > 0.2 * total for n in turns.values()), turns  # every turn type is a real mode of the future
+    assert 0.4 < np.mean(intervals) / fps < 2.0  # turns come on the time scale of the forecast horizon
+    assert np.std(intervals) > 0.5 * np.mean(intervals)  # at random times, not on a clock
+
+
+# -----------------------------------------------------------------------------
+# training clips
+
+
+def test_clip_sample_is_a_pure_function_of_seed_step_and_index():
+    clips = data.ClipDataset(small_source(), num_frames=4, size=32, seed=0)
+    frames, times, skipped = clips.sample(3, 5)
+    assert frames.shape == (4, 3, 32, 32) and frames.dtype == torch.uint8 and times.dtype == torch.float32
+    clips.sample(9, 9)
+    data._scene.cache_clear()
+    again = data.ClipDataset(small_source(), num_frames=4, size=32, seed=0).sample(3, 5)
+    assert torch.equal(frames, again[0]) and torch.equal(times, again[1]) and skipped == again[2] == 0
+    assert not torch.equal(frames, clips.sample(3, 6)[0])
+    assert not torch.equal(frames, clips.sample(4, 5)[0])
+    assert not torch.equal(frames, data.ClipDataset(small_source(), num_frames=4, size=32, seed=1).sample(3, 5)[0])
+
+
+def test_clip_times_are_frame_times_with_gaps_in_the_stride_range():
+    source = small_source()
+    clips = data.ClipDataset(source, num_frames=8, size=16)
+    frame = 1 / source.fps
+    gaps = []
+    for j in range(40):
+        _, times, _ = clips.sample(0, j)
+        times = times.double().numpy()
+        assert times[0] == 0 and np.allclose(times * source.fps, np.round(times * source.fps), atol=1e-4)
+        gaps += np.diff(times).tolist()
+    gaps = np.array(gaps)
+    # each time snaps to the nearest frame (half a frame either way), and never repeats a frame
+    assert gaps.min() >= frame - 1e-4 and gaps.max() <= 1 / 3 + frame + 1e-4
+    assert gaps.max() > 0.25  # the whole range is used
+
+
+def test_one_crop_for_every_frame_of_a_clip(tmp_path):
+    # frame k = a fixed noise image + 12 k: any difference between two crops would show up as more than a shift
+    rng = np.random.default_rng(0)
+    base = rng.integers(20, 120, (60, 90, 3)).astype(np.uint8)
+    write_frames(tmp_path / "video", [f"f{k:03d}.png" for k in range(10)], [base + 12 * k for k in range(10)])
+    clips = data.ClipDataset(data.VideoFolder(str(tmp_path), fps=10), num_frames=4, size=32)
+    crops = set()
+    for j in range(8):
+        frames, times, _ = clips.sample(0, j)
+        k = torch.round(times * 10).long()
+        shift = frames.int() - frames[:1].int()
+        assert (shift - 12 * k[:, None, None, None]).abs().max() <= 1  # bilinear resize commutes with a shift
+        crops.add(frames[0].numpy().tobytes())
+    assert len(crops) == 8  # and the crop itself is random
+
+
+def test_crop_box_follows_random_resized_crop():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = data._crop_box(rng, 360, 640, (0.6, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= top and top + h <= 360 and 0 <= left and left + w <= 640
+        assert 0.59 <= h * w / (360 * 640) <= 1.01 and 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02
+    # nothing fits a very wide frame: centre crop at the widest allowed ratio
+    assert data._crop_box(rng, 30, 900, (0.6, 1.0), (3 / 4, 4 / 3)) == (0, 430, 30, 40)
+
+
+def test_clip_identity_crop_keeps_the_frame(tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    write_frames(tmp_path / "video", ["0.000.png", "0.100.png"], [image, image])
+    clips = data.ClipDataset(data.VideoFolder(str(tmp_path)), size=32, scale=(1, 1), ratio=(1, 1), stride=(0.1, 0.1))
+    frames, times, _ = clips.sample(0, 0)
+    assert np.array_equal(frames[0].permute(1, 2, 0).numpy(), image) and np.allclose(times.numpy(), [0, 0.1])
+
+
+# -----------------------------------------------------------------------------
+# loader
+
+
+def micro_batches(dataset, n, **kwargs):
+    return list(itertools.islice(data.make_loader(dataset, **kwargs), n))
+
+
+def assert_same(a, b):
+    assert a["step"] == b["step"] and a["skipped"] == b["skipped"]
+    assert torch.equal(a["frames"], b["frames"]) and torch.equal(a["times"], b["times"])
+
+
+def test_loader_is_the_same_for_any_workers_resumable_and_split_across_ranks():
+    clips = data.ClipDataset(small_source(), num_frames=3, size=16)
+    run = micro_batches(clips, 6, batch_size=2, accum=2, num_workers=0)
+    assert [m["step"] for m in run] == [0, 0, 1, 1, 2, 2]
+    assert run[0]["frames"].shape == (2, 3, 3, 16, 16) and run[0]["times"].shape == (2, 3)
+    for a, b in zip(run, micro_batches(clips, 6, batch_size=2, accum=2, num_workers=2)):
+        assert_same(a, b)
+    for a, b in zip(run[2:], micro_batches(clips, 4, batch_size=2, accum=2, start_step=1, num_workers=0)):
+        assert_same(a, b)
+    # one process, one micro-batch of 8 clips == two ranks x two micro-batches of 2 clips
+    whole = micro_batches(clips, 3, batch_size=8, num_workers=0)
+    ranks = [micro_batches(clips, 6, batch_size=2, rank=r, world_size=2, accum=2, num_workers=0) for r in (0, 1)]
+    for s in range(3):
+        # micro m of rank r holds clips (m * world_size + r) * B ...
+        parts = [ranks[r][2 * s + m]["frames"] for m in (0, 1) for r in (0, 1)]
+        assert torch.equal(whole[s]["frames"], torch.cat(parts))
+
+
+# -----------------------------------------------------------------------------
+# real videos
+
+
+@pytest.mark.parametrize("name,codec", [("a.mp4", "libx264"), ("a.webm", "libvpx-vp9"), ("a.avi", "mpeg4")])
+def test_video_file_frames_and_times(tmp_path, name, codec):
+    levels = [10 + 16 * k for k in range(13)]
+    write_video(tmp_path / name, levels, codec)
+    source = data.VideoFolder(str(tmp_path))
+    assert len(source) == 1 and np.allclose(source.frame_times(0), np.arange(13) / 10)
+    frames = source.read(0, [7, 2, 12, 3])  # out of order, across key frames
+    assert frames.shape == (4, 48, 64, 3) and frames.dtype == np.uint8
+    assert np.allclose(frames.mean((1, 2, 3)), [levels[k] for k in (7, 2, 12, 3)], atol=6)
+
+
+def test_broken_videos_are_left_out_or_skipped_and_counted(tmp_path, capsys):
+    write_video(tmp_path / "good.webm", [10 + 6 * k for k in range(30)], "libvpx-vp9")
+    good = (tmp_path / "good.webm").read_bytes()
+    (tmp_path / "cut.webm").write_bytes(good[: len(good) // 2])  # header says 30 frames, only the first half decode
+    write_video(tmp_path / "x.mp4", range(0, 200, 20), "libx264")
+    (tmp_path / "cut.mp4").write_bytes((tmp_path / "x.mp4").read_bytes()[:300])  # mp4 index lost: unreadable
+    (tmp_path / "x.mp4").unlink()
+    (tmp_path / "noise.mkv").write_bytes(np.random.default_rng(0).bytes(5000))
+    source = data.VideoFolder(str(tmp_path))
+    assert len(source) == 2 and "skipped 2 unreadable videos" in capsys.readouterr().out
+    clips = data.ClipDataset(source, num_frames=4, size=16)
+    skipped = [clips.sample(0, j)[2] for j in range(30)]  # every sample comes back, from the good video if need be
+    assert sum(skipped) > 0
+
+
+def test_broken_reads_are_counted_in_the_micro_batch():
+    class HalfBroken(data.SyntheticVideos):
+        def read(self, i, idx):
+            if i % 2:
+                raise OSError("broken")
+            return super().read(i, idx)
+
+    clips = data.ClipDataset(HalfBroken(num_videos=8, size=32), num_frames=2, size=16)
+    batch = next(data.make_loader(clips, batch_size=16, num_workers=0))
+    assert batch["skipped"] == sum(clips.sample(0, j)[2] for j in range(16)) > 0
+
+
+def test_frame_folders_take_times_from_names_or_fps(tmp_path):
+    colours = [np.full((8, 8, 3), c, np.uint8) for c in (0, 100, 200, 50)]
+    write_frames(tmp_path / "timed", ["0.400.png", "0.000.png", "1.000.png", "0.200.png"], colours)
+    write_frames(tmp_path / "numbered", ["000.png", "001.png", "002.png"], colours[:3])
+    with pytest.raises(ValueError, match="--fps"):
+        data.VideoFolder(str(tmp_path))
+    source = data.VideoFolder(str(tmp_path), fps=5)
+    assert len(source) == 2
+    numbered, timed = (0, 1) if "numbered" in source.videos[0][0][0] else (1, 0)
+    assert np.allclose(source.frame_times(timed), [0, 0.2, 0.4, 1.0])
+    assert source.read(timed, [0, 1, 2, 3])[:, 0, 0, 0].tolist() == [100, 50, 0, 200]  # sorted by time
+    assert np.allclose(source.frame_times(numbered), [0, 0.2, 0.4])
+    assert source.read(numbered, [2])[0, 0, 0, 0] == 200
+
+
+def test_missing_or_empty_root_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.VideoFolder(str(tmp_path / "nowhere"))
+    (tmp_path / "notes.txt").write_text("no videos here")
+    with pytest.raises(FileNotFoundError, match=r"\.mp4.*\.jpg"):
+        data.VideoFolder(str(tmp_path))
+    assert isinstance(data.open_source("synthetic", "val"), data.SyntheticVideos)

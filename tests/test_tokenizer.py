@@ -1,0 +1,236 @@
+"""DeltaTok and the frozen VFM: properties of the model, and of its training loop (DDP, resume, broken data)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tokenizer as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--vfm", "tiny", "--model", "tiny", "--size", "32", "--num-workers", "0", "--val-clips", "4",
+        "--eval-every", "1000", "--log-every", "1", "--warmup", "2", "--no-rope-jitter", "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def vfm():
+    return T.VFM("tiny")
+
+
+@pytest.fixture(scope="module")
+def feats(vfm):
+    torch.manual_seed(0)
+    return vfm(torch.randint(0, 256, (3, 4, 3, 32, 32), dtype=torch.uint8))  # (B, T, N, C)
+
+
+def run(args, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, **kw)
+
+
+def weights(out):
+    return T.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
+
+
+def test_vfm_is_frozen_deterministic_and_checks_sizes(vfm, feats):
+    assert feats.shape == (3, 4, 16, 64)  # 32 px / patch 8 = 4 x 4 patches of 64 channels
+    assert not any(p.requires_grad for p in vfm.parameters())
+    vfm.train()
+    assert not vfm.model.training  # stays in eval mode: no RoPE jitter in the frozen backbone
+    assert torch.equal(T.VFM("tiny").model.embeddings.patch_embeddings.weight,
+                       vfm.model.embeddings.patch_embeddings.weight)  # every stage builds the same tiny VFM
+    with pytest.raises(ValueError, match="not divisible by the VFM patch size 8"):
+        vfm(torch.zeros(1, 3, 30, 32, dtype=torch.uint8))
+
+
+def test_missing_weights_error_says_how_to_fix():
+    with pytest.raises(RuntimeError, match="local Hugging Face cache|local copy"):
+        T.VFM(T.DINOV3_B16)  # offline in tests
+    with pytest.raises(RuntimeError, match="config.json"):
+        T.VFM(ROOT + "/tests")  # a folder without a DINOv3 config
+
+
+def test_decoder_is_identity_at_init(vfm, feats):
+    tok = T.build_deltatok("tiny", vfm).eval()
+    x, y = feats[:, 0], feats[:, 1]
+    out = tok.decode(tok.encode(x, y), x)
+    # every block adds LayerScale(1e-5) x something of order 1: the output is x up to ~1e-5 per block
+    assert (out - x).abs().max() < 1e-3 * x.abs().max()
+    assert (out - x).abs().max() > 0  # ... but not exactly (the token does reach it)
+
+
+def test_delta_mode_reads_previous_frame_and_frame_mode_does_not(vfm, feats):
+    x, y = feats[:, 0], feats[:, 1]
+    x2 = x + torch.randn_like(x)
+    for mode, reads in (("delta", True), ("frame", False)):
+        torch.manual_seed(0)
+        tok = T.build_deltatok("tiny", vfm, mode).eval()  # eval: no RoPE jitter
+        for p in tok.parameters():  # lift LayerScale so that every path carries signal
+            p.data += 0.05 * torch.randn_like(p)
+        token, token2 = tok.encode(x, y), tok.encode(x2, y)
+        out, out2 = tok.decode(token, x), tok.decode(token, x2)
+        assert (not torch.allclose(token, token2)) == reads
+        assert (not torch.allclose(out, out2)) == reads
+
+
+def test_clip_tokens_do_not_depend_on_other_clips(vfm, feats):
+    tok = T.build_deltatok("tiny", vfm).eval()
+    for p in tok.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    black = vfm.black(32, "cpu")
+    tokens = tok.tokenize(feats, black)
+    other = feats.clone()
+    other[1:] = torch.randn_like(other[1:])
+    assert tokens.shape == (3, 4, 64)
+    torch.testing.assert_close(tok.tokenize(other, black)[0], tokens[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tok.tokenize(feats[:1], black)[0], tokens[0], atol=1e-5, rtol=1e-5)
+    # the first frame is encoded against the black frame, the others against their predecessor
+    torch.testing.assert_close(tokens[:, 0:1], tok.encode(black.expand(3, -1, -1), feats[:, 0]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tokens[:, 2:3], tok.encode(feats[:, 1], feats[:, 2]), atol=1e-5, rtol=1e-5)
+
+
+def test_rollout_is_autoregressive(vfm, feats):
+    tok = T.build_deltatok("tiny", vfm).eval()
+    for p in tok.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    tokens = tok.tokenize(feats, vfm.black(32, "cpu"))[:, 1:]
+    recon = tok.rollout(tokens, feats[:, 0])
+    step2 = tok.decode(tokens[:, 1:2], tok.decode(tokens[:, 0:1], feats[:, 0]))
+    torch.testing.assert_close(recon[:, 1], step2)
+
+
+def test_tiny_tokenizer_overfits_small_set(vfm, feats):
+    torch.manual_seed(0)
+    tok = T.build_deltatok("tiny", vfm, rope_rescale=None)
+    opt = T.make_optimizer(tok, 1e-3, 1e-4, torch.device("cpu"))
+    x, y = feats[:, :-1].flatten(0, 1), feats[:, 1:].flatten(0, 1)  # 9 frame pairs
+    losses = []
+    for step in range(300):
+        for g in opt.param_groups:
+            g["lr"] = T.lr_at(step, 1e-3, 20)
+        loss = F.mse_loss(tok(x, y), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tok.parameters(), 1e-2)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_weight_decay_only_on_linear_weights(vfm):
+    tok = T.build_deltatok("tiny", vfm)
+    decay, no_decay = T.make_optimizer(tok, 1e-3, 1e-4, torch.device("cpu")).param_groups
+    names = {id(p): n for n, p in tok.named_parameters()}
+    assert all(names[id(p)].endswith("proj.weight") for p in decay["params"])
+    assert any("lambda1" in names[id(p)] for p in no_decay["params"])
+    assert any("embed" in names[id(p)] for p in no_decay["params"])
+
+
+def test_released_layout_loads_strictly_and_wrong_shape_fails(tmp_path):
+    released = T.DeltaTok(T.DeltaTokConfig(**T.MODEL_PRESETS["released"]))
+    state = released.state_dict()
+    assert len(state) == 556 and round(sum(v.numel() for v in state.values()) / 1e6, 2) == 170.38
+    assert state["encoder_blocks.3.attention.attn_gate.weight"].shape == (12, 768)
+    assert state["decoder_blocks.11.mlp.gate_proj.weight"].shape == (2048, 768)
+    assert "encoder_blocks.0.attention.k_proj.bias" not in state
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"state_dict": state}, path)
+    model, vfm_name = T.load_deltatok(str(path))
+    assert vfm_name == T.DINOV3_B16
+    assert torch.equal(model.state_dict()["z_embed.weight"], state["z_embed.weight"])
+    bad = dict(state, **{"xy_embed.weight": torch.zeros(3, 768)})
+    torch.save(bad, path)
+    with pytest.raises(RuntimeError, match="xy_embed.weight"):
+        T.load_deltatok(str(path))
+    del bad["norm.bias"]
+    torch.save({"state_dict": {k: v for k, v in state.items() if k != "norm.bias"}}, path)
+    with pytest.raises(RuntimeError, match="norm.bias"):
+        T.load_deltatok(str(path))
+
+
+def test_training_two_process_ddp_equals_one_process(tmp_path):
+    common = [*TINY, "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
+    one = run([sys.executable, "tokenizer.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "tokenizer.py", *common, "--batch-size", "4", "--out", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr
+    accum = run([sys.executable, "tokenizer.py", *common, "--batch-size", "2", "--out", str(tmp_path / "acc")])
+    assert accum.returncode == 0, accum.stderr
+    w1, w2, w3 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tmp_path / "acc")
+    init = T.build_deltatok("tiny", T.VFM("tiny")).state_dict()
+    assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)  # 2 processes x batch 4 == 1 x 8
+        torch.testing.assert_close(w3[k], w1[k], atol=2e-5, rtol=1e-4)  # 4 micro-batches of 2 == 1 x 8
+    log = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+    assert any("eval" in r for r in log)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    common = [*TINY[:-2], "--steps", "8", "--global-batch", "4", "--batch-size", "4", "--ckpt-every", "2"]
+    full = run([sys.executable, "tokenizer.py", *common, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "tokenizer.py", *common, "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-run, after at least one checkpoint
+    proc.wait()
+    step = T.load_checkpoint(out / "ckpt.pt")["step"]
+    resumed = run([sys.executable, "tokenizer.py", *common, "--out", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert step < 8 or "resumed" not in resumed.stdout
+    a, b = weights(tmp_path / "full"), weights(out)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
+
+
+def test_broken_video_is_skipped_counted_and_logged(tmp_path):
+    import av
+    import numpy as np
+    root = tmp_path / "videos"
+    root.mkdir()
+    for i in range(2):
+        with av.open(str(root / f"ok{i}.mp4"), "w") as container:
+            stream = container.add_stream("mpeg4", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 48, 48, "yuv420p"
+            for k in range(20):
+                img = np.full((48, 48, 3), (k * 10 + i * 50) % 256, np.uint8)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    (root / "broken.mp4").write_bytes(os.urandom(2000))
+    res = run([sys.executable, "tokenizer.py", *TINY, "--data", str(root), "--steps", "2", "--global-batch", "4",
+               "--batch-size", "4", "--out", str(tmp_path / "run")])
+    assert res.returncode == 0, res.stderr
+    assert "broken.mp4" in res.stdout + res.stderr  # named, never silent
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = run([sys.executable, "tokenizer.py", *TINY, "--data", str(empty), "--steps", "1", "--out", str(tmp_path / "x")])
+    assert res.returncode != 0 and str(empty) in res.stderr
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    ok = run([sys.executable, "tokenizer.py", *TINY, "--steps", "2", "--global-batch", "4", "--batch-size", "4",
+              "--ckpt-every", "2", "--out", str(out)])
+    assert ok.returncode == 0, ok.stderr
+    before = weights(out)
+    bad = run([sys.executable, "tokenizer.py", *TINY, "--steps", "4", "--global-batch", "4", "--batch-size", "4",
+               "--lr", "inf", "--out", str(out), "--resume"])
+    assert bad.returncode != 0 and "non-finite" in bad.stderr
+    after = T.load_checkpoint(out / "ckpt.pt")
+    assert after["step"] == 2
+    for k in before:
+        assert torch.equal(after["model"][k], before[k])

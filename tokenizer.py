@@ -1,0 +1,561 @@
+"""
+DeltaTok: compress the change between the frozen DINOv3 features of two consecutive frames into ONE token.
+
+The encoder reads [z] + (x_prev + e0) + (y + e1) and keeps the output at z (through a LayerNorm): the delta
+token. The decoder reads [delta] + x_prev and rebuilds y. Both are stacks of DINOv3 blocks from Hugging Face
+transformers with DINOv3's 2D RoPE; the decoder has no final LayerNorm, so with LayerScale 1e-5 it starts out as
+the identity on x_prev (appendix A).
+
+Run it:
+  # CPU, a few minutes: a tiny random DINOv3 and a tiny tokenizer on the built-in synthetic videos
+  python tokenizer.py --vfm tiny --model tiny --size 64 --global-batch 32 --batch-size 32 --steps 300 \
+      --warmup 30 --out runs/tok_tiny
+  # one GPU, the paper's recipe (appendix A) on your videos (global batch 1024 by gradient accumulation)
+  python tokenizer.py --data /path/to/videos --compile --out runs/deltatok
+  # 8 GPUs on one node
+  torchrun --standalone --nproc_per_node=8 tokenizer.py --data /path/to/videos --compile --out runs/deltatok
+  # 2 nodes x 8 GPUs (run on each node)
+  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 tokenizer.py ...
+  # speed and memory of one training step (SPEC section 6: 115 ms, 24.2 GiB at 256 px, batch 64, H200)
+  python tokenizer.py --bench 20 --size 256 --batch-size 64 --compile
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import DINOv3ViTConfig, DINOv3ViTModel
+from transformers.models.dinov3_vit.modeling_dinov3_vit import (
+    DINOv3ViTAttention, DINOv3ViTLayer, DINOv3ViTLayerScale, DINOv3ViTRopePositionEmbedding, apply_rotary_pos_emb)
+
+import data
+
+# ----------------------------------------------------------------------------------------------------------------
+# The frozen vision foundation model (SPEC section 1)
+
+DINOV3_B16 = "facebook/dinov3-vitb16-pretrain-lvd1689m"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Random-initialised DINOv3 configs so every stage runs offline on a CPU. The weights are drawn from a fixed seed,
+# so every script that builds "tiny" gets the same network.
+VFM_PRESETS = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, patch_size=8,
+                 num_register_tokens=4),
+    "vitb16-random": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                          patch_size=16, num_register_tokens=4),
+}
+
+
+def load_dinov3(name):
+    """DINOv3 by preset name, hub id or local folder, with an error that says how to fix a failed load."""
+    if name in VFM_PRESETS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return DINOv3ViTModel(DINOv3ViTConfig(**VFM_PRESETS[name], attn_implementation="sdpa"))
+    try:
+        return DINOv3ViTModel.from_pretrained(name, attn_implementation="sdpa")
+    except Exception as e:
+        text = f"{e} {e.__cause__}".lower()
+        if os.path.isdir(name):
+            hint = f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
+        elif "gated" in text or "401" in text or "403" in text or "access" in text:
+            hint = (f"{name} is gated: accept the DINOv3 licence on its Hugging Face page, then run "
+                    "`hf auth login` (or set HF_TOKEN), or pass --vfm /path/to/a/local/copy")
+        elif os.environ.get("HF_HUB_OFFLINE") or "offline" in text or "connect" in text:
+            hint = (f"{name} is not in the local Hugging Face cache and the hub cannot be reached: download it "
+                    f"once online (`hf download {name}`), or pass --vfm /path/to/a/local/copy")
+        else:
+            hint = (f"'{name}' is neither a hub id nor a folder (typo?); the paper uses {DINOV3_B16}. For an "
+                    f"offline run without weights use a random preset: {', '.join(VFM_PRESETS)}")
+        raise RuntimeError(f"could not load DINOv3 '{name}': {hint}.\n  cause: {type(e).__name__}: {e}") from None
+
+
+class VFM(nn.Module):
+    """Frozen DINOv3: uint8 frames (..., 3, H, W) -> patch tokens (..., N, C) after the final LayerNorm."""
+
+    def __init__(self, name=DINOV3_B16):
+        super().__init__()
+        self.name = name
+        self.model = load_dinov3(name).requires_grad_(False).eval()
+        self.patch_size = self.model.config.patch_size
+        self.dim = self.model.config.hidden_size
+        self.heads = self.model.config.num_attention_heads
+        self.num_prefix = 1 + self.model.config.num_register_tokens  # CLS + registers come before the patches
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+
+    def train(self, mode=True):  # frozen: always eval mode (no RoPE jitter)
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, frames):
+        *lead, c, h, w = frames.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"frame size {h}x{w} is not divisible by the VFM patch size {self.patch_size}: "
+                             f"use --size a multiple of {self.patch_size}")
+        x = (frames.reshape(-1, c, h, w).float() / 255 - self.mean) / self.std
+        tokens = self.model(pixel_values=x).last_hidden_state[:, self.num_prefix:]
+        return tokens.reshape(*lead, tokens.shape[1], self.dim)  # (..., N, C)
+
+    def black(self, size, device):
+        """Features of an all-black frame: the 'previous frame' of a clip's first frame (SPEC section 2)."""
+        return self(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))  # (1, N, C)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeltaTok (SPEC section 2)
+
+@dataclass
+class DeltaTokConfig:
+    dim: int = 768
+    depth: int = 12          # blocks in the encoder and in the decoder
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    patch_size: int = 16     # of the VFM; only sets RoPE's patch grid
+    mode: str = "delta"      # "delta" or "frame" (Table 2, step 2: no previous-frame information)
+    qk_norm: bool = False    # the released variant: QK-norm, gated attention, SwiGLU MLP
+    gated_attn: bool = False
+    swiglu: bool = False
+    rope_rescale: float | None = 2.0  # RoPE coordinate jitter while training, as DINOv3 and the release; None: off
+
+
+MODEL_PRESETS = {
+    "tiny": dict(depth=2),
+    "base": dict(depth=12),                                              # the paper: plain ViT-B blocks
+    "released": dict(depth=12, qk_norm=True, gated_attn=True, swiglu=True),  # reference/released_checkpoint_keys.md
+}
+
+
+class GatedAttention(DINOv3ViTAttention):
+    """DINOv3 attention with the released options: LayerNorm on each head's q and k, and a per-head sigmoid gate
+    on the attention output."""
+
+    def __init__(self, config, qk_norm, gated):
+        super().__init__(config)
+        self.q_norm = nn.LayerNorm(self.head_dim, bias=False) if qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, bias=False) if qk_norm else None
+        self.attn_gate = nn.Linear(self.embed_dim, self.num_heads) if gated else None
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
+        B, L, _ = hidden_states.shape
+        q, k, v = (p(hidden_states).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, H, L, hd)
+        if self.attn_gate is not None:
+            out = out * torch.sigmoid(self.attn_gate(hidden_states)).transpose(1, 2).unsqueeze(-1)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1)), None
+
+
+def init_weights(module):
+    """Appendix A: truncated normal (sigma 0.02) for Linear and embedding weights, zero biases, LayerScale 1e-5."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, DINOv3ViTLayerScale):
+            nn.init.constant_(m.lambda1, 1e-5)
+
+
+class DeltaTok(nn.Module):
+    def __init__(self, cfg: DeltaTokConfig):
+        super().__init__()
+        self.cfg = cfg
+        hidden = int(cfg.dim * cfg.mlp_ratio * (2 / 3 if cfg.swiglu else 1))  # SwiGLU keeps the MLP's FLOPs
+        vit = DINOv3ViTConfig(hidden_size=cfg.dim, num_attention_heads=cfg.heads, intermediate_size=hidden,
+                              use_gated_mlp=cfg.swiglu, hidden_act="silu" if cfg.swiglu else "gelu",
+                              layerscale_value=1e-5, patch_size=cfg.patch_size, pos_embed_rescale=cfg.rope_rescale,
+                              attn_implementation="sdpa")
+        self.encoder_blocks = nn.ModuleList([self._block(vit) for _ in range(cfg.depth)])
+        self.decoder_blocks = nn.ModuleList([self._block(vit) for _ in range(cfg.depth)])
+        self.z_embed = nn.Embedding(1, cfg.dim)   # the learned z token
+        self.xy_embed = nn.Embedding(2, cfg.dim)  # e0: previous frame, e1: current frame
+        self.norm = nn.LayerNorm(cfg.dim)         # encoder only: the decoder has none, so it starts as identity
+        self.rope = DINOv3ViTRopePositionEmbedding(vit)
+        init_weights(self)
+
+    def _block(self, vit):
+        block = DINOv3ViTLayer(vit)
+        if self.cfg.qk_norm or self.cfg.gated_attn:
+            block.attention = GatedAttention(vit, self.cfg.qk_norm, self.cfg.gated_attn)
+        return block
+
+    def _rope(self, n, ref, repeat=1):
+        """(cos, sin) of DINOv3's 2D RoPE for a square grid of n patches, tiled `repeat` times."""
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"DeltaTok expects a square patch grid, got {n} patches")
+        grid = ref.new_empty(1, 1, 1, 1).expand(1, 1, side * self.cfg.patch_size, side * self.cfg.patch_size)
+        cos, sin = self.rope(grid)  # only the shape is read
+        return cos.repeat(repeat, 1), sin.repeat(repeat, 1)
+
+    def _run(self, blocks, h, rope):
+        for block in blocks:
+            h = block(h, position_embeddings=rope)
+        return h
+
+    def encode(self, x_prev, y):
+        """(B, N, C) previous and current frame features -> (B, 1, C) delta token (frame mode ignores x_prev)."""
+        B, N, C = y.shape
+        z = self.z_embed.weight.expand(B, 1, C)
+        e0, e1 = self.xy_embed.weight
+        if self.cfg.mode == "delta":  # both frames share the same patch positions; z is an unrotated prefix
+            h = self._run(self.encoder_blocks, torch.cat([z, x_prev + e0, y + e1], 1), self._rope(N, y, 2))
+        else:
+            h = self._run(self.encoder_blocks, torch.cat([z, y + e1], 1), self._rope(N, y))
+        return self.norm(h[:, :1])
+
+    def decode(self, token, x_prev):
+        """(B, 1, C) token and (B, N, C) previous features -> (B, N, C) current features."""
+        B, N, C = x_prev.shape
+        x = x_prev if self.cfg.mode == "delta" else self.xy_embed.weight[0].expand(B, N, C)
+        return self._run(self.decoder_blocks, torch.cat([token.to(x.dtype), x], 1), self._rope(N, x))[:, 1:]
+
+    def forward(self, x_prev, y):
+        return self.decode(self.encode(x_prev, y), x_prev)
+
+    def tokenize(self, feats, first_prev):
+        """A clip's features (B, T, N, C) -> its tokens (B, T, C), all pairs in parallel; frame 0 is encoded
+        against `first_prev` (the black frame's features, (1 or B, N, C))."""
+        B, T, N, C = feats.shape
+        prev = torch.cat([first_prev.expand(B, N, C)[:, None], feats[:, :-1]], 1)
+        return self.encode(prev.flatten(0, 1), feats.flatten(0, 1)).view(B, T, C)
+
+    def rollout(self, tokens, x0):
+        """Reconstruction rollout: decode tokens (B, T, C) one after the other, each step's previous features
+        being the last step's output; x0 (B, N, C) is the ground-truth frame before tokens[:, 0]."""
+        out, x = [], x0
+        for t in range(tokens.shape[1]):
+            x = self.decode(tokens[:, t:t + 1], x)
+            out.append(x)
+        return torch.stack(out, 1)  # (B, T, N, C)
+
+
+def build_deltatok(model, vfm, mode="delta", rope_rescale=2.0):
+    return DeltaTok(DeltaTokConfig(dim=vfm.dim, heads=vfm.heads, patch_size=vfm.patch_size, mode=mode,
+                                   rope_rescale=rope_rescale, **MODEL_PRESETS[model]))
+
+
+def load_state_strict(module, state, what):
+    """Load a (possibly {"state_dict": ...}-nested) state dict strictly, saying what is wrong if it does not fit."""
+    state = state.get("state_dict", state)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"{what} does not fit this model (check --model / --vfm / --mode):\n{e}") from None
+
+
+def load_deltatok(path, device="cpu"):
+    """A frozen DeltaTok for later stages, from a tokenizer.py checkpoint or a released pytorch_model.bin.
+    Returns (model, vfm name, mode)."""
+    ckpt = load_checkpoint(path)
+    if "config" in ckpt:
+        model = DeltaTok(DeltaTokConfig(**ckpt["config"]))
+        load_state_strict(model, ckpt["model"], f"DeltaTok checkpoint {path}")
+        vfm = ckpt["vfm"]
+    else:  # released weights: a bare state dict of the ViT-B "released" variant
+        model = DeltaTok(DeltaTokConfig(**MODEL_PRESETS["released"]))
+        load_state_strict(model, ckpt, f"released DeltaTok weights {path}")
+        vfm = DINOV3_B16
+    return model.to(device).eval().requires_grad_(False), vfm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Run helpers shared by every stage: DDP, checkpoints, optimizer, logging, FLOPs and the bench
+
+def setup_dist():
+    """(rank, world size, device) from torchrun's environment; one plain process otherwise."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def seed_step(seed, step, rank):
+    """Every random draw of a step (noise, RoPE jitter) comes from (seed, step, rank): resume needs no RNG state."""
+    torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+def save_checkpoint(obj, path):
+    """Atomic: a crash while writing leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def make_optimizer(model, lr, weight_decay, device):
+    """AdamW; weight decay on Linear/conv weights only (not biases, norms, embeddings, LayerScale)."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
+
+
+def lr_at(step, lr, warmup):
+    return lr * min(1.0, (step + 1) / max(1, warmup))  # linear warm-up, then constant (appendix A)
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def log_jsonl(out, record):
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def count_flops(fn):
+    """FLOPs (2 x multiply-adds) of fn(), attention included (SDPA's math path is counted; fused kernels are not)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device):
+    """Measured matmul throughput (FLOP/s): bf16 8192^3 on GPU, fp32 1024^3 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times[1:])
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_bench(step_fn, flops_fn, n, device, reference):
+    """Time n training steps (after warm-up), report peak memory, FLOPs per step and the fraction of a matmul."""
+    flops = count_flops(flops_fn)
+    for _ in range(3):  # warm-up, compile
+        step_fn()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(n):
+        sync(device)
+        t = time.perf_counter()
+        step_fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    ms = 1000 * sorted(times)[len(times) // 2]
+    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    peak = matmul_peak(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = dict(device=name, step_ms=round(ms, 2), peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
+                  achieved_tflops=round(flops / ms / 1e9, 2), matmul_peak_tflops=round(peak / 1e12, 2),
+                  fraction_of_matmul_peak=round(flops / (ms / 1000) / peak, 3), reference=reference)
+    print(json.dumps(result, indent=1))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+@torch.no_grad()
+def reconstruction_check(tok, vfm, clips, device, dtype, batch_size=16):
+    """Feature MSE and cosine of the reconstruction rollout at horizons 1 and 3 (clips of 4 frames: tokens from
+    ground truth, decoding from frame 0), with copy-last (frame 0) beside them."""
+    sums = {}
+    for i in range(0, len(clips), batch_size):
+        frames = clips[i:i + batch_size].to(device)
+        with autocast(device, dtype):
+            feats = vfm(frames).float()                                                    # (B, 4, N, C)
+            tokens = tok.encode(feats[:, :-1].flatten(0, 1), feats[:, 1:].flatten(0, 1))
+            recon = tok.rollout(tokens.view(len(frames), 3, -1), feats[:, 0]).float()      # (B, 3, N, C)
+        for h in (1, 3):
+            target = feats[:, h]
+            for name, pred in (("deltatok", recon[:, h - 1]), ("copy_last", feats[:, 0])):
+                for metric, v in (("mse", (pred - target).pow(2).mean((1, 2))),
+                                  ("cos", F.cosine_similarity(pred, target, dim=-1).mean(1))):
+                    key = f"h{h}/{name}/{metric}"
+                    sums[key] = sums.get(key, 0.0) + v.sum().item()
+    return {k: v / len(clips) for k, v in sums.items()}
+
+
+def main(args):
+    rank, world, device = setup_dist()
+    master = rank == 0
+    vfm = VFM(args.vfm).to(device)
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    tok = build_deltatok(args.model, vfm, args.mode, None if args.no_rope_jitter else 2.0).to(device)
+    if args.init:
+        load_state_strict(tok, load_checkpoint(args.init), f"--init {args.init}")
+    opt = make_optimizer(tok, args.lr, args.weight_decay, device)
+
+    if args.bench:
+        frames = torch.randint(0, 256, (args.batch_size, 2, 3, args.size, args.size), dtype=torch.uint8, device=device)
+        vfm_c, tok_c = (torch.compile(vfm), torch.compile(tok)) if args.compile else (vfm, tok)
+
+        def step(model=tok_c, features=vfm_c, update=True):
+            with autocast(device, args.dtype):
+                feats = features(frames)
+                loss = F.mse_loss(model(feats[:, 0], feats[:, 1]).float(), feats[:, 1].float())
+            loss.backward()
+            if update:
+                torch.nn.utils.clip_grad_norm_(tok.parameters(), args.grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return run_bench(step, lambda: step(tok, vfm, False), args.bench, device,
+                         "authors' code, H200, bf16 + compile: 256 px batch 64: 115 ms, 24.2 GiB; "
+                         "512 px batch 64: 511 ms, 88.6 GiB (SPEC section 6)")
+
+    accum = args.global_batch // (args.batch_size * world)
+    if accum * args.batch_size * world != args.global_batch:
+        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
+                         f"x {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    step, skipped = 0, 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path)
+        tok.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, skipped = ckpt["step"], ckpt["skipped"]
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+    model = nn.parallel.DistributedDataParallel(tok, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else tok
+    model_c, vfm_c = (torch.compile(model), torch.compile(vfm)) if args.compile else (model, vfm)
+
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=2,
+                             size=args.size, stride=tuple(args.stride), seed=args.seed)
+    loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
+    if master:  # held-out clips of 4 frames for the reconstruction check
+        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed)
+        val = data.ClipDataset(val_src, num_frames=4, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
+        val_clips = torch.stack([val.sample(0, j)[0] for j in range(args.val_clips)])
+
+    def checkpoint():
+        if master:
+            save_checkpoint(dict(kind="deltatok", config=asdict(tok.cfg), vfm=args.vfm, size=args.size,
+                                 model=tok.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
+                                 args=vars(args)), ckpt_path)
+
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    t0, clips = time.perf_counter(), 0
+    while step < args.steps:
+        seed_step(args.seed, step, rank)
+        lr = lr_at(step, args.lr, args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = next(loader)
+            skipped += batch["skipped"]
+            with model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext():
+                with autocast(device, args.dtype):
+                    feats = vfm_c(batch["frames"].to(device, non_blocking=True))  # (B, 2, N, C)
+                    loss = F.mse_loss(model_c(feats[:, 0], feats[:, 1]).float(), feats[:, 1].float())
+                (loss / accum).backward()
+            loss_sum += loss.detach() / accum
+        if world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.clip_grad_norm_(tok.parameters(), args.grad_clip)
+        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            if master:
+                print(f"\nnon-finite loss ({loss_sum.item()}) or gradient norm at step {step}: stopping. The last "
+                      f"good checkpoint is kept at {ckpt_path}; lower --lr or check the data, then --resume.",
+                      file=sys.stderr)
+            sys.exit(1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        clips += args.global_batch
+        bar.update(1)
+        if master and (step % args.log_every == 0 or step == args.steps):
+            rate = clips / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss_sum.item():.4g}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}", skipped=skipped)
+            log_jsonl(args.out, dict(step=step, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm.item(),
+                                     clips_per_s=rate, skipped_videos=skipped))
+            t0, clips = time.perf_counter(), 0
+        if master and (step % args.eval_every == 0 or step == args.steps):
+            tok.eval()
+            result = reconstruction_check(tok, vfm, val_clips, device, args.dtype)
+            tok.train()
+            log_jsonl(args.out, dict(step=step, eval=result))
+            tqdm.write(format_check(step, result))
+        if step % args.ckpt_every == 0 or step == args.steps:
+            checkpoint()
+    bar.close()
+    if master:
+        print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def format_check(step, r):
+    lines = [f"step {step} reconstruction check on held-out clips (feature MSE / cosine):"]
+    for h in (1, 3):
+        lines.append(f"  horizon {h}: DeltaTok {r[f'h{h}/deltatok/mse']:.4f} / {r[f'h{h}/deltatok/cos']:.3f}   "
+                     f"copy-last {r[f'h{h}/copy_last/mse']:.4f} / {r[f'h{h}/copy_last/cos']:.3f}")
+    return "\n".join(lines)
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train DeltaTok (appendix A recipe as defaults).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of videos / frame folders")
+    p.add_argument("--val-data", default="", help="held-out videos for the reconstruction check "
+                   "(default: the synthetic val split, or --data itself for a folder)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of frame folders without timestamps")
+    p.add_argument("--out", default="runs/deltatok", help="run folder: ckpt.pt, log.jsonl")
+    p.add_argument("--vfm", default=DINOV3_B16, help=f"DINOv3 hub id, local folder, or a random preset {list(VFM_PRESETS)}")
+    p.add_argument("--model", default="base", choices=list(MODEL_PRESETS), help="tokenizer size / variant")
+    p.add_argument("--mode", default="delta", choices=["delta", "frame"], help="delta tokens or frame tokens")
+    p.add_argument("--init", default="", help="load a DeltaTok state dict (e.g. the released pytorch_model.bin)")
+    p.add_argument("--size", type=int, default=256, help="square crop side in pixels")
+    p.add_argument("--stride", type=float, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
+    p.add_argument("--steps", type=int, default=50_000)
+    p.add_argument("--global-batch", type=int, default=1024, help="frame pairs per optimizer step, all GPUs")
+    p.add_argument("--batch-size", type=int, default=64, help="frame pairs per GPU per micro-step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=5_000)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--grad-clip", type=float, default=1e-2)
+    p.add_argument("--no-rope-jitter", action="store_true", help="no RoPE coordinate jitter while training")
+    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the VFM and the tokenizer")
+    p.add_argument("--num-workers", type=int, default=8, help="data loader processes per GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--val-clips", type=int, default=64)
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
+    p.add_argument("--bench", type=int, default=0, help="time N training steps on random frames and exit")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())
