@@ -329,3 +329,228 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
     # batch_size=None: each item already is a micro-batch; an endless sequential sampler keeps the order fixed
     loader = torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(), num_workers=num_workers)
     return iter(loader)
+
+
+# =============================================================================
+# Evaluation datasets (SPEC section 5, appendix B): 7-frame sequences that end at a labelled frame.
+# Every dataset has len() and item(i) -> dict(frames uint8 (7, H, W, 3), times float (7,) seconds from the first
+# frame, name str, and either classes uint8 (H, W) with 255 = ignore, or depth float32 (H, W) metres + valid
+# bool (H, W)); `labelled(i)` -> (frame (H, W, 3), label dict) reads only the labelled frame (for head training).
+
+SEQ_LEN = 7
+IGNORE = 255
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+KITTI_CROP = (352, 1216)                                         # Eigen crop: bottom rows, centred columns
+GARG = (0.40810811, 0.99189189, 0.03594771, 0.96405229)          # rows, then columns, as fractions of the crop
+DEPTH_RANGE = (1e-3, 80.0)                                       # metres (appendix A)
+
+
+def _need(path, what):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: {path} is missing")
+    return path
+
+
+def _image(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+class _Sequences:
+    task = "seg"
+
+    def __len__(self):
+        return len(self.items)
+
+    def item(self, i):
+        frames, times, label_path, name = self.items[i]
+        label = self._label(label_path)
+        return dict(frames=np.stack([_image(f) for f in frames]), times=np.asarray(times, np.float64), name=name,
+                    **label)
+
+    def labelled(self, i):
+        frames, _, label_path, _ = self.items[i]
+        return _image(frames[-1]), self._label(label_path)
+
+
+class VSPWSequences(_Sequences):
+    """VSPW: <root>/<split>.txt lists videos; frames data/<video>/origin/*.jpg, labels data/<video>/mask/<stem>.png.
+    Labelled frames are every 20th (indices 19, 39, ...); 15 fps, stride 3 frames (0.2 s); class = value - 1."""
+
+    num_classes, fps, stride = 124, 15.0, 3
+
+    def __init__(self, root, split="val"):
+        listing = _need(os.path.join(root, f"{split}.txt"), f"VSPW root {root!r} needs the video list {split}.txt")
+        videos = [v.strip() for v in open(listing) if v.strip()]
+        self.items = []
+        for v in videos:
+            folder = _need(os.path.join(root, "data", v, "origin"), f"VSPW video {v} listed in {split}.txt")
+            frames = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+            for k in range(19, len(frames), 20):
+                idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)  # first index k - 18 >= 0
+                stem = os.path.splitext(frames[k])[0]
+                label = _need(os.path.join(root, "data", v, "mask", stem + ".png"), f"VSPW label of {v}/{frames[k]}")
+                self.items.append(([os.path.join(folder, frames[j]) for j in idx],
+                                   [(j - idx[0]) / self.fps for j in idx], label, f"{v}/{stem}"))
+        if not self.items:
+            raise FileNotFoundError(f"no VSPW sequence under {root!r}: videos need >= 20 frames in data/<video>/origin")
+
+    def _label(self, path):
+        c = np.asarray(Image.open(path)).astype(np.int64) - 1
+        return dict(classes=np.where((c >= 0) & (c < self.num_classes), c, IGNORE).astype(np.uint8))
+
+
+class CityscapesSequences(_Sequences):
+    """Cityscapes: labels gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png, frames
+    leftImg8bit_sequence/<split>/<city>/<city>_<seq>_<frame:06d>_leftImg8bit.png; stride 3 frames at 16 fps
+    (0.1875 s, as the release counts); labelIds -> the 19 train ids, everything else 255."""
+
+    num_classes, fps, stride = 19, 16.0, 3
+
+    def __init__(self, root, split="val"):
+        labels = _need(os.path.join(root, "gtFine", split), f"Cityscapes root {root!r} needs gtFine/{split}")
+        frames = _need(os.path.join(root, "leftImg8bit_sequence", split),
+                       f"Cityscapes root {root!r} needs leftImg8bit_sequence/{split}")
+        self.items = []
+        for city in sorted(os.listdir(labels)):
+            for f in sorted(os.listdir(os.path.join(labels, city))):
+                if not f.endswith("_gtFine_labelIds.png"):
+                    continue
+                _, seq, frame = f[:-len("_gtFine_labelIds.png")].rsplit("_", 2)
+                k = int(frame)
+                idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)
+                paths = [_need(os.path.join(frames, city, f"{city}_{seq}_{j:06d}_leftImg8bit.png"),
+                               f"Cityscapes sequence frame of {f}") for j in idx]
+                self.items.append((paths, [(j - idx[0]) / self.fps for j in idx], os.path.join(labels, city, f),
+                                   f"{city}_{seq}_{frame}"))
+        if not self.items:
+            raise FileNotFoundError(f"no *_gtFine_labelIds.png under {labels!r}")
+        self.lut = np.full(256, IGNORE, np.uint8)
+        for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
+            self.lut[label_id] = train_id
+
+    def _label(self, path):
+        return dict(classes=self.lut[np.asarray(Image.open(path))])
+
+
+def kitti_crop(x):
+    """The Eigen crop: bottom 352 rows, centred 1216 columns of (H, W, ...)."""
+    h, w = x.shape[:2]
+    top, left = h - KITTI_CROP[0], (w - KITTI_CROP[1]) // 2
+    if top < 0 or left < 0:
+        raise ValueError(f"KITTI frame {h}x{w} is smaller than the {KITTI_CROP[0]}x{KITTI_CROP[1]} Eigen crop")
+    return x[top:top + KITTI_CROP[0], left:left + KITTI_CROP[1]]
+
+
+def garg_mask(h, w):
+    r0, r1, c0, c1 = GARG
+    mask = np.zeros((h, w), bool)
+    mask[int(r0 * h):int(r1 * h), int(c0 * w):int(c1 * w)] = True
+    return mask
+
+
+class KITTISequences(_Sequences):
+    """KITTI depth on the Eigen split. `split_file` lines: '<date>/<drive>/image_02/data/<idx:010d>.png [depth path]'
+    (a depth path of 'None' skips the line; without one, the ground truth is looked up by drive and index).
+    Frames from the raw drives under `raw_root` (default <root>/raw); ground truth <root>/{train,val}/<drive>/
+    proj_depth/groundtruth/image_02/<idx:010d>.png (uint16 / 256 m, 0 = none). 10 fps, stride 2 frames (0.2 s).
+    Frames and depth are cut to the 352x1216 Eigen crop; valid = Garg region and 1e-3 < d < 80."""
+
+    task, fps, stride = "depth", 10.0, 2
+
+    def __init__(self, root, split_file, raw_root=None):
+        _need(root, "KITTI root")
+        raw_root = raw_root or os.path.join(root, "raw")
+        listing = _need(split_file, "KITTI Eigen split file (give it with --kitti-split)")
+        self.items, self.too_early = [], 0
+        for n, line in enumerate(open(listing)):
+            parts = line.split()
+            if not parts:
+                continue
+            image = parts[0].split("/")
+            if len(image) != 5 or image[2:4] != ["image_02", "data"]:
+                raise ValueError(f"{split_file} line {n + 1}: expected '<date>/<drive>/image_02/data/<idx>.png', "
+                                 f"got {parts[0]!r}")
+            if len(parts) > 1 and parts[1] == "None":
+                continue
+            date, drive, k = image[0], image[1], int(os.path.splitext(image[4])[0])
+            if k < (SEQ_LEN - 1) * self.stride:  # not enough earlier frames in the drive
+                self.too_early += 1
+                continue
+            rel = os.path.join(drive, "proj_depth", "groundtruth", "image_02", f"{k:010d}.png")
+            tries = ([parts[1], os.path.join("train", parts[1]), os.path.join("val", parts[1])] if len(parts) > 1
+                     else [os.path.join("train", rel), os.path.join("val", rel)])
+            gt = next((os.path.join(root, t) for t in tries if os.path.exists(os.path.join(root, t))), None)
+            if gt is None:
+                raise FileNotFoundError(f"KITTI ground truth for {parts[0]} is missing: looked for "
+                                        f"{', '.join(os.path.join(root, t) for t in tries)}")
+            idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)
+            paths = [_need(os.path.join(raw_root, date, drive, "image_02", "data", f"{j:010d}.png"),
+                           f"KITTI raw frame for {parts[0]}") for j in idx]
+            self.items.append((paths, [(j - idx[0]) / self.fps for j in idx], gt, f"{drive}/{k:010d}"))
+        if not self.items:
+            raise FileNotFoundError(f"no usable KITTI sequence in {split_file}")
+
+    def item(self, i):
+        out = super().item(i)
+        out["frames"] = np.stack([kitti_crop(f) for f in out["frames"]])
+        return out
+
+    def labelled(self, i):
+        frame, label = super().labelled(i)
+        return kitti_crop(frame), label
+
+    def _label(self, path):
+        depth = kitti_crop(np.asarray(Image.open(path)).astype(np.float32) / 256)
+        valid = garg_mask(*depth.shape) & (depth > DEPTH_RANGE[0]) & (depth < DEPTH_RANGE[1])
+        return dict(depth=depth, valid=valid)
+
+
+class SyntheticSequences:
+    """The synthetic source's sequences: 7 frames at 0.2 s (3 frames at 15 fps) ending at a labelled frame (every
+    synthetic frame has labels); non-overlapping, `per_video` per video. Both tasks: classes and depth."""
+
+    task, stride = "both", 3
+
+    def __init__(self, split="val", seed=0, num_videos=None, size=128, per_video=5):
+        self.source = SyntheticVideos(split, seed, num_videos, size)
+        self.num_classes = SyntheticVideos.NUM_CLASSES
+        span = (SEQ_LEN - 1) * self.stride + 1
+        ends = range(span - 1, len(self.source.frame_times(0)), span + 2)[:per_video]
+        self.items = [(i, k) for i in range(len(self.source)) for k in ends]
+
+    def __len__(self):
+        return len(self.items)
+
+    def item(self, i):
+        v, k = self.items[i]
+        idx = list(range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride))
+        classes, depth = self.source.labels(v, [k])
+        times = self.source.frame_times(v)[idx]
+        return dict(frames=self.source.read(v, idx), times=times - times[0], name=f"{self.source.split}{v}/{k}",
+                    classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
+
+    def labelled(self, i):
+        v, k = self.items[i]
+        classes, depth = self.source.labels(v, [k])
+        return self.source.read(v, [k])[0], dict(classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
+
+
+def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0):
+    """'synthetic', 'vspw:ROOT', 'cityscapes:ROOT' or 'kitti:ROOT' -> the sequences of that split."""
+    name, _, root = spec.partition(":")
+    if name == "synthetic":
+        return SyntheticSequences(split, seed)
+    if not root:
+        raise ValueError(f"dataset {spec!r}: give it as NAME:ROOT (vspw, cityscapes, kitti) or 'synthetic'")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{name} root {root!r} does not exist (or is not a folder)")
+    if name == "vspw":
+        return VSPWSequences(root, split)
+    if name == "cityscapes":
+        return CityscapesSequences(root, split)
+    if name == "kitti":
+        if not kitti_split:
+            raise ValueError("KITTI needs the Eigen split list: pass --kitti-split FILE")
+        return KITTISequences(root, kitti_split, kitti_raw)
+    raise ValueError(f"unknown dataset {name!r}: one of synthetic, vspw, cityscapes, kitti")

@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -145,3 +146,459 @@ class Predictor(nn.Module):
 
 
 PREDICTOR_PRESETS = {"tiny": dict(depth=2), "base": dict(depth=12)}  # width and heads follow the tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DeltaWorld (SPEC section 3)
+
+NOISE_STD = 0.02  # generative queries: N(0, 0.02^2 I) per predicted token and sample (SPEC section 3)
+
+
+class DeltaWorld(nn.Module):
+    """The predictor over a frozen DeltaTok. The tokenizer and the VFM are kept aside (not submodules): they are
+    not trained, not in the state dict, not wrapped by DDP. The VFM is only needed for the black frame's features
+    (the 'previous frame' of a clip's first frame) when sampling from raw features."""
+
+    def __init__(self, tokenizer, vfm=None, model="base", bom=True):
+        super().__init__()
+        cfg = tokenizer.cfg
+        self.config = dict(model=model, dim=cfg.dim, heads=cfg.heads, bom=bom, axes=(cfg.dim // cfg.heads - 4,),
+                           **PREDICTOR_PRESETS[model])  # 1D RoPE on all but the last 4 dims per head (appendix A)
+        self.predictor = Predictor(cfg.dim, PREDICTOR_PRESETS[model]["depth"], cfg.heads, axes=self.config["axes"])
+        self.q_embed = None if bom else nn.Embedding(1, cfg.dim)  # the discriminative variant's learned query
+        if not bom:
+            nn.init.trunc_normal_(self.q_embed.weight, std=0.02)
+        object.__setattr__(self, "tokenizer", tokenizer)
+        object.__setattr__(self, "vfm", vfm)
+        object.__setattr__(self, "_black", {})
+
+    def forward(self, tokens, times, queries=None):
+        """Predict tokens 1..T-1 of clips (B, T, C) with timestamps (B, T) in seconds, each from the tokens before
+        it. queries (B, M, T-1, C): M candidates per position (None: the learned query, M = 1). Since queries never
+        attend to each other, the M candidates are just more queries on the same context. Returns (B, M, T-1, C)."""
+        B, T, C = tokens.shape
+        if queries is None:
+            queries = self.q_embed.weight.expand(B, 1, T - 1, C)
+        M = queries.shape[1]
+        pos = times[..., None].float()                                                   # (B, T, 1)
+        mask = torch.ones(T - 1, T - 1, dtype=torch.bool, device=tokens.device).tril()  # query t sees z_0..z_{t-1}
+        out = self.predictor(queries.flatten(1, 2), tokens[:, :-1], pos[:, 1:].repeat(1, M, 1), pos[:, :-1],
+                             mask.repeat(M, 1)[None])
+        return out.view(B, M, T - 1, C)
+
+    def black(self, num_patches, device):
+        """The black frame's VFM features (1, N, C) for a square grid of N patches (computed once per N)."""
+        if num_patches not in self._black:
+            if self.vfm is None:
+                raise RuntimeError("DeltaWorld needs the VFM for the black frame: pass vfm= when building it")
+            side = math.isqrt(num_patches) * self.vfm.patch_size
+            self._black[num_patches] = self.vfm.black(side, device).float()
+        return self._black[num_patches].to(device)
+
+    def queries(self, n, length, generator=None, device="cpu"):
+        """n x length queries (n, length, C): fresh noise, or the learned query."""
+        C = self.config["dim"]
+        if self.q_embed is not None:
+            return self.q_embed.weight.expand(n, length, C)
+        gen_device = generator.device if generator is not None else device
+        return (torch.randn(n, length, C, generator=generator, device=gen_device) * NOISE_STD).to(device)
+
+    @torch.no_grad()
+    def sample(self, feats, times, num_samples, horizon, generator=None):
+        """Roll out `horizon` steps, `num_samples` times, from context features feats (B, Tc, N, C) with
+        timestamps times (B, Tc + horizon) of the context and target frames. One batched forward per step for all
+        samples; each step's token is decoded from the previous features (first: the last context frame's) and
+        appended to the context, never re-encoded. Returns predicted features (B, S, H, N, C) and tokens
+        (B, S, H, C). The noise comes from `generator` (seeded: same samples)."""
+        B, Tc, N, C = feats.shape
+        S = num_samples
+        feats = feats.float()
+        context = self.tokenizer.tokenize(feats, self.black(N, feats.device)).float().repeat_interleave(S, 0)
+        pos = times.float().to(feats.device).repeat_interleave(S, 0)[..., None]          # (B S, Tc + H, 1)
+        x = feats[:, -1].repeat_interleave(S, 0)                                          # (B S, N, C)
+        out_feats, out_tokens = [], []
+        for h in range(horizon):
+            L = Tc + h
+            q = self.queries(B * S, 1, generator, feats.device)
+            token = self.predictor(q, context, pos[:, L:L + 1], pos[:, :L])              # (B S, 1, C)
+            x = self.tokenizer.decode(token, x).float()
+            context = torch.cat([context, token], 1)
+            out_feats.append(x)
+            out_tokens.append(token[:, 0])
+        return (torch.stack(out_feats, 1).view(B, S, horizon, N, C),
+                torch.stack(out_tokens, 1).view(B, S, horizon, C))
+
+
+def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None):
+    """A trained DeltaWorld in eval mode, with its tokenizer (the recorded path, or `tokenizer` to override it)
+    and the VFM (a VFM module to share, else built from the recorded name)."""
+    ckpt = T.load_checkpoint(path)
+    tok, vfm_name = T.load_deltatok(tokenizer or ckpt["tokenizer"], device)
+    vfm = vfm if vfm is not None else T.VFM(ckpt["vfm"] or vfm_name).to(device)
+    world = DeltaWorld(tok, vfm, ckpt["config"]["model"], ckpt["config"]["bom"])
+    T.load_state_strict(world, ckpt["model"], f"DeltaWorld checkpoint {path}")
+    return world.to(device).eval().requires_grad_(False)
+
+
+def load_init(world, path):
+    """Predictor weights from the released layout (`predictor.*`, plus `q_embed.weight` for the learned query)
+    or from a predictor.py checkpoint, strictly: a missing, extra or wrongly shaped tensor fails loudly."""
+    ckpt = T.load_checkpoint(path)
+    T.load_state_strict(world, ckpt.get("model", ckpt), f"--init {path}")
+
+
+def clip_noise(seed, step, clip_ids, K, length, dim, device):
+    """BoM candidates (B, K, length, C) for the clips `clip_ids` of a step: a pure function of (seed, step, clip),
+    so any split over processes and micro-batches, and the token cache, draw the same noise for the same clip."""
+    g = torch.Generator(device)
+    out = []
+    for j in clip_ids:
+        g.manual_seed((seed * 1_000_003 + step) * 1_000_033 + j)
+        out.append(torch.randn(K, length, dim, generator=g, device=device))
+    return torch.stack(out) * NOISE_STD
+
+
+def world_loss(world, model, tokens, times, noise=None, chunk=256):
+    """The training loss of clips' tokens (B, T, C) with timestamps (B, T). BoM (noise (B, K, T-1, C)): a
+    candidate pass without autograd through `world` picks, per clip and position, the query with the lowest
+    smooth-L1 loss; only that query then runs with gradients through `model` (world, or its DDP/compiled wrapper).
+    noise None: the learned query, plain smooth L1. Returns (loss, index of the chosen candidate (B, T-1) or None)."""
+    target = tokens[:, 1:].float()
+    if noise is None:
+        pred = model(tokens, times)[:, 0]
+        return F.smooth_l1_loss(pred.float(), target, beta=0.1), None
+    with torch.no_grad():
+        losses = torch.cat([F.smooth_l1_loss(world(tokens, times, q).float(), target[:, None].expand_as(q),
+                                             beta=0.1, reduction="none").mean(-1)
+                            for q in noise.split(chunk, 1)], 1)                             # (B, K, T-1)
+        best = losses.argmin(1)                                                             # (B, T-1)
+    chosen = noise.gather(1, best[:, None, :, None].expand(-1, 1, -1, noise.shape[-1]))   # (B, 1, T-1, C)
+    pred = model(tokens, times, chosen)[:, 0]
+    return F.smooth_l1_loss(pred.float(), target, beta=0.1), best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token cache: encode the training clips once (backbone + DeltaTok encoder, about 144 GFLOPs per frame, Table B),
+# then train the predictor (about 0.3 GFLOPs per token) from disk.
+#
+# Cache clip c is clip c of the on-the-fly stream, ClipDataset.sample(c // global_batch, c % global_batch), so
+# training from a cache of n clips sees exactly the on-the-fly clips (and BoM noise) for its first n / global_batch
+# steps; after that it goes over the cache again in a fresh order per epoch.
+
+SHARD = 4096  # clips per shard file
+
+
+class _StreamClips(torch.utils.data.Dataset):
+    def __init__(self, dataset, global_batch, ids):
+        self.dataset, self.global_batch, self.ids = dataset, global_batch, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        c = self.ids[i]
+        return self.dataset.sample(c // self.global_batch, c % self.global_batch)
+
+
+@torch.no_grad()
+def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, device, dtype, batch_size, num_workers):
+    """Encode meta["num_clips"] clips into folder/shard_*.pt (tokens (n, T, C) float32, times (n, T)); shard k is
+    written by rank k % world_size, and shards already on disk are kept, so an interrupted build resumes."""
+    os.makedirs(folder, exist_ok=True)
+    n, G = meta["num_clips"], meta["global_batch"]
+    shards = range(rank, math.ceil(n / SHARD), world_size)
+    for k in tqdm(shards, desc="token cache", disable=rank != 0, dynamic_ncols=True):
+        path = os.path.join(folder, f"shard_{k:05d}.pt")
+        if os.path.exists(path):
+            continue
+        clips = _StreamClips(train, G, range(k * SHARD, min(n, (k + 1) * SHARD)))
+        tokens, times, skipped = [], [], 0
+        for frames, t, s in torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=num_workers):
+            with T.autocast(device, dtype):
+                feats = vfm(frames.to(device))                                           # (B, T, N, C)
+                tokens.append(tok.tokenize(feats, black).float().cpu())                  # (B, T, C)
+            times.append(t)
+            skipped += int(s.sum())
+        T.save_checkpoint(dict(tokens=torch.cat(tokens), times=torch.cat(times), skipped=skipped), path)
+    if world_size > 1:
+        dist.barrier()
+    if rank == 0:
+        T.save_checkpoint(meta, os.path.join(folder, "meta.pt"))
+    if world_size > 1:
+        dist.barrier()
+
+
+class TokenCache:
+    """The shards, memory-mapped; clip(c) is clip c of the training stream."""
+
+    def __init__(self, folder, seed):
+        self.meta = T.load_checkpoint(os.path.join(folder, "meta.pt"))
+        paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
+        self.shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
+        self.n, self.seed, self.perm = self.meta["num_clips"], seed, (0, None)
+        if sum(len(s["tokens"]) for s in self.shards) != self.n:
+            raise RuntimeError(f"token cache {folder} is incomplete: delete it and run again")
+        self.skipped = sum(s["skipped"] for s in self.shards)
+
+    def clip(self, c):
+        epoch, r = divmod(c, self.n)
+        if epoch:  # later epochs: a fresh order, the same on every rank
+            if self.perm[0] != epoch:
+                self.perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                    self.seed * 1_000_003 + epoch)))
+            r = int(self.perm[1][r])
+        shard = self.shards[r // SHARD]
+        return shard["tokens"][r % SHARD], shard["times"][r % SHARD]
+
+
+def cache_loader(cache, batch_size, rank, world_size, accum, start_step, global_batch):
+    """Micro-batches from the cache in the layout of data.make_loader (clip j of step s: cache clip s G + j)."""
+    for step in range(start_step, sys.maxsize):
+        for m in range(accum):
+            first = (m * world_size + rank) * batch_size
+            tokens, times = zip(*(cache.clip(step * global_batch + j) for j in range(first, first + batch_size)))
+            yield {"tokens": torch.stack(tokens), "times": torch.stack(times), "step": step}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+@torch.no_grad()
+def heldout_check(world, vfm, clips, times, num_samples, device, dtype, seed, batch_size=16):
+    """Feature smooth-L1 (beta 0.1) at horizons 1 and 3 on held-out clips of 4 context + 3 target frames (the
+    mid-horizon protocol, SPEC section 5): best-of-N and mean-of-N of N rollouts, and copy-last."""
+    g = torch.Generator(device).manual_seed(seed)
+    sums = {}
+    for i in range(0, len(clips), batch_size):
+        with T.autocast(device, dtype):
+            feats = vfm(clips[i:i + batch_size].to(device)).float()                     # (B, 7, N, C)
+            pred, _ = world.sample(feats[:, :4], times[i:i + batch_size], num_samples, 3, g)  # (B, S, 3, N, C)
+        for h in (1, 3):
+            target = feats[:, 3 + h]
+
+            def loss(p):  # (B, S', N, C) -> (B, S')
+                return F.smooth_l1_loss(p.float(), target[:, None].expand_as(p), beta=0.1,
+                                        reduction="none").mean((-2, -1))
+            for name, v in (("best", loss(pred[:, :, h - 1]).min(1).values),
+                            ("mean", loss(pred[:, :, h - 1].mean(1, keepdim=True))[:, 0]),
+                            ("copy_last", loss(feats[:, 3:4])[:, 0])):
+                sums[f"h{h}/{name}"] = sums.get(f"h{h}/{name}", 0.0) + v.sum().item()
+    return {k: v / len(clips) for k, v in sums.items()}
+
+
+def format_check(step, r, n):
+    lines = [f"step {step} held-out feature loss (smooth L1), {n} samples:"]
+    for h in (1, 3):
+        lines.append(f"  horizon {h}: best {r[f'h{h}/best']:.4f}   mean {r[f'h{h}/mean']:.4f}   "
+                     f"copy-last {r[f'h{h}/copy_last']:.4f}")
+    return "\n".join(lines)
+
+
+def main(args):
+    rank, world_size, device = T.setup_dist()
+    master = rank == 0
+    if args.tokenizer:
+        tok, vfm_name = T.load_deltatok(args.tokenizer, device)
+        vfm = T.VFM(args.vfm or vfm_name).to(device)
+    elif args.bench:  # timing needs no trained weights
+        vfm = T.VFM(args.vfm or T.DINOV3_B16).to(device)
+        tok = T.build_deltatok(args.model, vfm, args.bench_mode).to(device).eval().requires_grad_(False)
+    else:
+        raise SystemExit("--tokenizer is required: a tokenizer.py checkpoint or the released DeltaTok weights")
+    if (tok.cfg.dim, tok.cfg.patch_size) != (vfm.dim, vfm.patch_size):
+        raise SystemExit(f"the tokenizer (dim {tok.cfg.dim}, patch {tok.cfg.patch_size}) does not fit the VFM "
+                         f"{vfm.name} (dim {vfm.dim}, patch {vfm.patch_size}): check --vfm")
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    world = DeltaWorld(tok, vfm, args.model, bom=not args.no_bom).to(device)
+    if args.init:
+        load_init(world, args.init)
+    opt = T.make_optimizer(world, args.lr, args.weight_decay, device)
+    K = 0 if args.no_bom else args.bom
+    black = world.black((args.size // vfm.patch_size) ** 2, device)
+    C, L = tok.cfg.dim, args.num_frames - 1
+
+    if args.bench:
+        B = args.batch_size
+        frames = torch.randint(0, 256, (B, args.num_frames, 3, args.size, args.size), dtype=torch.uint8, device=device)
+        times = torch.linspace(0, 0.2 * L, args.num_frames, device=device).expand(B, -1)
+        cached = torch.randn(B, args.num_frames, C, device=device)
+        vfm_c, tokenize_c, world_c = ((torch.compile(vfm), torch.compile(tok.tokenize), torch.compile(world))
+                                      if args.compile else (vfm, tok.tokenize, world))
+
+        def step(update=True):
+            with T.autocast(device, args.dtype):
+                if args.cache_tokens:  # the cached-token step: no backbone, no encoder
+                    tokens = cached
+                else:
+                    with torch.no_grad():
+                        tokens = tokenize_c(vfm_c(frames), black).float()
+                noise = clip_noise(args.seed, 0, range(B), K, L, C, device) if K else None
+                loss, _ = world_loss(world_c, world_c, tokens, times, noise, args.bom_chunk)
+            loss.backward()
+            if update:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return T.run_bench(step, lambda: step(False), args.bench, device,
+                           "authors' code, H200, bf16 + compile, batch 32 x 8 frames, K=256: 256 px 142 ms, 3.8 GiB; "
+                           "512 px 585 ms, 9.2 GiB; DINO-world 256 px: 166 ms, 24.2 GiB (SPEC section 6)")
+
+    accum = args.global_batch // (args.batch_size * world_size)
+    if accum * args.batch_size * world_size != args.global_batch:
+        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
+                         f"x {world_size} processes")
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    step, skipped = 0, 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = T.load_checkpoint(ckpt_path)
+        world.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, skipped = ckpt["step"], ckpt["skipped"]
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+    model = nn.parallel.DistributedDataParallel(world, device_ids=[device] if device.type == "cuda" else None) \
+        if world_size > 1 else world
+    model_c, world_c, vfm_c = ((torch.compile(model), torch.compile(world), torch.compile(vfm)) if args.compile
+                               else (model, world, vfm))
+
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
+                             size=args.size, stride=tuple(args.stride), seed=args.seed)
+    if args.cache_tokens:
+        meta = dict(kind="token_cache", tokenizer=os.path.abspath(args.tokenizer), data=args.data, size=args.size,
+                    stride=args.stride, num_frames=args.num_frames, seed=args.seed, global_batch=args.global_batch,
+                    num_clips=math.ceil(args.cache_crops * len(train.source)))
+        meta_path = os.path.join(args.cache_tokens, "meta.pt")
+        if not os.path.exists(meta_path):
+            build_token_cache(args.cache_tokens, meta, train, vfm, tok, black, rank, world_size, device, args.dtype,
+                              args.batch_size, args.num_workers)
+        cache = TokenCache(args.cache_tokens, args.seed)
+        if {k: cache.meta[k] for k in meta} != meta:
+            raise SystemExit(f"the token cache {args.cache_tokens} was made with other settings "
+                             f"({ {k: v for k, v in cache.meta.items() if meta.get(k) != v} }): use another folder")
+        loader = cache_loader(cache, args.batch_size, rank, world_size, accum, step, args.global_batch)
+        skipped = cache.skipped
+    else:
+        loader = data.make_loader(train, args.batch_size, rank, world_size, accum, step, args.num_workers)
+    if master:  # held-out clips of 4 context + 3 target frames
+        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed)
+        val = data.ClipDataset(val_src, num_frames=7, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
+        val_clips, val_times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))
+        val_clips, val_times = torch.stack(val_clips), torch.stack(val_times)                # (V, 7, 3, S, S), (V, 7)
+
+    def checkpoint():
+        if master:
+            T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=os.path.abspath(args.tokenizer),
+                                   tokenizer_config=asdict(tok.cfg), vfm=args.vfm or vfm.name, size=args.size,
+                                   model=world.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
+                                   args=vars(args)), ckpt_path)
+
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    t0, clips = time.perf_counter(), 0
+    while step < args.steps:
+        T.seed_step(args.seed, step, rank)
+        lr = T.lr_at(step, args.lr, args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = next(loader)
+            first = (micro * world_size + rank) * args.batch_size  # global index of this micro-batch's first clip
+            if args.cache_tokens:
+                tokens = batch["tokens"].to(device, non_blocking=True)                    # (B, T, C)
+            else:
+                skipped += batch["skipped"]
+                with torch.no_grad(), T.autocast(device, args.dtype):
+                    feats = vfm_c(batch["frames"].to(device, non_blocking=True))         # (B, T, N, C)
+                    tokens = tok.tokenize(feats, black).float()                           # (B, T, C)
+            times = batch["times"].to(device, non_blocking=True)                          # (B, T)
+            noise = clip_noise(args.seed, step, range(first, first + args.batch_size), K, L, C, device) if K else None
+            with model.no_sync() if world_size > 1 and micro < accum - 1 else contextlib.nullcontext():
+                with T.autocast(device, args.dtype):
+                    loss, _ = world_loss(world_c, model_c, tokens, times, noise, args.bom_chunk)
+                (loss / accum).backward()
+            loss_sum += loss.detach() / accum
+        if world_size > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.clip_grad_norm_(world.parameters(), float("inf"))  # logged, not clipped
+        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            if master:
+                print(f"\nnon-finite loss ({loss_sum.item()}) or gradient norm at step {step}: stopping. The last "
+                      f"good checkpoint is kept at {ckpt_path}; lower --lr or check the data, then --resume.",
+                      file=sys.stderr)
+            sys.exit(1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        clips += args.global_batch
+        bar.update(1)
+        if master and (step % args.log_every == 0 or step == args.steps):
+            rate = clips / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss_sum.item():.4g}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}", skipped=skipped)
+            T.log_jsonl(args.out, dict(step=step, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm.item(),
+                                       clips_per_s=rate, skipped_videos=skipped))
+            t0, clips = time.perf_counter(), 0
+        if master and (step % args.eval_every == 0 or step == args.steps):
+            world.eval()
+            result = heldout_check(world, vfm, val_clips, val_times, args.val_samples, device, args.dtype, args.seed)
+            world.train()
+            T.log_jsonl(args.out, dict(step=step, eval=result))
+            tqdm.write(format_check(step, result, args.val_samples))
+        if step % args.ckpt_every == 0 or step == args.steps:
+            checkpoint()
+    bar.close()
+    if master:
+        print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train DeltaWorld (appendix A recipe as defaults).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--tokenizer", default="", help="frozen DeltaTok: a tokenizer.py checkpoint (delta or frame mode) "
+                   "or the released weights")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of videos / frame folders")
+    p.add_argument("--val-data", default="", help="held-out videos for the check (default: the synthetic val "
+                   "split, or --data itself for a folder)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of frame folders without timestamps")
+    p.add_argument("--out", default="runs/deltaworld", help="run folder: ckpt.pt, log.jsonl")
+    p.add_argument("--vfm", default="", help="DINOv3 hub id or local folder (default: the one the tokenizer "
+                   f"records; in --bench without --tokenizer {T.DINOV3_B16}); random presets {list(T.VFM_PRESETS)}")
+    p.add_argument("--model", default="base", choices=list(PREDICTOR_PRESETS), help="predictor size")
+    p.add_argument("--no-bom", action="store_true", help="discriminative: one learned query, no best-of-many "
+                   "(appendix Table C)")
+    p.add_argument("--bom", type=int, default=256, help="best-of-many candidates K per clip and position")
+    p.add_argument("--bom-chunk", type=int, default=256, help="candidates per forward of the candidate pass "
+                   "(lower it to save memory)")
+    p.add_argument("--init", default="", help="load a predictor state dict (the released DeltaWorld layout)")
+    p.add_argument("--cache-tokens", default="", help="token cache folder: encode the training clips once there "
+                   "(if not yet done), then train from it")
+    p.add_argument("--cache-crops", type=float, default=4, help="clips (augmented crops) per training video in "
+                   "the cache")
+    p.add_argument("--size", type=int, default=256, help="square crop side in pixels")
+    p.add_argument("--num-frames", type=int, default=8, help="frames per training clip")
+    p.add_argument("--stride", type=float, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
+    p.add_argument("--steps", type=int, default=300_000)
+    p.add_argument("--global-batch", type=int, default=1024, help="clips per optimizer step, all GPUs")
+    p.add_argument("--batch-size", type=int, default=32, help="clips per GPU per micro-step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=5_000)
+    p.add_argument("--weight-decay", type=float, default=0.4)
+    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the VFM and the predictor")
+    p.add_argument("--num-workers", type=int, default=8, help="data loader processes per GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--val-clips", type=int, default=64)
+    p.add_argument("--val-samples", type=int, default=8, help="samples per clip in the held-out check")
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
+    p.add_argument("--bench", type=int, default=0, help="time N training steps on random frames and exit")
+    p.add_argument("--bench-mode", default="delta", choices=["delta", "frame"], help="tokenizer of --bench without "
+                   "--tokenizer: random delta or frame tokenizer (Table 2, step 2)")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

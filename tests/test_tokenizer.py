@@ -33,6 +33,11 @@ def run(args, **kw):
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, **kw)
 
 
+def train(*args):
+    """tokenizer.py's main in this process (no interpreter start-up): the same code path as the command line."""
+    return T.main(T.get_parser().parse_args([str(a) for a in args]))
+
+
 def weights(out):
     return T.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
 
@@ -155,13 +160,11 @@ def test_released_layout_loads_strictly_and_wrong_shape_fails(tmp_path):
 
 def test_training_two_process_ddp_equals_one_process(tmp_path):
     common = [*TINY, "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
-    one = run([sys.executable, "tokenizer.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr
+    train(*common, "--batch-size", "8", "--out", tmp_path / "one")
     two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "tokenizer.py", *common, "--batch-size", "4", "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr
-    accum = run([sys.executable, "tokenizer.py", *common, "--batch-size", "2", "--out", str(tmp_path / "acc")])
-    assert accum.returncode == 0, accum.stderr
+    train(*common, "--batch-size", "2", "--out", tmp_path / "acc")
     w1, w2, w3 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tmp_path / "acc")
     init = T.build_deltatok("tiny", T.VFM("tiny")).state_dict()
     assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train
@@ -175,8 +178,7 @@ def test_training_two_process_ddp_equals_one_process(tmp_path):
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     common = [*TINY[:-2], "--steps", "8", "--global-batch", "4", "--batch-size", "4", "--ckpt-every", "2"]
-    full = run([sys.executable, "tokenizer.py", *common, "--out", str(tmp_path / "full")])
-    assert full.returncode == 0, full.stderr
+    train(*common, "--out", tmp_path / "full")
     out = tmp_path / "killed"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "tokenizer.py", *common, "--out", str(out)], cwd=ROOT, env=env,
@@ -187,15 +189,14 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)  # mid-run, after at least one checkpoint
     proc.wait()
     step = T.load_checkpoint(out / "ckpt.pt")["step"]
-    resumed = run([sys.executable, "tokenizer.py", *common, "--out", str(out), "--resume"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert step < 8 or "resumed" not in resumed.stdout
+    assert 2 <= step <= 8
+    train(*common, "--out", out, "--resume")
     a, b = weights(tmp_path / "full"), weights(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
 
 
-def test_broken_video_is_skipped_counted_and_logged(tmp_path):
+def test_broken_video_is_skipped_counted_and_logged(tmp_path, capsys):
     import av
     import numpy as np
     root = tmp_path / "videos"
@@ -211,25 +212,22 @@ def test_broken_video_is_skipped_counted_and_logged(tmp_path):
             for packet in stream.encode():
                 container.mux(packet)
     (root / "broken.mp4").write_bytes(os.urandom(2000))
-    res = run([sys.executable, "tokenizer.py", *TINY, "--data", str(root), "--steps", "2", "--global-batch", "4",
-               "--batch-size", "4", "--out", str(tmp_path / "run")])
-    assert res.returncode == 0, res.stderr
-    assert "broken.mp4" in res.stdout + res.stderr  # named, never silent
+    train(*TINY, "--data", root, "--steps", "2", "--global-batch", "4", "--batch-size", "4", "--out", tmp_path / "run")
+    out = capsys.readouterr()
+    assert "broken.mp4" in out.out + out.err  # named, never silent
     empty = tmp_path / "empty"
     empty.mkdir()
-    res = run([sys.executable, "tokenizer.py", *TINY, "--data", str(empty), "--steps", "1", "--out", str(tmp_path / "x")])
-    assert res.returncode != 0 and str(empty) in res.stderr
+    with pytest.raises(FileNotFoundError, match=str(empty)):
+        train(*TINY, "--data", empty, "--steps", "1", "--out", tmp_path / "x")
 
 
-def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    ok = run([sys.executable, "tokenizer.py", *TINY, "--steps", "2", "--global-batch", "4", "--batch-size", "4",
-              "--ckpt-every", "2", "--out", str(out)])
-    assert ok.returncode == 0, ok.stderr
+    train(*TINY, "--steps", "2", "--global-batch", "4", "--batch-size", "4", "--ckpt-every", "2", "--out", out)
     before = weights(out)
-    bad = run([sys.executable, "tokenizer.py", *TINY, "--steps", "4", "--global-batch", "4", "--batch-size", "4",
-               "--lr", "inf", "--out", str(out), "--resume"])
-    assert bad.returncode != 0 and "non-finite" in bad.stderr
+    with pytest.raises(SystemExit) as stop:
+        train(*TINY, "--steps", "4", "--global-batch", "4", "--batch-size", "4", "--lr", "inf", "--out", out, "--resume")
+    assert stop.value.code == 1 and "non-finite" in capsys.readouterr().err
     after = T.load_checkpoint(out / "ckpt.pt")
     assert after["step"] == 2
     for k in before:

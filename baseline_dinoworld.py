@@ -1,0 +1,352 @@
+"""
+DINO-world, the paper's re-implementation of the baseline (SPEC section 4, appendix A): the predictor of
+predictor.py over the VFM's patch tokens instead of delta tokens. Every patch of every next frame is a query; it
+reads the patch tokens of all earlier frames under a block-causal mask, with 3D RoPE over (timestamp, x, y). All 7
+next frames of an 8-frame clip are predicted in parallel; the VFM features themselves are the targets.
+The default is the discriminative model (one learned query); --bom K makes it generative with best-of-many over K
+noise queries per frame (Table 2, step 1 uses K = 16).
+
+Run it:
+  # CPU, a couple of minutes: a tiny DINO-world on the built-in synthetic videos
+  python baseline_dinoworld.py --vfm tiny --model tiny --size 64 --global-batch 32 --batch-size 32 --steps 300 \
+      --warmup 30 --out runs/dinoworld_tiny
+  # one GPU, the paper's recipe on your videos (global batch 1024 by gradient accumulation); + BoM 16: --bom 16
+  python baseline_dinoworld.py --data /path/to/videos --compile --out runs/dinoworld
+  # 8 GPUs on one node
+  torchrun --standalone --nproc_per_node=8 baseline_dinoworld.py --data /path/to/videos --compile --out runs/dinoworld
+  # speed and memory of one training step (SPEC section 6: 166 ms, 24.2 GiB at 256 px, batch 32 x 8, H200), the
+  # Table 2 / Table C reference; add --bom 16 for DINO-world + BoM
+  python baseline_dinoworld.py --bench 20 --size 256 --batch-size 32 --compile
+"""
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import tokenizer as T
+from predictor import PREDICTOR_PRESETS, Predictor
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model (SPEC section 4)
+
+
+@dataclass
+class DinoWorldConfig:
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    axes: tuple = (20, 20, 20)  # RoPE slices of each head for (timestamp, x, y); the last 4 of 64 unrotated
+    bom: int = 0                # K noise candidates per frame; 0: discriminative, one learned query
+
+
+def patch_positions(times, n):
+    """3D RoPE positions (timestamp, x, y) of the n patches of frames at `times` (B, T) -> (B, T * n, 3); x and y
+    evenly spaced over [-1, 1] across the square patch grid, row-major like the VFM's tokens."""
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"DINO-world expects a square patch grid, got {n} patches")
+    coords = torch.linspace(-1, 1, side, device=times.device)
+    y, x = torch.meshgrid(coords, coords, indexing="ij")
+    xy = torch.stack([x.flatten(), y.flatten()], -1)  # (n, 2)
+    B, T = times.shape
+    return torch.cat([times[:, :, None, None].float().expand(B, T, n, 1), xy.expand(B, T, n, 2)], -1).flatten(1, 2)
+
+
+def frame_loss(pred, target):
+    """Smooth L1 (beta 0.1, appendix A) per frame: mean over its patches and channels. (..., N, C) -> (...)."""
+    return F.smooth_l1_loss(pred.float(), target.float().expand_as(pred), beta=0.1, reduction="none").mean((-2, -1))
+
+
+class DinoWorld(nn.Module):
+    def __init__(self, cfg: DinoWorldConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.predictor = Predictor(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.axes)
+        if not cfg.bom:  # the same learned query at every patch position: RoPE tells them apart
+            self.q_embed = nn.Parameter(torch.empty(cfg.dim))
+            nn.init.trunc_normal_(self.q_embed, std=0.02)
+
+    def predict(self, context, ctx_times, queries, q_times, frame_mask=None):
+        """context (B, Tc, N, C) patch tokens at ctx_times (B, Tc); queries (B, Tq, C), one per target frame at
+        q_times (B, Tq), shared by its N patch queries; frame_mask (Tq, Tc) bool, which context frames each target
+        frame may read (None: all). -> (B, Tq, N, C)."""
+        B, Tc, N, C = context.shape
+        Tq = queries.shape[1]
+        q = queries[:, :, None].expand(B, Tq, N, C).reshape(B, Tq * N, C)
+        mask = None if frame_mask is None else frame_mask.repeat_interleave(N, 0).repeat_interleave(N, 1)[None]
+        out = self.predictor(q, context.reshape(B, Tc * N, C), patch_positions(q_times, N),
+                             patch_positions(ctx_times, N), mask)
+        return out.view(B, Tq, N, C)
+
+    def forward(self, feats, times, noise=None):
+        """Teacher-forced prediction of frames 1..T-1 of clips feats (B, T, N, C) at times (B, T), all in parallel
+        under the block-causal mask (frame t reads frames < t). Queries: the learned one, or noise (B, K, T-1, C),
+        K candidates per frame, run as one batch of K (T-1) N queries (queries never attend to each other).
+        -> (B, K, T-1, N, C), K = 1 for the learned query."""
+        B, T, N, C = feats.shape
+        if noise is None:
+            noise = self.q_embed.to(feats.dtype).expand(B, 1, T - 1, C)
+        K = noise.shape[1]
+        frame_mask = torch.ones(T - 1, T - 1, dtype=torch.bool, device=feats.device).tril().repeat(K, 1)
+        out = self.predict(feats[:, :-1], times[:, :-1], noise.reshape(B, K * (T - 1), C),
+                           times[:, 1:].repeat(1, K), frame_mask)
+        return out.view(B, K, T - 1, N, C)
+
+    @torch.no_grad()
+    def sample(self, feats, times, num_samples, horizon, generator=None):
+        """Rollout from context features feats (B, Tc, N, C); times (B, Tc + horizon) of context and targets.
+        Each step predicts one frame from all earlier ones and appends it to the context as patch tokens.
+        -> (predicted features (B, num_samples, horizon, N, C), None): no tokens. The learned query is
+        deterministic: it runs once and all samples are that one prediction."""
+        B, Tc, N, C = feats.shape
+        S = num_samples if self.cfg.bom else 1
+        context = feats[:, None].expand(B, S, Tc, N, C).flatten(0, 1)  # (B S, Tc, N, C)
+        times = times[:, None].expand(B, S, -1).flatten(0, 1)
+        for h in range(horizon):
+            if self.cfg.bom:  # a fresh noise query per sample and step, shared by the frame's patches
+                q = 0.02 * torch.randn(B * S, 1, C, generator=generator, device=feats.device)
+            else:
+                q = self.q_embed.expand(B * S, 1, C)
+            pred = self.predict(context, times[:, :Tc + h], q.to(context.dtype), times[:, Tc + h:Tc + h + 1])
+            context = torch.cat([context, pred.to(context.dtype)], 1)
+        out = context[:, Tc:].view(B, S, horizon, N, C)
+        return out.expand(B, num_samples, horizon, N, C), None
+
+
+def build_dinoworld(model, vfm, bom=0):
+    """A DINO-world as wide as the VFM. RoPE: three equal even slices of each head for (timestamp, x, y) and the
+    rest unrotated, 20 + 20 + 20 + 4 at head dim 64 (appendix A)."""
+    head_dim = vfm.dim // vfm.heads
+    a = (head_dim - 4) // 6 * 2
+    return DinoWorld(DinoWorldConfig(dim=vfm.dim, heads=vfm.heads, axes=(a, a, a), bom=bom,
+                                     **PREDICTOR_PRESETS[model]))
+
+
+def load_dinoworld(path, device="cpu"):
+    """A trained DINO-world from a baseline_dinoworld.py checkpoint. Returns (model, vfm name)."""
+    ckpt = T.load_checkpoint(path)
+    if ckpt.get("kind") != "dinoworld":
+        raise ValueError(f"{path} is not a DINO-world checkpoint (kind {ckpt.get('kind')!r})")
+    model = DinoWorld(DinoWorldConfig(**ckpt["config"]))
+    T.load_state_strict(model, ckpt["model"], f"DINO-world checkpoint {path}")
+    return model.to(device).eval().requires_grad_(False), ckpt["vfm"]
+
+
+def clip_loss(model, feats, times, bom):
+    """Training loss of clips feats (B, T, N, C): smooth L1 of frames 1..T-1. With BoM: K noise queries per
+    (clip, frame) run without a graph, then the best one per (clip, frame) runs again with gradients."""
+    target = feats[:, None, 1:]  # (B, 1, T-1, N, C)
+    noise = None
+    if bom:
+        B, T, N, C = feats.shape
+        with torch.no_grad():  # candidate pass: no graph, no stored activations
+            noise = 0.02 * torch.randn(B, bom, T - 1, C, device=feats.device)  # N(0, 0.02^2), SPEC section 3
+            best = frame_loss(model(feats, times, noise.to(feats.dtype)), target).argmin(1)  # (B, T-1)
+            noise = noise.gather(1, best[:, None, :, None].expand(B, 1, T - 1, C))
+    return frame_loss(model(feats, times, None if noise is None else noise.to(feats.dtype)), target).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+CONTEXT, HORIZON = 4, 3  # the held-out check: the mid-horizon protocol of SPEC section 5 on 7-frame clips
+
+
+@torch.no_grad()
+def prediction_check(model, vfm, clips, times, device, dtype, num_samples, seed, batch_size=16):
+    """Feature smooth L1 and MSE of the rollout from 4 context frames at horizons 1 and 3: best of the samples
+    (per clip and horizon), their mean features, and copy-last (the last context frame) beside them."""
+    generator = torch.Generator(device).manual_seed(seed)
+    sums = {}
+    for i in range(0, len(clips), batch_size):
+        frames, t = clips[i:i + batch_size].to(device), times[i:i + batch_size].to(device)
+        with T.autocast(device, dtype):
+            feats = vfm(frames).float()                                                    # (B, 7, N, C)
+            pred = model.sample(feats[:, :CONTEXT], t, num_samples, HORIZON, generator)[0].float()  # (B, S, 3, N, C)
+        for h in (1, 3):
+            target = feats[:, CONTEXT + h - 1]
+            samples = pred[:, :, h - 1]
+            for metric, fn in (("smooth_l1", frame_loss), ("mse", lambda p, y: (p - y).pow(2).mean((-2, -1)))):
+                for name, v in (("best", fn(samples, target[:, None]).min(1).values),
+                                ("mean", fn(samples.mean(1), target)),
+                                ("copy_last", fn(feats[:, CONTEXT - 1], target))):
+                    key = f"h{h}/{name}/{metric}"
+                    sums[key] = sums.get(key, 0.0) + v.sum().item()
+    return {k: v / len(clips) for k, v in sums.items()}
+
+
+def format_check(step, r, num_samples):
+    lines = [f"step {step} prediction check on held-out clips, context {CONTEXT} (feature smooth L1 / MSE):"]
+    for h in (1, 3):
+        pair = lambda name: f"{r[f'h{h}/{name}/smooth_l1']:.4f} / {r[f'h{h}/{name}/mse']:.4f}"
+        model = (f"best-of-{num_samples} {pair('best')}   mean-of-{num_samples} {pair('mean')}" if num_samples > 1
+                 else f"DINO-world {pair('best')}")
+        lines.append(f"  horizon {h}: {model}   copy-last {pair('copy_last')}")
+    return "\n".join(lines)
+
+
+def main(args):
+    rank, world, device = T.setup_dist()
+    master = rank == 0
+    vfm = T.VFM(args.vfm).to(device)
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    dw = build_dinoworld(args.model, vfm, args.bom).to(device)
+    if args.init:
+        state = T.load_checkpoint(args.init)
+        T.load_state_strict(dw, state.get("model", state), f"--init {args.init}")
+    opt = T.make_optimizer(dw, args.lr, args.weight_decay, device)
+
+    if args.bench:
+        B, n = args.batch_size, args.num_frames
+        frames = torch.randint(0, 256, (B, n, 3, args.size, args.size), dtype=torch.uint8, device=device)
+        times = (torch.arange(n, device=device) * 0.2).expand(B, n)  # (B, T) seconds
+        dw_c, vfm_c = (torch.compile(dw), torch.compile(vfm)) if args.compile else (dw, vfm)
+
+        def step(model=dw_c, features=vfm_c, update=True):
+            with T.autocast(device, args.dtype):
+                loss = clip_loss(model, features(frames), times, args.bom)
+            loss.backward()
+            if update:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return T.run_bench(step, lambda: step(dw, vfm, False), args.bench, device,
+                           "authors' code, H200, bf16 + compile: DINO-world 256 px batch 32 x 8: 166 ms, 24.2 GiB "
+                           "(SPEC section 6); Table 2: + BoM 16 needs about the same memory")
+
+    accum = args.global_batch // (args.batch_size * world)
+    if accum * args.batch_size * world != args.global_batch:
+        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
+                         f"x {world} processes")
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    step, skipped = 0, 0
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = T.load_checkpoint(ckpt_path)
+        dw.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step, skipped = ckpt["step"], ckpt["skipped"]
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
+    model = nn.parallel.DistributedDataParallel(dw, device_ids=[device] if device.type == "cuda" else None) \
+        if world > 1 else dw
+    model_c, vfm_c = (torch.compile(model), torch.compile(vfm)) if args.compile else (model, vfm)
+
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
+                             size=args.size, stride=tuple(args.stride), seed=args.seed)
+    loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
+    num_samples = args.val_samples if args.bom else 1
+    if master:  # held-out clips of 7 frames: 4 context, 3 predicted
+        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed)
+        val = data.ClipDataset(val_src, num_frames=CONTEXT + HORIZON, size=args.size, stride=tuple(args.stride),
+                               seed=args.seed + 1)
+        val_frames, val_times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))
+        val_frames, val_times = torch.stack(val_frames), torch.stack(val_times)
+
+    def checkpoint():
+        if master:
+            T.save_checkpoint(dict(kind="dinoworld", config=asdict(dw.cfg), vfm=args.vfm, size=args.size,
+                                   model=dw.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
+                                   args=vars(args)), ckpt_path)
+
+    bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
+    t0, clips = time.perf_counter(), 0
+    while step < args.steps:
+        T.seed_step(args.seed, step, rank)  # the BoM noise of a step depends on (seed, step, rank) only
+        lr = T.lr_at(step, args.lr, args.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(accum):
+            batch = next(loader)
+            skipped += batch["skipped"]
+            with model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext():
+                with T.autocast(device, args.dtype):
+                    feats = vfm_c(batch["frames"].to(device, non_blocking=True))  # (B, T, N, C)
+                    loss = clip_loss(model_c, feats, batch["times"].to(device, non_blocking=True), args.bom)
+                (loss / accum).backward()
+            loss_sum += loss.detach() / accum
+        if world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in dw.parameters() if p.grad is not None])
+        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+            if master:
+                print(f"\nnon-finite loss ({loss_sum.item()}) or gradient norm at step {step}: stopping. The last "
+                      f"good checkpoint is kept at {ckpt_path}; lower --lr or check the data, then --resume.",
+                      file=sys.stderr)
+            sys.exit(1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        clips += args.global_batch
+        bar.update(1)
+        if master and (step % args.log_every == 0 or step == args.steps):
+            rate = clips / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss_sum.item():.4g}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}", skipped=skipped)
+            T.log_jsonl(args.out, dict(step=step, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm.item(),
+                                       clips_per_s=rate, skipped_videos=skipped))
+            t0, clips = time.perf_counter(), 0
+        if master and (step % args.eval_every == 0 or step == args.steps):
+            dw.eval()
+            result = prediction_check(dw, vfm, val_frames, val_times, device, args.dtype, num_samples, args.seed)
+            dw.train()
+            T.log_jsonl(args.out, dict(step=step, eval=result))
+            tqdm.write(format_check(step, result, num_samples))
+        if step % args.ckpt_every == 0 or step == args.steps:
+            checkpoint()
+    bar.close()
+    if master:
+        print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train the DINO-world baseline (appendix A recipe as defaults).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of videos / frame folders")
+    p.add_argument("--val-data", default="", help="held-out videos for the prediction check "
+                   "(default: the synthetic val split, or --data itself for a folder)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of frame folders without timestamps")
+    p.add_argument("--out", default="runs/dinoworld", help="run folder: ckpt.pt, log.jsonl")
+    p.add_argument("--vfm", default=T.DINOV3_B16,
+                   help=f"DINOv3 hub id, local folder, or a random preset {list(T.VFM_PRESETS)}")
+    p.add_argument("--model", default="base", choices=list(PREDICTOR_PRESETS), help="predictor size")
+    p.add_argument("--bom", type=int, default=0, help="best-of-many over K noise queries per frame (generative "
+                   "variant; Table 2 step 1: 16); 0: discriminative, one learned query")
+    p.add_argument("--init", default="", help="load DINO-world weights (a checkpoint of this script or a state dict)")
+    p.add_argument("--size", type=int, default=256, help="square crop side in pixels")
+    p.add_argument("--num-frames", type=int, default=8, help="frames per training clip")
+    p.add_argument("--stride", type=float, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
+    p.add_argument("--steps", type=int, default=300_000)
+    p.add_argument("--global-batch", type=int, default=1024, help="clips per optimizer step, all GPUs")
+    p.add_argument("--batch-size", type=int, default=32, help="clips per GPU per micro-step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=5_000)
+    p.add_argument("--weight-decay", type=float, default=0.4)
+    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the VFM and the predictor")
+    p.add_argument("--num-workers", type=int, default=8, help="data loader processes per GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--val-clips", type=int, default=64)
+    p.add_argument("--val-samples", type=int, default=20, help="samples per held-out clip with --bom (SPEC section 5)")
+    p.add_argument("--ckpt-every", type=int, default=1000)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
+    p.add_argument("--bench", type=int, default=0, help="time N training steps on random frames and exit")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

@@ -1,0 +1,441 @@
+"""
+Dense forecasting evaluation (SPEC section 5, appendix B): predict the features of a sequence's labelled frame
+from its context, put them through a segmentation / depth head, and score them over the whole dataset, with
+copy-last (the last context frame's features) and present (the target frame's own features) beside them.
+
+Short horizon: context frames 2..5, predict frame 6 (one step). Mid horizon: context 0..3, predict 4, 5, 6
+autoregressively, score frame 6. Every frame is cut into two S x S crops (heads.py: the two-crop protocol); each
+crop is predicted and scored on its half of the labels. Generative models draw N samples per crop: *best* is the
+sample whose final features have the lowest smooth-L1 (beta 0.1) loss to the ground truth, *mean* averages the
+samples' features and applies the head once.
+
+What --ckpt can be (its "kind", or --kind for released .bin files):
+  deltatok    reconstruction: tokens encoded from ground-truth frames, decoded autoregressively from the last
+              context frame (SPEC section 2, "DeltaTok mid")
+  deltaworld  DeltaWorld (predictor.py); dinoworld: the DINO-world baseline (baseline_dinoworld.py)
+--features FILE instead scores predictions made elsewhere: a torch file (torch.save) holding a dict
+  {"dataset": "vspw" | "cityscapes" | "kitti" | "synthetic", "size": S, "vfm": name (optional),
+   "short": (num_sequences, 2, num_samples, N, C) tensor, "mid": the same (either may be missing)}
+  = the predicted VFM patch features (row-major, after DINOv3's final LayerNorm) of each sequence's labelled
+  frame, sequences in this script's order (--save-features writes the same format from any --ckpt, which also
+  lists the order), crops 0 = left / top and 1 = right / bottom. One file per dataset, in --data order.
+
+Run it:
+  # CPU, a minute: tiny checkpoints on the synthetic videos (train them with tokenizer.py, predictor.py, heads.py)
+  python eval.py --ckpt runs/world_tiny/ckpt.pt --heads runs/seg_tiny/ckpt.pt runs/depth_tiny/ckpt.pt \
+      --size 64 --samples 4 --max-sequences 32 --out runs/eval_tiny
+  # the released models, one dataset per command (README: reproducing the paper's table)
+  python eval.py --ckpt deltaworld-kinetics/pytorch_model.bin --kind deltaworld \
+      --tokenizer deltatok-kinetics/pytorch_model.bin --data vspw:/data/VSPW --heads seg-head-vspw/pytorch_model.bin
+  # 8 GPUs: sequences are split over ranks, scores summed across them
+  torchrun --standalone --nproc_per_node=8 eval.py --ckpt runs/deltaworld/ckpt.pt --data cityscapes:/data/cs ...
+  # the compute breakdown of appendix Table B (ViT-B, 256 px; random weights, no download needed)
+  python eval.py --flops --vfm vitb16-random --size 256
+"""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import baseline_dinoworld as DW
+import data
+import heads as Hd
+import predictor as P
+import tokenizer as T
+
+CONTEXT = {"short": [2, 3, 4, 5], "mid": [0, 1, 2, 3]}  # target: frame 6 (SPEC section 5)
+TARGET = 6
+NAMES = {"deltatok": "DeltaTok reconstruction", "deltaworld": "DeltaWorld", "dinoworld": "DINO-world",
+         "features": "Features file"}
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model under evaluation: final-step features of each horizon, (B, samples, N, C)
+
+
+def load_model(args, device):
+    """(kind, model, VFM name) from --ckpt; the kind is the checkpoint's "kind" or --kind (released files)."""
+    ckpt = T.load_checkpoint(args.ckpt)
+    kind = args.kind or ckpt.get("kind")
+    if kind == "deltatok":
+        model, vfm = T.load_deltatok(args.ckpt, device)
+    elif kind == "deltaworld":
+        model = P.load_deltaworld(args.ckpt, device, tokenizer=args.tokenizer or None)
+        vfm = model.vfm.name
+    elif kind == "dinoworld":
+        model, vfm = DW.load_dinoworld(args.ckpt, device)
+    else:
+        raise SystemExit(f"{args.ckpt}: unknown checkpoint kind {kind!r}; released files need --kind "
+                         "deltatok / deltaworld / dinoworld")
+    return kind, model, vfm
+
+
+def generative(kind, model):
+    if kind == "deltaworld":
+        return model.config["bom"]
+    return kind == "dinoworld" and bool(model.cfg.bom)
+
+
+@torch.no_grad()
+def predict(kind, model, feats, times, horizon, num_samples, generator):
+    """Predicted features of frame 6, (B, S, N, C), from the ground-truth features feats (B, 7, N, C)."""
+    ctx = CONTEXT[horizon]
+    steps = TARGET - ctx[-1]
+    if kind == "deltatok":  # reconstruction rollout: tokens from ground truth, decoding from the last context frame
+        B, _, N, C = feats.shape
+        tokens = model.encode(feats[:, ctx[-1]:TARGET].flatten(0, 1), feats[:, ctx[-1] + 1:].flatten(0, 1))
+        return model.rollout(tokens.view(B, steps, C), feats[:, ctx[-1]])[:, -1:].float()
+    t = times[:, ctx[0]:] - times[:, ctx[0]:ctx[0] + 1]  # seconds from the first context frame
+    pred, _ = model.sample(feats[:, ctx], t, num_samples if generative(kind, model) else 1, steps, generator)
+    return pred[:, :, -1].float()
+
+
+def best_and_mean(samples, target):
+    """samples (B, S, N, C), ground truth (B, N, C) -> best sample (lowest smooth-L1, beta 0.1), sample mean, and
+    the index of the best."""
+    loss = F.smooth_l1_loss(samples, target[:, None].expand_as(samples), beta=0.1, reduction="none").mean((-2, -1))
+    best = loss.argmin(1)
+    return samples[torch.arange(len(samples)), best], samples.mean(1), best
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sequences under the two-crop protocol
+
+
+class Crops(torch.utils.data.Dataset):
+    """Item: the two S x S crops of a sequence's frames (2, 7, 3, S, S) uint8, with its times and labels."""
+
+    def __init__(self, sequences, size, indices):
+        self.sequences, self.size, self.indices = sequences, size, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        i = self.indices[j]
+        item = self.sequences.item(i)
+        x = Hd.resize_frames(item.pop("frames"), self.size)  # (7, 3, Hr, Wr)
+        return dict(index=i, crops=Hd.two_crops(x, self.size), resized=tuple(x.shape[-2:]), **item)
+
+
+def tasks_of(sequences):
+    return ["seg", "depth"] if sequences.task == "both" else [sequences.task]
+
+
+def pick_heads(args, dataset, sequences, device, vfm_name):
+    """The heads of this dataset: --heads PATH (for every dataset) or DATASET=PATH, one per task it has."""
+    out = {}
+    for spec in args.heads:
+        name, sep, path = spec.partition("=")
+        if sep and name != dataset:
+            continue
+        path = path if sep else spec
+        want = tasks_of(sequences)
+        head, head_vfm = Hd.load_head(path, want[0] if len(want) == 1 else None, device)
+        if head.task not in want:
+            continue
+        if head_vfm and head_vfm != vfm_name:
+            raise SystemExit(f"head {path} was trained on VFM {head_vfm!r}, but features come from {vfm_name!r}")
+        if head.task == "seg" and head.head.out_channels != sequences.num_classes:
+            raise SystemExit(f"head {path} has {head.head.out_channels} classes, {dataset} has {sequences.num_classes}")
+        out[head.task] = head
+    if not out:
+        raise SystemExit(f"no head for {dataset} ({' / '.join(tasks_of(sequences))}): pass --heads PATH or "
+                         f"{dataset}=PATH")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figures (Pillow only)
+
+PALETTE = np.random.default_rng(0).integers(0, 256, (256, 3)).astype(np.uint8)
+PALETTE[data.IGNORE] = 0
+RAMP = np.array([[48, 18, 59], [70, 134, 251], [26, 228, 182], [164, 252, 60], [251, 185, 56], [122, 4, 3]], float)
+
+
+def colour(out, task, lo=None, hi=None):
+    """Head output (K, h, w) -> RGB uint8 (h, w, 3): class palette, or inverse depth through a colour ramp."""
+    if task == "seg":
+        return PALETTE[out.argmax(0).cpu().numpy() if out.ndim == 3 else out.cpu().numpy()]
+    inv = 1 / out.reshape(out.shape[-2:]).float().clamp(min=1e-3).cpu().numpy()
+    v = ((inv - lo) / (hi - lo + 1e-9)).clip(0, 1) * (len(RAMP) - 1)
+    i = np.minimum(v.astype(int), len(RAMP) - 2)
+    return (RAMP[i] + (RAMP[i + 1] - RAMP[i]) * (v - i)[..., None]).astype(np.uint8)
+
+
+def pca_colours(feats, fit):
+    """Features (M, N, C) -> RGB (M, h, w, 3) from the 3 principal components of `fit` (n, C)."""
+    mean = fit.mean(0)
+    _, _, v = torch.pca_lowrank(fit - mean, q=3, center=False)
+    ref = (fit - mean) @ v
+    lo, hi = ref.quantile(0.01, 0), ref.quantile(0.99, 0)
+    proj = ((feats - mean) @ v - lo) / (hi - lo + 1e-9)
+    side = math.isqrt(feats.shape[1])
+    return (proj.clamp(0, 1) * 255).byte().view(len(feats), side, side, 3).cpu().numpy()
+
+
+def draw(rows, path, tile=128):
+    """rows: lists of (title, RGB array); tiles resized to tile x tile (nearest), titled, one row per list."""
+    width = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (width * tile, len(rows) * (tile + 14)), "white")
+    pen = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        for c, (title, img) in enumerate(row):
+            canvas.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (c * tile, r * (tile + 14) + 14))
+            pen.text((c * tile + 2, r * (tile + 14)), title[:20], fill="black")
+    canvas.save(path)
+
+
+@torch.no_grad()
+def figure(path, item, feats, samples, preds, heads, size, max_samples=8):
+    """One sequence, crop 0: context and target frames; per head, ground truth, present, copy-last, best and mean;
+    PCA colourings of the same features; then several samples side by side (head and PCA)."""
+    frames = item["crops"][0].permute(0, 2, 3, 1).numpy()  # (7, S, S, 3)
+    ctx = preds["context"]
+    rows = [[(f"context {t}", frames[t]) for t in ctx] + [("target", frames[TARGET])]]
+    names = ["present", "copy-last", "best", "mean"]
+    maps = [feats[TARGET], feats[ctx[-1]], preds["best"], preds["mean"]]
+    shown = samples[:max_samples]
+    for task, head in heads.items():
+        label = torch.as_tensor(item["classes"] if task == "seg" else item["depth"])
+        gt = Hd.label_at(label, item["resized"], 0, 0, size)
+        out = [F.interpolate(head(Hd.to_map(m[None])), (size, size), mode="bilinear")[0] for m in maps]
+        inv = 1 / gt[gt > 0].float() if task == "depth" else None
+        lo, hi = (inv.min().item(), inv.max().item()) if task == "depth" and len(inv) else (0, 1)
+        rows.append([("ground truth", colour(gt, task, lo, hi))] +
+                    [(n, colour(o, task, lo, hi)) for n, o in zip(names, out)])
+        if len(samples) > 1:
+            outs = F.interpolate(head(Hd.to_map(shown)), (size, size), mode="bilinear")
+            rows.append([(f"sample {s}", colour(o, task, lo, hi)) for s, o in enumerate(outs)])
+    pca = pca_colours(torch.cat([feats[ctx], torch.stack(maps), shown]), feats[TARGET])
+    rows.append([(f"PCA context {t}", p) for t, p in zip(ctx, pca[:len(ctx)])])
+    rows.append([(f"PCA {n}", p) for n, p in zip(names, pca[len(ctx):len(ctx) + 4])])
+    if len(samples) > 1:
+        rows.append([(f"PCA sample {s}", p) for s, p in enumerate(pca[len(ctx) + 4:])])
+    draw(rows, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(args, dataset, sequences, kind, model, vfm, heads, device, rank, world, features=None):
+    """Scores {(method, horizon, best|mean|-): {task: Score}} over this rank's share of the sequences."""
+    n = min(len(sequences), args.max_sequences or len(sequences))
+    loader = torch.utils.data.DataLoader(Crops(sequences, args.size, list(range(rank, n, world))),
+                                         batch_size=args.batch_size, collate_fn=list, num_workers=args.num_workers)
+    scores, saved = {}, {h: [] for h in args.horizons}
+
+    def add(key, pred, items):
+        tasks = scores.setdefault(key, {t: Hd.Score(t, getattr(heads[t].head, "out_channels", None))
+                                        for t in heads})
+        for task, head in heads.items():
+            maps = head(Hd.to_map(pred))  # (2B, K, h, w)
+            for b, item in enumerate(items):
+                tasks[task].update(Hd.paste(maps[2 * b:2 * b + 2], np.shape(item["depth" if task == "depth" else
+                                                                             "classes"]), item["resized"], args.size),
+                                   item)
+
+    name = NAMES[kind]
+    for items in tqdm(loader, disable=rank != 0, desc=dataset, dynamic_ncols=True):
+        crops = torch.stack([it["crops"] for it in items]).flatten(0, 1).to(device)    # (2B, 7, 3, S, S)
+        times = torch.stack([torch.as_tensor(it["times"]) for it in items]).repeat_interleave(2, 0).to(device)
+        with T.autocast(device, args.dtype):
+            feats = vfm(crops).float()                                                  # (2B, 7, N, C)
+        add(("Present", "-", "-"), feats[:, TARGET], items)
+        gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + items[0]["index"])
+        for h in args.horizons:
+            add(("Copy last", h, "-"), feats[:, CONTEXT[h][-1]], items)
+            if features is not None:
+                samples = torch.cat([features[h][it["index"]] for it in items]).to(device).float()  # (2B, S, N, C)
+            else:
+                with T.autocast(device, args.dtype):
+                    samples = predict(kind, model, feats, times, h, args.samples, gen)
+            if args.save_features:
+                saved[h].append(samples.view(len(items), 2, *samples.shape[1:]).half().cpu())
+            best, mean, _ = best_and_mean(samples, feats[:, TARGET])
+            add((name, h, "best"), best, items)
+            if samples.shape[1] > 1:
+                add((name, h, "mean"), mean, items)
+            for b, item in enumerate(items):
+                if item["index"] < args.figures:
+                    figure(os.path.join(args.out, f"{dataset}_{item['index']:04d}_{h}.png"), item, feats[2 * b],
+                           samples[2 * b], dict(context=CONTEXT[h], best=best[2 * b], mean=mean[2 * b]), heads,
+                           args.size)
+    if args.save_features:
+        torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
+                   args.save_features)
+    return scores
+
+
+def gather(scores):
+    """Sum every score over the ranks (the same keys in the same order everywhere) and read the metrics off."""
+    out = {}
+    for key in sorted(scores):
+        for task, score in scores[key].items():
+            score.reduce()
+            out.setdefault(key, {}).update(score.result())
+    return out
+
+
+def table(results):
+    """The paper's table: one row per method and horizon, best (mean) for generative models."""
+    cols = []
+    for dataset, res in results.items():
+        metrics = sorted({m for r in res.values() for m in r}, key=["miou", "rmse", "absrel", "delta1"].index)
+        cols += [(dataset, m) for m in metrics]
+    rows = {}
+    for dataset, res in results.items():
+        for (method, horizon, pick), r in res.items():
+            rows.setdefault((method, horizon), {}).setdefault(pick, {})[dataset] = r
+    order = sorted(rows, key=lambda k: (k[0] != "Present", k[0] == "Copy last", ["-", "short", "mid"].index(k[1])))
+    head = ["Method", "Horizon"] + [f"{d} {dict(miou='mIoU', rmse='RMSE', absrel='AbsRel', delta1='d1')[m]}"
+                                    for d, m in cols]
+    lines = [head]
+    for method, horizon in order:
+        picks = rows[(method, horizon)]
+        label = method + (" best (mean)" if "mean" in picks else "")
+        cells = []
+        for d, m in cols:
+            v = picks.get("best", picks.get("-", {})).get(d, {}).get(m)
+            mean = picks.get("mean", {}).get(d, {}).get(m)
+            cells.append("" if v is None else f"{v:.2f}" + (f" ({mean:.2f})" if mean is not None else ""))
+        lines.append([label, horizon] + cells)
+    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines[1:]])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compute (appendix Table B)
+
+TABLE_B = dict(backbone=47.185, encoder=96.930, predictor={4: 0.26, 5: 0.28, 6: 0.31}, decoder=46.12,
+               dinoworld={4: 84.88, 5: 96.96, 6: 109.04})
+
+
+def flops(args):
+    """GFLOPs per S x S crop of each part, on the meta device (no weights needed, nothing computed)."""
+    kind = None
+    if args.ckpt:
+        kind, model, vfm_name = load_model(args, "cpu")
+    with torch.device("meta"):
+        vfm = T.VFM(args.vfm or (vfm_name if kind else T.DINOV3_B16))
+        tok = model if kind == "deltatok" else model.tokenizer if kind == "deltaworld" else T.build_deltatok("base", vfm)
+        world = model.predictor if kind == "deltaworld" else \
+            P.Predictor(vfm.dim, 12, vfm.heads, axes=(vfm.dim // vfm.heads - 4,))
+        dino = model if kind == "dinoworld" else DW.build_dinoworld("base", vfm)
+    tok, world, dino = tok.to("meta"), world.to("meta"), dino.to("meta")
+    zeros = lambda *s: torch.zeros(*s, device="meta")
+    n, c = (args.size // vfm.patch_size) ** 2, vfm.dim
+    x = zeros(1, n, c)
+    g = lambda fn: T.count_flops(fn) / 1e9
+    rows = [("Backbone (per frame)", g(lambda: vfm(torch.zeros(1, 3, args.size, args.size, dtype=torch.uint8,
+                                                               device="meta"))), TABLE_B["backbone"]),
+            ("DeltaTok encoder (per frame)", g(lambda: tok.encode(x, x)), TABLE_B["encoder"])]
+    for k in (4, 5, 6):
+        rows.append((f"DeltaWorld predictor ({k}-token context)",
+                     g(lambda: world(zeros(1, 1, c), zeros(1, k, c), zeros(1, 1, 1), zeros(1, k, 1))),
+                     TABLE_B["predictor"][k]))
+    rows.append(("DeltaTok decoder (per step)", g(lambda: tok.decode(zeros(1, 1, c), x)), TABLE_B["decoder"]))
+    for k in (4, 5, 6):
+        rows.append((f"DINO-world predictor ({k}-frame context)",
+                     g(lambda: dino.predict(zeros(1, k, n, c), zeros(1, k), zeros(1, 1, c), zeros(1, 1))),
+                     TABLE_B["dinoworld"][k]))
+    reference = args.size == 256 and vfm.dim == 768
+    print(f"GFLOPs per {args.size}x{args.size} crop = 2 x multiply-adds of one forward, attention included "
+          f"(appendix Table B; the paper's other tables double these for the two crops). VFM {vfm.name}.")
+    for name, v, ref in rows:
+        print(f"  {name:<42} {v:9.3f}" + (f"   Table B {ref:8.3f} ({100 * (v / ref - 1):+.1f}%)" if reference else ""))
+    got = {name: v for name, v, _ in rows}
+    per_sample = sum(got[f"DeltaWorld predictor ({k}-token context)"] for k in (4, 5, 6)) + \
+        3 * got["DeltaTok decoder (per step)"]
+    print(f"  mid horizon, DeltaWorld: shared {4 * (got['Backbone (per frame)'] + got['DeltaTok encoder (per frame)']):.2f}"
+          f" + {per_sample:.2f} per sample; DINO-world: "
+          f"{4 * got['Backbone (per frame)'] + sum(got[f'DINO-world predictor ({k}-frame context)'] for k in (4, 5, 6)):.2f}")
+    return got
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(args):
+    if args.flops:
+        return flops(args)
+    rank, world, device = T.setup_dist()
+    if bool(args.ckpt) == bool(args.features):
+        raise SystemExit("give either --ckpt (a model to run) or --features (predictions made elsewhere)")
+    if args.features and len(args.features) != len(args.data):
+        raise SystemExit(f"--features needs one file per --data entry ({len(args.data)})")
+    kind, model, vfm_name = load_model(args, device) if args.ckpt else ("features", None, None)
+    vfm_name = args.vfm or vfm_name or T.DINOV3_B16
+    vfm = model.vfm if kind == "deltaworld" and not args.vfm else T.VFM(vfm_name).to(device)
+    os.makedirs(args.out, exist_ok=True)
+    results = {}
+    for d, spec in enumerate(args.data):
+        dataset = spec.partition(":")[0]
+        sequences = data.open_eval(spec, "val", args.kitti_split, args.kitti_raw, args.seed)
+        heads = pick_heads(args, dataset, sequences, device, vfm_name)
+        features = None
+        if args.features:
+            features = torch.load(args.features[d], map_location="cpu", weights_only=True, mmap=True)
+            if features["dataset"] != dataset or features["size"] != args.size:
+                raise SystemExit(f"{args.features[d]} holds {features['dataset']} at {features['size']} px, "
+                                 f"not {dataset} at {args.size} px")
+            missing = [h for h in args.horizons if h not in features]
+            if missing:
+                raise SystemExit(f"{args.features[d]} has no {' / '.join(missing)} predictions: pass --horizons")
+        scores = evaluate(args, dataset, sequences, kind, model, vfm, heads, device, rank, world, features)
+        results[dataset] = gather(scores)
+    if rank == 0:
+        print(table(results))
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump(dict(ckpt=args.ckpt, kind=kind, size=args.size, samples=args.samples, data=args.data,
+                           results={d: [dict(method=k[0], horizon=k[1], pick=k[2], **v) for k, v in r.items()]
+                                    for d, r in results.items()}), f, indent=1)
+        print(f"results in {os.path.join(args.out, 'results.json')}")
+    if world > 1:
+        dist.destroy_process_group()
+    return results
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Dense forecasting evaluation: segmentation and depth of predicted "
+                                "features (SPEC section 5).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="", help="checkpoint to evaluate: DeltaTok, DeltaWorld or DINO-world")
+    p.add_argument("--kind", default="", choices=["", "deltatok", "deltaworld", "dinoworld"],
+                   help="what --ckpt is, for released pytorch_model.bin files that do not say")
+    p.add_argument("--tokenizer", default="", help="DeltaTok checkpoint for a DeltaWorld (default: the recorded one)")
+    p.add_argument("--features", nargs="+", default=[], help="predicted features files, one per --data entry "
+                   "(format in the docstring) instead of --ckpt")
+    p.add_argument("--save-features", default="", help="write this run's predictions in the --features format "
+                   "(one dataset, one process)")
+    p.add_argument("--data", nargs="+", default=["synthetic"], help="datasets: synthetic, vspw:ROOT, "
+                   "cityscapes:ROOT, kitti:ROOT")
+    p.add_argument("--kitti-split", default="", help="KITTI Eigen test list file")
+    p.add_argument("--kitti-raw", default=None, help="folder of the raw KITTI drives (default ROOT/raw)")
+    p.add_argument("--heads", nargs="+", default=[], help="head checkpoints: PATH (any dataset whose task it "
+                   "fits) or DATASET=PATH")
+    p.add_argument("--vfm", default="", help="VFM override (default: the one the checkpoint records)")
+    p.add_argument("--size", type=int, default=512, choices=None, help="crop side S: 512 main, 256 ablations")
+    p.add_argument("--horizons", nargs="+", default=["short", "mid"], choices=["short", "mid"])
+    p.add_argument("--samples", type=int, default=20, help="samples per crop for generative models")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward (x2 crops)")
+    p.add_argument("--max-sequences", type=int, default=0, help="evaluate only the first N sequences (0: all)")
+    p.add_argument("--figures", type=int, default=4, help="draw PNG figures for the first N sequences")
+    p.add_argument("--out", default="runs/eval", help="folder for results.json and figures")
+    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
+    p.add_argument("--num-workers", type=int, default=4, help="data loader processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--flops", action="store_true", help="print the compute breakdown of appendix Table B and exit")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

@@ -1,0 +1,83 @@
+"""eval.py: best / mean, predictions from a file, the whole run on the synthetic videos, and Table B's FLOPs."""
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import eval as E
+import heads as H
+import tokenizer as T
+
+SIZE = 32
+COMMON = ["--size", str(SIZE), "--max-sequences", "8", "--batch-size", "4", "--num-workers", "0", "--dtype", "fp32"]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A tiny DeltaTok (a few steps) and seg / depth heads trained on the tiny VFM's features."""
+    out = tmp_path_factory.mktemp("ckpts")
+    T.main(T.get_parser().parse_args(
+        ["--vfm", "tiny", "--model", "tiny", "--size", str(SIZE), "--global-batch", "8", "--batch-size", "8",
+         "--steps", "5", "--warmup", "1", "--num-workers", "0", "--val-clips", "2", "--out", str(out / "tok"),
+         "--dtype", "fp32"]))
+    for task, steps in (("seg", 80), ("depth", 40)):
+        H.main(H.get_parser().parse_args(
+            ["--task", task, "--vfm", "tiny", "--size", str(SIZE), "--steps", str(steps), "--batch-size", "8",
+             "--lr", "1e-2", "--warmup", "1", "--num-workers", "0", "--val-sequences", "2", "--dtype", "fp32",
+             "--out", str(out / task)]))
+    return {k: str(out / k / "ckpt.pt") for k in ("tok", "seg", "depth")}
+
+
+def test_best_picks_the_lowest_loss_sample_and_mean_averages_features():
+    target = torch.randn(2, 4, 8)
+    samples = target[:, None] + torch.stack([torch.full((4, 8), v) for v in (1.0, -0.05, 0.3, -1.25)])[None]
+    best, mean, index = E.best_and_mean(samples, target)
+    assert index.tolist() == [1, 1] and torch.equal(best, samples[:, 1])
+    assert torch.allclose(mean, samples.mean(1))
+
+
+def test_eval_runs_end_to_end_and_present_beats_copy_last(ckpts, tmp_path):
+    out = tmp_path / "eval"
+    results = E.main(E.get_parser().parse_args(
+        ["--ckpt", ckpts["tok"], "--heads", ckpts["seg"], ckpts["depth"], "--figures", "1", "--out", str(out),
+         *COMMON]))["synthetic"]
+    saved = json.load(open(out / "results.json"))
+    assert saved["kind"] == "deltatok" and len(saved["results"]["synthetic"]) == len(results) == 5
+    present, copy_mid = results[("Present", "-", "-")], results[("Copy last", "mid", "-")]
+    assert present["miou"] >= copy_mid["miou"]
+    assert present["rmse"] <= copy_mid["rmse"]
+    assert set(present) == {"miou", "rmse", "absrel", "delta1"}
+    assert ("DeltaTok reconstruction", "mid", "best") in results
+    assert sorted(os.listdir(out)) == ["results.json", "synthetic_0000_mid.png", "synthetic_0000_short.png"]
+
+
+def test_features_file_best_and_mean_through_the_head(ckpts, tmp_path):
+    """Predictions from a file: mean of [GT + a, GT - a] is GT, so mean must score exactly as present (the head
+    applied once to averaged features); best of [GT + a, GT, GT - a] is GT itself."""
+    vfm = T.VFM("tiny")
+    seq = data.SyntheticSequences("val")
+    crops = torch.stack([E.Crops(seq, SIZE, list(range(8)))[i]["crops"][:, E.TARGET] for i in range(8)])
+    gt = vfm(crops)                                                         # (8, 2, N, C)
+    a = 0.5 * torch.randn_like(gt)
+    path = tmp_path / "pred.pt"
+    torch.save(dict(dataset="synthetic", size=SIZE, short=torch.stack([gt + a, gt - a], 2),
+                    mid=torch.stack([gt + a, gt, gt - a], 2)), path)
+    results = E.main(E.get_parser().parse_args(
+        ["--features", str(path), "--vfm", "tiny", "--heads", ckpts["seg"], "--figures", "0", "--out",
+         str(tmp_path / "eval"), *COMMON]))["synthetic"]
+    present = results[("Present", "-", "-")]["miou"]
+    assert results[("Features file", "short", "mean")]["miou"] == pytest.approx(present)
+    assert results[("Features file", "short", "best")]["miou"] != pytest.approx(present)
+    assert results[("Features file", "mid", "best")]["miou"] == pytest.approx(present)
+
+
+def test_flops_match_table_b_for_deltaworld():
+    got = E.flops(E.get_parser().parse_args(["--flops", "--vfm", "vitb16-random", "--size", "256"]))
+    ref = E.TABLE_B
+    checks = [("Backbone (per frame)", ref["backbone"]), ("DeltaTok encoder (per frame)", ref["encoder"]),
+              ("DeltaTok decoder (per step)", ref["decoder"])] + \
+        [(f"DeltaWorld predictor ({k}-token context)", ref["predictor"][k]) for k in (4, 5, 6)]
+    for name, value in checks:
+        assert got[name] == pytest.approx(value, rel=0.02), name
