@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import data
 import tokenizer as T
-from predictor import PREDICTOR_PRESETS, Predictor
+from predictor import NOISE_STD, PREDICTOR_PRESETS, Predictor, clip_noise
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model (SPEC section 4)
@@ -69,9 +69,13 @@ def frame_loss(pred, target):
 
 
 class DinoWorld(nn.Module):
-    def __init__(self, cfg: DinoWorldConfig):
+    """The predictor over patch tokens. The frozen VFM, if given, is kept aside (not a submodule: not trained, not
+    in the state dict), for callers that start from frames, as with DeltaWorld."""
+
+    def __init__(self, cfg: DinoWorldConfig, vfm=None):
         super().__init__()
         self.cfg = cfg
+        object.__setattr__(self, "vfm", vfm)
         self.predictor = Predictor(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.axes)
         if not cfg.bom:  # the same learned query at every patch position: RoPE tells them apart
             self.q_embed = nn.Parameter(torch.empty(cfg.dim))
@@ -115,7 +119,8 @@ class DinoWorld(nn.Module):
         times = times[:, None].expand(B, S, -1).flatten(0, 1)
         for h in range(horizon):
             if self.cfg.bom:  # a fresh noise query per sample and step, shared by the frame's patches
-                q = 0.02 * torch.randn(B * S, 1, C, generator=generator, device=feats.device)
+                gen_device = generator.device if generator is not None else feats.device
+                q = (NOISE_STD * torch.randn(B * S, 1, C, generator=generator, device=gen_device)).to(feats.device)
             else:
                 q = self.q_embed.expand(B * S, 1, C)
             pred = self.predict(context, times[:, :Tc + h], q.to(context.dtype), times[:, Tc + h:Tc + h + 1])
@@ -130,31 +135,31 @@ def build_dinoworld(model, vfm, bom=0):
     head_dim = vfm.dim // vfm.heads
     a = (head_dim - 4) // 6 * 2
     return DinoWorld(DinoWorldConfig(dim=vfm.dim, heads=vfm.heads, axes=(a, a, a), bom=bom,
-                                     **PREDICTOR_PRESETS[model]))
+                                     **PREDICTOR_PRESETS[model]), vfm)
 
 
-def load_dinoworld(path, device="cpu"):
-    """A trained DINO-world from a baseline_dinoworld.py checkpoint. Returns (model, vfm name)."""
+def load_dinoworld(path, device="cpu", vfm=None):
+    """A trained DINO-world in eval mode, from a baseline_dinoworld.py checkpoint, with its VFM (a VFM module to
+    share, else built from the recorded name) as `.vfm`."""
     ckpt = T.load_checkpoint(path)
     if ckpt.get("kind") != "dinoworld":
         raise ValueError(f"{path} is not a DINO-world checkpoint (kind {ckpt.get('kind')!r})")
-    model = DinoWorld(DinoWorldConfig(**ckpt["config"]))
+    model = DinoWorld(DinoWorldConfig(**ckpt["config"]), vfm if vfm is not None else T.VFM(ckpt["vfm"]).to(device))
     T.load_state_strict(model, ckpt["model"], f"DINO-world checkpoint {path}")
-    return model.to(device).eval().requires_grad_(False), ckpt["vfm"]
+    return model.to(device).eval().requires_grad_(False)
 
 
-def clip_loss(model, feats, times, bom):
-    """Training loss of clips feats (B, T, N, C): smooth L1 of frames 1..T-1. With BoM: K noise queries per
-    (clip, frame) run without a graph, then the best one per (clip, frame) runs again with gradients."""
+def clip_loss(world, model, feats, times, noise=None):
+    """Training loss of clips feats (B, T, N, C) at times (B, T): smooth L1 of frames 1..T-1. BoM (noise
+    (B, K, T-1, C), K candidates per clip and frame): a candidate pass through `world` without autograd keeps,
+    per clip and frame, the noise with the lowest loss averaged over the frame's patches; only that one then runs
+    with gradients through `model` (world, or its DDP/compiled wrapper). noise None: the learned query."""
     target = feats[:, None, 1:]  # (B, 1, T-1, N, C)
-    noise = None
-    if bom:
-        B, T, N, C = feats.shape
-        with torch.no_grad():  # candidate pass: no graph, no stored activations
-            noise = 0.02 * torch.randn(B, bom, T - 1, C, device=feats.device)  # N(0, 0.02^2), SPEC section 3
-            best = frame_loss(model(feats, times, noise.to(feats.dtype)), target).argmin(1)  # (B, T-1)
-            noise = noise.gather(1, best[:, None, :, None].expand(B, 1, T - 1, C))
-    return frame_loss(model(feats, times, None if noise is None else noise.to(feats.dtype)), target).mean()
+    if noise is not None:
+        with torch.no_grad():  # no graph, no stored activations
+            best = frame_loss(world(feats, times, noise.to(feats.dtype)), target).argmin(1)  # (B, T-1)
+        noise = noise.gather(1, best[:, None, :, None].expand(-1, 1, -1, noise.shape[-1])).to(feats.dtype)
+    return frame_loss(model(feats, times, noise), target).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,6 +207,7 @@ def main(args):
     vfm = T.VFM(args.vfm).to(device)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     dw = build_dinoworld(args.model, vfm, args.bom).to(device)
+    C, L = vfm.dim, args.num_frames - 1
     if args.init:
         state = T.load_checkpoint(args.init)
         T.load_state_strict(dw, state.get("model", state), f"--init {args.init}")
@@ -215,7 +221,8 @@ def main(args):
 
         def step(model=dw_c, features=vfm_c, update=True):
             with T.autocast(device, args.dtype):
-                loss = clip_loss(model, features(frames), times, args.bom)
+                noise = clip_noise(args.seed, 0, range(B), args.bom, L, C, device) if args.bom else None
+                loss = clip_loss(model, model, features(frames), times, noise)
             loss.backward()
             if update:
                 opt.step()
@@ -240,7 +247,8 @@ def main(args):
             print(f"resumed from {ckpt_path} at step {step}")
     model = nn.parallel.DistributedDataParallel(dw, device_ids=[device] if device.type == "cuda" else None) \
         if world > 1 else dw
-    model_c, vfm_c = (torch.compile(model), torch.compile(vfm)) if args.compile else (model, vfm)
+    model_c, dw_c, vfm_c = ((torch.compile(model), torch.compile(dw), torch.compile(vfm)) if args.compile
+                            else (model, dw, vfm))
 
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
                              size=args.size, stride=tuple(args.stride), seed=args.seed)
@@ -262,7 +270,7 @@ def main(args):
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, clips = time.perf_counter(), 0
     while step < args.steps:
-        T.seed_step(args.seed, step, rank)  # the BoM noise of a step depends on (seed, step, rank) only
+        T.seed_step(args.seed, step, rank)
         lr = T.lr_at(step, args.lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -270,10 +278,13 @@ def main(args):
         for micro in range(accum):
             batch = next(loader)
             skipped += batch["skipped"]
+            first = (micro * world + rank) * args.batch_size  # global index of this micro-batch's first clip
+            noise = clip_noise(args.seed, step, range(first, first + args.batch_size), args.bom, L, C, device) \
+                if args.bom else None  # a function of (seed, step, clip): the same for any split over processes
             with model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext():
                 with T.autocast(device, args.dtype):
                     feats = vfm_c(batch["frames"].to(device, non_blocking=True))  # (B, T, N, C)
-                    loss = clip_loss(model_c, feats, batch["times"].to(device, non_blocking=True), args.bom)
+                    loss = clip_loss(dw_c, model_c, feats, batch["times"].to(device, non_blocking=True), noise)
                 (loss / accum).backward()
             loss_sum += loss.detach() / accum
         if world > 1:
@@ -341,7 +352,7 @@ def get_parser():
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--val-clips", type=int, default=64)
-    p.add_argument("--val-samples", type=int, default=20, help="samples per held-out clip with --bom (SPEC section 5)")
+    p.add_argument("--val-samples", type=int, default=8, help="samples per held-out clip with --bom (SPEC section 5)")
     p.add_argument("--ckpt-every", type=int, default=1000)
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
     p.add_argument("--bench", type=int, default=0, help="time N training steps on random frames and exit")

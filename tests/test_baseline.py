@@ -10,6 +10,7 @@ import torch
 import baseline_dinoworld as D
 import data
 import tokenizer as T
+from predictor import clip_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--vfm", "tiny", "--model", "tiny", "--size", "32", "--num-workers", "0", "--val-clips", "2",
@@ -90,14 +91,11 @@ def test_bom_keeps_no_graph_and_trains_only_the_best_candidate(clip):
             out = fn()
         return out, sum(sizes)
 
-    torch.manual_seed(1)
-    loss, bom_saved = saved_bytes(lambda: D.clip_loss(model, feats, times, K))
+    noise = clip_noise(0, 3, range(B), K, FRAMES - 1, C, "cpu")  # K noise vectors per (clip, frame)
+    loss, bom_saved = saved_bytes(lambda: D.clip_loss(model, model, feats, times, noise))
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-
-    torch.manual_seed(1)  # the same draws: K noise vectors per (clip, frame)
-    noise = 0.02 * torch.randn(B, K, FRAMES - 1, C)
     with torch.no_grad():
         cands = model(feats, times, noise)  # (B, K, T-1, N, C): all candidates in one pass ...
         for k in (0, 5):  # ... equal running each candidate alone
@@ -164,7 +162,7 @@ def test_tiny_dinoworld_learns_on_synthetic_videos():
         for g in opt.param_groups:
             g["lr"] = T.lr_at(step, 1e-2, 10)
         idx = torch.randint(0, len(train), (16,))
-        D.clip_loss(model, train[idx], train_times[idx], 0).backward()
+        D.clip_loss(model, model, train[idx], train_times[idx]).backward()
         opt.step()
         opt.zero_grad()
     final = held_out()
@@ -182,34 +180,35 @@ def weights(out):
 
 
 def test_two_process_ddp_with_accumulation_equals_one_process(tmp_path):
-    common = [*TINY, "--steps", "2", "--global-batch", "8", "--eval-every", "2", "--ckpt-every", "2"]
+    common = [*TINY, "--bom", "4", "--steps", "2", "--global-batch", "8", "--eval-every", "2", "--ckpt-every", "2"]
     one = run([sys.executable, "baseline_dinoworld.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "baseline_dinoworld.py", *common, "--batch-size", "2", "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
-    init = D.build_dinoworld("tiny", T.VFM("tiny")).state_dict()
+    init = D.build_dinoworld("tiny", T.VFM("tiny"), bom=4).state_dict()
     assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train
-    for k in w1:  # 2 processes x 2 micro-steps of 2 clips == 1 process x 8 clips
+    for k in w1:  # 2 processes x 2 micro-steps of 2 clips == 1 process x 8 clips, BoM noise included
         torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)
     log = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
-    assert "horizon 3: DINO-world" in one.stdout
+    assert "horizon 3: best-of-2" in one.stdout
 
 
 def test_resume_equals_uninterrupted_and_checkpoint_loads(tmp_path):
-    common = [*TINY, "--bom", "4", "--global-batch", "2", "--batch-size", "2", "--eval-every", "100",
+    common = [*TINY, "--global-batch", "2", "--batch-size", "2", "--eval-every", "100",
               "--ckpt-every", "2"]
     D.main(D.get_parser().parse_args([*common, "--steps", "4", "--out", str(tmp_path / "full")]))
     D.main(D.get_parser().parse_args([*common, "--steps", "2", "--out", str(tmp_path / "cut")]))
     D.main(D.get_parser().parse_args([*common, "--steps", "4", "--out", str(tmp_path / "cut"), "--resume"]))
     a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
-    for k in a:  # the BoM noise of a step is a function of (seed, step, rank): exact
+    for k in a:
         torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
     ckpt = T.load_checkpoint(tmp_path / "cut" / "ckpt.pt")
-    assert ckpt["kind"] == "dinoworld" and ckpt["step"] == 4 and ckpt["config"]["bom"] == 4
-    model, vfm = D.load_dinoworld(str(tmp_path / "cut" / "ckpt.pt"))
-    assert vfm == "tiny" and not model.training and model.cfg.axes == (4, 4, 4)
-    with pytest.raises(RuntimeError, match="q_embed"):  # a discriminative model does not load BoM weights
-        T.load_state_strict(D.build_dinoworld("tiny", T.VFM("tiny")), ckpt["model"], "test")
+    assert ckpt["kind"] == "dinoworld" and ckpt["step"] == 4 and ckpt["config"]["bom"] == 0
+    model = D.load_dinoworld(str(tmp_path / "cut" / "ckpt.pt"))
+    assert model.vfm.name == "tiny" and not model.training and model.cfg.axes == (4, 4, 4)
+    torch.testing.assert_close(model.q_embed, a["q_embed"], atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="q_embed"):  # the BoM variant has no learned query
+        T.load_state_strict(D.build_dinoworld("tiny", T.VFM("tiny"), bom=4), ckpt["model"], "test")
