@@ -78,8 +78,8 @@ class DinoWorld(nn.Module):
         object.__setattr__(self, "vfm", vfm)
         self.predictor = Predictor(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.axes)
         if not cfg.bom:  # the same learned query at every patch position: RoPE tells them apart
-            self.q_embed = nn.Parameter(torch.empty(cfg.dim))
-            nn.init.trunc_normal_(self.q_embed, std=0.02)
+            self.q_embed = nn.Embedding(1, cfg.dim)
+            nn.init.trunc_normal_(self.q_embed.weight, std=0.02)
 
     def predict(self, context, ctx_times, queries, q_times, frame_mask=None):
         """context (B, Tc, N, C) patch tokens at ctx_times (B, Tc); queries (B, Tq, C), one per target frame at
@@ -100,7 +100,7 @@ class DinoWorld(nn.Module):
         -> (B, K, T-1, N, C), K = 1 for the learned query."""
         B, T, N, C = feats.shape
         if noise is None:
-            noise = self.q_embed.to(feats.dtype).expand(B, 1, T - 1, C)
+            noise = self.q_embed.weight.to(feats.dtype).expand(B, 1, T - 1, C)
         K = noise.shape[1]
         frame_mask = torch.ones(T - 1, T - 1, dtype=torch.bool, device=feats.device).tril().repeat(K, 1)
         out = self.predict(feats[:, :-1], times[:, :-1], noise.reshape(B, K * (T - 1), C),
@@ -116,13 +116,13 @@ class DinoWorld(nn.Module):
         B, Tc, N, C = feats.shape
         S = num_samples if self.cfg.bom else 1
         context = feats[:, None].expand(B, S, Tc, N, C).flatten(0, 1)  # (B S, Tc, N, C)
-        times = times[:, None].expand(B, S, -1).flatten(0, 1)
+        times = times.to(feats.device)[:, None].expand(B, S, -1).flatten(0, 1)
         for h in range(horizon):
             if self.cfg.bom:  # a fresh noise query per sample and step, shared by the frame's patches
                 gen_device = generator.device if generator is not None else feats.device
                 q = (NOISE_STD * torch.randn(B * S, 1, C, generator=generator, device=gen_device)).to(feats.device)
             else:
-                q = self.q_embed.expand(B * S, 1, C)
+                q = self.q_embed.weight.expand(B * S, 1, C)
             pred = self.predict(context, times[:, :Tc + h], q.to(context.dtype), times[:, Tc + h:Tc + h + 1])
             context = torch.cat([context, pred.to(context.dtype)], 1)
         out = context[:, Tc:].view(B, S, horizon, N, C)
@@ -170,8 +170,9 @@ CONTEXT, HORIZON = 4, 3  # the held-out check: the mid-horizon protocol of SPEC 
 
 @torch.no_grad()
 def prediction_check(model, vfm, clips, times, device, dtype, num_samples, seed, batch_size=16):
-    """Feature smooth L1 and MSE of the rollout from 4 context frames at horizons 1 and 3: best of the samples
-    (per clip and horizon), their mean features, and copy-last (the last context frame) beside them."""
+    """Feature smooth L1 ("h1/best", as predictor.py logs it) and MSE ("h1/best/mse") of the rollout from 4
+    context frames at horizons 1 and 3: best of the samples (per clip and horizon), their mean features, and
+    copy-last (the last context frame) beside them."""
     generator = torch.Generator(device).manual_seed(seed)
     sums = {}
     for i in range(0, len(clips), batch_size):
@@ -182,11 +183,11 @@ def prediction_check(model, vfm, clips, times, device, dtype, num_samples, seed,
         for h in (1, 3):
             target = feats[:, CONTEXT + h - 1]
             samples = pred[:, :, h - 1]
-            for metric, fn in (("smooth_l1", frame_loss), ("mse", lambda p, y: (p - y).pow(2).mean((-2, -1)))):
+            for metric, fn in (("", frame_loss), ("/mse", lambda p, y: (p - y).pow(2).mean((-2, -1)))):
                 for name, v in (("best", fn(samples, target[:, None]).min(1).values),
                                 ("mean", fn(samples.mean(1), target)),
                                 ("copy_last", fn(feats[:, CONTEXT - 1], target))):
-                    key = f"h{h}/{name}/{metric}"
+                    key = f"h{h}/{name}{metric}"
                     sums[key] = sums.get(key, 0.0) + v.sum().item()
     return {k: v / len(clips) for k, v in sums.items()}
 
@@ -194,10 +195,10 @@ def prediction_check(model, vfm, clips, times, device, dtype, num_samples, seed,
 def format_check(step, r, num_samples):
     lines = [f"step {step} prediction check on held-out clips, context {CONTEXT} (feature smooth L1 / MSE):"]
     for h in (1, 3):
-        pair = lambda name: f"{r[f'h{h}/{name}/smooth_l1']:.4f} / {r[f'h{h}/{name}/mse']:.4f}"
-        model = (f"best-of-{num_samples} {pair('best')}   mean-of-{num_samples} {pair('mean')}" if num_samples > 1
-                 else f"DINO-world {pair('best')}")
-        lines.append(f"  horizon {h}: {model}   copy-last {pair('copy_last')}")
+        pair = lambda name: f"{r[f'h{h}/{name}']:.4f} / {r[f'h{h}/{name}/mse']:.4f}"
+        pred = (f"best-of-{num_samples} {pair('best')}   mean-of-{num_samples} {pair('mean')}" if num_samples > 1
+                else f"DINO-world {pair('best')}")
+        lines.append(f"  horizon {h}: {pred}   copy-last {pair('copy_last')}")
     return "\n".join(lines)
 
 

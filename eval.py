@@ -69,7 +69,8 @@ def load_model(args, device):
         model = P.load_deltaworld(args.ckpt, device, tokenizer=args.tokenizer or None)
         vfm = model.vfm.name
     elif kind == "dinoworld":
-        model, vfm = DW.load_dinoworld(args.ckpt, device)
+        model = DW.load_dinoworld(args.ckpt, device)
+        vfm = model.vfm.name
     else:
         raise SystemExit(f"{args.ckpt}: unknown checkpoint kind {kind!r}; released files need --kind "
                          "deltatok / deltaworld / dinoworld")

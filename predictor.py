@@ -233,10 +233,19 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None):
     """A trained DeltaWorld in eval mode, with its tokenizer (the recorded path, or `tokenizer` to override it)
     and the VFM (a VFM module to share, else built from the recorded name)."""
     ckpt = T.load_checkpoint(path)
+    released = "config" not in ckpt  # the released pytorch_model.bin: a bare state dict of the ViT-B predictor
+    if released and not tokenizer:
+        raise SystemExit(f"{path} is a bare state dict (released weights): pass the DeltaTok it goes with, "
+                         "e.g. --tokenizer deltatok-kinetics/pytorch_model.bin")
     tok, vfm_name = T.load_deltatok(tokenizer or ckpt["tokenizer"], device)
-    vfm = vfm if vfm is not None else T.VFM(ckpt["vfm"] or vfm_name).to(device)
-    world = DeltaWorld(tok, vfm, ckpt["config"]["model"], ckpt["config"]["bom"])
-    T.load_state_strict(world, ckpt["model"], f"DeltaWorld checkpoint {path}")
+    vfm = vfm if vfm is not None else T.VFM(vfm_name if released else ckpt["vfm"] or vfm_name).to(device)
+    if released:
+        state = ckpt.get("state_dict", ckpt)
+        world = DeltaWorld(tok, vfm, "base", bom="q_embed.weight" not in state)
+    else:
+        state = ckpt["model"]
+        world = DeltaWorld(tok, vfm, ckpt["config"]["model"], ckpt["config"]["bom"])
+    T.load_state_strict(world, state, f"DeltaWorld checkpoint {path}")
     return world.to(device).eval().requires_grad_(False)
 
 

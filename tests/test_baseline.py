@@ -124,7 +124,7 @@ def test_sampling_rollout(clip):
     out, tokens = det.sample(feats[:, :3], times[:, :5], 4, 2)
     assert out.shape == (B, 4, 2, N, C) and tokens is None
     assert (out == out[:, :1]).all()  # deterministic: every sample is the one prediction
-    q = det.q_embed.expand(B, 1, C)
+    q = det.q_embed.weight.expand(B, 1, C)
     step1 = det.predict(feats[:, :3], times[:, :3], q, times[:, 3:4])
     step2 = det.predict(torch.cat([feats[:, :3], step1], 1), times[:, :4], q, times[:, 4:5])  # appended as context
     torch.testing.assert_close(out[:, 0], torch.cat([step1, step2], 1), atol=1e-5, rtol=1e-5)
@@ -193,6 +193,8 @@ def test_two_process_ddp_with_accumulation_equals_one_process(tmp_path):
         torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)
     log = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
+    check = [r["eval"] for r in log if "eval" in r][-1]  # horizons 1 and 3: best, mean, copy-last, smooth L1 + MSE
+    assert {f"h{h}/{n}{m}" for h in (1, 3) for n in ("best", "mean", "copy_last") for m in ("", "/mse")} == set(check)
     assert "horizon 3: best-of-2" in one.stdout
 
 
@@ -209,6 +211,6 @@ def test_resume_equals_uninterrupted_and_checkpoint_loads(tmp_path):
     assert ckpt["kind"] == "dinoworld" and ckpt["step"] == 4 and ckpt["config"]["bom"] == 0
     model = D.load_dinoworld(str(tmp_path / "cut" / "ckpt.pt"))
     assert model.vfm.name == "tiny" and not model.training and model.cfg.axes == (4, 4, 4)
-    torch.testing.assert_close(model.q_embed, a["q_embed"], atol=0, rtol=0)
+    torch.testing.assert_close(model.q_embed.weight, a["q_embed.weight"], atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="q_embed"):  # the BoM variant has no learned query
         T.load_state_strict(D.build_dinoworld("tiny", T.VFM("tiny"), bom=4), ckpt["model"], "test")
