@@ -19,3 +19,16 @@ test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 .PHONY: setup demo test
+
+# GPU benchmarks of BENCHMARKS.md (random ViT-B weights, 256 px, bf16 + torch.compile), one after the other
+BENCH = --vfm vitb16-random --size 256 --dtype bf16 --compile --bench 20
+bench: setup
+	$(BIN)/python tokenizer.py $(BENCH) --model base --batch-size 64
+	$(BIN)/python baseline_dinoworld.py $(BENCH) --model base --batch-size 32
+	$(BIN)/python baseline_dinoworld.py $(BENCH) --model base --batch-size 32 --bom 16
+	$(BIN)/python predictor.py $(BENCH) --model base --batch-size 32 --bench-mode frame --bom 256
+	$(BIN)/python predictor.py $(BENCH) --model base --batch-size 32 --bom 256
+	$(BIN)/python predictor.py $(BENCH) --model base --batch-size 32 --no-bom
+	$(BIN)/python predictor.py $(BENCH) --model base --batch-size 32 --bom 256 --cache-tokens bench
+
+.PHONY: bench

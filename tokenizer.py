@@ -369,7 +369,11 @@ def run_bench(step_fn, flops_fn, n, device, reference):
         sync(device)
         times.append(time.perf_counter() - t)
     ms = 1000 * sorted(times)[len(times) // 2]
-    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+    if device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:  # CPU: the process' peak resident memory (Linux reports KiB)
+        import resource
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     peak = matmul_peak(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = dict(device=name, step_ms=round(ms, 2), peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
