@@ -59,22 +59,37 @@ NAMES = {"deltatok": "DeltaTok reconstruction", "deltaworld": "DeltaWorld", "din
 # The model under evaluation: final-step features of each horizon, (B, samples, N, C)
 
 
-def load_model(args, device):
-    """(kind, model, VFM name) from --ckpt; the kind is the checkpoint's "kind" or --kind (released files)."""
-    ckpt = T.load_checkpoint(args.ckpt)
+def load_model(args, path, device):
+    """(kind, model, VFM name) of one --ckpt; the kind is the checkpoint's "kind" or --kind (released files)."""
+    ckpt = T.load_checkpoint(path)
     kind = args.kind or ckpt.get("kind")
     if kind == "deltatok":
-        model, vfm = T.load_deltatok(args.ckpt, device)
+        model, vfm = T.load_deltatok(path, device)
     elif kind == "deltaworld":
-        model = P.load_deltaworld(args.ckpt, device, tokenizer=args.tokenizer or None)
+        model = P.load_deltaworld(path, device, tokenizer=args.tokenizer or None)
         vfm = model.vfm.name
     elif kind == "dinoworld":
-        model = DW.load_dinoworld(args.ckpt, device)
+        model = DW.load_dinoworld(path, device)
         vfm = model.vfm.name
     else:
-        raise SystemExit(f"{args.ckpt}: unknown checkpoint kind {kind!r}; released files need --kind "
+        raise SystemExit(f"{path}: unknown checkpoint kind {kind!r}; released files need --kind "
                          "deltatok / deltaworld / dinoworld")
     return kind, model, vfm
+
+
+def load_models(args, device):
+    """[(table name, kind, model)] for every --ckpt, and the VFM name they share."""
+    models, vfms = [], set()
+    for path in args.ckpt:
+        kind, model, vfm = load_model(args, path, device)
+        name = NAMES[kind]
+        if any(m[0] == name for m in models):
+            name = f"{name} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
+        models.append((name, kind, model))
+        vfms.add(vfm)
+    if len(vfms) > 1:
+        raise SystemExit(f"the checkpoints were trained on different VFMs {sorted(vfms)}: evaluate them separately")
+    return models, vfms.pop() if vfms else None
 
 
 def generative(kind, model):
@@ -227,7 +242,7 @@ def figure(path, item, feats, samples, preds, heads, size, max_samples=8):
 
 
 @torch.no_grad()
-def evaluate(args, dataset, sequences, kind, model, vfm, heads, device, rank, world, features=None):
+def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features=None):
     """Scores {(method, horizon, best|mean|-): {task: Score}} over this rank's share of the sequences."""
     n = min(len(sequences), args.max_sequences or len(sequences))
     loader = torch.utils.data.DataLoader(Crops(sequences, args.size, list(range(rank, n, world))),
@@ -244,7 +259,6 @@ def evaluate(args, dataset, sequences, kind, model, vfm, heads, device, rank, wo
                                                                              "classes"]), item["resized"], args.size),
                                    item)
 
-    name = NAMES[kind]
     for items in tqdm(loader, disable=rank != 0, desc=dataset, dynamic_ncols=True):
         crops = torch.stack([it["crops"] for it in items]).flatten(0, 1).to(device)    # (2B, 7, 3, S, S)
         times = torch.stack([torch.as_tensor(it["times"]) for it in items]).repeat_interleave(2, 0).to(device)
@@ -254,22 +268,24 @@ def evaluate(args, dataset, sequences, kind, model, vfm, heads, device, rank, wo
         gen = torch.Generator(device).manual_seed(args.seed * 1_000_003 + items[0]["index"])
         for h in args.horizons:
             add(("Copy last", h, "-"), feats[:, CONTEXT[h][-1]], items)
-            if features is not None:
-                samples = torch.cat([features[h][it["index"]] for it in items]).to(device).float()  # (2B, S, N, C)
-            else:
-                with T.autocast(device, args.dtype):
-                    samples = predict(kind, model, feats, times, h, args.samples, gen)
-            if args.save_features:
-                saved[h].append(samples.view(len(items), 2, *samples.shape[1:]).half().cpu())
-            best, mean, _ = best_and_mean(samples, feats[:, TARGET])
-            add((name, h, "best"), best, items)
-            if samples.shape[1] > 1:
-                add((name, h, "mean"), mean, items)
-            for b, item in enumerate(items):
-                if item["index"] < args.figures:
-                    figure(os.path.join(args.out, f"{dataset}_{item['index']:04d}_{h}.png"), item, feats[2 * b],
-                           samples[2 * b], dict(context=CONTEXT[h], best=best[2 * b], mean=mean[2 * b]), heads,
-                           args.size)
+            for name, kind, model in models:
+                if kind == "features":
+                    samples = torch.cat([features[h][it["index"]] for it in items]).to(device).float()  # (2B, S, N, C)
+                else:
+                    with T.autocast(device, args.dtype):
+                        samples = predict(kind, model, feats, times, h, args.samples, gen)
+                if args.save_features:
+                    saved[h].append(samples.view(len(items), 2, *samples.shape[1:]).half().cpu())
+                best, mean, _ = best_and_mean(samples, feats[:, TARGET])
+                add((name, h, "best"), best, items)
+                if samples.shape[1] > 1:
+                    add((name, h, "mean"), mean, items)
+                for b, item in enumerate(items):
+                    if item["index"] < args.figures:
+                        slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "")
+                        figure(os.path.join(args.out, f"{dataset}_{item['index']:04d}_{h}_{slug}.png"), item,
+                               feats[2 * b], samples[2 * b], dict(context=CONTEXT[h], best=best[2 * b],
+                                                                  mean=mean[2 * b]), heads, args.size)
     if args.save_features:
         torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
                    args.save_features)
@@ -325,7 +341,7 @@ def flops(args):
     """GFLOPs per S x S crop of each part, on the meta device (no weights needed, nothing computed)."""
     kind = None
     if args.ckpt:
-        kind, model, vfm_name = load_model(args, "cpu")
+        kind, model, vfm_name = load_model(args, args.ckpt[0], "cpu")
     with torch.device("meta"):
         vfm = T.VFM(args.vfm or (vfm_name if kind else T.DINOV3_B16))
         tok = model if kind == "deltatok" else model.tokenizer if kind == "deltaworld" else T.build_deltatok("base", vfm)
@@ -374,9 +390,11 @@ def main(args):
         raise SystemExit("give either --ckpt (a model to run) or --features (predictions made elsewhere)")
     if args.features and len(args.features) != len(args.data):
         raise SystemExit(f"--features needs one file per --data entry ({len(args.data)})")
-    kind, model, vfm_name = load_model(args, device) if args.ckpt else ("features", None, None)
+    if args.save_features and len(args.ckpt) != 1:
+        raise SystemExit("--save-features takes one --ckpt")
+    models, vfm_name = load_models(args, device) if args.ckpt else ([(NAMES["features"], "features", None)], None)
     vfm_name = args.vfm or vfm_name or T.DINOV3_B16
-    vfm = model.vfm if kind == "deltaworld" and not args.vfm else T.VFM(vfm_name).to(device)
+    vfm = T.VFM(vfm_name).to(device)
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for d, spec in enumerate(args.data):
@@ -392,24 +410,24 @@ def main(args):
             missing = [h for h in args.horizons if h not in features]
             if missing:
                 raise SystemExit(f"{args.features[d]} has no {' / '.join(missing)} predictions: pass --horizons")
-        scores = evaluate(args, dataset, sequences, kind, model, vfm, heads, device, rank, world, features)
+        scores = evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features)
         results[dataset] = gather(scores)
     if rank == 0:
         print(table(results))
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(dict(ckpt=args.ckpt, kind=kind, size=args.size, samples=args.samples, data=args.data,
+            json.dump(dict(ckpt=args.ckpt, kinds=[m[1] for m in models], size=args.size, samples=args.samples, data=args.data,
                            results={d: [dict(method=k[0], horizon=k[1], pick=k[2], **v) for k, v in r.items()]
                                     for d, r in results.items()}), f, indent=1)
         print(f"results in {os.path.join(args.out, 'results.json')}")
-    if world > 1:
-        dist.destroy_process_group()
+    T.cleanup_dist(world)
     return results
 
 
 def get_parser():
     p = argparse.ArgumentParser(description="Dense forecasting evaluation: segmentation and depth of predicted "
                                 "features (SPEC section 5).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", default="", help="checkpoint to evaluate: DeltaTok, DeltaWorld or DINO-world")
+    p.add_argument("--ckpt", nargs="+", default=[], help="checkpoints to evaluate (one table): DeltaTok, DeltaWorld, "
+                   "DINO-world")
     p.add_argument("--kind", default="", choices=["", "deltatok", "deltaworld", "dinoworld"],
                    help="what --ckpt is, for released pytorch_model.bin files that do not say")
     p.add_argument("--tokenizer", default="", help="DeltaTok checkpoint for a DeltaWorld (default: the recorded one)")

@@ -330,8 +330,7 @@ def main(args):
     bar.close()
     if master:
         print(f"done: {step} steps, checkpoint {ckpt_path}")
-    if world > 1:
-        dist.destroy_process_group()
+    T.cleanup_dist(world)
 
 
 def get_parser():

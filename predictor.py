@@ -557,8 +557,7 @@ def main(args):
     bar.close()
     if master:
         print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
-    if world_size > 1:
-        dist.destroy_process_group()
+    T.cleanup_dist(world_size)
 
 
 def get_parser():

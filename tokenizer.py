@@ -286,6 +286,14 @@ def setup_dist():
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def cleanup_dist(world):
+    """Every rank waits for the slowest (rank 0 runs the checks and writes checkpoints), then the group is torn
+    down: a rank that tears down while another still works can leave that one hanging."""
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def seed_step(seed, step, rank):
     """Every random draw of a step (noise, RoPE jitter) comes from (seed, step, rank): resume needs no RNG state."""
     torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
@@ -514,8 +522,7 @@ def main(args):
     bar.close()
     if master:
         print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
-    if world > 1:
-        dist.destroy_process_group()
+    cleanup_dist(world)
 
 
 def format_check(step, r):

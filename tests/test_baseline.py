@@ -172,7 +172,7 @@ def test_tiny_dinoworld_learns_on_synthetic_videos():
 
 def run(args):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def weights(out):

@@ -44,13 +44,14 @@ def test_eval_runs_end_to_end_and_present_beats_copy_last(ckpts, tmp_path):
         ["--ckpt", ckpts["tok"], "--heads", ckpts["seg"], ckpts["depth"], "--figures", "1", "--out", str(out),
          *COMMON]))["synthetic"]
     saved = json.load(open(out / "results.json"))
-    assert saved["kind"] == "deltatok" and len(saved["results"]["synthetic"]) == len(results) == 5
+    assert saved["kinds"] == ["deltatok"] and len(saved["results"]["synthetic"]) == len(results) == 5
     present, copy_mid = results[("Present", "-", "-")], results[("Copy last", "mid", "-")]
     assert present["miou"] >= copy_mid["miou"]
     assert present["rmse"] <= copy_mid["rmse"]
     assert set(present) == {"miou", "rmse", "absrel", "delta1"}
     assert ("DeltaTok reconstruction", "mid", "best") in results
-    assert sorted(os.listdir(out)) == ["results.json", "synthetic_0000_mid.png", "synthetic_0000_short.png"]
+    assert sorted(os.listdir(out)) == ["results.json", "synthetic_0000_mid_deltatok_reconstruction.png",
+                                   "synthetic_0000_short_deltatok_reconstruction.png"]
 
 
 def test_features_file_best_and_mean_through_the_head(ckpts, tmp_path):

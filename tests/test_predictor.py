@@ -38,7 +38,7 @@ def clip(B=2, L=8, C=64):
 
 def run(args, **kw):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, **kw)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
 def train(out, *args):

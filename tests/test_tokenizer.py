@@ -30,7 +30,7 @@ def feats(vfm):
 
 def run(args, **kw):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, **kw)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
 
 
 def train(*args):
