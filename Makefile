@@ -10,10 +10,42 @@ $(BIN)/activate: requirements.txt
 
 setup: $(BIN)/activate
 
+# The whole pipeline on the built-in synthetic videos: DeltaTok -> DeltaWorld (from a token cache) and the
+# DINO-world baseline -> segmentation and depth heads -> eval.py's table and figures, all in $(OUT).
+# Defaults: a tiny random DINOv3 at 64 px, minutes on a CPU. On a GPU with the real weights, for example:
+#   make demo VFM=facebook/dinov3-vitb16-pretrain-lvd1689m SIZE=256 DTYPE=bf16 OUT=runs/demo_vitb
+VFM ?= tiny
+SIZE ?= 64
+MODEL ?= tiny
+DTYPE ?= fp32
+SEED ?= 0
+OUT ?= runs/demo
+TOK_STEPS ?= 3000
+WORLD_STEPS ?= 600
+DINO_STEPS ?= 300
+HEAD_STEPS ?= 600
+RUN = HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python
+COMMON = --size $(SIZE) --dtype $(DTYPE) --seed $(SEED) --num-workers 1 --log-every 50
+
 demo: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python tokenizer.py --vfm tiny --model tiny --size 64 --global-batch 32 \
-		--batch-size 32 --steps 400 --warmup 40 --lr 1e-3 --eval-every 200 --ckpt-every 200 \
-		--num-workers 1 --out runs/demo/tokenizer
+	$(RUN) tokenizer.py $(COMMON) --vfm $(VFM) --model $(MODEL) --steps $(TOK_STEPS) --global-batch 64 \
+		--batch-size 64 --lr 2e-3 --warmup 40 --no-rope-jitter --eval-every $(TOK_STEPS) --ckpt-every 1000 \
+		--out $(OUT)/tokenizer
+	$(RUN) predictor.py $(COMMON) --tokenizer $(OUT)/tokenizer/ckpt.pt --model $(MODEL) --bom 64 \
+		--cache-tokens $(OUT)/token_cache --cache-crops 8 --steps $(WORLD_STEPS) --global-batch 32 \
+		--batch-size 32 --lr 1e-3 --warmup 50 --eval-every $(WORLD_STEPS) --ckpt-every $(WORLD_STEPS) \
+		--out $(OUT)/deltaworld
+	$(RUN) baseline_dinoworld.py $(COMMON) --vfm $(VFM) --model $(MODEL) --steps $(DINO_STEPS) --global-batch 16 \
+		--batch-size 16 --lr 1e-3 --warmup 50 --eval-every $(DINO_STEPS) --ckpt-every $(DINO_STEPS) \
+		--out $(OUT)/dinoworld
+	$(RUN) heads.py $(COMMON) --task seg --vfm $(VFM) --steps $(HEAD_STEPS) --batch-size 32 --lr 1e-2 --warmup 20 \
+		--eval-every $(HEAD_STEPS) --ckpt-every $(HEAD_STEPS) --out $(OUT)/seg_head
+	$(RUN) heads.py $(COMMON) --task depth --vfm $(VFM) --steps $(HEAD_STEPS) --batch-size 32 --lr 1e-2 --warmup 20 \
+		--eval-every $(HEAD_STEPS) --ckpt-every $(HEAD_STEPS) --out $(OUT)/depth_head
+	$(RUN) eval.py --ckpt $(OUT)/tokenizer/ckpt.pt $(OUT)/dinoworld/ckpt.pt $(OUT)/deltaworld/ckpt.pt \
+		--heads $(OUT)/seg_head/ckpt.pt $(OUT)/depth_head/ckpt.pt --size $(SIZE) --dtype $(DTYPE) --seed $(SEED) \
+		--samples 20 --max-sequences 128 --figures 2 --num-workers 1 --out $(OUT)/eval
+	@echo "table: $(OUT)/eval/results.json and above; figures: $(OUT)/eval/*.png"
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests

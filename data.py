@@ -53,9 +53,9 @@ def _scene(seed, split, i, size, fps, seconds):
     bg_depth = (far + (near - far) * ys).astype(np.float32)  # ground plane: far at the top, near at the bottom
 
     t = np.arange(round(seconds * fps)) / fps  # (F,)
-    n = rng.integers(2, 5)
+    n = rng.integers(1, 3)
     cls = rng.integers(1, len(TINTS) + 1, n)  # class of each object, 0 is background
-    colour = 0.5 * TINTS[cls - 1] + 0.5 * rng.uniform(0, 1, (n, 3))  # class-tinted, so classes differ in colour too
+    colour = 0.8 * TINTS[cls - 1] + 0.2 * rng.uniform(0, 1, (n, 3))  # class-tinted: classes differ in colour
     pos, vel, depth = np.zeros((len(t), n, 2)), np.zeros((len(t), n, 2)), np.zeros((len(t), n))
     for o in range(n):
         # piecewise-constant velocity: constant speed, turning by one of TURNS at Poisson-distributed moments
@@ -73,7 +73,7 @@ def _scene(seed, split, i, size, fps, seconds):
 
 
 class SyntheticVideos:
-    """Procedural videos: 2-4 shapes over a textured background, occluding each other by depth. Each moves at
+    """Procedural videos: 1-2 shapes over a textured background, occluding each other by depth. Each moves at
     constant speed and at random moments keeps going, turns left, turns right or reverses, bouncing off the
     borders, so a short context has several distinct plausible futures. Frame k of video i is a pure function of
     (seed, split, i, k)."""
@@ -108,7 +108,7 @@ class SyntheticVideos:
         depth = np.broadcast_to(s["bg_depth"], index.shape)  # (T, H, W)
         for o, c in enumerate(s["cls"]):
             d = s["depth"][idx, o, None, None].astype(np.float32)  # (T, 1, 1)
-            r = 0.8 / d  # apparent radius shrinks with distance: depth is visible in the image
+            r = 1.6 / d  # apparent radius shrinks with distance: depth is visible in the image
             dy = s["ys"] - pos[:, o, 0, None, None]  # (T, H, W)
             dx = s["xs"] - pos[:, o, 1, None, None]
             if c == 1:  # circle

@@ -47,7 +47,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Random-initialised DINOv3 configs so every stage runs offline on a CPU. The weights are drawn from a fixed seed,
 # so every script that builds "tiny" gets the same network.
 VFM_PRESETS = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, patch_size=8,
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, patch_size=16,
                  num_register_tokens=4),
     "vitb16-random": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                           patch_size=16, num_register_tokens=4),
@@ -128,7 +128,9 @@ class DeltaTokConfig:
 
 
 MODEL_PRESETS = {
-    "tiny": dict(depth=2),
+    # tiny uses the released block options: with plain tiny blocks the decoder sits for thousands of steps at the
+    # saddle where it ignores the token (which starts out constant) and only blurs x_prev
+    "tiny": dict(depth=2, qk_norm=True, gated_attn=True, swiglu=True),
     "base": dict(depth=12),                                              # the paper: plain ViT-B blocks
     "released": dict(depth=12, qk_norm=True, gated_attn=True, swiglu=True),  # reference/released_checkpoint_keys.md
 }

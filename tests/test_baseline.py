@@ -142,7 +142,7 @@ def test_tiny_dinoworld_learns_on_synthetic_videos():
     vfm = T.VFM("tiny")
 
     def clips(split, n, seed):
-        ds = data.ClipDataset(data.open_source("synthetic", split), num_frames=8, size=32, seed=seed)
+        ds = data.ClipDataset(data.open_source("synthetic", split), num_frames=8, size=64, seed=seed)
         frames, times, _ = zip(*(ds.sample(0, j) for j in range(n)))
         return vfm(torch.stack(frames)), torch.stack(times)
 
@@ -158,7 +158,7 @@ def test_tiny_dinoworld_learns_on_synthetic_videos():
     model = D.DinoWorld(D.DinoWorldConfig(dim=C, depth=2, heads=1, axes=(20, 20, 20)))
     opt = T.make_optimizer(model, 1e-2, 0.4, torch.device("cpu"))
     initial = held_out()
-    for step in range(90):
+    for step in range(150):
         for g in opt.param_groups:
             g["lr"] = T.lr_at(step, 1e-2, 10)
         idx = torch.randint(0, len(train), (16,))

@@ -194,7 +194,7 @@ def test_sampling_rollout(vfm):
     times = torch.arange(7.0).expand(2, 7) * 0.2
     world = tiny_world(tokenizer=tok, vfm=vfm)
     pred, tokens = world.sample(feats, times, 5, 3, torch.Generator().manual_seed(0))
-    assert pred.shape == (2, 5, 3, 16, 64) and tokens.shape == (2, 5, 3, 64)
+    assert pred.shape == (2, 5, 3, 4, 64) and tokens.shape == (2, 5, 3, 64)
     assert (tokens[:, 1:] - tokens[:, :1]).abs().amax((-2, -1)).min() > 1e-3  # all 5 samples differ
     again, tokens2 = world.sample(feats, times, 5, 3, torch.Generator().manual_seed(0))
     assert torch.equal(again, pred) and torch.equal(tokens2, tokens)  # same seed, same samples
