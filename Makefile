@@ -20,12 +20,12 @@ MODEL ?= tiny
 DTYPE ?= fp32
 SEED ?= 0
 OUT ?= runs/demo
-TOK_STEPS ?= 3000
+TOK_STEPS ?= 2400
 WORLD_STEPS ?= 600
-DINO_STEPS ?= 300
+DINO_STEPS ?= 600
 HEAD_STEPS ?= 600
-RUN = HF_HUB_OFFLINE=$${HF_HUB_OFFLINE:-1} $(BIN)/python
-COMMON = --size $(SIZE) --dtype $(DTYPE) --seed $(SEED) --num-workers 1 --log-every 50
+RUN = $(BIN)/python
+COMMON = --size $(SIZE) --dtype $(DTYPE) --seed $(SEED) --num-workers 2 --log-every 50
 
 demo: setup
 	$(RUN) tokenizer.py $(COMMON) --vfm $(VFM) --model $(MODEL) --steps $(TOK_STEPS) --global-batch 64 \

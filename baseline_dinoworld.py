@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import data
 import tokenizer as T
-from predictor import NOISE_STD, PREDICTOR_PRESETS, Predictor, clip_noise
+from predictor import HEAD_DIM, NOISE_STD, PREDICTOR_PRESETS, Predictor, clip_noise
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model (SPEC section 4)
@@ -132,9 +132,9 @@ class DinoWorld(nn.Module):
 def build_dinoworld(model, vfm, bom=0):
     """A DINO-world as wide as the VFM. RoPE: three equal even slices of each head for (timestamp, x, y) and the
     rest unrotated, 20 + 20 + 20 + 4 at head dim 64 (appendix A)."""
-    head_dim = vfm.dim // vfm.heads
-    a = (head_dim - 4) // 6 * 2
-    return DinoWorld(DinoWorldConfig(dim=vfm.dim, heads=vfm.heads, axes=(a, a, a), bom=bom,
+    heads = max(1, vfm.dim // HEAD_DIM)
+    a = (vfm.dim // heads - 4) // 6 * 2
+    return DinoWorld(DinoWorldConfig(dim=vfm.dim, heads=heads, axes=(a, a, a), bom=bom,
                                      **PREDICTOR_PRESETS[model]), vfm)
 
 

@@ -42,12 +42,17 @@ def _sinusoids(rng, ys, xs, n):
     return out
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=4)
+def _grid(size):
+    grid = ((np.arange(size) + 0.5) / size).astype(np.float32)
+    return np.meshgrid(grid, grid, indexing="ij")  # (H, W) pixel centres in frame units, shared by every video
+
+
+@functools.lru_cache(maxsize=1024)  # every video of both splits (~60 KB each): building a scene costs more than a frame
 def _scene(seed, split, i, size, fps, seconds):
     """Everything about synthetic video i, drawn from its own seed: background, and per-frame object states."""
     rng = np.random.default_rng([seed, SPLITS.index(split), i])  # train and val draw from disjoint seeds
-    grid = ((np.arange(size) + 0.5) / size).astype(np.float32)
-    ys, xs = np.meshgrid(grid, grid, indexing="ij")  # (H, W) pixel centres in frame units
+    ys, xs = _grid(size)
     bg = (rng.uniform(0.25, 0.75, 3) + _sinusoids(rng, ys, xs, 4)[..., None]).clip(0, 1)  # (H, W, 3) muted texture
     far, near = rng.uniform(40, 60), rng.uniform(15, 25)
     bg_depth = (far + (near - far) * ys).astype(np.float32)  # ground plane: far at the top, near at the bottom

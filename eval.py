@@ -346,7 +346,7 @@ def flops(args):
         vfm = T.VFM(args.vfm or (vfm_name if kind else T.DINOV3_B16))
         tok = model if kind == "deltatok" else model.tokenizer if kind == "deltaworld" else T.build_deltatok("base", vfm)
         world = model.predictor if kind == "deltaworld" else \
-            P.Predictor(vfm.dim, 12, vfm.heads, axes=(vfm.dim // vfm.heads - 4,))
+            P.Predictor(vfm.dim, 12, vfm.dim // P.HEAD_DIM, axes=(P.HEAD_DIM - 4,))
         dino = model if kind == "dinoworld" else DW.build_dinoworld("base", vfm)
     tok, world, dino = tok.to("meta"), world.to("meta"), dino.to("meta")
     zeros = lambda *s: torch.zeros(*s, device="meta")

@@ -145,7 +145,9 @@ class Predictor(nn.Module):
         return self.head(self.norm(x))
 
 
-PREDICTOR_PRESETS = {"tiny": dict(depth=2), "base": dict(depth=12)}  # width and heads follow the tokenizer
+PREDICTOR_PRESETS = {"tiny": dict(depth=2), "base": dict(depth=12)}  # the width follows the tokenizer
+HEAD_DIM = 64  # ViT-B's: the RoPE layouts (60 + 4, 20 + 20 + 20 + 4) are per 64-d head, so narrower models have fewer
+# heads rather than narrower ones (a 16-d head would leave 2 RoPE frequencies per DINO-world axis: 1e-2 and 1e2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,9 +164,10 @@ class DeltaWorld(nn.Module):
     def __init__(self, tokenizer, vfm=None, model="base", bom=True):
         super().__init__()
         cfg = tokenizer.cfg
-        self.config = dict(model=model, dim=cfg.dim, heads=cfg.heads, bom=bom, axes=(cfg.dim // cfg.heads - 4,),
+        heads = max(1, cfg.dim // HEAD_DIM)
+        self.config = dict(model=model, dim=cfg.dim, heads=heads, bom=bom, axes=(cfg.dim // heads - 4,),
                            **PREDICTOR_PRESETS[model])  # 1D RoPE on all but the last 4 dims per head (appendix A)
-        self.predictor = Predictor(cfg.dim, PREDICTOR_PRESETS[model]["depth"], cfg.heads, axes=self.config["axes"])
+        self.predictor = Predictor(cfg.dim, PREDICTOR_PRESETS[model]["depth"], heads, axes=self.config["axes"])
         self.q_embed = None if bom else nn.Embedding(1, cfg.dim)  # the discriminative variant's learned query
         if not bom:
             nn.init.trunc_normal_(self.q_embed.weight, std=0.02)

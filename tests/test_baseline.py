@@ -38,9 +38,10 @@ def clip():
 
 
 def test_tiny_preset_rope_slices():
-    assert D.build_dinoworld("tiny", T.VFM("tiny")).cfg.axes == (4, 4, 4)  # head dim 16: 4 + 4 + 4, 4 unrotated
-    vitb = type("VFM", (), dict(dim=768, heads=12))
-    assert D.build_dinoworld("tiny", vitb).cfg.axes == (20, 20, 20)      # appendix A: 20 + 20 + 20 + 4
+    tiny = D.build_dinoworld("tiny", T.VFM("tiny")).cfg  # 64 wide: one 64-d head, the paper's per-head layout
+    assert (tiny.heads, tiny.axes) == (1, (20, 20, 20))
+    vitb = D.build_dinoworld("tiny", type("VFM", (), dict(dim=768, heads=12))).cfg
+    assert (vitb.heads, vitb.axes) == (12, (20, 20, 20))  # appendix A: 20 + 20 + 20 + 4 in each of 12 heads
 
 
 def test_block_causal_mask_hides_the_same_and_later_frames(clip):
@@ -210,7 +211,7 @@ def test_resume_equals_uninterrupted_and_checkpoint_loads(tmp_path):
     ckpt = T.load_checkpoint(tmp_path / "cut" / "ckpt.pt")
     assert ckpt["kind"] == "dinoworld" and ckpt["step"] == 4 and ckpt["config"]["bom"] == 0
     model = D.load_dinoworld(str(tmp_path / "cut" / "ckpt.pt"))
-    assert model.vfm.name == "tiny" and not model.training and model.cfg.axes == (4, 4, 4)
+    assert model.vfm.name == "tiny" and not model.training and model.cfg.axes == (20, 20, 20)
     torch.testing.assert_close(model.q_embed.weight, a["q_embed.weight"], atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="q_embed"):  # the BoM variant has no learned query
         T.load_state_strict(D.build_dinoworld("tiny", T.VFM("tiny"), bom=4), ckpt["model"], "test")

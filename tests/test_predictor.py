@@ -96,7 +96,7 @@ def test_released_layout_and_init_strict(tmp_path):
     assert state["predictor.blocks.11.attention.kv_proj.weight"].shape == (1536, 768)
     assert state["predictor.blocks.11.mlp.up_proj.weight"].shape == (3072, 768)
     world = tiny_world()
-    assert world.config["axes"] == (12,)  # head dim 16: 12 rotated + 4 unrotated (ViT-B: 60 + 4, appendix A)
+    assert world.config["axes"] == (60,) and world.config["heads"] == 1  # one 64-d head: 60 rotated + 4 (appendix A)
     assert P.DeltaWorld(SimpleNamespace(cfg=SimpleNamespace(dim=768, heads=12)), model="tiny").config["axes"] == (60,)
     assert P.Predictor(64, 1, 4, axes=(12,)).state_dict()["blocks.0.layer_scale1.lambda1"].eq(1e-5).all()
     released = {k: torch.randn_like(v) for k, v in world.state_dict().items()}  # keys `predictor.*`
