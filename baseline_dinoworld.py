@@ -232,22 +232,11 @@ def main(args):
                            "authors' code, H200, bf16 + compile: DINO-world 256 px batch 32 x 8: 166 ms, 24.2 GiB "
                            "(SPEC section 6); Table 2: + BoM 16 needs about the same memory")
 
-    accum = args.global_batch // (args.batch_size * world)
-    if accum * args.batch_size * world != args.global_batch:
-        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
-                         f"x {world} processes")
-    os.makedirs(args.out, exist_ok=True)
+    accum = T.accumulation(args.global_batch, args.batch_size, world)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    step, skipped = 0, 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = T.load_checkpoint(ckpt_path)
-        dw.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, skipped = ckpt["step"], ckpt["skipped"]
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
-    model = nn.parallel.DistributedDataParallel(dw, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else dw
+    resumed = T.resume(args.out, dw, opt, args.resume, master)
+    step, skipped = resumed["step"], resumed["skipped"]
+    model = T.ddp(dw, world, device)
     model_c, dw_c, vfm_c = ((torch.compile(model), torch.compile(dw), torch.compile(vfm)) if args.compile
                             else (model, dw, vfm))
 

@@ -39,7 +39,6 @@ import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm

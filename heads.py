@@ -277,16 +277,9 @@ def main(args):
     torch.manual_seed(args.seed)
     head = (SegHead(vfm.dim, num_classes) if args.task == "seg" else DepthHead(vfm.dim)).to(device)
     opt = T.make_optimizer(head, args.lr, args.weight_decay, device)
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    step = 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = T.load_checkpoint(ckpt_path)
-        head.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-    model = nn.parallel.DistributedDataParallel(head, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else head
+    step = T.resume(args.out, head, opt, args.resume, master)["step"]
+    model = T.ddp(head, world, device)
     batches = _Batches(train, args.task, args.size, args.batch_size, rank, args.seed)
     loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=itertools.count(step),
                                               num_workers=args.num_workers))

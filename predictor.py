@@ -454,22 +454,11 @@ def main(args):
                            "authors' code, H200, bf16 + compile, batch 32 x 8 frames, K=256: 256 px 142 ms, 3.8 GiB; "
                            "512 px 585 ms, 9.2 GiB; DINO-world 256 px: 166 ms, 24.2 GiB (SPEC section 6)")
 
-    accum = args.global_batch // (args.batch_size * world_size)
-    if accum * args.batch_size * world_size != args.global_batch:
-        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
-                         f"x {world_size} processes")
-    os.makedirs(args.out, exist_ok=True)
+    accum = T.accumulation(args.global_batch, args.batch_size, world_size)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    step, skipped = 0, 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = T.load_checkpoint(ckpt_path)
-        world.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, skipped = ckpt["step"], ckpt["skipped"]
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
-    model = nn.parallel.DistributedDataParallel(world, device_ids=[device] if device.type == "cuda" else None) \
-        if world_size > 1 else world
+    resumed = T.resume(args.out, world, opt, args.resume, master)
+    step, skipped = resumed["step"], resumed["skipped"]
+    model = T.ddp(world, world_size, device)
     model_c, world_c, vfm_c = ((torch.compile(model), torch.compile(world), torch.compile(vfm)) if args.compile
                                else (model, world, vfm))
 

@@ -301,6 +301,37 @@ def seed_step(seed, step, rank):
     torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
+def accumulation(global_batch, batch_size, world):
+    """Micro-steps per optimizer step so that batch_size x world x accumulation = global_batch."""
+    accum = global_batch // (batch_size * world)
+    if accum * batch_size * world != global_batch:
+        raise SystemExit(f"--global-batch {global_batch} is not a multiple of --batch-size {batch_size} x {world} "
+                         "processes")
+    return accum
+
+
+def resume(out, model, opt, enabled, master):
+    """With --resume and <out>/ckpt.pt present, restore model and optimizer and return the checkpoint (its step,
+    skipped count, ...); else {"step": 0, "skipped": 0}. The data position is the step (data.make_loader)."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "ckpt.pt")
+    if not (enabled and os.path.exists(path)):
+        return {"step": 0, "skipped": 0}
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if master:
+        print(f"resumed from {path} at step {ckpt['step']}")
+    return ckpt
+
+
+def ddp(model, world, device):
+    """DistributedDataParallel under torchrun, the module itself in one process."""
+    if world == 1:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
 def save_checkpoint(obj, path):
     """Atomic: a crash while writing leaves the previous checkpoint intact."""
     tmp = f"{path}.tmp"
@@ -444,22 +475,11 @@ def main(args):
                          "authors' code, H200, bf16 + compile: 256 px batch 64: 115 ms, 24.2 GiB; "
                          "512 px batch 64: 511 ms, 88.6 GiB (SPEC section 6)")
 
-    accum = args.global_batch // (args.batch_size * world)
-    if accum * args.batch_size * world != args.global_batch:
-        raise SystemExit(f"--global-batch {args.global_batch} is not a multiple of --batch-size {args.batch_size} "
-                         f"x {world} processes")
-    os.makedirs(args.out, exist_ok=True)
+    accum = accumulation(args.global_batch, args.batch_size, world)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    step, skipped = 0, 0
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
-        tok.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step, skipped = ckpt["step"], ckpt["skipped"]
-        if master:
-            print(f"resumed from {ckpt_path} at step {step}")
-    model = nn.parallel.DistributedDataParallel(tok, device_ids=[device] if device.type == "cuda" else None) \
-        if world > 1 else tok
+    resumed = resume(args.out, tok, opt, args.resume, master)
+    step, skipped = resumed["step"], resumed["skipped"]
+    model = ddp(tok, world, device)
     model_c, vfm_c = (torch.compile(model), torch.compile(vfm)) if args.compile else (model, vfm)
 
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=2,
