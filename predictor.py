@@ -20,6 +20,7 @@ Run it:
 import argparse
 import contextlib
 import glob
+import hashlib
 import math
 import os
 import sys
@@ -300,6 +301,11 @@ def world_loss(world, model, tokens, times, noise=None, chunk=256):
 SHARD = 4096  # clips per shard file
 
 
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
 class _StreamClips(torch.utils.data.Dataset):
     def __init__(self, dataset, global_batch, ids):
         self.dataset, self.global_batch, self.ids = dataset, global_batch, ids
@@ -466,6 +472,7 @@ def main(args):
                              size=args.size, stride=tuple(args.stride), seed=args.seed)
     if args.cache_tokens:
         meta = dict(kind="token_cache", tokenizer=os.path.abspath(args.tokenizer), data=args.data, size=args.size,
+                    tokenizer_sha1=file_digest(args.tokenizer),  # a retrained tokenizer at the same path: new cache
                     stride=args.stride, num_frames=args.num_frames, seed=args.seed, global_batch=args.global_batch,
                     num_clips=math.ceil(args.cache_crops * len(train.source)))
         meta_path = os.path.join(args.cache_tokens, "meta.pt")

@@ -1,6 +1,7 @@
 """The predictor and DeltaWorld: masks, RoPE, best-of-many, sampling, learning, token cache, DDP, resume, --init."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -247,6 +248,19 @@ def test_token_cache_matches_on_the_fly(tok_ckpt, tmp_path):
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl") if "loss" in line]
               for d in ("fly", "cached")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_token_cache_is_refused_after_the_tokenizer_changes(tok_ckpt, tmp_path):
+    tok = tmp_path / "tok.pt"
+    shutil.copy(tok_ckpt, tok)
+    args = ["--tokenizer", str(tok), "--steps", "1", "--global-batch", "4", "--batch-size", "4",
+            "--cache-tokens", str(tmp_path / "cache"), "--cache-crops", str(8 / 512)]
+    train(tmp_path / "a", *args)
+    ckpt = T.load_checkpoint(tok)
+    ckpt["model"]["z_embed.weight"] += 1  # retrained in place: same path, other weights
+    torch.save(ckpt, tok)
+    with pytest.raises(SystemExit, match="other settings"):
+        train(tmp_path / "b", *args)
 
 
 def test_two_process_ddp_equals_one_process(tok_ckpt, tmp_path):
