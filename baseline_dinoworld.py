@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -280,12 +279,7 @@ def main(args):
         if world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in dw.parameters() if p.grad is not None])
-        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-            if master:
-                print(f"\nnon-finite loss ({loss_sum.item()}) or gradient norm at step {step}: stopping. The last "
-                      f"good checkpoint is kept at {ckpt_path}; lower --lr or check the data, then --resume.",
-                      file=sys.stderr)
-            sys.exit(1)
+        T.stop_if_nonfinite(loss_sum, grad_norm, step, ckpt_path, master)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1

@@ -528,12 +528,7 @@ def main(args):
         if world_size > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         grad_norm = torch.nn.utils.clip_grad_norm_(world.parameters(), float("inf"))  # logged, not clipped
-        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-            if master:
-                print(f"\nnon-finite loss ({loss_sum.item()}) or gradient norm at step {step}: stopping. The last "
-                      f"good checkpoint is kept at {ckpt_path}; lower --lr or check the data, then --resume.",
-                      file=sys.stderr)
-            sys.exit(1)
+        T.stop_if_nonfinite(loss_sum, grad_norm, step, ckpt_path, master)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1

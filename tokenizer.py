@@ -332,6 +332,17 @@ def ddp(model, world, device):
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+def stop_if_nonfinite(loss, grad_norm, step, ckpt_path, master):
+    """Stop every rank (the loss is already averaged over them) before a non-finite update reaches the weights; the
+    last checkpoint on disk stays the last good one."""
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+        return
+    if master:
+        print(f"\nnon-finite loss ({loss.item()}) or gradient norm at step {step}: stopping. The last good "
+              f"checkpoint is kept at {ckpt_path}; lower --lr or check the data, then --resume.", file=sys.stderr)
+    sys.exit(1)
+
+
 def save_checkpoint(obj, path):
     """Atomic: a crash while writing leaves the previous checkpoint intact."""
     tmp = f"{path}.tmp"
@@ -516,12 +527,7 @@ def main(args):
         if world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         grad_norm = torch.nn.utils.clip_grad_norm_(tok.parameters(), args.grad_clip)
-        if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):
-            if master:
-                print(f"\nnon-finite loss ({loss_sum.item()}) or gradient norm at step {step}: stopping. The last "
-                      f"good checkpoint is kept at {ckpt_path}; lower --lr or check the data, then --resume.",
-                      file=sys.stderr)
-            sys.exit(1)
+        stop_if_nonfinite(loss_sum, grad_norm, step, ckpt_path, master)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
