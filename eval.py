@@ -58,37 +58,44 @@ NAMES = {"deltatok": "DeltaTok reconstruction", "deltaworld": "DeltaWorld", "din
 # The model under evaluation: final-step features of each horizon, (B, samples, N, C)
 
 
-def load_model(args, path, device):
-    """(kind, model, VFM name) of one --ckpt; the kind is the checkpoint's "kind" or --kind (released files)."""
+def load_model(args, path, device, vfms=None):
+    """(kind, model, VFM name) of one --ckpt; the kind is the checkpoint's "kind" or --kind (released files).
+    vfms: {name: VFM} already built, shared by the models so that the backbone is loaded once."""
     ckpt = T.load_checkpoint(path)
     kind = args.kind or ckpt.get("kind")
+    vfms = {} if vfms is None else vfms
+    name = ckpt.get("vfm")
+    if name and name not in vfms and kind in ("deltaworld", "dinoworld"):
+        vfms[name] = T.VFM(name).to(device)
     if kind == "deltatok":
         model, vfm = T.load_deltatok(path, device)
     elif kind == "deltaworld":
-        model = P.load_deltaworld(path, device, tokenizer=args.tokenizer or None)
+        model = P.load_deltaworld(path, device, tokenizer=args.tokenizer or None, vfm=vfms.get(name))
         vfm = model.vfm.name
     elif kind == "dinoworld":
-        model = DW.load_dinoworld(path, device)
+        model = DW.load_dinoworld(path, device, vfm=vfms.get(name))
         vfm = model.vfm.name
     else:
         raise SystemExit(f"{path}: unknown checkpoint kind {kind!r}; released files need --kind "
                          "deltatok / deltaworld / dinoworld")
+    if kind != "deltatok":
+        vfms.setdefault(vfm, model.vfm)
     return kind, model, vfm
 
 
-def load_models(args, device):
+def load_models(args, device, vfms):
     """[(table name, kind, model)] for every --ckpt, and the VFM name they share."""
-    models, vfms = [], set()
+    models, names = [], set()
     for path in args.ckpt:
-        kind, model, vfm = load_model(args, path, device)
+        kind, model, vfm = load_model(args, path, device, vfms)
         name = NAMES[kind]
         if any(m[0] == name for m in models):
             name = f"{name} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
         models.append((name, kind, model))
-        vfms.add(vfm)
-    if len(vfms) > 1:
-        raise SystemExit(f"the checkpoints were trained on different VFMs {sorted(vfms)}: evaluate them separately")
-    return models, vfms.pop() if vfms else None
+        names.add(vfm)
+    if len(names) > 1:
+        raise SystemExit(f"the checkpoints were trained on different VFMs {sorted(names)}: evaluate them separately")
+    return models, names.pop() if names else None
 
 
 def generative(kind, model):
@@ -391,9 +398,10 @@ def main(args):
         raise SystemExit(f"--features needs one file per --data entry ({len(args.data)})")
     if args.save_features and len(args.ckpt) != 1:
         raise SystemExit("--save-features takes one --ckpt")
-    models, vfm_name = load_models(args, device) if args.ckpt else ([(NAMES["features"], "features", None)], None)
+    vfms = {}  # one backbone for every model and for the ground truth
+    models, vfm_name = load_models(args, device, vfms) if args.ckpt else ([(NAMES["features"], "features", None)], None)
     vfm_name = args.vfm or vfm_name or T.DINOV3_B16
-    vfm = T.VFM(vfm_name).to(device)
+    vfm = vfms.get(vfm_name) or T.VFM(vfm_name).to(device)
     os.makedirs(args.out, exist_ok=True)
     results = {}
     for d, spec in enumerate(args.data):
