@@ -24,10 +24,12 @@ TOK_STEPS ?= 2400
 WORLD_STEPS ?= 600
 DINO_STEPS ?= 600
 HEAD_STEPS ?= 600
-RUN = $(BIN)/python
+RUN ?= $(BIN)/python
+# `make demo SETUP= RUN=python3` (or bench) uses an existing Python environment instead of .venv
+SETUP ?= setup
 COMMON = --size $(SIZE) --dtype $(DTYPE) --seed $(SEED) --num-workers 2 --log-every 50
 
-demo: setup
+demo: $(SETUP)
 	$(RUN) tokenizer.py $(COMMON) --vfm $(VFM) --model $(MODEL) --steps $(TOK_STEPS) --global-batch 64 \
 		--batch-size 64 --lr 2e-3 --warmup 40 --no-rope-jitter --eval-every $(TOK_STEPS) --ckpt-every 1000 \
 		--out $(OUT)/tokenizer
@@ -53,14 +55,14 @@ test: setup
 .PHONY: setup demo test
 
 # GPU benchmarks of BENCHMARKS.md (random ViT-B weights, 256 px, bf16 + torch.compile), one after the other
-BENCH = --vfm vitb16-random --size 256 --dtype bf16 --compile --bench 20
-bench: setup
-	$(BIN)/python tokenizer.py $(BENCH) --model base --batch-size 64
-	$(BIN)/python baseline_dinoworld.py $(BENCH) --model base --batch-size 32
-	$(BIN)/python baseline_dinoworld.py $(BENCH) --model base --batch-size 32 --bom 16
-	$(BIN)/python predictor.py $(BENCH) --model base --batch-size 32 --bench-mode frame --bom 256
-	$(BIN)/python predictor.py $(BENCH) --model base --batch-size 32 --bom 256
-	$(BIN)/python predictor.py $(BENCH) --model base --batch-size 32 --no-bom
-	$(BIN)/python predictor.py $(BENCH) --model base --batch-size 32 --bom 256 --cache-tokens bench
+BENCH ?= --vfm vitb16-random --size 256 --dtype bf16 --compile --bench 20
+bench: $(SETUP)
+	$(RUN) tokenizer.py $(BENCH) --model base --batch-size 64
+	$(RUN) baseline_dinoworld.py $(BENCH) --model base --batch-size 32
+	$(RUN) predictor.py $(BENCH) --model base --batch-size 32 --bom 256
+	$(RUN) predictor.py $(BENCH) --model base --batch-size 32 --no-bom
+	$(RUN) predictor.py $(BENCH) --model base --batch-size 32 --bench-mode frame --bom 256
+	$(RUN) baseline_dinoworld.py $(BENCH) --model base --batch-size 32 --bom 16
+	$(RUN) predictor.py $(BENCH) --model base --batch-size 32 --bom 256 --cache-tokens bench
 
 .PHONY: bench

@@ -233,3 +233,14 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
     assert after["step"] == 2
     for k in before:
         assert torch.equal(after["model"][k], before[k])
+
+
+def test_bench_flops_of_one_sample_scale_to_the_batch(vfm):
+    """--bench counts FLOPs on one sample and multiplies by the batch: a step's FLOPs are linear in the batch."""
+    tok = T.build_deltatok("tiny", vfm, "delta")
+    frames = torch.randint(0, 256, (3, 2, 3, 64, 64), dtype=torch.uint8)
+
+    def step(b):
+        feats = vfm(frames[:b])
+        F.mse_loss(tok(feats[:, 0], feats[:, 1]), feats[:, 1]).backward()
+    assert T.count_flops(lambda: step(3)) == 3 * T.count_flops(lambda: step(1)) > 0
