@@ -106,16 +106,16 @@ def generative(kind, model):
 
 @torch.no_grad()
 def predict(kind, model, feats, times, horizon, num_samples, generator):
-    """Predicted features of frame 6, (B, S, N, C), from the ground-truth features feats (B, 7, N, C)."""
+    """The predicted rollout up to frame 6, (B, S, steps, N, C), from the ground-truth features feats (B, 7, N, C)."""
     ctx = CONTEXT[horizon]
     steps = TARGET - ctx[-1]
     if kind == "deltatok":  # reconstruction rollout: tokens from ground truth, decoding from the last context frame
         B, _, N, C = feats.shape
         tokens = model.encode(feats[:, ctx[-1]:TARGET].flatten(0, 1), feats[:, ctx[-1] + 1:].flatten(0, 1))
-        return model.rollout(tokens.view(B, steps, C), feats[:, ctx[-1]])[:, -1:].float()
+        return model.rollout(tokens.view(B, steps, C), feats[:, ctx[-1]])[:, None].float()
     t = times[:, ctx[0]:] - times[:, ctx[0]:ctx[0] + 1]  # seconds from the first context frame
     pred, _ = model.sample(feats[:, ctx], t, num_samples if generative(kind, model) else 1, steps, generator)
-    return pred[:, :, -1].float()
+    return pred.float()
 
 
 def best_and_mean(samples, target):
@@ -243,6 +243,27 @@ def figure(path, item, feats, samples, preds, heads, size, max_samples=8):
     draw(rows, path)
 
 
+def rollout_figure(path, item, feats, rollout, best, ctx, heads, size, num_samples=3):
+    """One sequence, crop 0, frames 0-6 left to right: the frames; per head, the head on the ground-truth features,
+    then the rollout of the best sample and of `num_samples` other samples (their diversity): each predicted step
+    through the head, earlier columns repeating the head on the ground-truth features."""
+    frames = item["crops"][0].permute(0, 2, 3, 1).numpy()  # (7, S, S, 3)
+    first = TARGET - rollout.shape[1] + 1  # frame of the first predicted step
+    rows = [[(f"frame {t}" + (" (context)" if t in ctx else ""), frames[t]) for t in range(TARGET + 1)]]
+    others = [s for s in range(len(rollout)) if s != best][:num_samples]
+    for task, head in heads.items():
+        out = lambda m: F.interpolate(head(Hd.to_map(m)), (size, size), mode="bilinear")  # noqa: E731
+        truth = out(feats)  # (7, K, S, S)
+        inv = 1 / truth.clamp(min=1e-3) if task == "depth" else None
+        lo, hi = (inv.min().item(), inv.max().item()) if task == "depth" else (0, 1)
+        rows.append([(f"{task} on frame {t}", colour(o, task, lo, hi)) for t, o in enumerate(truth)])
+        for name, s in [("best", best)] + [(f"sample {s}", s) for s in others]:
+            pred = out(rollout[s])
+            rows.append([(f"{task} {name}", colour(pred[t - first], task, lo, hi)) if t >= first else
+                         (f"{task} on frame {t}", colour(truth[t], task, lo, hi)) for t in range(TARGET + 1)])
+    draw(rows, path)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -279,19 +300,22 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
                     samples = torch.cat([features[h][it["index"]] for it in items]).to(device).float()  # (2B, S, N, C)
                 else:
                     with T.autocast(device, args.dtype):
-                        samples = predict(kind, model, feats, times, h, args.samples, gen)
+                        rollout = predict(kind, model, feats, times, h, args.samples, gen)  # (2B, S, steps, N, C)
+                    samples = rollout[:, :, -1]
                 if args.save_features:
                     saved[h].append(samples.view(len(items), 2, *samples.shape[1:]).half().cpu())
-                best, mean, _ = best_and_mean(samples, feats[:, TARGET])
+                best, mean, best_index = best_and_mean(samples, feats[:, TARGET])
                 add((name, h, "best"), best, items)
                 if samples.shape[1] > 1:
                     add((name, h, "mean"), mean, items)
                 for b, item in enumerate(items):
                     if item["index"] < args.figures:
                         slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "")
-                        figure(os.path.join(args.out, f"{dataset}_{item['index']:04d}_{h}_{slug}.png"), item,
-                               feats[2 * b], samples[2 * b], dict(context=CONTEXT[h], best=best[2 * b],
-                                                                  mean=mean[2 * b]), heads, args.size)
+                        stem = os.path.join(args.out, f"{dataset}_{item['index']:04d}_{h}_{slug}")
+                        figure(stem + ".png", item, feats[2 * b], samples[2 * b],
+                               dict(context=CONTEXT[h], best=best[2 * b], mean=mean[2 * b]), heads, args.size)
+                        rollout_figure(stem + "_rollout.png", item, feats[2 * b], rollout[2 * b],
+                                       best_index[2 * b].item(), CONTEXT[h], heads, args.size)
     if args.save_features:
         torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
                    args.save_features)

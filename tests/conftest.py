@@ -6,3 +6,17 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 # and parallel test processes do not oversubscribe the cores
 os.environ["OMP_NUM_THREADS"] = "1"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes-long runs, only with RUN_SLOW=1 (make test-claims)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("RUN_SLOW") != "1":
+        skip = pytest.mark.skip(reason="slow: set RUN_SLOW=1 (make test-claims)")
+        for item in items:
+            if "slow" in item.keywords:
+                item.add_marker(skip)
