@@ -303,9 +303,10 @@ class ClipDataset:
                 skipped += 1
                 continue
             top, left, h, w = _crop_box(rng, frames.shape[1], frames.shape[2], self.scale, self.ratio)
-            # one crop for the whole clip, resized to a square (a small aspect distortion, appendix A)
+            # one crop for the whole clip, resized to a square (a small aspect distortion, appendix A); resizing the
+            # uint8 frames directly is 6x faster than through float
             crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
-            crop = F.interpolate(crop, (self.size, self.size), mode="bilinear", antialias=True)  # on uint8: 6x faster than via float
+            crop = F.interpolate(crop, (self.size, self.size), mode="bilinear", antialias=True)
             clip_times = torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32)
             return crop, clip_times, skipped
         raise RuntimeError(f"no readable video long enough for {self.num_frames} frames at stride {self.stride} s "

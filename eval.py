@@ -194,7 +194,7 @@ def colour(out, task, lo=None, hi=None):
 def pca_colours(feats, fit):
     """Features (M, N, C) -> RGB (M, h, w, 3) from the 3 principal components of `fit` (n, C)."""
     mean = fit.mean(0)
-    _, _, v = torch.pca_lowrank(fit - mean, q=3, center=False)
+    v = torch.linalg.svd(fit - mean, full_matrices=False)[2][:3].T  # exact (pca_lowrank is random: figures varied)
     ref = (fit - mean) @ v
     lo, hi = ref.quantile(0.01, 0), ref.quantile(0.99, 0)
     proj = ((feats - mean) @ v - lo) / (hi - lo + 1e-9)
@@ -215,6 +215,11 @@ def draw(rows, path, tile=128):
 
 
 @torch.no_grad()
+def head_maps(head, feats, size):
+    """Features (M, N, C) -> head outputs (M, K, S, S), upsampled (bilinear) to the S x S crop."""
+    return F.interpolate(head(Hd.to_map(feats)), (size, size), mode="bilinear")
+
+
 def figure(path, item, feats, samples, preds, heads, size, max_samples=8):
     """One sequence, crop 0: context and target frames; per head, ground truth, present, copy-last, best and mean;
     PCA colourings of the same features; then several samples side by side (head and PCA)."""
@@ -227,13 +232,13 @@ def figure(path, item, feats, samples, preds, heads, size, max_samples=8):
     for task, head in heads.items():
         label = torch.as_tensor(item["classes"] if task == "seg" else item["depth"])
         gt = Hd.label_at(label, item["resized"], 0, 0, size)
-        out = [F.interpolate(head(Hd.to_map(m[None])), (size, size), mode="bilinear")[0] for m in maps]
+        out = head_maps(head, torch.stack(maps), size)
         inv = 1 / gt[gt > 0].float() if task == "depth" else None
         lo, hi = (inv.min().item(), inv.max().item()) if task == "depth" and len(inv) else (0, 1)
         rows.append([("ground truth", colour(gt, task, lo, hi))] +
                     [(n, colour(o, task, lo, hi)) for n, o in zip(names, out)])
         if len(samples) > 1:
-            outs = F.interpolate(head(Hd.to_map(shown)), (size, size), mode="bilinear")
+            outs = head_maps(head, shown, size)
             rows.append([(f"sample {s}", colour(o, task, lo, hi)) for s, o in enumerate(outs)])
     pca = pca_colours(torch.cat([feats[ctx], torch.stack(maps), shown]), feats[TARGET])
     rows.append([(f"PCA context {t}", p) for t, p in zip(ctx, pca[:len(ctx)])])
@@ -252,13 +257,12 @@ def rollout_figure(path, item, feats, rollout, best, ctx, heads, size, num_sampl
     rows = [[(f"frame {t}" + (" (context)" if t in ctx else ""), frames[t]) for t in range(TARGET + 1)]]
     others = [s for s in range(len(rollout)) if s != best][:num_samples]
     for task, head in heads.items():
-        out = lambda m: F.interpolate(head(Hd.to_map(m)), (size, size), mode="bilinear")  # noqa: E731
-        truth = out(feats)  # (7, K, S, S)
+        truth = head_maps(head, feats, size)  # (7, K, S, S)
         inv = 1 / truth.clamp(min=1e-3) if task == "depth" else None
         lo, hi = (inv.min().item(), inv.max().item()) if task == "depth" else (0, 1)
         rows.append([(f"{task} on frame {t}", colour(o, task, lo, hi)) for t, o in enumerate(truth)])
         for name, s in [("best", best)] + [(f"sample {s}", s) for s in others]:
-            pred = out(rollout[s])
+            pred = head_maps(head, rollout[s], size)
             rows.append([(f"{task} {name}", colour(pred[t - first], task, lo, hi)) if t >= first else
                          (f"{task} on frame {t}", colour(truth[t], task, lo, hi)) for t in range(TARGET + 1)])
     draw(rows, path)
