@@ -14,12 +14,27 @@ workers and processes: the union over ranks and micro-steps of step s is always 
 import functools
 import itertools
 import os
+import sys
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+class UserError(Exception):
+    """A mistake in the user's input (a flag, a path, a file): one line on stderr and exit status 2, no traceback."""
+
+
+def cli(main, parser):
+    """Run main(args) from the command line: a UserError prints `<prog>: error: <message>` and exits 2, as argparse
+    does for a bad flag; anything else is a bug and keeps its traceback."""
+    try:
+        return main(parser.parse_args())
+    except UserError as e:
+        sys.stderr.write(f"\n{parser.prog}: error: {e}\n")  # a new line: never after a progress bar
+        sys.exit(2)
+
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")

@@ -492,4 +492,4 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    data.cli(main, get_parser())
