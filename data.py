@@ -374,8 +374,17 @@ def _need(path, what):
     return path
 
 
+def _read(path, mode=None):
+    """An image file as an array (converted to `mode`, e.g. "RGB"); an unreadable file is a UserError naming it."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert(mode) if mode else img)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}): replace or remove it") from None
+
+
 def _image(path):
-    return np.asarray(Image.open(path).convert("RGB"))
+    return _read(path, "RGB")
 
 
 class _Sequences:
@@ -407,7 +416,8 @@ class VSPWSequences(_Sequences):
         self.items = []
         for v in videos:
             folder = _need(os.path.join(root, "data", v, "origin"), f"VSPW video {v} listed in {split}.txt")
-            frames = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+            frames = sorted(f for f in os.listdir(folder)  # the official download has macOS ._* files beside them
+                            if f.lower().endswith(IMAGE_EXTS) and not f.startswith("._"))
             for k in range(19, len(frames), 20):
                 idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)  # first index k - 18 >= 0
                 stem = os.path.splitext(frames[k])[0]
@@ -418,7 +428,7 @@ class VSPWSequences(_Sequences):
             raise FileNotFoundError(f"no VSPW sequence under {root!r}: videos need >= 20 frames in data/<video>/origin")
 
     def _label(self, path):
-        c = np.asarray(Image.open(path)).astype(np.int64) - 1
+        c = _read(path).astype(np.int64) - 1
         return dict(classes=np.where((c >= 0) & (c < self.num_classes), c, IGNORE).astype(np.uint8))
 
 
@@ -452,7 +462,7 @@ class CityscapesSequences(_Sequences):
             self.lut[label_id] = train_id
 
     def _label(self, path):
-        return dict(classes=self.lut[np.asarray(Image.open(path))])
+        return dict(classes=self.lut[_read(path)])
 
 
 def kitti_crop(x):
@@ -471,44 +481,52 @@ def garg_mask(h, w):
     return mask
 
 
+# The release's Eigen test list (Apache-2.0, from the DeltaTok release), the default KITTI evaluation split
+KITTI_EIGEN_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits", "kitti_eigen_test.txt")
+KITTI_MIN_TARGET = 19  # the release skips targets with a smaller frame index: 603 of its 697 lines remain
+
+
+def kitti_targets(split_file):
+    """The usable lines of an Eigen-format list, as the release reads it: [(line's image path, date, drive, frame
+    index, depth path or None)], skipping lines whose depth is 'None' and targets before frame 19."""
+    out = []
+    for n, line in enumerate(open(_need(split_file, "KITTI split list (--kitti-split)"))):
+        parts = line.split()
+        if not parts or (len(parts) > 1 and parts[1] == "None"):
+            continue
+        image = parts[0].split("/")
+        if len(image) != 5 or image[2:4] != ["image_02", "data"]:
+            raise UserError(f"{split_file} line {n + 1}: expected '<date>/<drive>/image_02/data/<idx>.png', "
+                            f"got {parts[0]!r}")
+        k = int(os.path.splitext(image[4])[0])
+        if k >= KITTI_MIN_TARGET:
+            out.append((parts[0], image[0], image[1], k, parts[1] if len(parts) > 1 else None))
+    return out
+
+
 class KITTISequences(_Sequences):
-    """KITTI depth on the Eigen split. `split_file` lines: '<date>/<drive>/image_02/data/<idx:010d>.png [depth path]'
-    (a depth path of 'None' skips the line; without one, the ground truth is looked up by drive and index).
-    Frames from the raw drives under `raw_root` (default <root>/raw); ground truth <root>/{train,val}/<drive>/
-    proj_depth/groundtruth/image_02/<idx:010d>.png (uint16 / 256 m, 0 = none). 10 fps, stride 2 frames (0.2 s).
+    """KITTI depth on an Eigen-format list (kitti_targets). Frames from the raw drives, <raw_root>/<date>/<drive>/
+    image_02/data/<idx:010d>.png (default raw_root: root itself, the raw drives and data_depth_annotated unzipped
+    into one folder as the release's README says); ground truth <root>/[{train,val}/]<depth path> (uint16 / 256 m,
+    0 = none), looked up by drive and index when a line has no depth path. 10 fps, stride 2 frames (0.2 s).
     Frames and depth are cut to the 352x1216 Eigen crop; valid = Garg region and 1e-3 < d < 80."""
 
     task, fps, stride = "depth", 10.0, 2
 
     def __init__(self, root, split_file, raw_root=None):
         _need(root, "KITTI root")
-        raw_root = raw_root or os.path.join(root, "raw")
-        listing = _need(split_file, "KITTI Eigen split file (give it with --kitti-split)")
-        self.items, self.too_early = [], 0
-        for n, line in enumerate(open(listing)):
-            parts = line.split()
-            if not parts:
-                continue
-            image = parts[0].split("/")
-            if len(image) != 5 or image[2:4] != ["image_02", "data"]:
-                raise ValueError(f"{split_file} line {n + 1}: expected '<date>/<drive>/image_02/data/<idx>.png', "
-                                 f"got {parts[0]!r}")
-            if len(parts) > 1 and parts[1] == "None":
-                continue
-            date, drive, k = image[0], image[1], int(os.path.splitext(image[4])[0])
-            if k < (SEQ_LEN - 1) * self.stride:  # not enough earlier frames in the drive
-                self.too_early += 1
-                continue
+        raw_root = raw_root or root
+        self.items = []
+        for line, date, drive, k, depth in kitti_targets(split_file):
             rel = os.path.join(drive, "proj_depth", "groundtruth", "image_02", f"{k:010d}.png")
-            tries = ([parts[1], os.path.join("train", parts[1]), os.path.join("val", parts[1])] if len(parts) > 1
-                     else [os.path.join("train", rel), os.path.join("val", rel)])
+            tries = [p for d in [depth or rel] for p in (d, os.path.join("train", d), os.path.join("val", d))]
             gt = next((os.path.join(root, t) for t in tries if os.path.exists(os.path.join(root, t))), None)
             if gt is None:
-                raise FileNotFoundError(f"KITTI ground truth for {parts[0]} is missing: looked for "
-                                        f"{', '.join(os.path.join(root, t) for t in tries)}")
+                raise UserError(f"KITTI ground truth for {line} is missing: looked for "
+                                f"{', '.join(os.path.join(root, t) for t in tries)}")
             idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)
             paths = [_need(os.path.join(raw_root, date, drive, "image_02", "data", f"{j:010d}.png"),
-                           f"KITTI raw frame for {parts[0]}") for j in idx]
+                           f"KITTI raw frame for {line} (raw drives under --kitti-raw, default the root)") for j in idx]
             self.items.append((paths, [(j - idx[0]) / self.fps for j in idx], gt, f"{drive}/{k:010d}"))
         if not self.items:
             raise FileNotFoundError(f"no usable KITTI sequence in {split_file}")
@@ -523,7 +541,7 @@ class KITTISequences(_Sequences):
         return kitti_crop(frame), label
 
     def _label(self, path):
-        depth = kitti_crop(np.asarray(Image.open(path)).astype(np.float32) / 256)
+        depth = kitti_crop(_read(path).astype(np.float32) / 256)
         valid = garg_mask(*depth.shape) & (depth > DEPTH_RANGE[0]) & (depth < DEPTH_RANGE[1])
         return dict(depth=depth, valid=valid)
 
@@ -572,7 +590,7 @@ def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0):
     if name == "cityscapes":
         return CityscapesSequences(root, split)
     if name == "kitti":
-        if not kitti_split:
-            raise ValueError("KITTI needs the Eigen split list: pass --kitti-split FILE")
-        return KITTISequences(root, kitti_split, kitti_raw)
+        if not kitti_split and split != "val":  # the default list is the test split: never train on it silently
+            raise UserError("KITTI training needs a list of training frames (Eigen format): pass --kitti-split FILE")
+        return KITTISequences(root, kitti_split or KITTI_EIGEN_TEST, kitti_raw)
     raise ValueError(f"unknown dataset {name!r}: one of synthetic, vspw, cityscapes, kitti")

@@ -10,8 +10,9 @@ sample whose final features have the lowest smooth-L1 (beta 0.1) loss to the gro
 samples' features and applies the head once.
 
 What --ckpt can be (its "kind", or --kind for released .bin files):
-  deltatok    reconstruction: tokens encoded from ground-truth frames, decoded autoregressively from the last
-              context frame (SPEC section 2, "DeltaTok mid")
+  deltatok    reconstruction from the last context frame, two rows (SPEC section 2, "DeltaTok mid"): sequential
+              (the release: each frame encoded against the previous reconstruction) and parallel (tokens from
+              ground-truth pairs; errors accumulate); the same at the short horizon
   deltaworld  DeltaWorld (predictor.py); dinoworld: the DINO-world baseline (baseline_dinoworld.py)
 --features FILE instead scores predictions made elsewhere: a torch file (torch.save) holding a dict
   {"dataset": "vspw" | "cityscapes" | "kitti" | "synthetic", "size": S, "vfm": name (optional),
@@ -51,8 +52,8 @@ import tokenizer as T
 
 CONTEXT = {"short": [2, 3, 4, 5], "mid": [0, 1, 2, 3]}  # target: frame 6 (SPEC section 5)
 TARGET = 6
-NAMES = {"deltatok": "DeltaTok reconstruction", "deltaworld": "DeltaWorld", "dinoworld": "DINO-world",
-         "features": "Features file"}
+NAMES = {"deltatok": "DeltaTok reconstruction (sequential)", "deltatok_parallel": "DeltaTok reconstruction (parallel)",
+         "deltaworld": "DeltaWorld", "dinoworld": "DINO-world", "features": "Features file"}
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model under evaluation: final-step features of each horizon, (B, samples, N, C)
@@ -88,10 +89,11 @@ def load_models(args, device, vfms):
     models, names = [], set()
     for path in args.ckpt:
         kind, model, vfm = load_model(args, path, device, vfms)
-        name = NAMES[kind]
-        if any(m[0] == name for m in models):
-            name = f"{name} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
-        models.append((name, kind, model))
+        for kind in [kind, "deltatok_parallel"] if kind == "deltatok" else [kind]:  # both protocols
+            name = NAMES[kind]
+            if any(m[0] == name for m in models):
+                name = f"{name} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
+            models.append((name, kind, model))
         names.add(vfm)
     if len(names) > 1:
         raise SystemExit(f"the checkpoints were trained on different VFMs {sorted(names)}: evaluate them separately")
@@ -109,10 +111,8 @@ def predict(kind, model, feats, times, horizon, num_samples, generator):
     """The predicted rollout up to frame 6, (B, S, steps, N, C), from the ground-truth features feats (B, 7, N, C)."""
     ctx = CONTEXT[horizon]
     steps = TARGET - ctx[-1]
-    if kind == "deltatok":  # reconstruction rollout: tokens from ground truth, decoding from the last context frame
-        B, _, N, C = feats.shape
-        tokens = model.encode(feats[:, ctx[-1]:TARGET].flatten(0, 1), feats[:, ctx[-1] + 1:].flatten(0, 1))
-        return model.rollout(tokens.view(B, steps, C), feats[:, ctx[-1]])[:, None].float()
+    if kind.startswith("deltatok"):  # reconstruction of frames ctx[-1] + 1 .. 6 from the last context frame
+        return model.reconstruct(feats[:, ctx[-1] + 1:], feats[:, ctx[-1]], kind == "deltatok")[:, None].float()
     t = times[:, ctx[0]:] - times[:, ctx[0]:ctx[0] + 1]  # seconds from the first context frame
     pred, _ = model.sample(feats[:, ctx], t, num_samples if generative(kind, model) else 1, steps, generator)
     return pred.float()
@@ -472,8 +472,10 @@ def get_parser():
                    "(one dataset, one process)")
     p.add_argument("--data", nargs="+", default=["synthetic"], help="datasets: synthetic, vspw:ROOT, "
                    "cityscapes:ROOT, kitti:ROOT")
-    p.add_argument("--kitti-split", default="", help="KITTI Eigen test list file")
-    p.add_argument("--kitti-raw", default=None, help="folder of the raw KITTI drives (default ROOT/raw)")
+    p.add_argument("--kitti-split", default="", help="KITTI list (default: the release's Eigen test list, "
+                   "splits/kitti_eigen_test.txt: 603 sequences)")
+    p.add_argument("--kitti-raw", default=None, help="root of the raw KITTI drives (<date>/<drive>/image_02/data; "
+                   "default: the KITTI ROOT itself)")
     p.add_argument("--heads", nargs="+", default=[], help="head checkpoints: PATH (any dataset whose task it "
                    "fits) or DATASET=PATH")
     p.add_argument("--vfm", default="", help="VFM override (default: the one the checkpoint records)")

@@ -109,9 +109,12 @@ def resized_size(h, w, size):
 
 
 def resize_frames(frames, size):
-    """uint8 (T, H, W, 3) -> uint8 (T, 3, Hr, Wr) with the shorter side at `size` (bilinear, antialiased)."""
+    """uint8 (T, H, W, 3) -> uint8 (T, 3, Hr, Wr) with the shorter side at `size`: plain bilinear with half-pixel
+    centres and NO antialiasing, as OpenCV's INTER_LINEAR in the release, which the released heads were trained on
+    (an antialiased 0.5x downscale differs by about 5 grey levels on average; SPEC section 5)."""
     x = torch.as_tensor(frames).permute(0, 3, 1, 2)
-    return F.interpolate(x, resized_size(*x.shape[-2:], size), mode="bilinear", antialias=True)  # uint8 in and out
+    return F.interpolate(x, resized_size(*x.shape[-2:], size), mode="bilinear", align_corners=False,
+                         antialias=False)  # uint8 in and out: fixed-point weights like OpenCV's, within 1 level
 
 
 def two_crops(x, size):
@@ -285,7 +288,7 @@ def main(args):
     loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=itertools.count(step),
                                               num_workers=args.num_workers))
     val = data.SyntheticSequences("val", args.seed) if args.data == "synthetic" else \
-        data.open_eval(args.data, "val", args.kitti_val_split or args.kitti_split, args.kitti_raw)
+        data.open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw)
 
     def checkpoint():
         if master:
@@ -334,8 +337,9 @@ def get_parser():
     p.add_argument("--data", default="synthetic", help="'synthetic', 'vspw:ROOT', 'cityscapes:ROOT' or 'kitti:ROOT' "
                    "(its train split)")
     p.add_argument("--kitti-split", default="", help="KITTI list file of the training frames (Eigen split format)")
-    p.add_argument("--kitti-val-split", default="", help="KITTI list file for the held-out check (Eigen test)")
-    p.add_argument("--kitti-raw", default=None, help="folder of the raw KITTI drives (default ROOT/raw)")
+    p.add_argument("--kitti-val-split", default="", help="KITTI list for the held-out check (default: the Eigen "
+                   "test list, splits/kitti_eigen_test.txt)")
+    p.add_argument("--kitti-raw", default=None, help="root of the raw KITTI drives (default: the KITTI ROOT itself)")
     p.add_argument("--out", default="runs/head", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default=T.DINOV3_B16, help=f"DINOv3 hub id, local folder or random preset {list(T.VFM_PRESETS)}")
     p.add_argument("--size", type=int, default=512, help="crop side: the evaluation's S (512 main, 256 ablations)")

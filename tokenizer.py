@@ -137,22 +137,24 @@ MODEL_PRESETS = {
 
 
 class GatedAttention(DINOv3ViTAttention):
-    """DINOv3 attention with the released options: LayerNorm on each head's q and k, and a per-head sigmoid gate
-    on the attention output."""
+    """DINOv3 attention with the released options: LayerNorm on each head's q and k (no bias, the config's eps),
+    applied AFTER the RoPE rotation as the release does (normalising first computes another function with the same
+    weights), and a per-head sigmoid gate, computed from the attention's input, on each head's output before o_proj
+    (SPEC section 2)."""
 
     def __init__(self, config, qk_norm, gated):
         super().__init__(config)
-        self.q_norm = nn.LayerNorm(self.head_dim, bias=False) if qk_norm else None
-        self.k_norm = nn.LayerNorm(self.head_dim, bias=False) if qk_norm else None
+        norm = lambda: nn.LayerNorm(self.head_dim, eps=config.layer_norm_eps, bias=False) if qk_norm else None
+        self.q_norm, self.k_norm = norm(), norm()
         self.attn_gate = nn.Linear(self.embed_dim, self.num_heads) if gated else None
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, **kwargs):
         B, L, _ = hidden_states.shape
         q, k, v = (p(hidden_states).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)  # rotate, then normalise
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (B, H, L, hd)
         if self.attn_gate is not None:
             out = out * torch.sigmoid(self.attn_gate(hidden_states)).transpose(1, 2).unsqueeze(-1)
@@ -234,14 +236,21 @@ class DeltaTok(nn.Module):
         prev = torch.cat([first_prev.expand(B, N, C)[:, None], feats[:, :-1]], 1)
         return self.encode(prev.flatten(0, 1), feats.flatten(0, 1)).view(B, T, C)
 
-    def rollout(self, tokens, x0):
-        """Reconstruction rollout: decode tokens (B, T, C) one after the other, each step's previous features
-        being the last step's output; x0 (B, N, C) is the ground-truth frame before tokens[:, 0]."""
+    def reconstruct(self, targets, x0, sequential=True):
+        """Reconstruction rollout of the features targets (B, T, N, C) from x0 (B, N, C), the ground-truth frame
+        before them; each step decodes from the previous step's reconstruction (SPEC section 2, "DeltaTok mid").
+        sequential (the release): step t encodes targets[:, t] against the previous reconstruction, so errors do not
+        accumulate (appendix D's mitigation); parallel (appendix D's wording): all tokens are encoded at once from
+        ground-truth pairs, and errors accumulate. The two are identical for T = 1. Returns (B, T, N, C)."""
+        B, T, N, C = targets.shape
+        if not sequential:
+            prev = torch.cat([x0[:, None], targets[:, :-1]], 1)
+            tokens = self.encode(prev.flatten(0, 1), targets.flatten(0, 1)).view(B, T, 1, C)
         out, x = [], x0
-        for t in range(tokens.shape[1]):
-            x = self.decode(tokens[:, t:t + 1], x)
+        for t in range(T):
+            x = self.decode(self.encode(x, targets[:, t]) if sequential else tokens[:, t], x)
             out.append(x)
-        return torch.stack(out, 1)  # (B, T, N, C)
+        return torch.stack(out, 1)
 
 
 def build_deltatok(model, vfm, mode="delta", rope_rescale=2.0):
@@ -440,20 +449,29 @@ def run_bench(step_fn, flops_fn, batch, n, device, reference):
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
+def feature_loss(pred, target, kind="mse"):
+    """Reconstruction loss averaged over all elements: MSE (appendix A) or log-cosh (the release's recipe), computed
+    stably as |d| + softplus(-2|d|) - log 2 with d = pred - target (SPEC section 2)."""
+    d = pred.float() - target.float()
+    if kind == "mse":
+        return d.pow(2).mean()
+    return (d.abs() + F.softplus(-2 * d.abs()) - math.log(2)).mean()
+
+
 @torch.no_grad()
 def reconstruction_check(tok, vfm, clips, device, dtype, batch_size=16):
-    """Feature MSE and cosine of the reconstruction rollout at horizons 1 and 3 (clips of 4 frames: tokens from
-    ground truth, decoding from frame 0), with copy-last (frame 0) beside them."""
+    """Feature MSE and cosine of the reconstruction rollout from frame 0 at horizons 1 and 3 (clips of 4 frames),
+    sequential and parallel (the same at horizon 1), with copy-last (frame 0) beside them."""
     sums = {}
     for i in range(0, len(clips), batch_size):
         frames = clips[i:i + batch_size].to(device)
         with autocast(device, dtype):
             feats = vfm(frames).float()                                                    # (B, 4, N, C)
-            tokens = tok.encode(feats[:, :-1].flatten(0, 1), feats[:, 1:].flatten(0, 1))
-            recon = tok.rollout(tokens.view(len(frames), 3, -1), feats[:, 0]).float()      # (B, 3, N, C)
+            seq, par = (tok.reconstruct(feats[:, 1:], feats[:, 0], s).float() for s in (True, False))  # (B, 3, N, C)
         for h in (1, 3):
             target = feats[:, h]
-            for name, pred in (("deltatok", recon[:, h - 1]), ("copy_last", feats[:, 0])):
+            for name, pred in (("deltatok", seq[:, h - 1]), ("deltatok_parallel", par[:, h - 1]),
+                               ("copy_last", feats[:, 0])):
                 for metric, v in (("mse", (pred - target).pow(2).mean((1, 2))),
                                   ("cos", F.cosine_similarity(pred, target, dim=-1).mean(1))):
                     key = f"h{h}/{name}/{metric}"
@@ -467,8 +485,9 @@ def main(args):
     vfm = VFM(args.vfm).to(device)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     tok = build_deltatok(args.model, vfm, args.mode, None if args.no_rope_jitter else 2.0).to(device)
-    if args.init:
-        load_state_strict(tok, load_checkpoint(args.init), f"--init {args.init}")
+    if args.init:  # weights only: the optimizer and the step start fresh (the stages of the release's schedule)
+        init = load_checkpoint(args.init)
+        load_state_strict(tok, init.get("model", init), f"--init {args.init}")
     opt = make_optimizer(tok, args.lr, args.weight_decay, device)
 
     if args.bench:
@@ -478,7 +497,7 @@ def main(args):
         def step(model=tok_c, features=vfm_c, update=True, b=args.batch_size):
             with autocast(device, args.dtype):
                 feats = features(frames[:b])
-                loss = F.mse_loss(model(feats[:, 0], feats[:, 1]).float(), feats[:, 1].float())
+                loss = feature_loss(model(feats[:, 0], feats[:, 1]), feats[:, 1], args.loss)
             loss.backward()
             if update:
                 torch.nn.utils.clip_grad_norm_(tok.parameters(), args.grad_clip)
@@ -523,7 +542,7 @@ def main(args):
             with model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext():
                 with autocast(device, args.dtype):
                     feats = vfm_c(batch["frames"].to(device, non_blocking=True))  # (B, 2, N, C)
-                    loss = F.mse_loss(model_c(feats[:, 0], feats[:, 1]).float(), feats[:, 1].float())
+                    loss = feature_loss(model_c(feats[:, 0], feats[:, 1]), feats[:, 1], args.loss)
                 (loss / accum).backward()
             loss_sum += loss.detach() / accum
         if world > 1:
@@ -557,9 +576,10 @@ def main(args):
 
 def format_check(step, r):
     lines = [f"step {step} reconstruction check on held-out clips (feature MSE / cosine):"]
+    pair = lambda h, name: f"{r[f'h{h}/{name}/mse']:.4f} / {r[f'h{h}/{name}/cos']:.3f}"
     for h in (1, 3):
-        lines.append(f"  horizon {h}: DeltaTok {r[f'h{h}/deltatok/mse']:.4f} / {r[f'h{h}/deltatok/cos']:.3f}   "
-                     f"copy-last {r[f'h{h}/copy_last/mse']:.4f} / {r[f'h{h}/copy_last/cos']:.3f}")
+        lines.append(f"  horizon {h}: DeltaTok sequential {pair(h, 'deltatok')}   parallel "
+                     f"{pair(h, 'deltatok_parallel')}   copy-last {pair(h, 'copy_last')}")
     return "\n".join(lines)
 
 
@@ -574,7 +594,9 @@ def get_parser():
     p.add_argument("--vfm", default=DINOV3_B16, help=f"DINOv3 hub id, local folder, or a random preset {list(VFM_PRESETS)}")
     p.add_argument("--model", default="base", choices=list(MODEL_PRESETS), help="tokenizer size / variant")
     p.add_argument("--mode", default="delta", choices=["delta", "frame"], help="delta tokens or frame tokens")
-    p.add_argument("--init", default="", help="load a DeltaTok state dict (e.g. the released pytorch_model.bin)")
+    p.add_argument("--init", default="", help="start from these DeltaTok weights (a tokenizer.py ckpt.pt or the "
+                   "released pytorch_model.bin); optimizer and step start fresh")
+    p.add_argument("--loss", default="mse", choices=["mse", "log-cosh"], help="mse (the paper) or log-cosh (the release)")
     p.add_argument("--size", type=int, default=256, help="square crop side in pixels")
     p.add_argument("--stride", type=float, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
     p.add_argument("--steps", type=int, default=50_000)

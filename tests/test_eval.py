@@ -44,14 +44,18 @@ def test_eval_runs_end_to_end_and_present_beats_copy_last(ckpts, tmp_path):
         ["--ckpt", ckpts["tok"], "--heads", ckpts["seg"], ckpts["depth"], "--figures", "1", "--out", str(out),
          *COMMON]))["synthetic"]
     saved = json.load(open(out / "results.json"))
-    assert saved["kinds"] == ["deltatok"] and len(saved["results"]["synthetic"]) == len(results) == 5
+    assert saved["kinds"] == ["deltatok", "deltatok_parallel"]
+    assert len(saved["results"]["synthetic"]) == len(results) == 7
     present, copy_mid = results[("Present", "-", "-")], results[("Copy last", "mid", "-")]
     assert present["miou"] >= copy_mid["miou"]
     assert present["rmse"] <= copy_mid["rmse"]
     assert set(present) == {"miou", "rmse", "absrel", "delta1"}
-    assert ("DeltaTok reconstruction", "mid", "best") in results
-    assert sorted(os.listdir(out)) == ["results.json"] + [f"synthetic_0000_{h}_deltatok_reconstruction{r}.png"
-                                                          for h in ("mid", "short") for r in ("", "_rollout")]
+    seq, par = "DeltaTok reconstruction (sequential)", "DeltaTok reconstruction (parallel)"
+    assert results[(seq, "short", "best")] == results[(par, "short", "best")]  # one step: the same protocol
+    assert results[(seq, "mid", "best")] != results[(par, "mid", "best")]
+    assert sorted(os.listdir(out)) == ["results.json"] + [f"synthetic_0000_{h}_deltatok_reconstruction_{p}{r}.png"
+                                                          for h in ("mid", "short") for p in ("parallel", "sequential")
+                                                          for r in ("", "_rollout")]
 
 
 def test_features_file_best_and_mean_through_the_head(ckpts, tmp_path):

@@ -101,26 +101,26 @@ def test_kitti_sequences_crop_and_valid_mask(tmp_path):
     root, h, w = tmp_path / "kitti", 360, 1232
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     drive = "2011_09_26_drive_0002_sync"
-    for k in range(0, 15, 2):
+    for k in range(8, 21, 2):  # raw drives and ground truth unzipped into one root, as the release's README says
         img = np.stack([rows % 256, cols % 256, np.full_like(rows, k)], -1).astype(np.uint8)
-        save(f"{root}/raw/2011_09_26/{drive}/image_02/data/{k:010d}.png", img)
+        save(f"{root}/2011_09_26/{drive}/image_02/data/{k:010d}.png", img)
     depth = np.full((h, w), 10 * 256, np.uint16)
     depth[-1, :] = 0                  # no measurement
     depth[-2, :] = 90 * 256           # beyond 80 m
-    gt = f"{root}/val/{drive}/proj_depth/groundtruth/image_02/{14:010d}.png"
+    gt = f"{root}/val/{drive}/proj_depth/groundtruth/image_02/{20:010d}.png"
     os.makedirs(os.path.dirname(gt))
     Image.fromarray(depth).save(gt)
     split = tmp_path / "eigen.txt"
-    split.write_text(f"2011_09_26/{drive}/image_02/data/{14:010d}.png {drive}/proj_depth/groundtruth/image_02/"
-                     f"{14:010d}.png 721.5\n"
-                     f"2011_09_26/{drive}/image_02/data/{4:010d}.png None 721.5\n"      # no ground truth
-                     f"2011_09_26/{drive}/image_02/data/{10:010d}.png\n")                # too early for 7 frames
+    split.write_text(f"2011_09_26/{drive}/image_02/data/{20:010d}.png {drive}/proj_depth/groundtruth/image_02/"
+                     f"{20:010d}.png 721.5\n"
+                     f"2011_09_26/{drive}/image_02/data/{24:010d}.png None 721.5\n"     # no ground truth
+                     f"2011_09_26/{drive}/image_02/data/{18:010d}.png\n")               # before frame 19: skipped
     seq = data.open_eval(f"kitti:{root}", kitti_split=str(split))
-    assert len(seq) == 1 and seq.too_early == 1
+    assert len(seq) == 1
     item = seq.item(0)
     f = item["frames"]
     assert f.shape == (7, 352, 1216, 3)
-    assert [int(x[0, 0, 2]) for x in f] == [2, 4, 6, 8, 10, 12, 14] and np.allclose(item["times"], np.arange(7) * 0.2)
+    assert [int(x[0, 0, 2]) for x in f] == list(range(8, 21, 2)) and np.allclose(item["times"], np.arange(7) * 0.2)
     assert f[0, 0, 0, 0] == h - 352 and f[0, 0, 0, 1] == (w - 1216) // 2  # bottom rows, centred columns
     valid = item["valid"]
     assert item["depth"].shape == valid.shape == (352, 1216) and item["depth"][200, 600] == 10
@@ -129,10 +129,56 @@ def test_kitti_sequences_crop_and_valid_mask(tmp_path):
     assert not valid[-2:].any()                                 # d = 0 and d >= 80 are invalid
     assert valid.sum() == (r1 - r0 - 2) * (c1 - c0) if r1 >= 350 else True
     assert not valid[:r0].any() and not valid[:, :c0].any() and not valid[:, c1:].any()
-    with pytest.raises(ValueError, match="--kitti-split"):
-        data.open_eval(f"kitti:{root}")
+    with pytest.raises(data.UserError, match="--kitti-split"):  # training needs its own list, never the test one
+        data.open_eval(f"kitti:{root}", "train")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.open_eval(f"kitti:{tmp_path}/nowhere", kitti_split=str(split))
+
+
+def test_kitti_default_split_is_the_releases_603_sequences():
+    targets = data.kitti_targets(data.KITTI_EIGEN_TEST)
+    assert len(targets) == 603 and all(k >= 19 and depth not in (None, "None") for _, _, _, k, depth in targets)
+    assert sum(1 for line in open(data.KITTI_EIGEN_TEST) if line.strip()) == 697
+
+
+def test_vspw_skips_macos_metadata_and_names_unreadable_files(tmp_path):
+    root = tmp_path / "vspw"
+    (root / "val.txt").parent.mkdir(parents=True)
+    (root / "val.txt").write_text("v1\n")
+    for k in range(20):
+        save(f"{root}/data/v1/origin/{k:05d}.jpg", np.full((32, 48, 3), k, np.uint8))
+        (root / f"data/v1/origin/._{k:05d}.jpg").write_bytes(b"\0\5\26\7 Mac OS X metadata")
+    save(f"{root}/data/v1/mask/{19:05d}.png", np.full((32, 48), 3, np.uint8))
+    (root / f"data/v1/mask/._{19:05d}.png").write_bytes(b"\0\5\26\7")
+    seq = data.open_eval(f"vspw:{root}")
+    assert len(seq) == 1 and seq.item(0)["frames"].shape == (7, 32, 48, 3)
+    assert (seq.item(0)["classes"] == 2).all()
+    (root / f"data/v1/origin/{19:05d}.jpg").write_text("not a jpeg")
+    with pytest.raises(data.UserError, match=f"{19:05d}.jpg"):
+        seq.item(0)
+
+
+def test_resize_is_plain_bilinear_without_antialias():
+    """OpenCV INTER_LINEAR (half-pixel centres, no antialias), as the released heads were trained on. Reference by
+    hand: output pixel i reads the input at (i + 0.5) * scale - 0.5, between its two neighbours; 0.5x is then the
+    mean of 2 x 2 blocks, and 9 -> 6 reads at 0.25, 1.75, 3.25, ..."""
+    def weights(n_in, n_out):
+        w = np.zeros((n_out, n_in))
+        for i in range(n_out):
+            src = max((i + 0.5) * n_in / n_out - 0.5, 0)
+            i0 = int(src)
+            w[i, i0] += 1 - (src - i0)
+            w[i, min(i0 + 1, n_in - 1)] += src - i0
+        return w
+    rng = np.random.default_rng(0)
+    for (h, w), size in (((8, 12), 4), ((6, 9), 4)):  # 0.5x and 1.5x downscales
+        img = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+        got = H.resize_frames(img[None], size)[0].permute(1, 2, 0).numpy().astype(float)
+        want = np.einsum("ih,hwc,jw->ijc", weights(h, size), img.astype(float), weights(w, got.shape[1]))
+        assert got.shape[:2] == (size, round(w * size / h)) and np.abs(got - want).max() <= 1  # uint8 fixed point
+    smooth = F.interpolate(torch.as_tensor(img).permute(2, 0, 1)[None].float(), (4, 6), mode="bilinear",
+                           antialias=True)[0].permute(1, 2, 0).numpy()
+    assert np.abs(smooth - want).max() > 5  # an antialiased resize would not pass
 
 
 def test_synthetic_sequences_end_at_labelled_frames():

@@ -99,14 +99,78 @@ def test_clip_tokens_do_not_depend_on_other_clips(vfm, feats):
     torch.testing.assert_close(tokens[:, 2:3], tok.encode(feats[:, 1], feats[:, 2]), atol=1e-5, rtol=1e-5)
 
 
-def test_rollout_is_autoregressive(vfm, feats):
+def test_reconstruction_protocols(vfm, feats):
+    """Sequential (the release): each frame is encoded against the previous reconstruction; parallel: tokens from
+    ground-truth pairs, decoded one after the other. The same at one step, different after it."""
     tok = T.build_deltatok("tiny", vfm).eval()
     for p in tok.parameters():
         p.data += 0.05 * torch.randn_like(p)
-    tokens = tok.tokenize(feats, vfm.black(32, "cpu"))[:, 1:]
-    recon = tok.rollout(tokens, feats[:, 0])
-    step2 = tok.decode(tokens[:, 1:2], tok.decode(tokens[:, 0:1], feats[:, 0]))
-    torch.testing.assert_close(recon[:, 1], step2)
+    x0, y = feats[:, 0], feats[:, 1:]
+    seq, par = tok.reconstruct(y, x0, True), tok.reconstruct(y, x0, False)
+    r1 = tok.decode(tok.encode(x0, y[:, 0]), x0)
+    torch.testing.assert_close(seq[:, 0], r1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(par[:, 0], r1, atol=1e-5, rtol=1e-5)  # short horizon: identical
+    torch.testing.assert_close(seq[:, 1], tok.decode(tok.encode(r1, y[:, 1]), r1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(par[:, 1], tok.decode(tok.encode(y[:, 0], y[:, 1]), r1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(seq[:, 1], par[:, 1], atol=1e-4)
+
+
+def test_released_attention_rotates_then_normalises_q_and_k():
+    """The released block, written out by hand for one sequence: q, k, v projections; DINOv3's RoPE on the patch
+    tokens (the prefix token unrotated); THEN the per-head LayerNorm (no bias) on q and k; softmax attention; a
+    sigmoid gate per head from the attention's input; o_proj. A strict load cannot tell the orders apart."""
+    torch.manual_seed(0)
+    tok = T.DeltaTok(T.DeltaTokConfig(dim=32, heads=2, **T.MODEL_PRESETS["released"] | dict(depth=1)))
+    attn = tok.encoder_blocks[0].attention
+    for p in attn.parameters():
+        p.data = torch.randn_like(p)
+    x = torch.randn(1, 1 + 4, 32)  # a prefix token and a 2 x 2 patch grid
+    cos, sin = tok._rope(4, x)
+    got = attn(x, position_embeddings=(cos, sin))[0]
+
+    def rotate(t):  # (L, d): rotate the patch rows only, pairs (j, j + d/2)
+        half = t.shape[-1] // 2
+        rot = torch.cat([-t[:, half:], t[:, :half]], -1)
+        return torch.cat([t[:1], t[1:] * cos + rot[1:] * sin])
+
+    def norm(t, w):  # LayerNorm over the head's 16 dims, weight only
+        return (t - t.mean(-1, keepdim=True)) / torch.sqrt(t.var(-1, unbiased=False, keepdim=True) + 1e-5) * w
+
+    heads = []
+    for h in range(2):
+        sl = slice(16 * h, 16 * h + 16)
+        q = norm(rotate((x[0] @ attn.q_proj.weight.T + attn.q_proj.bias)[:, sl]), attn.q_norm.weight)
+        k = norm(rotate((x[0] @ attn.k_proj.weight.T)[:, sl]), attn.k_norm.weight)  # k_proj has no bias
+        v = (x[0] @ attn.v_proj.weight.T + attn.v_proj.bias)[:, sl]
+        gate = torch.sigmoid(x[0] @ attn.attn_gate.weight[h] + attn.attn_gate.bias[h])[:, None]
+        heads.append(gate * torch.softmax(q @ k.T / 4, -1) @ v)
+    want = torch.cat(heads, -1) @ attn.o_proj.weight.T + attn.o_proj.bias
+    torch.testing.assert_close(got[0], want, atol=1e-4, rtol=1e-4)
+    assert attn.q_norm.eps == attn.k_norm.eps == 1e-5 and attn.q_norm.bias is None
+
+
+def test_log_cosh_loss_is_stable_and_matches_the_definition():
+    d = torch.linspace(-5, 5, 101)
+    torch.testing.assert_close(T.feature_loss(d, torch.zeros(101), "log-cosh"), torch.log(torch.cosh(d)).mean())
+    big = torch.tensor([1e4, -1e4], requires_grad=True)
+    loss = T.feature_loss(big, torch.zeros(2), "log-cosh")
+    loss.backward()
+    assert torch.isfinite(loss) and abs(loss.item() - (1e4 - 0.6931)) < 1e-2  # cosh overflows; this does not
+    torch.testing.assert_close(big.grad, torch.tensor([0.5, -0.5]))  # d/dd log cosh = tanh, averaged over 2
+    assert T.feature_loss(d, torch.zeros(101)) == (d ** 2).mean()  # the default stays the paper's MSE
+
+
+def test_init_from_a_previous_stage_keeps_weights_and_starts_fresh(tmp_path):
+    """The release's staged schedule: --init a tokenizer.py checkpoint; the weights carry over, step and optimizer
+    start again."""
+    common = TINY + ["--global-batch", "4", "--batch-size", "4"]
+    train(*common, "--steps", "3", "--loss", "log-cosh", "--out", tmp_path / "s1")
+    train(*common, "--steps", "1", "--lr", "1e-30", "--init", tmp_path / "s1/ckpt.pt", "--out", tmp_path / "s2")
+    s1, s2 = (T.load_checkpoint(tmp_path / f"{s}/ckpt.pt") for s in ("s1", "s2"))
+    assert s2["step"] == 1 and s2["args"]["loss"] == "mse"
+    assert all(v["step"].item() == 1 for v in s2["optimizer"]["state"].values())  # fresh AdamW moments
+    for k, v in s1["model"].items():
+        torch.testing.assert_close(s2["model"][k], v, atol=1e-6, rtol=0)
 
 
 def test_tiny_tokenizer_overfits_small_set(vfm, feats):
