@@ -440,6 +440,16 @@ def main(args):
         frames = torch.randint(0, 256, (B, args.num_frames, 3, args.size, args.size), dtype=torch.uint8, device=device)
         times = torch.linspace(0, 0.2 * L, args.num_frames, device=device).expand(B, -1)
         cached = torch.randn(B, args.num_frames, C, device=device)
+        if args.bench_mode == "sample":  # eval's mid horizon: 4 context frames, 20 samples x 3 steps, decoded
+            eager = (world.predictor, tok.decode, vfm)
+            fast = tuple(map(torch.compile, eager)) if args.compile else eager
+
+            def sample(b=B):  # FLOPs are counted on one sequence with the eager modules
+                world.predictor, tok.decode, features = fast if b == B else eager
+                with torch.no_grad(), T.autocast(device, args.dtype):
+                    world.sample(features(frames[:b, :4]), times[:b, :7], 20, 3)
+            return T.run_bench(sample, lambda: sample(1), B, args.bench, device, "issue 13's target: at most 50 ms "
+                               "per sequence at 512 px, DeltaTok decoding included")
         vfm_c, tokenize_c, world_c = ((torch.compile(vfm), torch.compile(tok.tokenize), torch.compile(world))
                                       if args.compile else (vfm, tok.tokenize, world))
 
@@ -597,8 +607,9 @@ def get_parser():
     p.add_argument("--ckpt-every", type=int, default=1000)
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
     p.add_argument("--bench", type=int, default=0, help="time N training steps on random frames and exit")
-    p.add_argument("--bench-mode", default="delta", choices=["delta", "frame"], help="tokenizer of --bench without "
-                   "--tokenizer: random delta or frame tokenizer (Table 2, step 2)")
+    p.add_argument("--bench-mode", default="delta", choices=["delta", "frame", "sample"], help="delta / frame: the "
+                   "random tokenizer of --bench without --tokenizer (Table 2, step 2); sample: time sampling instead "
+                   "of training (20 samples x 3 steps from 4 context frames, --batch-size sequences at once)")
     return p
 
 

@@ -443,7 +443,29 @@ def run_bench(step_fn, flops_fn, batch, n, device, reference):
                   achieved_tflops=round(flops / ms / 1e9, 2), matmul_peak_tflops=round(peak / 1e12, 2),
                   fraction_of_matmul_peak=round(flops / (ms / 1000) / peak, 3), reference=reference)
     print(json.dumps(result, indent=1))
+    if os.environ.get("BENCH_JSON"):  # make bench-gpu: one row of its table
+        with open(os.environ["BENCH_JSON"], "a") as f:
+            f.write(json.dumps(dict(row=os.environ.get("BENCH_ROW", " ".join(sys.argv)), batch=batch, **result)) + "\n")
     return result
+
+
+def bench_table(jsonl, markdown):
+    """Write `make bench-gpu`'s rows (one JSON object per line; {"row", "failed"} for a bench that failed or ran out
+    of time) into the markdown file, between the lines <!-- bench-gpu --> and <!-- /bench-gpu -->."""
+    lines = ["| step | batch | time | peak memory | share of matmul peak | device |", "|---|---|---|---|---|---|"]
+    for r in map(json.loads, open(jsonl)):
+        if r.get("failed"):
+            lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |")
+            continue
+        per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
+        lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} GiB | "
+                     f"{100 * r['fraction_of_matmul_peak']:.0f}% of {r['matmul_peak_tflops']:.0f} TFLOP/s | "
+                     f"{r['device']} |")
+    text = open(markdown).read()
+    head, _, rest = text.partition("<!-- bench-gpu -->\n")
+    tail = rest.partition("<!-- /bench-gpu -->")[2]
+    with open(markdown, "w") as f:
+        f.write(head + "<!-- bench-gpu -->\n" + "\n".join(lines) + "\n<!-- /bench-gpu -->" + tail)
 
 
 # ----------------------------------------------------------------------------------------------------------------
