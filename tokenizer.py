@@ -24,6 +24,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
 from tqdm import tqdm
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
@@ -63,19 +65,25 @@ def load_dinov3(name):
     try:
         return DINOv3ViTModel.from_pretrained(name, attn_implementation="sdpa")
     except Exception as e:
-        text = f"{e} {e.__cause__}".lower()
-        if os.path.isdir(name):
-            hint = f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
-        elif "gated" in text or "401" in text or "403" in text or "access" in text:
-            hint = (f"{name} is gated: accept the DINOv3 licence on its Hugging Face page, then run "
-                    "`hf auth login` (or set HF_TOKEN), or pass --vfm /path/to/a/local/copy")
-        elif os.environ.get("HF_HUB_OFFLINE") or "offline" in text or "connect" in text:
-            hint = (f"{name} is not in the local Hugging Face cache and the hub cannot be reached: download it "
-                    f"once online (`hf download {name}`), or pass --vfm /path/to/a/local/copy")
-        else:
-            hint = (f"'{name}' is neither a hub id nor a folder (typo?); the paper uses {DINOV3_B16}. For an "
-                    f"offline run without weights use a random preset: {', '.join(VFM_PRESETS)}")
+        hint = (f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
+                if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
+                f"'{name}' is neither a hub id nor a folder (typo?); the paper uses {DINOV3_B16}. For an offline "
+                f"run without weights use a random preset: {', '.join(VFM_PRESETS)}")
         raise RuntimeError(f"could not load DINOv3 '{name}': {hint}.\n  cause: {type(e).__name__}: {e}") from None
+
+
+def hub_hint(name, e, local):
+    """How to fix a failed Hugging Face download of `name` (gated, offline), or None if the repo seems missing."""
+    text, kinds = f"{e} {e.__cause__}".lower(), {type(e).__name__, type(e.__cause__).__name__}
+    if "RepositoryNotFoundError" in kinds:  # its message mentions gated repos too
+        return None
+    if "gated" in text or "401" in text or "403" in text or "access" in text:
+        return (f"{name} is gated: accept the licence on its Hugging Face page, then run `hf auth login` (or set "
+                f"HF_TOKEN), or pass {local}")
+    if os.environ.get("HF_HUB_OFFLINE") or "offline" in text or "connect" in text:
+        return (f"{name} is not in the local Hugging Face cache and the hub cannot be reached: download it once "
+                f"online (`hf download {name}`), or pass {local}")
+    return None
 
 
 class VFM(nn.Module):
@@ -359,7 +367,19 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
+def checkpoint_path(path):
+    """A local file as is; a Hugging Face repo id 'org/name' -> its pytorch_model.bin (downloaded once, cached)."""
+    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.endswith((".pt", ".bin")):
+        return path
+    try:
+        return hf_hub_download(path, "pytorch_model.bin")
+    except Exception as e:
+        why = hub_hint(path, e, "a local path") or f"no such repo, or no pytorch_model.bin in it ({type(e).__name__})"
+        raise data.UserError(f"no file {path}, nor a Hugging Face repo id that could be fetched: {why}") from None
+
+
 def load_checkpoint(path):
+    path = checkpoint_path(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     return torch.load(path, map_location="cpu", weights_only=True)
