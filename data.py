@@ -186,6 +186,9 @@ class VideoFolder:
     Video files whose metadata cannot be read are left out, and counted, at start-up."""
 
     def __init__(self, root, fps=None):
+        if os.path.isfile(root):  # one video file (eval.py --video)
+            self.videos = [(root, _probe(root))]
+            return
         if not os.path.isdir(root):
             raise FileNotFoundError(f"video root {root!r} does not exist (or is not a folder)")
         self.videos, unreadable = [], []  # (frame paths, times) per frame folder, (path, (frames, rate)) per file

@@ -9,7 +9,7 @@ crop is predicted and scored on its half of the labels. Generative models draw N
 sample whose final features have the lowest smooth-L1 (beta 0.1) loss to the ground truth, *mean* averages the
 samples' features and applies the head once.
 
-What --ckpt can be (its "kind", or --kind for released .bin files):
+What --ckpt can be (its "kind", or --kind for released files; every checkpoint flag also takes a hub id):
   deltatok    reconstruction from the last context frame, two rows (SPEC section 2, "DeltaTok mid"): sequential
               (the release: each frame encoded against the previous reconstruction) and parallel (tokens from
               ground-truth pairs; errors accumulate); the same at the short horizon
@@ -25,9 +25,11 @@ Run it:
   # CPU, a minute: tiny checkpoints on the synthetic videos (train them with tokenizer.py, predictor.py, heads.py)
   python eval.py --ckpt runs/world_tiny/ckpt.pt --heads runs/seg_tiny/ckpt.pt runs/depth_tiny/ckpt.pt \
       --size 64 --samples 4 --max-sequences 32 --out runs/eval_tiny
-  # the released models, one dataset per command (README: reproducing the paper's table)
-  python eval.py --ckpt deltaworld-kinetics/pytorch_model.bin --kind deltaworld \
-      --tokenizer deltatok-kinetics/pytorch_model.bin --data vspw:/data/VSPW --heads seg-head-vspw/pytorch_model.bin
+  # the released models, one dataset per command (README: reproducing the paper's table); --rgb-head: RGB pictures
+  python eval.py --ckpt Amazon-FAR/deltaworld-kinetics --kind deltaworld --tokenizer Amazon-FAR/deltatok-kinetics \
+      --data vspw:/data/VSPW --heads Amazon-FAR/seg-head-vspw --rgb-head Amazon-FAR/rgb-head-imagenet
+  # forecast your own video: 4 frames 0.2 s apart from --start, 8 sampled futures -> figures and a GIF in --out
+  python eval.py --video my.mp4 --start 3 --ckpt ... (as above) --samples 8 --out runs/my_video
   # 8 GPUs: sequences are split over ranks, scores summed across them
   torchrun --standalone --nproc_per_node=8 eval.py --ckpt runs/deltaworld/ckpt.pt --data cityscapes:/data/cs ...
   # the compute breakdown of appendix Table B (ViT-B, 256 px; random weights, no download needed)
@@ -182,7 +184,10 @@ RAMP = np.array([[48, 18, 59], [70, 134, 251], [26, 228, 182], [164, 252, 60], [
 
 
 def colour(out, task, lo=None, hi=None):
-    """Head output (K, h, w) -> RGB uint8 (h, w, 3): class palette, or inverse depth through a colour ramp."""
+    """Head output (K, h, w) -> RGB uint8 (h, w, 3): class palette, inverse depth through a colour ramp, or the
+    RGB head's picture."""
+    if task == "rgb":
+        return (out.float().clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
     if task == "seg":
         return PALETTE[out.argmax(0).cpu().numpy() if out.ndim == 3 else out.cpu().numpy()]
     inv = 1 / out.reshape(out.shape[-2:]).float().clamp(min=1e-3).cpu().numpy()
@@ -203,7 +208,8 @@ def pca_colours(feats, fit):
 
 
 def draw(rows, path, tile=128):
-    """rows: lists of (title, RGB array); tiles resized to tile x tile (nearest), titled, one row per list."""
+    """rows: lists of (title, RGB array); tiles resized to tile x tile (nearest), titled, one row per list.
+    Returns the canvas (PIL image)."""
     width = max(len(r) for r in rows)
     canvas = Image.new("RGB", (width * tile, len(rows) * (tile + 14)), "white")
     pen = ImageDraw.Draw(canvas)
@@ -212,6 +218,7 @@ def draw(rows, path, tile=128):
             canvas.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (c * tile, r * (tile + 14) + 14))
             pen.text((c * tile + 2, r * (tile + 14)), title[:20], fill="black")
     canvas.save(path)
+    return canvas
 
 
 @torch.no_grad()
@@ -221,51 +228,62 @@ def head_maps(head, feats, size):
 
 
 def figure(path, item, feats, samples, preds, heads, size, max_samples=8):
-    """One sequence, crop 0: context and target frames; per head, ground truth, present, copy-last, best and mean;
-    PCA colourings of the same features; then several samples side by side (head and PCA)."""
+    """One sequence, crop 0: context and target frames; then per head (seg, depth, rgb) and as PCA colours: the
+    context frames, the ground truth (labels, or the frame for rgb, where there are), present, copy-last, best and
+    mean, and a row of samples."""
     frames = item["crops"][0].permute(0, 2, 3, 1).numpy()  # (7, S, S, 3)
     ctx = preds["context"]
+    names = [f"context {t}" for t in ctx] + ["present", "copy-last", "best", "mean"]
+    shown = torch.cat([feats[ctx], torch.stack([feats[TARGET], feats[ctx[-1]], preds["best"], preds["mean"]]),
+                       samples[:max_samples]])
     rows = [[(f"context {t}", frames[t]) for t in ctx] + [("target", frames[TARGET])]]
-    names = ["present", "copy-last", "best", "mean"]
-    maps = [feats[TARGET], feats[ctx[-1]], preds["best"], preds["mean"]]
-    shown = samples[:max_samples]
-    for task, head in heads.items():
-        label = torch.as_tensor(item["classes"] if task == "seg" else item["depth"])
-        gt = Hd.label_at(label, item["resized"], 0, 0, size)
-        out = head_maps(head, torch.stack(maps), size)
-        inv = 1 / gt[gt > 0].float() if task == "depth" else None
-        lo, hi = (inv.min().item(), inv.max().item()) if task == "depth" and len(inv) else (0, 1)
-        rows.append([("ground truth", colour(gt, task, lo, hi))] +
-                    [(n, colour(o, task, lo, hi)) for n, o in zip(names, out)])
+    for task, head in [*heads.items(), ("PCA", None)]:
+        key = {"seg": "classes", "depth": "depth"}.get(task)
+        if head is None:
+            tiles = pca_colours(shown, feats[TARGET])
+        else:
+            out = head_maps(head, shown, size)
+            lo, hi = map(float, (1 / out[len(ctx)].clamp(min=1e-3)).aminmax())  # inverse depth range of present
+            tiles = [colour(o, task, lo, hi) for o in out]
+        truth = frames[TARGET] if task == "rgb" else None if key not in item else \
+            colour(Hd.label_at(torch.as_tensor(item[key]), item["resized"], 0, 0, size), task, lo, hi)
+        row = [(f"{task} {n}", t) for n, t in zip(names, tiles)]
+        rows.append(row[:len(ctx)] + [(f"{task} ground truth", truth)] * (truth is not None) + row[len(ctx):])
         if len(samples) > 1:
-            outs = head_maps(head, shown, size)
-            rows.append([(f"sample {s}", colour(o, task, lo, hi)) for s, o in enumerate(outs)])
-    pca = pca_colours(torch.cat([feats[ctx], torch.stack(maps), shown]), feats[TARGET])
-    rows.append([(f"PCA context {t}", p) for t, p in zip(ctx, pca[:len(ctx)])])
-    rows.append([(f"PCA {n}", p) for n, p in zip(names, pca[len(ctx):len(ctx) + 4])])
-    if len(samples) > 1:
-        rows.append([(f"PCA sample {s}", p) for s, p in enumerate(pca[len(ctx) + 4:])])
+            rows.append([(f"{task} sample {s}", t) for s, t in enumerate(tiles[len(names):])])
     draw(rows, path)
 
 
 def rollout_figure(path, item, feats, rollout, best, ctx, heads, size, num_samples=3):
     """One sequence, crop 0, frames 0-6 left to right: the frames; per head, the head on the ground-truth features,
     then the rollout of the best sample and of `num_samples` other samples (their diversity): each predicted step
-    through the head, earlier columns repeating the head on the ground-truth features."""
+    through the head, earlier columns repeating the head on the ground-truth features. Returns the canvas."""
     frames = item["crops"][0].permute(0, 2, 3, 1).numpy()  # (7, S, S, 3)
     first = TARGET - rollout.shape[1] + 1  # frame of the first predicted step
     rows = [[(f"frame {t}" + (" (context)" if t in ctx else ""), frames[t]) for t in range(TARGET + 1)]]
     others = [s for s in range(len(rollout)) if s != best][:num_samples]
     for task, head in heads.items():
         truth = head_maps(head, feats, size)  # (7, K, S, S)
-        inv = 1 / truth.clamp(min=1e-3) if task == "depth" else None
-        lo, hi = (inv.min().item(), inv.max().item()) if task == "depth" else (0, 1)
+        lo, hi = map(float, (1 / truth.clamp(min=1e-3)).aminmax())
         rows.append([(f"{task} on frame {t}", colour(o, task, lo, hi)) for t, o in enumerate(truth)])
         for name, s in [("best", best)] + [(f"sample {s}", s) for s in others]:
             pred = head_maps(head, rollout[s], size)
             rows.append([(f"{task} {name}", colour(pred[t - first], task, lo, hi)) if t >= first else
                          (f"{task} on frame {t}", colour(truth[t], task, lo, hi)) for t in range(TARGET + 1)])
-    draw(rows, path)
+    return draw(rows, path)
+
+
+def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, gif=False):
+    """Both figures of one crop's rollout (S, steps, N, C) by model `name`: <stem>_<name>.png, the final step, and
+    <stem>_<name>_rollout.png; gif: also <stem>_<name>_rollout.gif, the rollout figure column by column."""
+    stem += "_" + name.lower().replace(" ", "_").replace("(", "").replace(")", "")
+    best, mean, index = best_and_mean(rollout[None, :, -1], feats[None, TARGET])
+    figure(stem + ".png", item, feats, rollout[:, -1], dict(context=ctx, best=best[0], mean=mean[0]), heads, size)
+    canvas = rollout_figure(stem + "_rollout.png", item, feats, rollout, index.item(), ctx, heads, size, num_samples)
+    if gif:
+        w = canvas.width // (TARGET + 1)
+        cols = [canvas.crop((c * w, 0, (c + 1) * w, canvas.height)) for c in range(TARGET + 1)]
+        cols[0].save(stem + "_rollout.gif", save_all=True, append_images=cols[1:], duration=500, loop=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,7 +291,7 @@ def rollout_figure(path, item, feats, rollout, best, ctx, heads, size, num_sampl
 
 
 @torch.no_grad()
-def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features=None):
+def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features=None, rgb=None):
     """Scores {(method, horizon, best|mean|-): {task: Score}} over this rank's share of the sequences."""
     n = min(len(sequences), args.max_sequences or len(sequences))
     loader = torch.utils.data.DataLoader(Crops(sequences, args.size, list(range(rank, n, world))),
@@ -308,18 +326,14 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
                     samples = rollout[:, :, -1]
                 if args.save_features:
                     saved[h].append(samples.view(len(items), 2, *samples.shape[1:]).half().cpu())
-                best, mean, best_index = best_and_mean(samples, feats[:, TARGET])
+                best, mean, _ = best_and_mean(samples, feats[:, TARGET])
                 add((name, h, "best"), best, items)
                 if samples.shape[1] > 1:
                     add((name, h, "mean"), mean, items)
                 for b, item in enumerate(items):
                     if item["index"] < args.figures:
-                        slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "")
-                        stem = os.path.join(args.out, f"{dataset}_{item['index']:04d}_{h}_{slug}")
-                        figure(stem + ".png", item, feats[2 * b], samples[2 * b],
-                               dict(context=CONTEXT[h], best=best[2 * b], mean=mean[2 * b]), heads, args.size)
-                        rollout_figure(stem + "_rollout.png", item, feats[2 * b], rollout[2 * b],
-                                       best_index[2 * b].item(), CONTEXT[h], heads, args.size)
+                        figures(os.path.join(args.out, f"{dataset}_{item['index']:04d}_{h}"), name, item,
+                                feats[2 * b], rollout[2 * b], CONTEXT[h], {**heads, **(rgb or {})}, args.size)
     if args.save_features:
         torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
                    args.save_features)
@@ -362,6 +376,34 @@ def table(results):
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines[1:]])
+
+
+@torch.no_grad()
+def forecast(args, models, vfm, heads, device):
+    """--video: 7 frames 0.2 s apart from --start (4 context frames, then the 3 that followed), one centre S x S
+    crop; each model rolls out --samples futures for 3 steps (the mid horizon) -> its figures and a GIF."""
+    try:
+        source = data.open_source(args.video, "val", seed=args.seed)
+        times = source.frame_times(0)
+    except Exception as e:
+        raise data.UserError(f"cannot read the video {args.video}: {e}") from None
+    want = args.start + 0.2 * np.arange(TARGET + 1)
+    if args.start < 0 or want[-1] > times[-1] + 0.02:
+        raise data.UserError(f"--start {args.start}: the forecast needs 1.2 s of video from there (4 context frames "
+                             f"and the 3 to compare with), and {args.video} is {times[-1]:.2f} s long")
+    idx = np.abs(times[:, None] - want).argmin(0).tolist()
+    x = Hd.resize_frames(source.read(0, idx), args.size)                             # (7, 3, Hr, Wr)
+    top, left = (x.shape[-2] - args.size) // 2, (x.shape[-1] - args.size) // 2
+    item = dict(crops=x[None, ..., top:top + args.size, left:left + args.size])      # (1, 7, 3, S, S)
+    with T.autocast(device, args.dtype):
+        feats = vfm(item["crops"][0].to(device)).float()                              # (7, N, C)
+    t = torch.as_tensor(times[idx] - times[idx[0]], device=device)[None]
+    for name, kind, model in models:
+        gen = torch.Generator(device).manual_seed(args.seed)
+        with T.autocast(device, args.dtype):
+            rollout = predict(kind, model, feats[None], t, "mid", args.samples, gen)[0]  # (S, 3, N, C)
+        figures(os.path.join(args.out, "video"), name, item, feats, rollout, CONTEXT["mid"], heads, args.size, 7, True)
+    print(f"figures and GIFs in {args.out}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,13 +466,19 @@ def main(args):
         raise SystemExit("give either --ckpt (a model to run) or --features (predictions made elsewhere)")
     if args.features and len(args.features) != len(args.data):
         raise SystemExit(f"--features needs one file per --data entry ({len(args.data)})")
+    if args.video and not args.ckpt:
+        raise data.UserError("--video forecasts with --ckpt models (not --features)")
     if args.save_features and len(args.ckpt) != 1:
         raise SystemExit("--save-features takes one --ckpt")
     vfms = {}  # one backbone for every model and for the ground truth
     models, vfm_name = load_models(args, device, vfms) if args.ckpt else ([(NAMES["features"], "features", None)], None)
     vfm_name = args.vfm or vfm_name or T.DINOV3_B16
     vfm = vfms.get(vfm_name) or T.VFM(vfm_name).to(device)
+    rgb = {"rgb": Hd.load_rgb_head(args.rgb_head, vfm, device)} if args.rgb_head else {}
     os.makedirs(args.out, exist_ok=True)
+    if args.video:
+        heads = {h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device)[0] for p in args.heads)}
+        return forecast(args, models, vfm, {**heads, **rgb}, device)
     results = {}
     for d, spec in enumerate(args.data):
         dataset = spec.partition(":")[0]
@@ -445,7 +493,7 @@ def main(args):
             missing = [h for h in args.horizons if h not in features]
             if missing:
                 raise SystemExit(f"{args.features[d]} has no {' / '.join(missing)} predictions: pass --horizons")
-        scores = evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features)
+        scores = evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features, rgb)
         results[dataset] = gather(scores)
     if rank == 0:
         print(table(results))
@@ -478,6 +526,11 @@ def get_parser():
                    "default: the KITTI ROOT itself)")
     p.add_argument("--heads", nargs="+", default=[], help="head checkpoints: PATH (any dataset whose task it "
                    "fits) or DATASET=PATH")
+    p.add_argument("--rgb-head", default="", help="RGB head (Amazon-FAR/rgb-head-imagenet or a file): an RGB row in "
+                   "every figure")
+    p.add_argument("--video", default="", help="forecast a video file (or 'synthetic', a built-in one): figures "
+                   "and a GIF in --out")
+    p.add_argument("--start", type=float, default=0.0, help="--video: seconds to its first context frame")
     p.add_argument("--vfm", default="", help="VFM override (default: the one the checkpoint records)")
     p.add_argument("--size", type=int, default=512, choices=None, help="crop side S: 512 main, 256 ablations")
     p.add_argument("--horizons", nargs="+", default=["short", "mid"], choices=["short", "mid"])
