@@ -51,7 +51,9 @@ demo: $(SETUP)
 	$(RUN) eval.py --ckpt $(OUT)/tokenizer/ckpt.pt $(OUT)/dinoworld/ckpt.pt $(OUT)/deltaworld/ckpt.pt \
 		--heads $(OUT)/seg_head/ckpt.pt $(OUT)/depth_head/ckpt.pt --size $(SIZE) --dtype $(DTYPE) --seed $(SEED) \
 		--samples 20 --max-sequences $(EVAL_SEQUENCES) --figures 2 --num-workers 1 --out $(OUT)/eval
-	@echo "table: $(OUT)/eval/results.json and above; figures: $(OUT)/eval/*.png"
+	$(RUN) eval.py --video synthetic --ckpt $(OUT)/deltaworld/ckpt.pt --heads $(OUT)/seg_head/ckpt.pt \
+		$(OUT)/depth_head/ckpt.pt --size $(SIZE) --dtype $(DTYPE) --seed $(SEED) --samples 8 --out $(OUT)/forecast
+	@echo "table: $(OUT)/eval/results.json and above; figures: $(OUT)/eval/*.png; forecast: $(OUT)/forecast/"
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
