@@ -378,10 +378,9 @@ def table(results):
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines[1:]])
 
 
-@torch.no_grad()
-def forecast(args, models, vfm, heads, device):
+def video_clip(args):
     """--video: 7 frames 0.2 s apart from --start (4 context frames, then the 3 that followed), one centre S x S
-    crop; each model rolls out --samples futures for 3 steps (the mid horizon) -> its figures and a GIF."""
+    crop -> (item for the figures, times (1, 7) in seconds from the first)."""
     try:
         source = data.open_source(args.video, "val", seed=args.seed)
         times = source.frame_times(0)
@@ -394,14 +393,19 @@ def forecast(args, models, vfm, heads, device):
     idx = np.abs(times[:, None] - want).argmin(0).tolist()
     x = Hd.resize_frames(source.read(0, idx), args.size)                             # (7, 3, Hr, Wr)
     top, left = (x.shape[-2] - args.size) // 2, (x.shape[-1] - args.size) // 2
-    item = dict(crops=x[None, ..., top:top + args.size, left:left + args.size])      # (1, 7, 3, S, S)
+    return dict(crops=x[None, ..., top:top + args.size, left:left + args.size]), \
+        torch.as_tensor(times[idx] - times[idx[0]])[None]                          # (1, 7, 3, S, S), (1, 7)
+
+
+@torch.no_grad()
+def forecast(args, item, t, models, vfm, heads, device):
+    """Each model rolls out --samples futures of the video clip for 3 steps (the mid horizon) -> figures and a GIF."""
     with T.autocast(device, args.dtype):
         feats = vfm(item["crops"][0].to(device)).float()                              # (7, N, C)
-    t = torch.as_tensor(times[idx] - times[idx[0]], device=device)[None]
     for name, kind, model in models:
         gen = torch.Generator(device).manual_seed(args.seed)
         with T.autocast(device, args.dtype):
-            rollout = predict(kind, model, feats[None], t, "mid", args.samples, gen)[0]  # (S, 3, N, C)
+            rollout = predict(kind, model, feats[None], t.to(device), "mid", args.samples, gen)[0]  # (S, 3, N, C)
         figures(os.path.join(args.out, "video"), name, item, feats, rollout, CONTEXT["mid"], heads, args.size, 7, True)
     print(f"figures and GIFs in {args.out}")
 
@@ -470,6 +474,7 @@ def main(args):
         raise data.UserError("--video forecasts with --ckpt models (not --features)")
     if args.save_features and len(args.ckpt) != 1:
         raise SystemExit("--save-features takes one --ckpt")
+    clip = video_clip(args) if args.video else None  # before loading any model: a mistake fails at once
     vfms = {}  # one backbone for every model and for the ground truth
     models, vfm_name = load_models(args, device, vfms) if args.ckpt else ([(NAMES["features"], "features", None)], None)
     vfm_name = args.vfm or vfm_name or T.DINOV3_B16
@@ -478,7 +483,7 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     if args.video:
         heads = {h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device)[0] for p in args.heads)}
-        return forecast(args, models, vfm, {**heads, **rgb}, device)
+        return forecast(args, *clip, models, vfm, {**heads, **rgb}, device)
     results = {}
     for d, spec in enumerate(args.data):
         dataset = spec.partition(":")[0]
@@ -510,9 +515,9 @@ def get_parser():
     p = argparse.ArgumentParser(description="Dense forecasting evaluation: segmentation and depth of predicted "
                                 "features (SPEC section 5).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", nargs="+", default=[], help="checkpoints to evaluate (one table): DeltaTok, DeltaWorld, "
-                   "DINO-world")
+                   "DINO-world (files or hub ids such as Amazon-FAR/deltaworld-kinetics)")
     p.add_argument("--kind", default="", choices=["", "deltatok", "deltaworld", "dinoworld"],
-                   help="what --ckpt is, for released pytorch_model.bin files that do not say")
+                   help="what --ckpt is, for released files (hub ids) that do not say")
     p.add_argument("--tokenizer", default="", help="DeltaTok checkpoint for a DeltaWorld (default: the recorded one)")
     p.add_argument("--features", nargs="+", default=[], help="predicted features files, one per --data entry "
                    "(format in the docstring) instead of --ckpt")

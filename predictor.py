@@ -240,7 +240,7 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None):
     released = "config" not in ckpt  # the released pytorch_model.bin: a bare state dict of the ViT-B predictor
     if released and not tokenizer:
         raise SystemExit(f"{path} is a bare state dict (released weights): pass the DeltaTok it goes with, "
-                         "e.g. --tokenizer deltatok-kinetics/pytorch_model.bin")
+                         "e.g. --tokenizer Amazon-FAR/deltatok-kinetics")
     tok, vfm_name = T.load_deltatok(tokenizer or ckpt["tokenizer"], device)
     vfm = vfm if vfm is not None else T.VFM(vfm_name if released else ckpt["vfm"] or vfm_name).to(device)
     if released:

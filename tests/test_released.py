@@ -232,5 +232,8 @@ def test_video_forecast_from_hub_ids_writes_figures_and_a_gif(offline_hub, tmp_p
     for t in range(7):  # 0.2 s apart from --start 0.4: video frames 10, 15, ..., 40, grey 50, 75, ..., 200
         gif.seek(t)
         assert abs(tile(np.asarray(gif.convert("RGB")).astype(float), 0, 0).mean() - (50 + 25 * t)) < 4, t
-    status, err = run_cli(monkeypatch, capsys, *common, "--start", "0.8")  # 0.8 + 1.2 s > 1.92 s
-    assert status == 2 and err.strip().count("\n") == 0 and "needs 1.2 s of video" in err, err
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    for args, message in [((*common, "--start", "0.8"), "needs 1.2 s of video"),  # 0.8 + 1.2 s > 1.92 s
+                          (("--video", tmp_path / "broken.mp4", "--ckpt", "Test/deltaworld"), "cannot read the video")]:
+        status, err = run_cli(monkeypatch, capsys, *args)
+        assert status == 2 and err.strip().count("\n") == 0 and message in err, err
