@@ -54,7 +54,7 @@ def tok_ckpt(tmp_path_factory):
     """A tiny DeltaTok trained briefly on the synthetic videos (about 10 s): good enough to beat copy-last."""
     out = tmp_path_factory.mktemp("tok")
     torch.set_num_threads(1)
-    T.main(T.get_parser().parse_args(["--vfm", "tiny", "--model", "tiny", "--size", "32", "--steps", "100",
+    T.main(T.get_parser().parse_args(["--vfm", "tiny", "--model", "tiny", "--size", "32", "--steps", "150",
                                       "--global-batch", "16", "--batch-size", "16", "--warmup", "10",
                                       "--num-workers", "0", "--val-clips", "4", "--eval-every", "1000",
                                       "--no-rope-jitter", "--dtype", "fp32", "--out", str(out)]))
