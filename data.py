@@ -11,10 +11,14 @@ Two sources share one interface (`len(source)`, `source.frame_times(i)`, `source
 workers and processes: the union over ranks and micro-steps of step s is always clips j = 0 .. global_batch - 1.
 """
 
+import argparse
 import functools
 import itertools
+import multiprocessing
 import os
 import sys
+import time
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -167,8 +171,12 @@ def _stem_seconds(name):
 
 
 def _probe(path):
-    """(number of frames, frame rate) from the stream's metadata, without decoding."""
+    """(number of frames, frame rate, None) from the stream's metadata, without decoding; for a copy made by
+    `prepare`, the original's (frames, rate, (height, width))."""
     with av.open(path) as container:
+        tag = container.metadata.get("comment", "").split()
+        if tag[:1] == [PREPARED]:
+            return int(tag[1]), float(tag[2]), (int(tag[3]), int(tag[4]))
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate)
         n = stream.frames
@@ -177,7 +185,7 @@ def _probe(path):
             n = round(float(seconds) * rate)
     if n <= 0 or rate <= 0:
         raise ValueError(f"no frames in {path}")
-    return n, rate
+    return n, rate, None
 
 
 class VideoFolder:
@@ -191,7 +199,7 @@ class VideoFolder:
             return
         if not os.path.isdir(root):
             raise FileNotFoundError(f"video root {root!r} does not exist (or is not a folder)")
-        self.videos, unreadable = [], []  # (frame paths, times) per frame folder, (path, (frames, rate)) per file
+        self.videos, unreadable = [], []  # (frame paths, times) per frame folder, (path, _probe(path)) per file
         for folder, subfolders, files in os.walk(root, followlinks=True):
             subfolders.sort()  # walk in a fixed order so video i is the same on every rank
             images = sorted(f for f in files if f.lower().endswith(IMAGE_EXTS))
@@ -200,11 +208,11 @@ class VideoFolder:
             for f in sorted(f for f in files if f.lower().endswith(VIDEO_EXTS)):
                 path = os.path.join(folder, f)
                 try:
-                    n, rate = _probe(path)
+                    info = _probe(path)
                 except Exception:
                     unreadable.append(path)
                     continue
-                self.videos.append((path, (n, rate)))  # not times: a big corpus would hold them all in memory
+                self.videos.append((path, info))  # not times: a big corpus would hold them all in memory
         if unreadable:
             print(f"warning: skipped {len(unreadable)} unreadable videos: {', '.join(unreadable[:5])}")
         if not self.videos:
@@ -235,24 +243,92 @@ class VideoFolder:
         idx = list(idx)
         if isinstance(source, list):
             return np.stack([np.asarray(Image.open(source[k]).convert("RGB")) for k in idx])
-        rate = info[1]
-        frames = {}
-        with av.open(source) as container:
+        want, frames = set(idx), {}
+        # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
+        with av.open(source, options={"skip_frame": "all"}) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            tb, t0 = float(stream.time_base), stream.start_time or 0
-            # seek to the key frame at or before the first wanted frame, then decode forward
+            decoder = stream.codec_context
+            decoder.thread_count = 1  # one thread per worker: threads add latency, and workers fill the cores
+            tb, t0, rate = float(stream.time_base), stream.start_time or 0, info[1]
+            index = lambda pts: round((pts - t0) * tb * rate)  # noqa: E731
+            # demux from the key frame at or before the first wanted frame until every wanted frame is in
             container.seek(t0 + int(min(idx) / rate / tb), stream=stream)
-            for frame in container.decode(stream):
-                k = round((frame.pts - t0) * tb * rate)
-                if k in idx:
-                    frames[k] = frame.to_ndarray(format="rgb24")
-                if k >= max(idx):
-                    break
-        missing = sorted(set(idx) - set(frames))
+            packets, seen = [], set()
+            for p in itertools.takewhile(lambda p: p.pts is not None and not want <= seen, container.demux(stream)):
+                packets.append(p)
+                seen.add(index(p.pts))
+            # decode from the last key frame before each wanted frame up to it, draining and resetting the decoder
+            # before each jump (as a seek does); frames no other frame refers to (half of H.264 with B-frames) only
+            # if wanted
+            level, keys = np.zeros(len(packets) + 1, int), []  # 0: skip, 1: decode if referenced, 2: decode
+            for n, p in enumerate(packets):
+                keys += [(index(p.pts), n)] * p.is_keyframe
+                if index(p.pts) in want:
+                    start = max(m for k, m in keys if k <= index(p.pts))  # an open GOP shows some frames before its key
+                    level[start:n] = np.maximum(level[start:n], 1)
+                    level[n] = 2
+
+            def keep(decoded):
+                frames.update((index(f.pts), f.to_ndarray(format="rgb24")) for f in decoded if index(f.pts) in want)
+
+            for n, p in enumerate(packets):
+                if level[n]:
+                    decoder.skip_frame = "DEFAULT" if level[n] == 2 else "NONREF"
+                    keep(decoder.decode(p))
+                if level[n] and not level[n + 1]:
+                    keep(decoder.decode(None))
+                    decoder.flush_buffers()
+        missing = sorted(want - set(frames))
         if missing:
             raise RuntimeError(f"could not decode frames {missing} of {source}")
         return np.stack([frames[k] for k in idx])  # (T, H, W, 3) uint8
+
+    def original_size(self, i):
+        """(height, width) of the original of a video made by `prepare`, else None."""
+        source, info = self.videos[i]
+        return None if isinstance(source, list) else info[2]
+
+
+PREPARED = "deltatok-prepared"  # the comment tag of a copy made by `prepare`: frames, rate, height, width
+
+
+def prepare(src, dst, short_side=288, workers=1):
+    """Copy every video file under `src` to the same path under `dst` (as .mp4) for fast random access: H.264 at
+    short side `short_side`, a key frame every 8 frames and no B-frames, so a wanted frame costs at most 8 small
+    decodes. Frame k stays frame k, with the original's frame count, rate and size in the file, so that
+    ClipDataset cuts the same clips (frames, times and crops) at a lower resolution. Frame folders are left out."""
+    jobs = [(path, os.path.join(dst, os.path.splitext(os.path.relpath(path, src))[0] + ".mp4"), info, short_side)
+            for path, info in VideoFolder(src).videos if not isinstance(path, list)]
+    with multiprocessing.Pool(workers) as pool:
+        for n, out in enumerate(pool.imap_unordered(_prepare_one, jobs)):
+            print(f"{n + 1}/{len(jobs)} {out}", flush=True)
+
+
+def _prepare_one(job):
+    path, out, (n, rate, _), short_side = job
+    if os.path.exists(out):  # done by an earlier run
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with av.open(path) as src, av.open(out + ".tmp", "w", format="mp4") as dst:
+        stream = src.streams.video[0]
+        height, width, scale = stream.height, stream.width, short_side / min(stream.height, stream.width)
+        dst.metadata["comment"] = f"{PREPARED} {n} {rate!r} {height} {width}"
+        fps = Fraction(rate).limit_denominator(1 << 16)
+        copy = dst.add_stream("libx264", rate=fps)
+        copy.height, copy.width, copy.pix_fmt = 2 * round(height * scale / 2), 2 * round(width * scale / 2), "yuv420p"
+        copy.codec_context.gop_size = 8
+        copy.codec_context.options = {"keyint_min": "8", "sc_threshold": "0", "bf": "0", "tune": "fastdecode",
+                                      "preset": "veryfast", "crf": "20", "threads": "1"}
+        tb, t0, last = float(stream.time_base), stream.start_time or 0, -1
+        for frame in src.decode(stream):
+            k = round((frame.pts - t0) * tb * rate)
+            if k > last:  # frame k of the original is frame k of the copy
+                frame = frame.reformat(copy.width, copy.height, "yuv420p", interpolation="AREA")
+                frame.pts, frame.time_base, last = k, 1 / fps, k
+                dst.mux(copy.encode(frame))
+        dst.mux(copy.encode())
+    os.replace(out + ".tmp", out)
+    return out
 
 
 def open_source(root, split="train", fps=None, seed=0):
@@ -320,7 +396,11 @@ class ClipDataset:
             except Exception:
                 skipped += 1
                 continue
-            top, left, h, w = _crop_box(rng, frames.shape[1], frames.shape[2], self.scale, self.ratio)
+            # a copy made by `prepare` is smaller: its crop is drawn in the original's pixels and scaled, so that
+            # it cuts the same clip as the original
+            height, width = getattr(self.source, "original_size", lambda i: None)(i) or frames.shape[1:3]
+            box = np.array(_crop_box(rng, height, width, self.scale, self.ratio))
+            top, left, h, w = np.round(box * np.tile(np.divide(frames.shape[1:3], (height, width)), 2)).astype(int)
             # one crop for the whole clip, resized to a square (a small aspect distortion, appendix A); resizing the
             # uint8 frames directly is 6x faster than through float
             crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
@@ -597,3 +677,45 @@ def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0):
             raise UserError("KITTI training needs a list of training frames (Eigen format): pass --kitti-split FILE")
         return KITTISequences(root, kitti_split or KITTI_EIGEN_TEST, kitti_raw)
     raise ValueError(f"unknown dataset {name!r}: one of synthetic, vspw, cityscapes, kitti")
+
+
+# -----------------------------------------------------------------------------
+# command line: prepare real videos for training, or measure how fast clips are read
+
+
+def _bench_worker(clips, worker, seconds):
+    torch.set_num_threads(1)
+    start, n = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        clips.sample(worker, n)
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def main(args):
+    if args.prepare:
+        return prepare(*args.prepare, args.short_side, args.workers)
+    clips = ClipDataset(VideoFolder(args.bench), num_frames=args.num_frames, size=args.size)
+    with multiprocessing.Pool(args.workers) as pool:
+        rates = pool.starmap(_bench_worker, [(clips, w, args.seconds) for w in range(args.workers)])
+    for w, r in enumerate(rates):
+        print(f"worker {w}: {r:.1f} clips/s ({1000 / r:.1f} ms per clip)")
+    print(f"total: {sum(rates):.1f} clips/s with {args.workers} workers ({args.num_frames}-frame clips, {args.size} px)")
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="Prepare real videos for fast reading, or measure clips/s.")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--bench", metavar="DIR", help="read training clips from the videos under DIR, print clips/s")
+    mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy the videos under SRC to DST for fast "
+                      "random access (short side --short-side, a key frame every 8 frames); train on DST")
+    parser.add_argument("--workers", type=int, default=1, help="processes, each with one thread")
+    parser.add_argument("--short-side", type=int, default=288, help="--prepare: rows of a landscape video's copy")
+    parser.add_argument("--num-frames", type=int, default=2, help="--bench: frames per clip")
+    parser.add_argument("--size", type=int, default=256, help="--bench: crop size in pixels")
+    parser.add_argument("--seconds", type=float, default=20.0, help="--bench: how long each worker reads")
+    return parser
+
+
+if __name__ == "__main__":
+    cli(main, get_parser())
