@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import sys
 import time
-from fractions import Fraction
 
 import av
 import numpy as np
@@ -171,12 +170,12 @@ def _stem_seconds(name):
 
 
 def _probe(path):
-    """(number of frames, frame rate, None) from the stream's metadata, without decoding; for a copy made by
-    `prepare`, the original's (frames, rate, (height, width))."""
+    """(number of frames, frame rate) from the stream's metadata, without decoding (a copy made by `prepare`: the
+    original's, so that both have the same frame times)."""
     with av.open(path) as container:
         tag = container.metadata.get("comment", "").split()
         if tag[:1] == [PREPARED]:
-            return int(tag[1]), float(tag[2]), (int(tag[3]), int(tag[4]))
+            return int(tag[1]), float(tag[2])
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate)
         n = stream.frames
@@ -185,7 +184,7 @@ def _probe(path):
             n = round(float(seconds) * rate)
     if n <= 0 or rate <= 0:
         raise ValueError(f"no frames in {path}")
-    return n, rate, None
+    return n, rate
 
 
 class VideoFolder:
@@ -199,7 +198,7 @@ class VideoFolder:
             return
         if not os.path.isdir(root):
             raise FileNotFoundError(f"video root {root!r} does not exist (or is not a folder)")
-        self.videos, unreadable = [], []  # (frame paths, times) per frame folder, (path, _probe(path)) per file
+        self.videos, unreadable = [], []  # (frame paths, times) per frame folder, (path, (frames, rate)) per file
         for folder, subfolders, files in os.walk(root, followlinks=True):
             subfolders.sort()  # walk in a fixed order so video i is the same on every rank
             images = sorted(f for f in files if f.lower().endswith(IMAGE_EXTS))
@@ -208,11 +207,11 @@ class VideoFolder:
             for f in sorted(f for f in files if f.lower().endswith(VIDEO_EXTS)):
                 path = os.path.join(folder, f)
                 try:
-                    info = _probe(path)
+                    n, rate = _probe(path)
                 except Exception:
                     unreadable.append(path)
                     continue
-                self.videos.append((path, info))  # not times: a big corpus would hold them all in memory
+                self.videos.append((path, (n, rate)))  # not times: a big corpus would hold them all in memory
         if unreadable:
             print(f"warning: skipped {len(unreadable)} unreadable videos: {', '.join(unreadable[:5])}")
         if not self.videos:
@@ -247,81 +246,56 @@ class VideoFolder:
         # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
         with av.open(source, options={"skip_frame": "all"}) as container:
             stream = container.streams.video[0]
-            decoder = stream.codec_context
-            decoder.thread_count = 1  # one thread per worker: threads add latency, and workers fill the cores
+            stream.codec_context.thread_count = 1  # threads add latency; one process per core is faster
             tb, t0, rate = float(stream.time_base), stream.start_time or 0, info[1]
-            index = lambda pts: round((pts - t0) * tb * rate)  # noqa: E731
-            # demux from the key frame at or before the first wanted frame until every wanted frame is in
+            # seek to the key frame at or before the first wanted frame, then decode forward, skipping the frames
+            # that no other frame refers to unless wanted (half the frames of H.264 with B-frames)
             container.seek(t0 + int(min(idx) / rate / tb), stream=stream)
-            packets, seen = [], set()
-            for p in itertools.takewhile(lambda p: p.pts is not None and not want <= seen, container.demux(stream)):
-                packets.append(p)
-                seen.add(index(p.pts))
-            # decode from the last key frame before each wanted frame up to it, draining and resetting the decoder
-            # before each jump (as a seek does); frames no other frame refers to (half of H.264 with B-frames) only
-            # if wanted
-            level, keys = np.zeros(len(packets) + 1, int), []  # 0: skip, 1: decode if referenced, 2: decode
-            for n, p in enumerate(packets):
-                keys += [(index(p.pts), n)] * p.is_keyframe
-                if index(p.pts) in want:
-                    start = max(m for k, m in keys if k <= index(p.pts))  # an open GOP shows some frames before its key
-                    level[start:n] = np.maximum(level[start:n], 1)
-                    level[n] = 2
-
-            def keep(decoded):
-                frames.update((index(f.pts), f.to_ndarray(format="rgb24")) for f in decoded if index(f.pts) in want)
-
-            for n, p in enumerate(packets):
-                if level[n]:
-                    decoder.skip_frame = "DEFAULT" if level[n] == 2 else "NONREF"
-                    keep(decoder.decode(p))
-                if level[n] and not level[n + 1]:
-                    keep(decoder.decode(None))
-                    decoder.flush_buffers()
-        missing = sorted(want - set(frames))
-        if missing:
-            raise RuntimeError(f"could not decode frames {missing} of {source}")
+            for packet in container.demux(stream):
+                wanted = packet.pts is None or round((packet.pts - t0) * tb * rate) in want  # None: the last packet
+                stream.codec_context.skip_frame = "DEFAULT" if wanted else "NONREF"
+                for frame in packet.decode():
+                    k = round((frame.pts - t0) * tb * rate)
+                    if k in want:
+                        frames[k] = frame.to_ndarray(format="rgb24")
+                if len(frames) == len(want):
+                    break
+        if len(frames) < len(want):
+            raise RuntimeError(f"could not decode frames {sorted(want - set(frames))} of {source}")
         return np.stack([frames[k] for k in idx])  # (T, H, W, 3) uint8
 
-    def original_size(self, i):
-        """(height, width) of the original of a video made by `prepare`, else None."""
-        source, info = self.videos[i]
-        return None if isinstance(source, list) else info[2]
 
-
-PREPARED = "deltatok-prepared"  # the comment tag of a copy made by `prepare`: frames, rate, height, width
+PREPARED = "deltatok-prepared"  # tags a copy made by `prepare`, followed by the original's frame count and rate
 
 
 def prepare(src, dst, short_side=288, workers=1):
-    """Copy every video file under `src` to the same path under `dst` (as .mp4) for fast random access: H.264 at
-    short side `short_side`, a key frame every 8 frames and no B-frames, so a wanted frame costs at most 8 small
-    decodes. Frame k stays frame k, with the original's frame count, rate and size in the file, so that
-    ClipDataset cuts the same clips (frames, times and crops) at a lower resolution. Frame folders are left out."""
+    """Copy the video files under `src` to the same paths under `dst` (as .mp4), made for random access: H.264 at
+    short side `short_side`, a key frame every 16 frames, and 3 B-frames between references that nothing refers
+    to (read skips them). Frame k stays frame k, with the original's frame count and rate, so that ClipDataset cuts
+    the same clips: the same frames, times and (RandomResizedCrop being relative to the frame) crop distribution."""
     jobs = [(path, os.path.join(dst, os.path.splitext(os.path.relpath(path, src))[0] + ".mp4"), info, short_side)
-            for path, info in VideoFolder(src).videos if not isinstance(path, list)]
+            for path, info in VideoFolder(src).videos if not isinstance(path, list)]  # frame folders are left out
     with multiprocessing.Pool(workers) as pool:
         for n, out in enumerate(pool.imap_unordered(_prepare_one, jobs)):
             print(f"{n + 1}/{len(jobs)} {out}", flush=True)
 
 
 def _prepare_one(job):
-    path, out, (n, rate, _), short_side = job
-    if os.path.exists(out):  # done by an earlier run
+    path, out, (n, rate), short_side = job
+    if os.path.exists(out):  # copied by an earlier run
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with av.open(path) as src, av.open(out + ".tmp", "w", format="mp4") as dst:
         stream = src.streams.video[0]
-        height, width, scale = stream.height, stream.width, short_side / min(stream.height, stream.width)
-        dst.metadata["comment"] = f"{PREPARED} {n} {rate!r} {height} {width}"
-        fps = Fraction(rate).limit_denominator(1 << 16)
-        copy = dst.add_stream("libx264", rate=fps)
-        copy.height, copy.width, copy.pix_fmt = 2 * round(height * scale / 2), 2 * round(width * scale / 2), "yuv420p"
-        copy.codec_context.gop_size = 8
-        copy.codec_context.options = {"keyint_min": "8", "sc_threshold": "0", "bf": "0", "tune": "fastdecode",
-                                      "preset": "veryfast", "crf": "20", "threads": "1"}
-        tb, t0, last = float(stream.time_base), stream.start_time or 0, -1
+        fps = stream.average_rate or stream.guessed_rate
+        scale, last = short_side / min(stream.height, stream.width), -1
+        copy = dst.add_stream("libx264", fps, width=2 * round(stream.width * scale / 2), pix_fmt="yuv420p",
+                              height=2 * round(stream.height * scale / 2), gop_size=16, options=dict(
+                                  keyint_min="16", sc_threshold="0", bf="3", tune="fastdecode", preset="veryfast",
+                                  crf="20", threads="1", **{"x264-params": "b-pyramid=none:b-adapt=0"}))
+        dst.metadata["comment"] = f"{PREPARED} {n} {rate!r}"
         for frame in src.decode(stream):
-            k = round((frame.pts - t0) * tb * rate)
+            k = round((frame.pts - (stream.start_time or 0)) * float(stream.time_base) * rate)
             if k > last:  # frame k of the original is frame k of the copy
                 frame = frame.reformat(copy.width, copy.height, "yuv420p", interpolation="AREA")
                 frame.pts, frame.time_base, last = k, 1 / fps, k
@@ -396,11 +370,7 @@ class ClipDataset:
             except Exception:
                 skipped += 1
                 continue
-            # a copy made by `prepare` is smaller: its crop is drawn in the original's pixels and scaled, so that
-            # it cuts the same clip as the original
-            height, width = getattr(self.source, "original_size", lambda i: None)(i) or frames.shape[1:3]
-            box = np.array(_crop_box(rng, height, width, self.scale, self.ratio))
-            top, left, h, w = np.round(box * np.tile(np.divide(frames.shape[1:3], (height, width)), 2)).astype(int)
+            top, left, h, w = _crop_box(rng, frames.shape[1], frames.shape[2], self.scale, self.ratio)
             # one crop for the whole clip, resized to a square (a small aspect distortion, appendix A); resizing the
             # uint8 frames directly is 6x faster than through float
             crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
@@ -683,37 +653,28 @@ def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0):
 # command line: prepare real videos for training, or measure how fast clips are read
 
 
-def _bench_worker(clips, worker, seconds):
-    torch.set_num_threads(1)
-    start, n = time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        clips.sample(worker, n)
-        n += 1
-    return n / (time.perf_counter() - start)
-
-
 def main(args):
     if args.prepare:
         return prepare(*args.prepare, args.short_side, args.workers)
-    clips = ClipDataset(VideoFolder(args.bench), num_frames=args.num_frames, size=args.size)
-    with multiprocessing.Pool(args.workers) as pool:
-        rates = pool.starmap(_bench_worker, [(clips, w, args.seconds) for w in range(args.workers)])
-    for w, r in enumerate(rates):
-        print(f"worker {w}: {r:.1f} clips/s ({1000 / r:.1f} ms per clip)")
-    print(f"total: {sum(rates):.1f} clips/s with {args.workers} workers ({args.num_frames}-frame clips, {args.size} px)")
+    # what training sees: make_loader's worker processes (one thread each), 8 clips a batch, for 20 s
+    loader = make_loader(ClipDataset(VideoFolder(args.bench), args.num_frames), 8, num_workers=args.workers)
+    next(loader)  # workers started
+    start, clips = time.perf_counter(), 0
+    while time.perf_counter() < start + 20:
+        clips += len(next(loader)["frames"])
+    total = clips / (time.perf_counter() - start)
+    print(f"{total:.1f} clips/s, {total / args.workers:.1f} per worker ({args.num_frames}-frame clips, 256 px)")
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Prepare real videos for fast reading, or measure clips/s.")
+    parser = argparse.ArgumentParser(description="Copy real videos for fast reading, or measure reading speed.")
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--bench", metavar="DIR", help="read training clips from the videos under DIR, print clips/s")
+    mode.add_argument("--bench", metavar="DIR", help="read training clips from the videos under DIR for 20 s")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy the videos under SRC to DST for fast "
-                      "random access (short side --short-side, a key frame every 8 frames); train on DST")
+                      "random access (see `prepare`); then train on DST")
     parser.add_argument("--workers", type=int, default=1, help="processes, each with one thread")
-    parser.add_argument("--short-side", type=int, default=288, help="--prepare: rows of a landscape video's copy")
+    parser.add_argument("--short-side", type=int, default=288, help="--prepare: height of a landscape copy")
     parser.add_argument("--num-frames", type=int, default=2, help="--bench: frames per clip")
-    parser.add_argument("--size", type=int, default=256, help="--bench: crop size in pixels")
-    parser.add_argument("--seconds", type=float, default=20.0, help="--bench: how long each worker reads")
     return parser
 
 

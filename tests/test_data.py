@@ -1,12 +1,16 @@
 import itertools
+import subprocess
+import sys
 
 import av
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
+from videos import make_video
 
 
 def small_source(split="train", seed=0):
@@ -271,3 +275,41 @@ def test_missing_or_empty_root_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"\.mp4.*\.jpg"):
         data.VideoFolder(str(tmp_path))
     assert isinstance(data.open_source("synthetic", "val"), data.SyntheticVideos)
+
+
+@pytest.mark.parametrize("name,options", [("a.mp4", {}), ("b.mkv", {"x264-params": "open-gop=1"}), ("c.mov", {"bf": "0"})])
+def test_read_gives_the_frames_of_a_full_decode(tmp_path, name, options):
+    # H.264 with B-frames (some referenced, some not), an open GOP, none: every frame alone and random sets of them
+    make_video(str(tmp_path / name), height=48, gop=12, seconds=2.4, options=options)
+    with av.open(str(tmp_path / name)) as container:
+        full = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    source, rng = data.VideoFolder(str(tmp_path)), np.random.default_rng(0)
+    assert len(source.frame_times(0)) == len(full) == 60
+    sets = [[k] for k in range(60)] + [sorted(rng.choice(60, rng.integers(2, 9), replace=False)) for _ in range(30)]
+    for idx in sets:
+        assert np.array_equal(source.read(0, idx), full[idx]), idx
+
+
+def test_prepared_copy_gives_the_same_clips_at_a_lower_resolution(tmp_path):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    make_video(str(tmp_path / "src" / "a" / "v.webm"), height=96, gop=60, seconds=4.0, codec="libvpx-vp9")
+    subprocess.run([sys.executable, "data.py", "--prepare", str(tmp_path / "src"), str(tmp_path / "dst"),
+                    "--short-side", "48"], check=True, capture_output=True)
+    with av.open(str(tmp_path / "dst" / "a" / "v.mp4")) as container:
+        stream = container.streams.video[0]
+        keys = [p.pts * stream.time_base * 25 for p in container.demux(stream) if p.is_keyframe]
+    assert (stream.height, stream.width) == (48, 84) and np.diff(keys).max() <= 16  # cheap random access
+    original, copy = data.VideoFolder(str(tmp_path / "src")), data.VideoFolder(str(tmp_path / "dst"))
+    assert np.array_equal(original.frame_times(0), copy.frame_times(0))
+    frames = [torch.from_numpy(source.read(0, range(100))).permute(0, 3, 1, 2).float() for source in (original, copy)]
+    dist = torch.cdist(F.interpolate(frames[0], (48, 84), mode="area").flatten(1), frames[1].flatten(1))
+    assert (dist.argmin(0) == torch.arange(100)).float().mean() > 0.8  # frame k of the copy shows frame k
+    a, b = (data.ClipDataset(source, num_frames=4, size=32) for source in (original, copy))
+    near, far = [], []
+    for j in range(8):
+        (x, tx, _), (y, ty, _) = a.sample(0, j), b.sample(0, j)
+        assert torch.equal(tx, ty)  # the same frames at the same times
+        near.append((x.float() - y.float()).abs().mean())
+        far.append((x.float() - a.sample(0, j + 100)[0].float()).abs().mean())
+    # and nearly the same crop (drawn relative to the frame): far closer to the original clip than another clip is
+    assert np.mean(near) < 0.25 * np.mean(far)
