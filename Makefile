@@ -97,3 +97,13 @@ bench-gpu: $(SETUP)
 	@echo "rows: $(BENCH_OUT)/bench.jsonl; table: $(BENCH_MD)"
 
 .PHONY: bench-gpu
+
+# Loader speed on reproducible H.264 test videos (BENCHMARKS.md): 360p / 720p, key frame every 60 / 125 frames,
+# read as they are and after `data.py --prepare`; clips/s of the training loader, 20 s each
+WORKERS ?= 1
+bench-data: $(SETUP)
+	$(RUN) tests/videos.py runs/videos
+	$(RUN) data.py --prepare runs/videos runs/videos_prepared --workers $(WORKERS)
+	for d in runs/videos/* runs/videos_prepared/*; do echo $$d; $(RUN) data.py --bench $$d --workers $(WORKERS); done
+
+.PHONY: bench-data

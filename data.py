@@ -9,6 +9,9 @@ Two sources share one interface (`len(source)`, `source.frame_times(i)`, `source
 `ClipDataset.sample(step, j)` cuts clip j of training step `step` (a pure function of seed, step and j), and
 `make_loader` turns that into an infinite, resumable stream of micro-batches that is the same for any number of
 workers and processes: the union over ranks and micro-steps of step s is always clips j = 0 .. global_batch - 1.
+
+    python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
+    python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
 """
 
 import argparse
