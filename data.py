@@ -44,6 +44,7 @@ def cli(main, parser):
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then the original's frame count and rate
 
 # -----------------------------------------------------------------------------
 # synthetic videos: moving shapes that turn at random moments, with class and depth labels
@@ -173,8 +174,7 @@ def _stem_seconds(name):
 
 
 def _probe(path):
-    """(number of frames, frame rate) from the stream's metadata, without decoding (a copy made by `prepare`: the
-    original's, so that both have the same frame times)."""
+    """(number of frames, frame rate) from the metadata, without decoding (a `prepare` copy: the original's)."""
     with av.open(path) as container:
         tag = container.metadata.get("comment", "").split()
         if tag[:1] == [PREPARED]:
@@ -268,9 +268,6 @@ class VideoFolder:
         return np.stack([frames[k] for k in idx])  # (T, H, W, 3) uint8
 
 
-PREPARED = "deltatok-prepared"  # tags a copy made by `prepare`, followed by the original's frame count and rate
-
-
 def prepare(src, dst, short_side=288, workers=1):
     """Copy the video files under `src` to the same paths under `dst` (as .mp4), made for random access: H.264 at
     short side `short_side`, a key frame every 16 frames, and 3 B-frames between references that nothing refers
@@ -290,13 +287,12 @@ def _prepare_one(job):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with av.open(path) as src, av.open(out + ".tmp", "w", format="mp4") as dst:
         stream = src.streams.video[0]
-        fps = stream.average_rate or stream.guessed_rate
-        scale, last = short_side / min(stream.height, stream.width), -1
+        scale, fps = short_side / min(stream.height, stream.width), stream.average_rate or stream.guessed_rate
         copy = dst.add_stream("libx264", fps, width=2 * round(stream.width * scale / 2), pix_fmt="yuv420p",
                               height=2 * round(stream.height * scale / 2), gop_size=16, options=dict(
                                   keyint_min="16", sc_threshold="0", bf="3", tune="fastdecode", preset="veryfast",
                                   crf="20", threads="1", **{"x264-params": "b-pyramid=none:b-adapt=0"}))
-        dst.metadata["comment"] = f"{PREPARED} {n} {rate!r}"
+        dst.metadata["comment"], last = f"{PREPARED} {n} {rate!r}", -1
         for frame in src.decode(stream):
             k = round((frame.pts - (stream.start_time or 0)) * float(stream.time_base) * rate)
             if k > last:  # frame k of the original is frame k of the copy
@@ -666,7 +662,7 @@ def main(args):
     while time.perf_counter() < start + 20:
         clips += len(next(loader)["frames"])
     total = clips / (time.perf_counter() - start)
-    print(f"{total:.1f} clips/s, {total / args.workers:.1f} per worker ({args.num_frames}-frame clips, 256 px)")
+    print(f"{total:.1f} clips/s, {total / max(args.workers, 1):.1f} per worker ({args.num_frames}-frame clips, 256 px)")
 
 
 def get_parser():
