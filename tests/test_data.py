@@ -277,7 +277,8 @@ def test_missing_or_empty_root_is_a_clear_error(tmp_path):
     assert isinstance(data.open_source("synthetic", "val"), data.SyntheticVideos)
 
 
-@pytest.mark.parametrize("name,options", [("a.mp4", {}), ("b.mkv", {"x264-params": "open-gop=1"}), ("c.mov", {"bf": "0"})])
+@pytest.mark.parametrize("name,options", [("a.mp4", {}), ("b.mkv", {"x264-params": "open-gop=1"}),
+                                          ("c.mov", {"bf": "0"})])
 def test_read_gives_the_frames_of_a_full_decode(tmp_path, name, options):
     # H.264 with B-frames (some referenced, some not), an open GOP, none: every frame alone and random sets of them
     make_video(str(tmp_path / name), height=48, gop=12, seconds=2.4, options=options)
@@ -293,7 +294,7 @@ def test_read_gives_the_frames_of_a_full_decode(tmp_path, name, options):
 def test_prepared_copy_gives_the_same_clips_at_a_lower_resolution(tmp_path):
     (tmp_path / "src" / "a").mkdir(parents=True)
     make_video(str(tmp_path / "src" / "a" / "v.webm"), height=96, gop=60, seconds=4.0, codec="libvpx-vp9")
-    subprocess.run([sys.executable, "data.py", "--prepare", str(tmp_path / "src"), str(tmp_path / "dst"),
+    subprocess.run([sys.executable, data.__file__, "--prepare", str(tmp_path / "src"), str(tmp_path / "dst"),
                     "--short-side", "48"], check=True, capture_output=True)
     with av.open(str(tmp_path / "dst" / "a" / "v.mp4")) as container:
         stream = container.streams.video[0]

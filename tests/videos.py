@@ -23,8 +23,8 @@ def texture(rng, h, w):
         n = 2 ** octave
         noise = rng.normal(0, 1, (n * h // max(h, w) + 2, n * w // max(h, w) + 2, 4)).astype(np.float32)
         noise = noise[..., :3] * (0.6 if octave < 5 else 0.15) + noise[..., 3:]  # colour + brightness
-        out += np.stack([np.asarray(Image.fromarray(c).resize((w, h), Image.BICUBIC)) for c in noise.transpose(2, 0, 1)],
-                        -1) * n ** -0.2
+        up = [np.asarray(Image.fromarray(c).resize((w, h), Image.BICUBIC)) for c in noise.transpose(2, 0, 1)]
+        out += np.stack(up, -1) * n ** -0.2
     return (128 + 45 * (out - out.mean()) / out.std()).clip(0, 255).astype(np.uint8)
 
 
