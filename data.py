@@ -290,8 +290,8 @@ def _prepare_one(job):
         scale, fps = short_side / min(stream.height, stream.width), stream.average_rate or stream.guessed_rate
         copy = dst.add_stream("libx264", fps, width=2 * round(stream.width * scale / 2), pix_fmt="yuv420p",
                               height=2 * round(stream.height * scale / 2), gop_size=16, options=dict(
-                                  keyint_min="16", sc_threshold="0", bf="3", tune="fastdecode", preset="veryfast",
-                                  crf="20", threads="1", **{"x264-params": "b-pyramid=none:b-adapt=0"}))
+                                  sc_threshold="0", bf="3", tune="fastdecode", preset="veryfast", crf="20", threads="1",
+                                  **{"x264-params": "b-pyramid=none:b-adapt=0"}))
         dst.metadata["comment"], last = f"{PREPARED} {n} {rate!r}", -1
         for frame in src.decode(stream):
             k = round((frame.pts - (stream.start_time or 0)) * float(stream.time_base) * rate)
@@ -655,7 +655,6 @@ def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0):
 def main(args):
     if args.prepare:
         return prepare(*args.prepare, args.short_side, args.workers)
-    # what training sees: make_loader's worker processes (one thread each), 8 clips a batch, for 20 s
     loader = make_loader(ClipDataset(VideoFolder(args.bench), args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started
     start, clips = time.perf_counter(), 0
@@ -668,9 +667,9 @@ def main(args):
 def get_parser():
     parser = argparse.ArgumentParser(description="Copy real videos for fast reading, or measure reading speed.")
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--bench", metavar="DIR", help="read training clips from the videos under DIR for 20 s")
-    mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy the videos under SRC to DST for fast "
-                      "random access (see `prepare`); then train on DST")
+    mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR for 20 s as training does "
+                      "(make_loader, 8 clips a batch)")
+    mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
     parser.add_argument("--workers", type=int, default=1, help="processes, each with one thread")
     parser.add_argument("--short-side", type=int, default=288, help="--prepare: height of a landscape copy")
     parser.add_argument("--num-frames", type=int, default=2, help="--bench: frames per clip")
