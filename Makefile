@@ -93,7 +93,7 @@ bench-gpu: $(SETUP)
 	$(call row,DeltaWorld BoM $(BENCH_K) $(BENCH_L) px,90,predictor.py $(B) --size $(BENCH_L) --batch-size $(BENCH_B) --bom $(BENCH_K))
 	$(call row,DeltaTok $(BENCH_L) px,75,tokenizer.py $(B) --size $(BENCH_L) --batch-size $(BENCH_TB))
 	$(call row,DeltaTok $(BENCH_S) px,60,tokenizer.py $(B) --size $(BENCH_S) --batch-size $(BENCH_TB))
-	$(RUN) -c "import tokenizer; tokenizer.bench_table('$(BENCH_OUT)/bench.jsonl', '$(BENCH_MD)')"
+	$(RUN) -c "import data; data.bench_table('$(BENCH_OUT)/bench.jsonl', '$(BENCH_MD)')"
 	@echo "rows: $(BENCH_OUT)/bench.jsonl; table: $(BENCH_MD)"
 
 .PHONY: bench-gpu

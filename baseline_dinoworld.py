@@ -227,7 +227,7 @@ def main(args):
             if update:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return T.run_bench(step, lambda: step(dw, vfm, False, 1), B, args.bench, device,
+        return data.run_bench(step, lambda: step(dw, vfm, False, 1), B, args.bench, device,
                            "authors' code, H200, bf16 + compile: DINO-world 256 px batch 32 x 8: 166 ms, 24.2 GiB "
                            "(SPEC section 6); Table 2: + BoM 16 needs about the same memory")
 

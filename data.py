@@ -17,6 +17,7 @@ workers and processes: the union over ranks and micro-steps of step s is always 
 import argparse
 import functools
 import itertools
+import json
 import multiprocessing
 import os
 import sys
@@ -405,247 +406,88 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
     return iter(loader)
 
 
-# =============================================================================
-# Evaluation datasets (SPEC section 5, appendix B): 7-frame sequences that end at a labelled frame.
-# Every dataset has len() and item(i) -> dict(frames uint8 (7, H, W, 3), times float (7,) seconds from the first
-# frame, name str, and either classes uint8 (H, W) with 255 = ignore, or depth float32 (H, W) metres + valid
-# bool (H, W)); `labelled(i)` -> (frame (H, W, 3), label dict) reads only the labelled frame (for head training).
+# -----------------------------------------------------------------------------
+# The bench of every training stage (--bench): time, memory and FLOPs of a step
 
-SEQ_LEN = 7
-IGNORE = 255
-CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-KITTI_CROP = (352, 1216)                                         # Eigen crop: bottom rows, centred columns
-GARG = (0.40810811, 0.99189189, 0.03594771, 0.96405229)          # rows, then columns, as fractions of the crop
-DEPTH_RANGE = (1e-3, 80.0)                                       # metres (appendix A)
+def count_flops(fn):
+    """FLOPs (2 x multiply-adds) of fn(), attention included (SDPA's math path is counted; fused kernels are not)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+        fn()
+    return counter.get_total_flops()
 
 
-def _need(path, what):
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{what}: {path} is missing")
-    return path
+def matmul_peak(device):
+    """Measured matmul throughput (FLOP/s): bf16 8192^3 on GPU, fp32 1024^3 on CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / min(times[1:])
 
 
-def _read(path, mode=None):
-    """An image file as an array (converted to `mode`, e.g. "RGB"); an unreadable file is a UserError naming it."""
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert(mode) if mode else img)
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-        raise UserError(f"cannot read the image {path} ({type(e).__name__}: {e}): replace or remove it") from None
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def _image(path):
-    return _read(path, "RGB")
+def run_bench(step_fn, flops_fn, batch, n, device, reference):
+    """Time n training steps (after warm-up), report peak memory, FLOPs per step and the fraction of a matmul.
+    flops_fn runs the step eagerly on ONE sample: the counter sees no compiled code, its math attention would
+    materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch."""
+    flops = count_flops(flops_fn) * batch
+    for _ in range(3):  # warm-up, compile
+        step_fn()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(n):
+        sync(device)
+        t = time.perf_counter()
+        step_fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    ms = 1000 * sorted(times)[len(times) // 2]
+    if device.type == "cuda":
+        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:  # CPU: the process' peak resident memory (Linux reports KiB)
+        import resource
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    peak = matmul_peak(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = dict(device=name, step_ms=round(ms, 2), peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
+                  achieved_tflops=round(flops / ms / 1e9, 2), matmul_peak_tflops=round(peak / 1e12, 2),
+                  fraction_of_matmul_peak=round(flops / (ms / 1000) / peak, 3), reference=reference)
+    print(json.dumps(result, indent=1))
+    if os.environ.get("BENCH_JSON"):  # make bench-gpu: one row of its table
+        with open(os.environ["BENCH_JSON"], "a") as f:
+            f.write(json.dumps(dict(row=os.environ.get("BENCH_ROW", " ".join(sys.argv)), batch=batch, **result)) + "\n")
+    return result
 
 
-class _Sequences:
-    task = "seg"
-
-    def __len__(self):
-        return len(self.items)
-
-    def item(self, i):
-        frames, times, label_path, name = self.items[i]
-        label = self._label(label_path)
-        return dict(frames=np.stack([_image(f) for f in frames]), times=np.asarray(times, np.float64), name=name,
-                    **label)
-
-    def labelled(self, i):
-        frames, _, label_path, _ = self.items[i]
-        return _image(frames[-1]), self._label(label_path)
-
-
-class VSPWSequences(_Sequences):
-    """VSPW: <root>/<split>.txt lists videos; frames data/<video>/origin/*.jpg, labels data/<video>/mask/<stem>.png.
-    Labelled frames are every 20th (indices 19, 39, ...); 15 fps, stride 3 frames (0.2 s); class = value - 1."""
-
-    num_classes, fps, stride = 124, 15.0, 3
-
-    def __init__(self, root, split="val"):
-        listing = _need(os.path.join(root, f"{split}.txt"), f"VSPW root {root!r} needs the video list {split}.txt")
-        videos = [v.strip() for v in open(listing) if v.strip()]
-        self.items = []
-        for v in videos:
-            folder = _need(os.path.join(root, "data", v, "origin"), f"VSPW video {v} listed in {split}.txt")
-            frames = sorted(f for f in os.listdir(folder)  # the official download has macOS ._* files beside them
-                            if f.lower().endswith(IMAGE_EXTS) and not f.startswith("._"))
-            for k in range(19, len(frames), 20):
-                idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)  # first index k - 18 >= 0
-                stem = os.path.splitext(frames[k])[0]
-                label = _need(os.path.join(root, "data", v, "mask", stem + ".png"), f"VSPW label of {v}/{frames[k]}")
-                self.items.append(([os.path.join(folder, frames[j]) for j in idx],
-                                   [(j - idx[0]) / self.fps for j in idx], label, f"{v}/{stem}"))
-        if not self.items:
-            raise FileNotFoundError(f"no VSPW sequence under {root!r}: videos need >= 20 frames in data/<video>/origin")
-
-    def _label(self, path):
-        c = _read(path).astype(np.int64) - 1
-        return dict(classes=np.where((c >= 0) & (c < self.num_classes), c, IGNORE).astype(np.uint8))
-
-
-class CityscapesSequences(_Sequences):
-    """Cityscapes: labels gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png, frames
-    leftImg8bit_sequence/<split>/<city>/<city>_<seq>_<frame:06d>_leftImg8bit.png; stride 3 frames at 16 fps
-    (0.1875 s, as the release counts); labelIds -> the 19 train ids, everything else 255."""
-
-    num_classes, fps, stride = 19, 16.0, 3
-
-    def __init__(self, root, split="val"):
-        labels = _need(os.path.join(root, "gtFine", split), f"Cityscapes root {root!r} needs gtFine/{split}")
-        frames = _need(os.path.join(root, "leftImg8bit_sequence", split),
-                       f"Cityscapes root {root!r} needs leftImg8bit_sequence/{split}")
-        self.items = []
-        for city in sorted(os.listdir(labels)):
-            for f in sorted(os.listdir(os.path.join(labels, city))):
-                if not f.endswith("_gtFine_labelIds.png"):
-                    continue
-                _, seq, frame = f[:-len("_gtFine_labelIds.png")].rsplit("_", 2)
-                k = int(frame)
-                idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)
-                paths = [_need(os.path.join(frames, city, f"{city}_{seq}_{j:06d}_leftImg8bit.png"),
-                               f"Cityscapes sequence frame of {f}") for j in idx]
-                self.items.append((paths, [(j - idx[0]) / self.fps for j in idx], os.path.join(labels, city, f),
-                                   f"{city}_{seq}_{frame}"))
-        if not self.items:
-            raise FileNotFoundError(f"no *_gtFine_labelIds.png under {labels!r}")
-        self.lut = np.full(256, IGNORE, np.uint8)
-        for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
-            self.lut[label_id] = train_id
-
-    def _label(self, path):
-        return dict(classes=self.lut[_read(path)])
-
-
-def kitti_crop(x):
-    """The Eigen crop: bottom 352 rows, centred 1216 columns of (H, W, ...)."""
-    h, w = x.shape[:2]
-    top, left = h - KITTI_CROP[0], (w - KITTI_CROP[1]) // 2
-    if top < 0 or left < 0:
-        raise ValueError(f"KITTI frame {h}x{w} is smaller than the {KITTI_CROP[0]}x{KITTI_CROP[1]} Eigen crop")
-    return x[top:top + KITTI_CROP[0], left:left + KITTI_CROP[1]]
-
-
-def garg_mask(h, w):
-    r0, r1, c0, c1 = GARG
-    mask = np.zeros((h, w), bool)
-    mask[int(r0 * h):int(r1 * h), int(c0 * w):int(c1 * w)] = True
-    return mask
-
-
-# The release's Eigen test list (Apache-2.0, from the DeltaTok release), the default KITTI evaluation split
-KITTI_EIGEN_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits", "kitti_eigen_test.txt")
-KITTI_MIN_TARGET = 19  # the release skips targets with a smaller frame index: 603 of its 697 lines remain
-
-
-def kitti_targets(split_file):
-    """The usable lines of an Eigen-format list, as the release reads it: [(line's image path, date, drive, frame
-    index, depth path or None)], skipping lines whose depth is 'None' and targets before frame 19."""
-    out = []
-    for n, line in enumerate(open(_need(split_file, "KITTI split list (--kitti-split)"))):
-        parts = line.split()
-        if not parts or (len(parts) > 1 and parts[1] == "None"):
+def bench_table(jsonl, markdown):
+    """Write `make bench-gpu`'s rows (one JSON object per line; {"row", "failed"} for a bench that failed or ran out
+    of time) into the markdown file, between the lines <!-- bench-gpu --> and <!-- /bench-gpu -->."""
+    lines = ["| step | batch | time | peak memory | share of matmul peak | device |", "|---|---|---|---|---|---|"]
+    for r in map(json.loads, open(jsonl)):
+        if r.get("failed"):
+            lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |")
             continue
-        image = parts[0].split("/")
-        if len(image) != 5 or image[2:4] != ["image_02", "data"]:
-            raise UserError(f"{split_file} line {n + 1}: expected '<date>/<drive>/image_02/data/<idx>.png', "
-                            f"got {parts[0]!r}")
-        k = int(os.path.splitext(image[4])[0])
-        if k >= KITTI_MIN_TARGET:
-            out.append((parts[0], image[0], image[1], k, parts[1] if len(parts) > 1 else None))
-    return out
-
-
-class KITTISequences(_Sequences):
-    """KITTI depth on an Eigen-format list (kitti_targets). Frames from the raw drives, <raw_root>/<date>/<drive>/
-    image_02/data/<idx:010d>.png (default raw_root: root itself, the raw drives and data_depth_annotated unzipped
-    into one folder as the release's README says); ground truth <root>/[{train,val}/]<depth path> (uint16 / 256 m,
-    0 = none), looked up by drive and index when a line has no depth path. 10 fps, stride 2 frames (0.2 s).
-    Frames and depth are cut to the 352x1216 Eigen crop; valid = Garg region and 1e-3 < d < 80."""
-
-    task, fps, stride = "depth", 10.0, 2
-
-    def __init__(self, root, split_file, raw_root=None):
-        _need(root, "KITTI root")
-        raw_root = raw_root or root
-        self.items = []
-        for line, date, drive, k, depth in kitti_targets(split_file):
-            rel = os.path.join(drive, "proj_depth", "groundtruth", "image_02", f"{k:010d}.png")
-            tries = [p for d in [depth or rel] for p in (d, os.path.join("train", d), os.path.join("val", d))]
-            gt = next((os.path.join(root, t) for t in tries if os.path.exists(os.path.join(root, t))), None)
-            if gt is None:
-                raise UserError(f"KITTI ground truth for {line} is missing: looked for "
-                                f"{', '.join(os.path.join(root, t) for t in tries)}")
-            idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)
-            paths = [_need(os.path.join(raw_root, date, drive, "image_02", "data", f"{j:010d}.png"),
-                           f"KITTI raw frame for {line} (raw drives under --kitti-raw, default the root)") for j in idx]
-            self.items.append((paths, [(j - idx[0]) / self.fps for j in idx], gt, f"{drive}/{k:010d}"))
-        if not self.items:
-            raise FileNotFoundError(f"no usable KITTI sequence in {split_file}")
-
-    def item(self, i):
-        out = super().item(i)
-        out["frames"] = np.stack([kitti_crop(f) for f in out["frames"]])
-        return out
-
-    def labelled(self, i):
-        frame, label = super().labelled(i)
-        return kitti_crop(frame), label
-
-    def _label(self, path):
-        depth = kitti_crop(_read(path).astype(np.float32) / 256)
-        valid = garg_mask(*depth.shape) & (depth > DEPTH_RANGE[0]) & (depth < DEPTH_RANGE[1])
-        return dict(depth=depth, valid=valid)
-
-
-class SyntheticSequences:
-    """The synthetic source's sequences: 7 frames at 0.2 s (3 frames at 15 fps) ending at a labelled frame (every
-    synthetic frame has labels); non-overlapping, `per_video` per video. Both tasks: classes and depth."""
-
-    task, stride = "both", 3
-
-    def __init__(self, split="val", seed=0, num_videos=None, size=128, per_video=5):
-        self.source = SyntheticVideos(split, seed, num_videos, size)
-        self.num_classes = SyntheticVideos.NUM_CLASSES
-        span = (SEQ_LEN - 1) * self.stride + 1
-        ends = range(span - 1, len(self.source.frame_times(0)), span + 2)[:per_video]
-        self.items = [(i, k) for i in range(len(self.source)) for k in ends]
-
-    def __len__(self):
-        return len(self.items)
-
-    def item(self, i):
-        v, k = self.items[i]
-        idx = list(range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride))
-        classes, depth = self.source.labels(v, [k])
-        times = self.source.frame_times(v)[idx]
-        return dict(frames=self.source.read(v, idx), times=times - times[0], name=f"{self.source.split}{v}/{k}",
-                    classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
-
-    def labelled(self, i):
-        v, k = self.items[i]
-        classes, depth = self.source.labels(v, [k])
-        return self.source.read(v, [k])[0], dict(classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
-
-
-def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0):
-    """'synthetic', 'vspw:ROOT', 'cityscapes:ROOT' or 'kitti:ROOT' -> the sequences of that split."""
-    name, _, root = spec.partition(":")
-    if name == "synthetic":
-        return SyntheticSequences(split, seed)
-    if not root:
-        raise ValueError(f"dataset {spec!r}: give it as NAME:ROOT (vspw, cityscapes, kitti) or 'synthetic'")
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{name} root {root!r} does not exist (or is not a folder)")
-    if name == "vspw":
-        return VSPWSequences(root, split)
-    if name == "cityscapes":
-        return CityscapesSequences(root, split)
-    if name == "kitti":
-        if not kitti_split and split != "val":  # the default list is the test split: never train on it silently
-            raise UserError("KITTI training needs a list of training frames (Eigen format): pass --kitti-split FILE")
-        return KITTISequences(root, kitti_split or KITTI_EIGEN_TEST, kitti_raw)
-    raise ValueError(f"unknown dataset {name!r}: one of synthetic, vspw, cityscapes, kitti")
+        per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
+        lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} GiB | "
+                     f"{100 * r['fraction_of_matmul_peak']:.0f}% of {r['matmul_peak_tflops']:.0f} TFLOP/s | "
+                     f"{r['device']} |")
+    text = open(markdown).read()
+    head, _, rest = text.partition("<!-- bench-gpu -->\n")
+    tail = rest.partition("<!-- /bench-gpu -->")[2]
+    with open(markdown, "w") as f:
+        f.write(head + "<!-- bench-gpu -->\n" + "\n".join(lines) + "\n<!-- /bench-gpu -->" + tail)
 
 
 # -----------------------------------------------------------------------------

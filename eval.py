@@ -42,6 +42,7 @@ import os
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
@@ -176,10 +177,92 @@ def pick_heads(args, dataset, sequences, device, vfm_name):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# RGB view: the released Amazon-FAR/rgb-head-imagenet (SPEC section 7), for pictures only
+
+def sincos_table(grid, width):
+    """MAE's 2D sin-cos position table (grid*grid, width): sin, cos of the row, then of the column, at width/4 rates."""
+    omega = 1 / 10000 ** (torch.arange(width // 4) / (width // 4))
+    rc = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1).view(-1, 2, 1)
+    angles = rc * omega                                                        # (g*g, 2, width/4)
+    return torch.cat([angles.sin(), angles.cos()], -1).view(grid * grid, width)
+
+
+class RGBBlock(nn.Module):
+    """Pre-LayerNorm ViT block (eps 1e-12, heads of 72, exact GELU) with the released names."""
+
+    def __init__(self, width, mlp):
+        super().__init__()
+        self.heads = width // 72
+        self.attention = nn.Module()
+        self.attention.attention = nn.ModuleDict({k: nn.Linear(width, width) for k in ("query", "key", "value")})
+        self.attention.output = nn.ModuleDict({"dense": nn.Linear(width, width)})
+        self.layernorm_before, self.layernorm_after = nn.LayerNorm(width, 1e-12), nn.LayerNorm(width, 1e-12)
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(width, mlp)})
+        self.output = nn.ModuleDict({"dense": nn.Linear(mlp, width)})
+
+    def forward(self, x):
+        B, L, D = x.shape
+        h = self.layernorm_before(x)
+        q, k, v = (self.attention.attention[n](h).view(B, L, self.heads, -1).transpose(1, 2)
+                   for n in ("query", "key", "value"))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D)  # scale 1 / sqrt(72)
+        x = x + self.attention.output["dense"](a)
+        return x + self.output["dense"](F.gelu(self.intermediate["dense"](self.layernorm_after(x))))
+
+
+class RGBHead(nn.Module):
+    """VFM patch features (B, C, h, w), after DINOv3's final LayerNorm `norm` -> RGB (B, 3, 16h, 16w) in about
+    [0, 1]. Defaults: the released size (28 blocks of width 1152, 16 heads, MLP 4096, a 32 x 32 position grid)."""
+    task = "rgb"
+
+    def __init__(self, norm, width=1152, depth=28, mlp=4096, grid=32, patch=16):
+        super().__init__()
+        self.patch = patch
+        self.register_buffer("norm_weight", norm.weight.detach().clone(), persistent=False)
+        self.register_buffer("norm_bias", norm.bias.detach().clone(), persistent=False)
+        self.decoder_embed = nn.Linear(len(norm.weight), width)
+        self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer("decoder_pos_embed", F.pad(sincos_table(grid, width), (0, 0, 1, 0))[None])  # cls: 0
+        self.decoder_layers = nn.ModuleList([RGBBlock(width, mlp) for _ in range(depth)])
+        self.decoder_norm = nn.LayerNorm(width, 1e-12)
+        self.decoder_pred = nn.Linear(width, patch * patch * 3)
+
+    def forward(self, feats):
+        B, C, h, w = feats.shape
+        x = feats.flatten(2).transpose(1, 2).to(self.decoder_embed.weight.dtype)   # (B, h*w, C)
+        x = self.decoder_embed((x - self.norm_bias) / self.norm_weight)            # the VFM's norm affine undone
+        cls, pos = self.decoder_pos_embed[:, :1], self.decoder_pos_embed[:, 1:]
+        g = math.isqrt(pos.shape[1])  # interpolated to the h x w grid (at g x g: exactly the identity)
+        pos = F.interpolate(pos.view(1, g, g, -1).permute(0, 3, 1, 2), (h, w), mode="bicubic").flatten(2).mT
+        x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), x], 1) + torch.cat([cls, pos], 1)
+        for layer in self.decoder_layers:
+            x = layer(x)
+        x = self.decoder_pred(self.decoder_norm(x))[:, 1:].float()                 # (B, h*w, p*p*3)
+        p = self.patch
+        x = x.view(B, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, h * p, w * p)
+        return x * x.new_tensor(T.IMAGENET_STD).view(3, 1, 1) + x.new_tensor(T.IMAGENET_MEAN).view(3, 1, 1)
+
+
+def load_rgb_head(path, vfm, device="cpu"):
+    """The RGB head from a file or hub id (sizes read off its tensors), strictly; bf16 on a GPU (416 M values)."""
+    state = T.load_checkpoint(path)
+    state = state.get("state_dict", state)
+    if "decoder_embed.weight" not in state:
+        raise data.UserError(f"{path} is not an RGB head: no decoder_embed.weight among its keys {sorted(state)[:8]}")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_layers."))
+    head = RGBHead(vfm.model.norm, state["decoder_embed.weight"].shape[0], depth,
+                   state["decoder_layers.0.intermediate.dense.weight"].shape[0],
+                   math.isqrt(state["decoder_pos_embed"].shape[1] - 1))
+    T.load_state_strict(head, state, f"RGB head {path}")
+    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return head.to(device, dtype).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Figures (Pillow only)
 
 PALETTE = np.random.default_rng(0).integers(0, 256, (256, 3)).astype(np.uint8)
-PALETTE[data.IGNORE] = 0
+PALETTE[Hd.IGNORE] = 0
 RAMP = np.array([[48, 18, 59], [70, 134, 251], [26, 228, 182], [164, 252, 60], [251, 185, 56], [122, 4, 3]], float)
 
 
@@ -432,7 +515,7 @@ def flops(args):
     zeros = lambda *s: torch.zeros(*s, device="meta")
     n, c = (args.size // vfm.patch_size) ** 2, vfm.dim
     x = zeros(1, n, c)
-    g = lambda fn: T.count_flops(fn) / 1e9
+    g = lambda fn: data.count_flops(fn) / 1e9
     rows = [("Backbone (per frame)", g(lambda: vfm(torch.zeros(1, 3, args.size, args.size, dtype=torch.uint8,
                                                                device="meta"))), TABLE_B["backbone"]),
             ("DeltaTok encoder (per frame)", g(lambda: tok.encode(x, x)), TABLE_B["encoder"])]
@@ -479,7 +562,7 @@ def main(args):
     models, vfm_name = load_models(args, device, vfms) if args.ckpt else ([(NAMES["features"], "features", None)], None)
     vfm_name = args.vfm or vfm_name or T.DINOV3_B16
     vfm = vfms.get(vfm_name) or T.VFM(vfm_name).to(device)
-    rgb = {"rgb": Hd.load_rgb_head(args.rgb_head, vfm, device)} if args.rgb_head else {}
+    rgb = {"rgb": load_rgb_head(args.rgb_head, vfm, device)} if args.rgb_head else {}
     os.makedirs(args.out, exist_ok=True)
     if args.video:
         heads = {h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device)[0] for p in args.heads)}
@@ -487,7 +570,7 @@ def main(args):
     results = {}
     for d, spec in enumerate(args.data):
         dataset = spec.partition(":")[0]
-        sequences = data.open_eval(spec, "val", args.kitti_split, args.kitti_raw, args.seed)
+        sequences = Hd.open_eval(spec, "val", args.kitti_split, args.kitti_raw, args.seed)
         heads = pick_heads(args, dataset, sequences, device, vfm_name)
         features = None
         if args.features:

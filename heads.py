@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -44,6 +45,7 @@ import tokenizer as T
 # The heads (appendix A; keys as the released checkpoints: bn.*, head.*)
 
 DEPTH_BINS = 256
+DEPTH_RANGE = (1e-3, 80.0)  # metres (appendix A)
 
 
 class SegHead(nn.Module):
@@ -61,7 +63,7 @@ class SegHead(nn.Module):
 class DepthHead(nn.Module):
     task = "depth"
 
-    def __init__(self, dim, bins=DEPTH_BINS, min_depth=data.DEPTH_RANGE[0], max_depth=data.DEPTH_RANGE[1]):
+    def __init__(self, dim, bins=DEPTH_BINS, min_depth=DEPTH_RANGE[0], max_depth=DEPTH_RANGE[1]):
         super().__init__()
         self.bn = nn.BatchNorm2d(dim)
         self.head = nn.Conv2d(dim, bins, 1)
@@ -96,88 +98,6 @@ def load_head(path, task=None, device="cpu"):
     head = DepthHead(dim, out) if task == "depth" else SegHead(dim, out)
     T.load_state_strict(head, state, f"{task} head {path}")
     return head.to(device).eval().requires_grad_(False), vfm
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# RGB view: the released Amazon-FAR/rgb-head-imagenet (SPEC section 7), for pictures only
-
-def sincos_table(grid, width):
-    """MAE's 2D sin-cos position table (grid*grid, width): sin, cos of the row, then of the column, at width/4 rates."""
-    omega = 1 / 10000 ** (torch.arange(width // 4) / (width // 4))
-    rc = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"), -1).view(-1, 2, 1)
-    angles = rc * omega                                                        # (g*g, 2, width/4)
-    return torch.cat([angles.sin(), angles.cos()], -1).view(grid * grid, width)
-
-
-class RGBBlock(nn.Module):
-    """Pre-LayerNorm ViT block (eps 1e-12, heads of 72, exact GELU) with the released names."""
-
-    def __init__(self, width, mlp):
-        super().__init__()
-        self.heads = width // 72
-        self.attention = nn.Module()
-        self.attention.attention = nn.ModuleDict({k: nn.Linear(width, width) for k in ("query", "key", "value")})
-        self.attention.output = nn.ModuleDict({"dense": nn.Linear(width, width)})
-        self.layernorm_before, self.layernorm_after = nn.LayerNorm(width, 1e-12), nn.LayerNorm(width, 1e-12)
-        self.intermediate = nn.ModuleDict({"dense": nn.Linear(width, mlp)})
-        self.output = nn.ModuleDict({"dense": nn.Linear(mlp, width)})
-
-    def forward(self, x):
-        B, L, D = x.shape
-        h = self.layernorm_before(x)
-        q, k, v = (self.attention.attention[n](h).view(B, L, self.heads, -1).transpose(1, 2)
-                   for n in ("query", "key", "value"))
-        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D)  # scale 1 / sqrt(72)
-        x = x + self.attention.output["dense"](a)
-        return x + self.output["dense"](F.gelu(self.intermediate["dense"](self.layernorm_after(x))))
-
-
-class RGBHead(nn.Module):
-    """VFM patch features (B, C, h, w), after DINOv3's final LayerNorm `norm` -> RGB (B, 3, 16h, 16w) in about
-    [0, 1]. Defaults: the released size (28 blocks of width 1152, 16 heads, MLP 4096, a 32 x 32 position grid)."""
-    task = "rgb"
-
-    def __init__(self, norm, width=1152, depth=28, mlp=4096, grid=32, patch=16):
-        super().__init__()
-        self.patch = patch
-        self.register_buffer("norm_weight", norm.weight.detach().clone(), persistent=False)
-        self.register_buffer("norm_bias", norm.bias.detach().clone(), persistent=False)
-        self.decoder_embed = nn.Linear(len(norm.weight), width)
-        self.trainable_cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.register_buffer("decoder_pos_embed", F.pad(sincos_table(grid, width), (0, 0, 1, 0))[None])  # cls: 0
-        self.decoder_layers = nn.ModuleList([RGBBlock(width, mlp) for _ in range(depth)])
-        self.decoder_norm = nn.LayerNorm(width, 1e-12)
-        self.decoder_pred = nn.Linear(width, patch * patch * 3)
-
-    def forward(self, feats):
-        B, C, h, w = feats.shape
-        x = feats.flatten(2).transpose(1, 2).to(self.decoder_embed.weight.dtype)   # (B, h*w, C)
-        x = self.decoder_embed((x - self.norm_bias) / self.norm_weight)            # the VFM's norm affine undone
-        cls, pos = self.decoder_pos_embed[:, :1], self.decoder_pos_embed[:, 1:]
-        g = math.isqrt(pos.shape[1])  # interpolated to the h x w grid (at g x g: exactly the identity)
-        pos = F.interpolate(pos.view(1, g, g, -1).permute(0, 3, 1, 2), (h, w), mode="bicubic").flatten(2).mT
-        x = torch.cat([self.trainable_cls_token.expand(B, -1, -1), x], 1) + torch.cat([cls, pos], 1)
-        for layer in self.decoder_layers:
-            x = layer(x)
-        x = self.decoder_pred(self.decoder_norm(x))[:, 1:].float()                 # (B, h*w, p*p*3)
-        p = self.patch
-        x = x.view(B, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, h * p, w * p)
-        return x * x.new_tensor(T.IMAGENET_STD).view(3, 1, 1) + x.new_tensor(T.IMAGENET_MEAN).view(3, 1, 1)
-
-
-def load_rgb_head(path, vfm, device="cpu"):
-    """The RGB head from a file or hub id (sizes read off its tensors), strictly; bf16 on a GPU (416 M values)."""
-    state = T.load_checkpoint(path)
-    state = state.get("state_dict", state)
-    if "decoder_embed.weight" not in state:
-        raise data.UserError(f"{path} is not an RGB head: no decoder_embed.weight among its keys {sorted(state)[:8]}")
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_layers."))
-    head = RGBHead(vfm.model.norm, state["decoder_embed.weight"].shape[0], depth,
-                   state["decoder_layers.0.intermediate.dense.weight"].shape[0],
-                   math.isqrt(state["decoder_pos_embed"].shape[1] - 1))
-    T.load_state_strict(head, state, f"RGB head {path}")
-    dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    return head.to(device, dtype).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,7 +165,7 @@ class Score:
         if self.task == "seg":
             gt = torch.as_tensor(label["classes"]).long().flatten()
             pred = out.argmax(0).flatten().cpu()
-            keep = gt != data.IGNORE
+            keep = gt != IGNORE
             self.sums += torch.bincount(gt[keep] * self.k + pred[keep], minlength=self.k ** 2).view(self.k, self.k)
         else:
             valid = torch.as_tensor(label["valid"]).flatten()
@@ -279,6 +199,248 @@ def score_crops(head, feats, label, resized_hw, size, score):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Evaluation datasets (SPEC section 5, appendix B): 7-frame sequences that end at a labelled frame.
+# Every dataset has len() and item(i) -> dict(frames uint8 (7, H, W, 3), times float (7,) seconds from the first
+# frame, name str, and either classes uint8 (H, W) with 255 = ignore, or depth float32 (H, W) metres + valid
+# bool (H, W)); `labelled(i)` -> (frame (H, W, 3), label dict) reads only the labelled frame (for head training).
+
+SEQ_LEN = 7
+IGNORE = 255
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+KITTI_CROP = (352, 1216)                                         # Eigen crop: bottom rows, centred columns
+GARG = (0.40810811, 0.99189189, 0.03594771, 0.96405229)          # rows, then columns, as fractions of the crop
+
+
+def _need(path, what):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what}: {path} is missing")
+    return path
+
+
+def _read(path, mode=None):
+    """An image file as an array (converted to `mode`, e.g. "RGB"); an unreadable file is a UserError naming it."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert(mode) if mode else img)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise data.UserError(f"cannot read the image {path} ({type(e).__name__}: {e}): replace or remove it") from None
+
+
+def _image(path):
+    return _read(path, "RGB")
+
+
+class _Sequences:
+    task = "seg"
+
+    def __len__(self):
+        return len(self.items)
+
+    def item(self, i):
+        frames, times, label_path, name = self.items[i]
+        label = self._label(label_path)
+        return dict(frames=np.stack([_image(f) for f in frames]), times=np.asarray(times, np.float64), name=name,
+                    **label)
+
+    def labelled(self, i):
+        frames, _, label_path, _ = self.items[i]
+        return _image(frames[-1]), self._label(label_path)
+
+
+class VSPWSequences(_Sequences):
+    """VSPW: <root>/<split>.txt lists videos; frames data/<video>/origin/*.jpg, labels data/<video>/mask/<stem>.png.
+    Labelled frames are every 20th (indices 19, 39, ...); 15 fps, stride 3 frames (0.2 s); class = value - 1."""
+
+    num_classes, fps, stride = 124, 15.0, 3
+
+    def __init__(self, root, split="val"):
+        listing = _need(os.path.join(root, f"{split}.txt"), f"VSPW root {root!r} needs the video list {split}.txt")
+        videos = [v.strip() for v in open(listing) if v.strip()]
+        self.items = []
+        for v in videos:
+            folder = _need(os.path.join(root, "data", v, "origin"), f"VSPW video {v} listed in {split}.txt")
+            frames = sorted(f for f in os.listdir(folder)  # the official download has macOS ._* files beside them
+                            if f.lower().endswith(data.IMAGE_EXTS) and not f.startswith("._"))
+            for k in range(19, len(frames), 20):
+                idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)  # first index k - 18 >= 0
+                stem = os.path.splitext(frames[k])[0]
+                label = _need(os.path.join(root, "data", v, "mask", stem + ".png"), f"VSPW label of {v}/{frames[k]}")
+                self.items.append(([os.path.join(folder, frames[j]) for j in idx],
+                                   [(j - idx[0]) / self.fps for j in idx], label, f"{v}/{stem}"))
+        if not self.items:
+            raise FileNotFoundError(f"no VSPW sequence under {root!r}: videos need >= 20 frames in data/<video>/origin")
+
+    def _label(self, path):
+        c = _read(path).astype(np.int64) - 1
+        return dict(classes=np.where((c >= 0) & (c < self.num_classes), c, IGNORE).astype(np.uint8))
+
+
+class CityscapesSequences(_Sequences):
+    """Cityscapes: labels gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png, frames
+    leftImg8bit_sequence/<split>/<city>/<city>_<seq>_<frame:06d>_leftImg8bit.png; stride 3 frames at 16 fps
+    (0.1875 s, as the release counts); labelIds -> the 19 train ids, everything else 255."""
+
+    num_classes, fps, stride = 19, 16.0, 3
+
+    def __init__(self, root, split="val"):
+        labels = _need(os.path.join(root, "gtFine", split), f"Cityscapes root {root!r} needs gtFine/{split}")
+        frames = _need(os.path.join(root, "leftImg8bit_sequence", split),
+                       f"Cityscapes root {root!r} needs leftImg8bit_sequence/{split}")
+        self.items = []
+        for city in sorted(os.listdir(labels)):
+            for f in sorted(os.listdir(os.path.join(labels, city))):
+                if not f.endswith("_gtFine_labelIds.png"):
+                    continue
+                _, seq, frame = f[:-len("_gtFine_labelIds.png")].rsplit("_", 2)
+                k = int(frame)
+                idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)
+                paths = [_need(os.path.join(frames, city, f"{city}_{seq}_{j:06d}_leftImg8bit.png"),
+                               f"Cityscapes sequence frame of {f}") for j in idx]
+                self.items.append((paths, [(j - idx[0]) / self.fps for j in idx], os.path.join(labels, city, f),
+                                   f"{city}_{seq}_{frame}"))
+        if not self.items:
+            raise FileNotFoundError(f"no *_gtFine_labelIds.png under {labels!r}")
+        self.lut = np.full(256, IGNORE, np.uint8)
+        for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
+            self.lut[label_id] = train_id
+
+    def _label(self, path):
+        return dict(classes=self.lut[_read(path)])
+
+
+def kitti_crop(x):
+    """The Eigen crop: bottom 352 rows, centred 1216 columns of (H, W, ...)."""
+    h, w = x.shape[:2]
+    top, left = h - KITTI_CROP[0], (w - KITTI_CROP[1]) // 2
+    if top < 0 or left < 0:
+        raise ValueError(f"KITTI frame {h}x{w} is smaller than the {KITTI_CROP[0]}x{KITTI_CROP[1]} Eigen crop")
+    return x[top:top + KITTI_CROP[0], left:left + KITTI_CROP[1]]
+
+
+def garg_mask(h, w):
+    r0, r1, c0, c1 = GARG
+    mask = np.zeros((h, w), bool)
+    mask[int(r0 * h):int(r1 * h), int(c0 * w):int(c1 * w)] = True
+    return mask
+
+
+# The release's Eigen test list (Apache-2.0, from the DeltaTok release), the default KITTI evaluation split
+KITTI_EIGEN_TEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "splits", "kitti_eigen_test.txt")
+KITTI_MIN_TARGET = 19  # the release skips targets with a smaller frame index: 603 of its 697 lines remain
+
+
+def kitti_targets(split_file):
+    """The usable lines of an Eigen-format list, as the release reads it: [(line's image path, date, drive, frame
+    index, depth path or None)], skipping lines whose depth is 'None' and targets before frame 19."""
+    out = []
+    for n, line in enumerate(open(_need(split_file, "KITTI split list (--kitti-split)"))):
+        parts = line.split()
+        if not parts or (len(parts) > 1 and parts[1] == "None"):
+            continue
+        image = parts[0].split("/")
+        if len(image) != 5 or image[2:4] != ["image_02", "data"]:
+            raise data.UserError(f"{split_file} line {n + 1}: expected '<date>/<drive>/image_02/data/<idx>.png', "
+                            f"got {parts[0]!r}")
+        k = int(os.path.splitext(image[4])[0])
+        if k >= KITTI_MIN_TARGET:
+            out.append((parts[0], image[0], image[1], k, parts[1] if len(parts) > 1 else None))
+    return out
+
+
+class KITTISequences(_Sequences):
+    """KITTI depth on an Eigen-format list (kitti_targets). Frames from the raw drives, <raw_root>/<date>/<drive>/
+    image_02/data/<idx:010d>.png (default raw_root: root itself, the raw drives and data_depth_annotated unzipped
+    into one folder as the release's README says); ground truth <root>/[{train,val}/]<depth path> (uint16 / 256 m,
+    0 = none), looked up by drive and index when a line has no depth path. 10 fps, stride 2 frames (0.2 s).
+    Frames and depth are cut to the 352x1216 Eigen crop; valid = Garg region and 1e-3 < d < 80."""
+
+    task, fps, stride = "depth", 10.0, 2
+
+    def __init__(self, root, split_file, raw_root=None):
+        _need(root, "KITTI root")
+        raw_root = raw_root or root
+        self.items = []
+        for line, date, drive, k, depth in kitti_targets(split_file):
+            rel = os.path.join(drive, "proj_depth", "groundtruth", "image_02", f"{k:010d}.png")
+            tries = [p for d in [depth or rel] for p in (d, os.path.join("train", d), os.path.join("val", d))]
+            gt = next((os.path.join(root, t) for t in tries if os.path.exists(os.path.join(root, t))), None)
+            if gt is None:
+                raise data.UserError(f"KITTI ground truth for {line} is missing: looked for "
+                                f"{', '.join(os.path.join(root, t) for t in tries)}")
+            idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)
+            paths = [_need(os.path.join(raw_root, date, drive, "image_02", "data", f"{j:010d}.png"),
+                           f"KITTI raw frame for {line} (raw drives under --kitti-raw, default the root)") for j in idx]
+            self.items.append((paths, [(j - idx[0]) / self.fps for j in idx], gt, f"{drive}/{k:010d}"))
+        if not self.items:
+            raise FileNotFoundError(f"no usable KITTI sequence in {split_file}")
+
+    def item(self, i):
+        out = super().item(i)
+        out["frames"] = np.stack([kitti_crop(f) for f in out["frames"]])
+        return out
+
+    def labelled(self, i):
+        frame, label = super().labelled(i)
+        return kitti_crop(frame), label
+
+    def _label(self, path):
+        depth = kitti_crop(_read(path).astype(np.float32) / 256)
+        valid = garg_mask(*depth.shape) & (depth > DEPTH_RANGE[0]) & (depth < DEPTH_RANGE[1])
+        return dict(depth=depth, valid=valid)
+
+
+class SyntheticSequences:
+    """The synthetic source's sequences: 7 frames at 0.2 s (3 frames at 15 fps) ending at a labelled frame (every
+    synthetic frame has labels); non-overlapping, `per_video` per video. Both tasks: classes and depth."""
+
+    task, stride = "both", 3
+
+    def __init__(self, split="val", seed=0, num_videos=None, size=128, per_video=5):
+        self.source = data.SyntheticVideos(split, seed, num_videos, size)
+        self.num_classes = data.SyntheticVideos.NUM_CLASSES
+        span = (SEQ_LEN - 1) * self.stride + 1
+        ends = range(span - 1, len(self.source.frame_times(0)), span + 2)[:per_video]
+        self.items = [(i, k) for i in range(len(self.source)) for k in ends]
+
+    def __len__(self):
+        return len(self.items)
+
+    def item(self, i):
+        v, k = self.items[i]
+        idx = list(range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride))
+        classes, depth = self.source.labels(v, [k])
+        times = self.source.frame_times(v)[idx]
+        return dict(frames=self.source.read(v, idx), times=times - times[0], name=f"{self.source.split}{v}/{k}",
+                    classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
+
+    def labelled(self, i):
+        v, k = self.items[i]
+        classes, depth = self.source.labels(v, [k])
+        return self.source.read(v, [k])[0], dict(classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
+
+
+def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0):
+    """'synthetic', 'vspw:ROOT', 'cityscapes:ROOT' or 'kitti:ROOT' -> the sequences of that split."""
+    name, _, root = spec.partition(":")
+    if name == "synthetic":
+        return SyntheticSequences(split, seed)
+    if not root:
+        raise ValueError(f"dataset {spec!r}: give it as NAME:ROOT (vspw, cityscapes, kitti) or 'synthetic'")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{name} root {root!r} does not exist (or is not a folder)")
+    if name == "vspw":
+        return VSPWSequences(root, split)
+    if name == "cityscapes":
+        return CityscapesSequences(root, split)
+    if name == "kitti":
+        if not kitti_split and split != "val":  # the default list is the test split: never train on it silently
+            raise data.UserError("KITTI training needs a list of training frames (Eigen format): pass --kitti-split FILE")
+        return KITTISequences(root, kitti_split or KITTI_EIGEN_TEST, kitti_raw)
+    raise ValueError(f"unknown dataset {name!r}: one of synthetic, vspw, cityscapes, kitti")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training data: random S x S crops of labelled frames, labels sampled at the crop's pixels
 
 class SyntheticFrames:
@@ -300,7 +462,7 @@ class SyntheticFrames:
 def open_train(spec, kitti_split=None, kitti_raw=None, seed=0):
     if spec == "synthetic":
         return SyntheticFrames("train", seed)
-    return data.open_eval(spec, "train", kitti_split, kitti_raw, seed)
+    return open_eval(spec, "train", kitti_split, kitti_raw, seed)
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -321,7 +483,7 @@ class _Batches(torch.utils.data.Dataset):
             frames.append(x[:, top:top + self.size, left:left + self.size])
             if self.task == "seg":
                 targets.append(label_at(torch.as_tensor(label["classes"]).long(), (hr, wr), top, left, self.size))
-                valids.append(targets[-1] != data.IGNORE)
+                valids.append(targets[-1] != IGNORE)
             else:
                 targets.append(label_at(torch.as_tensor(label["depth"]), (hr, wr), top, left, self.size))
                 valids.append(label_at(torch.as_tensor(label["valid"]), (hr, wr), top, left, self.size))
@@ -337,7 +499,7 @@ def silog_loss(pred, target, valid, lam=0.85):
 def head_loss(head, feats, target, valid):
     out = F.interpolate(head(to_map(feats)), target.shape[-2:], mode="bilinear", align_corners=False)
     if head.task == "seg":
-        return F.cross_entropy(out, target, ignore_index=data.IGNORE)
+        return F.cross_entropy(out, target, ignore_index=IGNORE)
     return silog_loss(out[:, 0], target, valid)
 
 
@@ -369,8 +531,8 @@ def main(args):
     batches = _Batches(train, args.task, args.size, args.batch_size, rank, args.seed)
     loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=itertools.count(step),
                                               num_workers=args.num_workers))
-    val = data.SyntheticSequences("val", args.seed) if args.data == "synthetic" else \
-        data.open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw)
+    val = SyntheticSequences("val", args.seed) if args.data == "synthetic" else \
+        open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw)
 
     def checkpoint():
         if master:

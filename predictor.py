@@ -448,7 +448,7 @@ def main(args):
                 world.predictor, tok.decode, features = fast if b == B else eager
                 with torch.no_grad(), T.autocast(device, args.dtype):
                     world.sample(features(frames[:b, :4]), times[:b, :7], 20, 3)
-            return T.run_bench(sample, lambda: sample(1), B, args.bench, device, "issue 13's target: at most 50 ms "
+            return data.run_bench(sample, lambda: sample(1), B, args.bench, device, "issue 13's target: at most 50 ms "
                                "per sequence at 512 px, DeltaTok decoding included")
         vfm_c, tokenize_c, world_c = ((torch.compile(vfm), torch.compile(tok.tokenize), torch.compile(world))
                                       if args.compile else (vfm, tok.tokenize, world))
@@ -466,7 +466,7 @@ def main(args):
             if update:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return T.run_bench(step, lambda: step(vfm, tok.tokenize, world, False, 1), B, args.bench, device,
+        return data.run_bench(step, lambda: step(vfm, tok.tokenize, world, False, 1), B, args.bench, device,
                            "authors' code, H200, bf16 + compile, batch 32 x 8 frames, K=256: 256 px 142 ms, 3.8 GiB; "
                            "512 px 585 ms, 9.2 GiB; DINO-world 256 px: 166 ms, 24.2 GiB (SPEC section 6)")
 

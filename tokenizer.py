@@ -291,7 +291,7 @@ def load_deltatok(path, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run helpers shared by every stage: DDP, checkpoints, optimizer, logging, FLOPs and the bench
+# Run helpers shared by every stage: DDP, checkpoints, optimizer, logging (data.py: the bench)
 
 def setup_dist():
     """(rank, world size, device) from torchrun's environment; one plain process otherwise."""
@@ -407,87 +407,6 @@ def log_jsonl(out, record):
         f.write(json.dumps(record) + "\n")
 
 
-def count_flops(fn):
-    """FLOPs (2 x multiply-adds) of fn(), attention included (SDPA's math path is counted; fused kernels are not)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
-        fn()
-    return counter.get_total_flops()
-
-
-def matmul_peak(device):
-    """Measured matmul throughput (FLOP/s): bf16 8192^3 on GPU, fp32 1024^3 on CPU."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(6):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times[1:])
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def run_bench(step_fn, flops_fn, batch, n, device, reference):
-    """Time n training steps (after warm-up), report peak memory, FLOPs per step and the fraction of a matmul.
-    flops_fn runs the step eagerly on ONE sample: the counter sees no compiled code, its math attention would
-    materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch."""
-    flops = count_flops(flops_fn) * batch
-    for _ in range(3):  # warm-up, compile
-        step_fn()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(n):
-        sync(device)
-        t = time.perf_counter()
-        step_fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    ms = 1000 * sorted(times)[len(times) // 2]
-    if device.type == "cuda":
-        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    else:  # CPU: the process' peak resident memory (Linux reports KiB)
-        import resource
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    peak = matmul_peak(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = dict(device=name, step_ms=round(ms, 2), peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
-                  achieved_tflops=round(flops / ms / 1e9, 2), matmul_peak_tflops=round(peak / 1e12, 2),
-                  fraction_of_matmul_peak=round(flops / (ms / 1000) / peak, 3), reference=reference)
-    print(json.dumps(result, indent=1))
-    if os.environ.get("BENCH_JSON"):  # make bench-gpu: one row of its table
-        with open(os.environ["BENCH_JSON"], "a") as f:
-            f.write(json.dumps(dict(row=os.environ.get("BENCH_ROW", " ".join(sys.argv)), batch=batch, **result)) + "\n")
-    return result
-
-
-def bench_table(jsonl, markdown):
-    """Write `make bench-gpu`'s rows (one JSON object per line; {"row", "failed"} for a bench that failed or ran out
-    of time) into the markdown file, between the lines <!-- bench-gpu --> and <!-- /bench-gpu -->."""
-    lines = ["| step | batch | time | peak memory | share of matmul peak | device |", "|---|---|---|---|---|---|"]
-    for r in map(json.loads, open(jsonl)):
-        if r.get("failed"):
-            lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |")
-            continue
-        per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
-        lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} GiB | "
-                     f"{100 * r['fraction_of_matmul_peak']:.0f}% of {r['matmul_peak_tflops']:.0f} TFLOP/s | "
-                     f"{r['device']} |")
-    text = open(markdown).read()
-    head, _, rest = text.partition("<!-- bench-gpu -->\n")
-    tail = rest.partition("<!-- /bench-gpu -->")[2]
-    with open(markdown, "w") as f:
-        f.write(head + "<!-- bench-gpu -->\n" + "\n".join(lines) + "\n<!-- /bench-gpu -->" + tail)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -545,7 +464,7 @@ def main(args):
                 torch.nn.utils.clip_grad_norm_(tok.parameters(), args.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return run_bench(step, lambda: step(tok, vfm, False, 1), args.batch_size, args.bench, device,
+        return data.run_bench(step, lambda: step(tok, vfm, False, 1), args.batch_size, args.bench, device,
                          "authors' code, H200, bf16 + compile: 256 px batch 64: 115 ms, 24.2 GiB; "
                          "512 px batch 64: 511 ms, 88.6 GiB (SPEC section 6)")
 

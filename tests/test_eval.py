@@ -5,7 +5,6 @@ import os
 import pytest
 import torch
 
-import data
 import eval as E
 import heads as H
 import tokenizer as T
@@ -62,7 +61,7 @@ def test_features_file_best_and_mean_through_the_head(ckpts, tmp_path):
     """Predictions from a file: mean of [GT + a, GT - a] is GT, so mean must score exactly as present (the head
     applied once to averaged features); best of [GT + a, GT, GT - a] is GT itself."""
     vfm = T.VFM("tiny")
-    seq = data.SyntheticSequences("val")
+    seq = H.SyntheticSequences("val")
     crops = torch.stack([E.Crops(seq, SIZE, list(range(8)))[i]["crops"][:, E.TARGET] for i in range(8)])
     gt = vfm(crops)                                                         # (8, 2, N, C)
     a = 0.5 * torch.randn_like(gt)

@@ -64,7 +64,7 @@ def test_vspw_sequences(tmp_path):
         mask = np.array([[0, 1, 124, 125, 255, 50]], np.uint8)
         save(f"{root}/data/v1/mask/{k:05d}.png", mask)
     (root / "val.txt").write_text("v1\n")
-    seq = data.open_eval(f"vspw:{root}")
+    seq = H.open_eval(f"vspw:{root}")
     assert len(seq) == 2  # labelled frames 19 and 39
     item = seq.item(1)
     assert item["frames"].shape == (7, 8, 12, 3)
@@ -73,9 +73,9 @@ def test_vspw_sequences(tmp_path):
     assert item["classes"].tolist() == [[255, 0, 123, 255, 255, 49]]  # value - 1; outside 0..123 ignored
     (root / "val.txt").write_text("v1\nv2\n")
     with pytest.raises(FileNotFoundError, match="v2"):
-        data.open_eval(f"vspw:{root}")
+        H.open_eval(f"vspw:{root}")
     with pytest.raises(FileNotFoundError, match="train.txt"):
-        data.open_eval(f"vspw:{root}", "train")
+        H.open_eval(f"vspw:{root}", "train")
 
 
 def test_cityscapes_sequences(tmp_path):
@@ -84,7 +84,7 @@ def test_cityscapes_sequences(tmp_path):
         save(f"{root}/leftImg8bit_sequence/val/ulm/ulm_000003_{k:06d}_leftImg8bit.png", frame(k))
     save(f"{root}/gtFine/val/ulm/ulm_000003_000019_gtFine_labelIds.png", np.array([[7, 33, 0, 26, 6]], np.uint8))
     save(f"{root}/gtFine/val/ulm/ulm_000003_000019_gtFine_color.png", frame(0))  # other label files are skipped
-    seq = data.open_eval(f"cityscapes:{root}")
+    seq = H.open_eval(f"cityscapes:{root}")
     item = seq.item(0)
     assert len(seq) == 1 and item["name"] == "ulm_000003_000019"
     assert [int(f[0, 0, 0]) for f in item["frames"]] == [1, 4, 7, 10, 13, 16, 19]
@@ -92,9 +92,9 @@ def test_cityscapes_sequences(tmp_path):
     assert item["classes"].tolist() == [[0, 18, 255, 13, 255]]
     os.remove(f"{root}/leftImg8bit_sequence/val/ulm/ulm_000003_000004_leftImg8bit.png")
     with pytest.raises(FileNotFoundError, match="ulm_000003_000004_leftImg8bit"):
-        data.open_eval(f"cityscapes:{root}")
+        H.open_eval(f"cityscapes:{root}")
     with pytest.raises(FileNotFoundError, match="gtFine/train"):
-        data.open_eval(f"cityscapes:{root}", "train")
+        H.open_eval(f"cityscapes:{root}", "train")
 
 
 def test_kitti_sequences_crop_and_valid_mask(tmp_path):
@@ -115,7 +115,7 @@ def test_kitti_sequences_crop_and_valid_mask(tmp_path):
                      f"{20:010d}.png 721.5\n"
                      f"2011_09_26/{drive}/image_02/data/{24:010d}.png None 721.5\n"     # no ground truth
                      f"2011_09_26/{drive}/image_02/data/{18:010d}.png\n")               # before frame 19: skipped
-    seq = data.open_eval(f"kitti:{root}", kitti_split=str(split))
+    seq = H.open_eval(f"kitti:{root}", kitti_split=str(split))
     assert len(seq) == 1
     item = seq.item(0)
     f = item["frames"]
@@ -130,15 +130,15 @@ def test_kitti_sequences_crop_and_valid_mask(tmp_path):
     assert valid.sum() == (r1 - r0 - 2) * (c1 - c0) if r1 >= 350 else True
     assert not valid[:r0].any() and not valid[:, :c0].any() and not valid[:, c1:].any()
     with pytest.raises(data.UserError, match="--kitti-split"):  # training needs its own list, never the test one
-        data.open_eval(f"kitti:{root}", "train")
+        H.open_eval(f"kitti:{root}", "train")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.open_eval(f"kitti:{tmp_path}/nowhere", kitti_split=str(split))
+        H.open_eval(f"kitti:{tmp_path}/nowhere", kitti_split=str(split))
 
 
 def test_kitti_default_split_is_the_releases_603_sequences():
-    targets = data.kitti_targets(data.KITTI_EIGEN_TEST)
+    targets = H.kitti_targets(H.KITTI_EIGEN_TEST)
     assert len(targets) == 603 and all(k >= 19 and depth not in (None, "None") for _, _, _, k, depth in targets)
-    assert sum(1 for line in open(data.KITTI_EIGEN_TEST) if line.strip()) == 697
+    assert sum(1 for line in open(H.KITTI_EIGEN_TEST) if line.strip()) == 697
 
 
 def test_vspw_skips_macos_metadata_and_names_unreadable_files(tmp_path):
@@ -150,7 +150,7 @@ def test_vspw_skips_macos_metadata_and_names_unreadable_files(tmp_path):
         (root / f"data/v1/origin/._{k:05d}.jpg").write_bytes(b"\0\5\26\7 Mac OS X metadata")
     save(f"{root}/data/v1/mask/{19:05d}.png", np.full((32, 48), 3, np.uint8))
     (root / f"data/v1/mask/._{19:05d}.png").write_bytes(b"\0\5\26\7")
-    seq = data.open_eval(f"vspw:{root}")
+    seq = H.open_eval(f"vspw:{root}")
     assert len(seq) == 1 and seq.item(0)["frames"].shape == (7, 32, 48, 3)
     assert (seq.item(0)["classes"] == 2).all()
     (root / f"data/v1/origin/{19:05d}.jpg").write_text("not a jpeg")
@@ -182,7 +182,7 @@ def test_resize_is_plain_bilinear_without_antialias():
 
 
 def test_synthetic_sequences_end_at_labelled_frames():
-    seq = data.SyntheticSequences("val", num_videos=2, size=32)
+    seq = H.SyntheticSequences("val", num_videos=2, size=32)
     item = seq.item(3)
     v, k = seq.items[3]
     assert len(seq) == 10 and np.allclose(item["times"], np.arange(7) * 0.2)

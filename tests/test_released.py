@@ -49,7 +49,7 @@ def hub(tmp_path_factory):
         H.main(H.get_parser().parse_args(["--task", task, "--vfm", "tiny", "--steps", "5", "--batch-size", "4",
                                           "--val-sequences", "1", "--out", str(out / task), *common]))
     torch.manual_seed(0)
-    torch.save(H.RGBHead(T.VFM("tiny").model.norm, 144, 2, 256, 4).state_dict(), out / "rgb.bin")
+    torch.save(E.RGBHead(T.VFM("tiny").model.norm, 144, 2, 256, 4).state_dict(), out / "rgb.bin")
     cache = tmp_path_factory.mktemp("hub")
     for repo, path in [("deltaworld", "deltaworld/ckpt.pt"), ("seg-head", "seg/ckpt.pt"),
                        ("depth-head", "depth/ckpt.pt"), ("rgb-head", "rgb.bin")]:
@@ -116,7 +116,7 @@ def test_rgb_head_has_the_released_layout_and_loads_strictly(tmp_path):
     shapes = released_rgb_shapes()
     assert len(shapes) == 456 and sum(math.prod(s) for s in shapes.values()) == 416_237_440
     with torch.device("meta"):
-        full = H.RGBHead(nn.LayerNorm(768))
+        full = E.RGBHead(nn.LayerNorm(768))
     assert {k: tuple(v.shape) for k, v in full.state_dict().items()} == shapes
     # the position table: SPEC's recipe, with numpy's 'xy' meshgrid
     g, D = 32, 1152
@@ -124,25 +124,25 @@ def test_rgb_head_has_the_released_layout_and_loads_strictly(tmp_path):
     grid = np.stack([x.flatten(), y.flatten()], -1)
     angles = grid[:, :, None] * (1 / 10000 ** (np.arange(D / 4) / (D / 4)))[None, None, :]
     table = np.concatenate([np.sin(angles), np.cos(angles)], -1).reshape(g * g, D)
-    assert torch.allclose(H.sincos_table(g, D).double(), torch.from_numpy(table), atol=1e-5)
+    assert torch.allclose(E.sincos_table(g, D).double(), torch.from_numpy(table), atol=1e-5)
     # a strict round trip of a random state dict in the released layout, one block deep (the full one is 1.7 GB)
     torch.manual_seed(0)
     state = {k: torch.randn(s) for k, s in released_rgb_shapes(depth=1).items()}
     torch.save({"state_dict": state}, tmp_path / "rgb.bin")
     vfm = SimpleNamespace(model=SimpleNamespace(norm=nn.LayerNorm(768)))
-    head = H.load_rgb_head(str(tmp_path / "rgb.bin"), vfm)
+    head = E.load_rgb_head(str(tmp_path / "rgb.bin"), vfm)
     assert len(head.decoder_layers) == 1 and all(torch.equal(v, state[k]) for k, v in head.state_dict().items())
     del state["decoder_layers.0.layernorm_after.bias"]
     torch.save(state, tmp_path / "broken.bin")
     with pytest.raises(RuntimeError, match="layernorm_after.bias"):
-        H.load_rgb_head(str(tmp_path / "broken.bin"), vfm)
+        E.load_rgb_head(str(tmp_path / "broken.bin"), vfm)
 
 
 def tiny_rgb_head():
     torch.manual_seed(0)
     norm = nn.LayerNorm(64)
     nn.init.normal_(norm.weight, 1, 0.3), nn.init.normal_(norm.bias, 0, 0.3)
-    return H.RGBHead(norm, width=144, depth=2, mlp=256, grid=4).eval()
+    return E.RGBHead(norm, width=144, depth=2, mlp=256, grid=4).eval()
 
 
 def test_rgb_head_undoes_the_vfm_norm_and_unpatchifies_rows_then_columns():
