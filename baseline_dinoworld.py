@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import data
 import tokenizer as T
-from predictor import HEAD_DIM, NOISE_STD, PREDICTOR_PRESETS, Predictor, clip_noise
+from predictor import HEAD_DIM, NOISE_STD, PREDICTOR_PRESETS, Predictor, clip_noise, world_flags
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model (SPEC section 4)
@@ -137,14 +137,12 @@ def build_dinoworld(model, vfm, bom=0):
                                      **PREDICTOR_PRESETS[model]), vfm)
 
 
-def load_dinoworld(path, device="cpu", vfm=None):
+def load_dinoworld(path, device="cpu", vfm=None, flag="--ckpt"):
     """A trained DINO-world in eval mode, from a baseline_dinoworld.py checkpoint, with its VFM (a VFM module to
     share, else built from the recorded name) as `.vfm`."""
-    ckpt = T.load_checkpoint(path)
-    if ckpt.get("kind") != "dinoworld":
-        raise ValueError(f"{path} is not a DINO-world checkpoint (kind {ckpt.get('kind')!r})")
+    ckpt = T.load_checkpoint(path, ("dinoworld",), flag)
     model = DinoWorld(DinoWorldConfig(**ckpt["config"]), vfm if vfm is not None else T.VFM(ckpt["vfm"]).to(device))
-    T.load_state_strict(model, ckpt["model"], f"DINO-world checkpoint {path}")
+    T.load_state_strict(model, ckpt, f"DINO-world checkpoint {path}")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -204,13 +202,17 @@ def format_check(step, r, num_samples):
 def main(args):
     rank, world, device = T.setup_dist()
     master = rank == 0
+    # what the user gave is checked on every rank before anything is built (flag ranges: get_parser)
+    accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
+    init = T.load_checkpoint(args.init, ("dinoworld",), "--init") if args.init else None
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
+                             size=args.size, stride=tuple(args.stride), seed=args.seed)
     vfm = T.VFM(args.vfm).to(device)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     dw = build_dinoworld(args.model, vfm, args.bom).to(device)
     C, L = vfm.dim, args.num_frames - 1
-    if args.init:
-        state = T.load_checkpoint(args.init)
-        T.load_state_strict(dw, state.get("model", state), f"--init {args.init}")
+    if init:  # weights only: optimizer and step start afresh
+        T.load_state_strict(dw, init, f"--init {args.init}", "check --model / --vfm / --bom")
     opt = T.make_optimizer(dw, args.lr, args.weight_decay, device)
 
     if args.bench:
@@ -231,16 +233,12 @@ def main(args):
                            "authors' code, H200, bf16 + compile: DINO-world 256 px batch 32 x 8: 166 ms, 24.2 GiB "
                            "(SPEC section 6); Table 2: + BoM 16 needs about the same memory")
 
-    accum = T.accumulation(args.global_batch, args.batch_size, world)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    resumed = T.resume(args.out, dw, opt, args.resume, master)
+    resumed = T.resume(args, "dinoworld", dw, opt, master)
     step, skipped = resumed["step"], resumed["skipped"]
     model = T.ddp(dw, world, device)
     model_c, dw_c, vfm_c = ((torch.compile(model), torch.compile(dw), torch.compile(vfm)) if args.compile
                             else (model, dw, vfm))
-
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
-                             size=args.size, stride=tuple(args.stride), seed=args.seed)
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
     num_samples = args.val_samples if args.bom else 1
     if master:  # held-out clips of 7 frames: 4 context, 3 predicted
@@ -251,15 +249,13 @@ def main(args):
         val_frames, val_times = torch.stack(val_frames), torch.stack(val_times)
 
     def checkpoint():
-        if master:
-            T.save_checkpoint(dict(kind="dinoworld", config=asdict(dw.cfg), vfm=args.vfm, size=args.size,
-                                   model=dw.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
-                                   args=vars(args)), ckpt_path)
+        T.save_checkpoint(dict(kind="dinoworld", config=asdict(dw.cfg), vfm=args.vfm, size=args.size,
+                               model=dw.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
+                               args=vars(args)), ckpt_path, master)
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, clips = time.perf_counter(), 0
     while step < args.steps:
-        T.seed_step(args.seed, step, rank)
         lr = T.lr_at(step, args.lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -279,7 +275,7 @@ def main(args):
         if world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in dw.parameters() if p.grad is not None])
-        T.stop_if_nonfinite(loss_sum, grad_norm, step, ckpt_path, master)
+        T.stop_if_nonfinite([loss_sum, grad_norm], step, ckpt_path, master)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -308,38 +304,14 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description="Train the DINO-world baseline (appendix A recipe as defaults).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of videos / frame folders")
-    p.add_argument("--val-data", default="", help="held-out videos for the prediction check "
-                   "(default: the synthetic val split, or --data itself for a folder)")
-    p.add_argument("--fps", type=float, default=None, help="frame rate of frame folders without timestamps")
     p.add_argument("--out", default="runs/dinoworld", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default=T.DINOV3_B16,
                    help=f"DINOv3 hub id, local folder, or a random preset {list(T.VFM_PRESETS)}")
-    p.add_argument("--model", default="base", choices=list(PREDICTOR_PRESETS), help="predictor size")
-    p.add_argument("--bom", type=int, default=0, help="best-of-many over K noise queries per frame (generative "
-                   "variant; Table 2 step 1: 16); 0: discriminative, one learned query")
-    p.add_argument("--init", default="", help="load DINO-world weights (a checkpoint of this script or a state dict)")
-    p.add_argument("--size", type=int, default=256, help="square crop side in pixels")
-    p.add_argument("--num-frames", type=int, default=8, help="frames per training clip")
-    p.add_argument("--stride", type=float, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
-    p.add_argument("--steps", type=int, default=300_000)
-    p.add_argument("--global-batch", type=int, default=1024, help="clips per optimizer step, all GPUs")
-    p.add_argument("--batch-size", type=int, default=32, help="clips per GPU per micro-step")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=5_000)
-    p.add_argument("--weight-decay", type=float, default=0.4)
-    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the VFM and the predictor")
-    p.add_argument("--num-workers", type=int, default=8, help="data loader processes per GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=1000)
-    p.add_argument("--val-clips", type=int, default=64)
-    p.add_argument("--val-samples", type=int, default=8, help="samples per held-out clip with --bom (SPEC section 5)")
-    p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
-    p.add_argument("--bench", type=int, default=0, help="time N training steps on random frames and exit")
-    return p
+    p.add_argument("--bom", type=data.at_least(0), default=0, help="best-of-many over K noise queries per frame "
+                   "(generative variant; Table 2 step 1: 16); 0: discriminative, one learned query")
+    p.add_argument("--init", default="", help="start from the weights of a checkpoint of this script, with a fresh "
+                   "optimizer and step")
+    return world_flags(p)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,15 @@ workers and processes: the union over ranks and micro-steps of step s is always 
 
     python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
     python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
+
+What every script's command line shares lives here too: a `UserError` (a mistake in what the user gave: a flag, a
+path, a file) is one line on stderr and exit status 2 (`cli`); flag types check ranges at parsing; the flags of
+training clips and runs; and `--bench` (`run_bench`): time, memory and FLOPs of one training step.
 """
 
 import argparse
 import functools
+import gc
 import itertools
 import json
 import multiprocessing
@@ -29,18 +34,65 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+# -----------------------------------------------------------------------------
+# the command line
+
 class UserError(Exception):
     """A mistake in the user's input (a flag, a path, a file): one line on stderr and exit status 2, no traceback."""
 
 
 def cli(main, parser):
-    """Run main(args) from the command line: a UserError prints `<prog>: error: <message>` and exits 2, as argparse
-    does for a bad flag; anything else is a bug and keeps its traceback."""
+    """Run main(args) from the command line: a UserError, or a bad flag, prints `<prog>: error: <message>` and exits
+    2, as argparse does (without the usage: one line); anything else is a bug and keeps its traceback."""
+    parser.print_usage = lambda file=None: None
     try:
         return main(parser.parse_args())
-    except UserError as e:
-        sys.stderr.write(f"\n{parser.prog}: error: {e}\n")  # a new line: never after a progress bar
-        sys.exit(2)
+    except UserError as e:  # from a DataLoader worker, the message ends with the worker's "data.UserError: ..."
+        message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
+    gc.collect()  # progress bars close (and redraw) now, not after the message
+    sys.stderr.write(f"\n{parser.prog}: error: {message}\n")
+    sys.exit(2)
+
+
+def at_least(low, multiple=1):
+    """An argparse type: an int >= low and a multiple of `multiple`, checked before anything is built."""
+    def parse(text):
+        if not int(text) >= low or int(text) % multiple:
+            want = f"a multiple of {multiple}" if multiple > 1 else "an integer"
+            raise argparse.ArgumentTypeError(f"{text}: want {want} >= {low}")
+        return int(text)
+    parse.__name__ = "int"
+    return parse
+
+
+def positive(text):
+    """An argparse type: a float > 0."""
+    if not float(text) > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not > 0")
+    return float(text)
+
+
+def clip_flags(p):
+    """The flags of the training clips, shared by tokenizer.py, predictor.py and baseline_dinoworld.py."""
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of videos / frame folders")
+    p.add_argument("--val-data", default="", help="held-out videos for the check at --eval-every (default: the "
+                   "synthetic val split, or --data itself for a folder)")
+    p.add_argument("--fps", type=positive, default=None, help="frame rate of frame folders without timestamps")
+    p.add_argument("--size", type=at_least(16, 16), default=256, help="square crop side in pixels")
+    p.add_argument("--stride", type=positive, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
+
+
+def run_flags(p, workers, eval_every):
+    """The flags of a training run that every stage shares."""
+    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
+    p.add_argument("--num-workers", type=at_least(0), default=workers, help="data loader processes per GPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=at_least(1), default=10)
+    p.add_argument("--eval-every", type=at_least(1), default=eval_every)
+    p.add_argument("--ckpt-every", type=at_least(1), default=1000)
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
+    p.add_argument("--allow-changes", action="store_true", help="with --resume: go on with flags other than the "
+                   "checkpoint's (--lr, --seed, --global-batch, ...); without it, such a resume is refused")
 
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
@@ -201,7 +253,7 @@ class VideoFolder:
             self.videos = [(root, _probe(root))]
             return
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"video root {root!r} does not exist (or is not a folder)")
+            raise UserError(f"video folder {root!r} does not exist (or is not a folder): check --data / --val-data")
         self.videos, unreadable = [], []  # (frame paths, times) per frame folder, (path, (frames, rate)) per file
         for folder, subfolders, files in os.walk(root, followlinks=True):
             subfolders.sort()  # walk in a fixed order so video i is the same on every rank
@@ -219,7 +271,7 @@ class VideoFolder:
         if unreadable:
             print(f"warning: skipped {len(unreadable)} unreadable videos: {', '.join(unreadable[:5])}")
         if not self.videos:
-            raise FileNotFoundError(
+            raise UserError(
                 f"no usable video under {root!r}: expected video files ({' '.join(VIDEO_EXTS)}) or folders of "
                 f"frames ({' '.join(IMAGE_EXTS)}, named by time in seconds like '12.480.jpg', or by order with --fps)")
 
@@ -230,8 +282,8 @@ class VideoFolder:
             order = np.argsort(seconds, kind="stable")
             return [os.path.join(folder, images[k]) for k in order], np.array(seconds)[order]
         if fps is None:
-            raise ValueError(f"frames in {folder!r} are not named by time in seconds (e.g. '12.480.jpg'): "
-                             "give their frame rate with --fps")
+            raise UserError(f"frames in {folder!r} are not named by time in seconds (e.g. '12.480.jpg'): "
+                            "give their frame rate with --fps")
         return [os.path.join(folder, f) for f in images], np.arange(len(images)) / fps
 
     def __len__(self):
@@ -333,6 +385,18 @@ def _crop_box(rng, height, width, scale, ratio):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+_WARNED = set()  # broken videos this process has named
+
+
+def _warn_broken(source, i, error):
+    """Name a broken video and why, the first time this process meets it; later failures are only counted."""
+    video = source.videos[i][0] if hasattr(source, "videos") else f"video {i}"
+    name = os.path.dirname(video[0]) if isinstance(video, list) else video
+    if name not in _WARNED:
+        _WARNED.add(name)
+        print(f"\nwarning: skipping broken video {name}: {type(error).__name__}: {error}", file=sys.stderr)
+
+
 class ClipDataset:
     """Training clips. Sample j of step s is a pure function of (seed, s, j)."""
 
@@ -367,8 +431,9 @@ class ClipDataset:
                 continue
             try:
                 frames = self.source.read(i, idx)  # (T, H, W, 3)
-            except Exception:
+            except Exception as e:
                 skipped += 1
+                _warn_broken(self.source, i, e)
                 continue
             top, left, h, w = _crop_box(rng, frames.shape[1], frames.shape[2], self.scale, self.ratio)
             # one crop for the whole clip, resized to a square (a small aspect distortion, appendix A); resizing the
@@ -377,8 +442,8 @@ class ClipDataset:
             crop = F.interpolate(crop, (self.size, self.size), mode="bilinear", antialias=True)
             clip_times = torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32)
             return crop, clip_times, skipped
-        raise RuntimeError(f"no readable video long enough for {self.num_frames} frames at stride {self.stride} s "
-                           f"after 1000 draws ({skipped} broken)")
+        raise UserError(f"no readable video long enough for {self.num_frames} frames at stride {self.stride} s "
+                        f"after 1000 draws ({skipped} broken)")
 
 
 class _MicroBatches(torch.utils.data.Dataset):
@@ -404,6 +469,26 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
     # batch_size=None: each item already is a micro-batch; an endless sequential sampler keeps the order fixed
     loader = torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(), num_workers=num_workers)
     return iter(loader)
+
+
+def accumulation(global_batch, batch_size, world):
+    """Micro-steps per optimizer step so that batch_size x world x accumulation = global_batch."""
+    accum = global_batch // (batch_size * world)
+    if accum * batch_size * world != global_batch:
+        raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size {batch_size} x "
+                        f"{world} processes")
+    return accum
+
+
+def clip_random(seed, step, clip_ids, shape, device, draw=torch.randn):
+    """Random numbers (B, *shape), row b a pure function of (seed, step, clip_ids[b]): any split of a step over
+    processes and micro-batches draws the same for a clip (BoM noise, RoPE jitter), and resume needs no RNG state."""
+    g = torch.Generator(device)
+    out = []
+    for j in clip_ids:
+        g.manual_seed((seed * 1_000_003 + step) * 1_000_033 + j)
+        out.append(draw(*shape, generator=g, device=device))
+    return torch.stack(out)
 
 
 # -----------------------------------------------------------------------------
@@ -512,9 +597,9 @@ def get_parser():
     mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR for 20 s as training does "
                       "(make_loader, 8 clips a batch)")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
-    parser.add_argument("--workers", type=int, default=1, help="processes, each with one thread")
-    parser.add_argument("--short-side", type=int, default=288, help="--prepare: height of a landscape copy")
-    parser.add_argument("--num-frames", type=int, default=2, help="--bench: frames per clip")
+    parser.add_argument("--workers", type=at_least(0), default=1, help="processes, each with one thread")
+    parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: height of a landscape copy")
+    parser.add_argument("--num-frames", type=at_least(2), default=2, help="--bench: frames per clip")
     return parser
 
 

@@ -9,7 +9,7 @@ crop is predicted and scored on its half of the labels. Generative models draw N
 sample whose final features have the lowest smooth-L1 (beta 0.1) loss to the ground truth, *mean* averages the
 samples' features and applies the head once.
 
-What --ckpt can be (its "kind", or --kind for released files; every checkpoint flag also takes a hub id):
+What --ckpt can be (its "kind"; released files are recognised by their keys; every checkpoint flag takes a hub id):
   deltatok    reconstruction from the last context frame, two rows (SPEC section 2, "DeltaTok mid"): sequential
               (the release: each frame encoded against the previous reconstruction) and parallel (tokens from
               ground-truth pairs; errors accumulate); the same at the short horizon
@@ -42,6 +42,7 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -63,25 +64,22 @@ NAMES = {"deltatok": "DeltaTok reconstruction (sequential)", "deltatok_parallel"
 
 
 def load_model(args, path, device, vfms=None):
-    """(kind, model, VFM name) of one --ckpt; the kind is the checkpoint's "kind" or --kind (released files).
-    vfms: {name: VFM} already built, shared by the models so that the backbone is loaded once."""
-    ckpt = T.load_checkpoint(path)
-    kind = args.kind or ckpt.get("kind")
+    """(kind, model, VFM name) of one --ckpt; the kind is the checkpoint's (released files: by their keys; --kind
+    must agree). vfms: {name: VFM} already built, shared by the models so that the backbone is loaded once."""
+    ckpt = T.load_checkpoint(path, (args.kind,) if args.kind else ("deltatok", "deltaworld", "dinoworld"), "--ckpt")
+    kind = T.checkpoint_kind(ckpt)
     vfms = {} if vfms is None else vfms
     name = ckpt.get("vfm")
     if name and name not in vfms and kind in ("deltaworld", "dinoworld"):
         vfms[name] = T.VFM(name).to(device)
     if kind == "deltatok":
-        model, vfm = T.load_deltatok(path, device)
+        model, vfm = T.load_deltatok(path, device, "--ckpt")
     elif kind == "deltaworld":
         model = P.load_deltaworld(path, device, tokenizer=args.tokenizer or None, vfm=vfms.get(name))
         vfm = model.vfm.name
-    elif kind == "dinoworld":
+    else:
         model = DW.load_dinoworld(path, device, vfm=vfms.get(name))
         vfm = model.vfm.name
-    else:
-        raise SystemExit(f"{path}: unknown checkpoint kind {kind!r}; released files need --kind "
-                         "deltatok / deltaworld / dinoworld")
     if kind != "deltatok":
         vfms.setdefault(vfm, model.vfm)
     return kind, model, vfm
@@ -99,7 +97,8 @@ def load_models(args, device, vfms):
             models.append((name, kind, model))
         names.add(vfm)
     if len(names) > 1:
-        raise SystemExit(f"the checkpoints were trained on different VFMs {sorted(names)}: evaluate them separately")
+        raise data.UserError(f"the checkpoints were trained on different VFMs {sorted(names)}: evaluate them "
+                             "separately")
     return models, names.pop() if names else None
 
 
@@ -166,13 +165,14 @@ def pick_heads(args, dataset, sequences, device, vfm_name):
         if head.task not in want:
             continue
         if head_vfm and head_vfm != vfm_name:
-            raise SystemExit(f"head {path} was trained on VFM {head_vfm!r}, but features come from {vfm_name!r}")
+            raise data.UserError(f"head {path} was trained on VFM {head_vfm!r}, but features come from {vfm_name!r}")
         if head.task == "seg" and head.head.out_channels != sequences.num_classes:
-            raise SystemExit(f"head {path} has {head.head.out_channels} classes, {dataset} has {sequences.num_classes}")
+            raise data.UserError(f"head {path} has {head.head.out_channels} classes, {dataset} has "
+                                 f"{sequences.num_classes}")
         out[head.task] = head
     if not out:
-        raise SystemExit(f"no head for {dataset} ({' / '.join(tasks_of(sequences))}): pass --heads PATH or "
-                         f"{dataset}=PATH")
+        raise data.UserError(f"no head for {dataset} ({' / '.join(tasks_of(sequences))}): pass --heads PATH or "
+                             f"{dataset}=PATH")
     return out
 
 
@@ -245,10 +245,8 @@ class RGBHead(nn.Module):
 
 def load_rgb_head(path, vfm, device="cpu"):
     """The RGB head from a file or hub id (sizes read off its tensors), strictly; bf16 on a GPU (416 M values)."""
-    state = T.load_checkpoint(path)
+    state = T.load_checkpoint(path, ("rgbhead",), "--rgb-head")
     state = state.get("state_dict", state)
-    if "decoder_embed.weight" not in state:
-        raise data.UserError(f"{path} is not an RGB head: no decoder_embed.weight among its keys {sorted(state)[:8]}")
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("decoder_layers."))
     head = RGBHead(vfm.model.norm, state["decoder_embed.weight"].shape[0], depth,
                    state["decoder_layers.0.intermediate.dense.weight"].shape[0],
@@ -382,8 +380,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
     scores, saved = {}, {h: [] for h in args.horizons}
 
     def add(key, pred, items):
-        tasks = scores.setdefault(key, {t: Hd.Score(t, getattr(heads[t].head, "out_channels", None))
-                                        for t in heads})
+        tasks = scores.setdefault(key, new_scores(heads))
         for task, head in heads.items():
             maps = head(Hd.to_map(pred))  # (2B, K, h, w)
             for b, item in enumerate(items):
@@ -403,6 +400,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
             for name, kind, model in models:
                 if kind == "features":
                     samples = torch.cat([features[h][it["index"]] for it in items]).to(device).float()  # (2B, S, N, C)
+                    rollout = samples[:, :, None]  # a file holds the final step only: the figures show that
                 else:
                     with T.autocast(device, args.dtype):
                         rollout = predict(kind, model, feats, times, h, args.samples, gen)  # (2B, S, steps, N, C)
@@ -423,11 +421,20 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
     return scores
 
 
-def gather(scores):
-    """Sum every score over the ranks (the same keys in the same order everywhere) and read the metrics off."""
+def new_scores(heads):
+    return {task: Hd.Score(task, getattr(head.head, "out_channels", None)) for task, head in heads.items()}
+
+
+def gather(scores, heads):
+    """Sum every score over the ranks and read the metrics off. Every rank reduces every key any rank has, in the
+    same order: one without sequences (fewer than ranks) has none of its own, but must reach each collective."""
+    keys = [list(scores)]
+    if dist.is_initialized():
+        keys = [None] * dist.get_world_size()
+        dist.all_gather_object(keys, list(scores))
     out = {}
-    for key in sorted(scores):
-        for task, score in scores[key].items():
+    for key in sorted(set().union(*keys)):
+        for task, score in scores.setdefault(key, new_scores(heads)).items():
             score.reduce()
             out.setdefault(key, {}).update(score.result())
     return out
@@ -550,17 +557,28 @@ def main(args):
         return flops(args)
     rank, world, device = T.setup_dist()
     if bool(args.ckpt) == bool(args.features):
-        raise SystemExit("give either --ckpt (a model to run) or --features (predictions made elsewhere)")
+        raise data.UserError("give either --ckpt (a model to run) or --features (predictions made elsewhere)")
     if args.features and len(args.features) != len(args.data):
-        raise SystemExit(f"--features needs one file per --data entry ({len(args.data)})")
+        raise data.UserError(f"--features needs one file per --data entry ({len(args.data)})")
     if args.video and not args.ckpt:
         raise data.UserError("--video forecasts with --ckpt models (not --features)")
-    if args.save_features and len(args.ckpt) != 1:
-        raise SystemExit("--save-features takes one --ckpt")
+    if args.save_features and (len(args.ckpt) != 1 or world > 1):
+        raise data.UserError("--save-features takes one --ckpt and one process (python eval.py, not torchrun)")
     clip = video_clip(args) if args.video else None  # before loading any model: a mistake fails at once
+    datasets = [] if args.video else [Hd.open_eval(spec, "val", args.kitti_split, args.kitti_raw, args.seed)
+                                      for spec in args.data]
+    files = [T.load_checkpoint(path, flag="--features", mmap=True) for path in args.features]
+    for path, features, spec, sequences in zip(args.features, files, args.data, datasets):
+        n = min(len(sequences), args.max_sequences or len(sequences))
+        if (features.get("dataset"), features.get("size")) != (spec.partition(":")[0], args.size):
+            raise data.UserError(f"--features {path} holds {features.get('dataset')} at {features.get('size')} px, not "
+                                 f"{spec.partition(':')[0]} at {args.size} px: check --data / --size")
+        if any(len(features.get(h, ())) < n for h in args.horizons):
+            raise data.UserError(f"--features {path} has fewer than the {n} sequences to evaluate for --horizons "
+                                 f"{' '.join(args.horizons)}: check --max-sequences / --horizons")
     vfms = {}  # one backbone for every model and for the ground truth
     models, vfm_name = load_models(args, device, vfms) if args.ckpt else ([(NAMES["features"], "features", None)], None)
-    vfm_name = args.vfm or vfm_name or T.DINOV3_B16
+    vfm_name = args.vfm or vfm_name or (files[0].get("vfm") if files else None) or T.DINOV3_B16
     vfm = vfms.get(vfm_name) or T.VFM(vfm_name).to(device)
     rgb = {"rgb": load_rgb_head(args.rgb_head, vfm, device)} if args.rgb_head else {}
     os.makedirs(args.out, exist_ok=True)
@@ -568,21 +586,11 @@ def main(args):
         heads = {h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device)[0] for p in args.heads)}
         return forecast(args, *clip, models, vfm, {**heads, **rgb}, device)
     results = {}
-    for d, spec in enumerate(args.data):
+    for spec, sequences, features in zip(args.data, datasets, files or [None] * len(args.data)):
         dataset = spec.partition(":")[0]
-        sequences = Hd.open_eval(spec, "val", args.kitti_split, args.kitti_raw, args.seed)
         heads = pick_heads(args, dataset, sequences, device, vfm_name)
-        features = None
-        if args.features:
-            features = torch.load(args.features[d], map_location="cpu", weights_only=True, mmap=True)
-            if features["dataset"] != dataset or features["size"] != args.size:
-                raise SystemExit(f"{args.features[d]} holds {features['dataset']} at {features['size']} px, "
-                                 f"not {dataset} at {args.size} px")
-            missing = [h for h in args.horizons if h not in features]
-            if missing:
-                raise SystemExit(f"{args.features[d]} has no {' / '.join(missing)} predictions: pass --horizons")
         scores = evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features, rgb)
-        results[dataset] = gather(scores)
+        results[dataset] = gather(scores, heads)
     if rank == 0:
         print(table(results))
         with open(os.path.join(args.out, "results.json"), "w") as f:
@@ -600,7 +608,7 @@ def get_parser():
     p.add_argument("--ckpt", nargs="+", default=[], help="checkpoints to evaluate (one table): DeltaTok, DeltaWorld, "
                    "DINO-world (files or hub ids such as Amazon-FAR/deltaworld-kinetics)")
     p.add_argument("--kind", default="", choices=["", "deltatok", "deltaworld", "dinoworld"],
-                   help="what --ckpt is, for released files (hub ids) that do not say")
+                   help="what --ckpt must be (released files and hub ids are recognised by their keys)")
     p.add_argument("--tokenizer", default="", help="DeltaTok checkpoint for a DeltaWorld (default: the recorded one)")
     p.add_argument("--features", nargs="+", default=[], help="predicted features files, one per --data entry "
                    "(format in the docstring) instead of --ckpt")
@@ -620,15 +628,16 @@ def get_parser():
                    "and a GIF in --out")
     p.add_argument("--start", type=float, default=0.0, help="--video: seconds to its first context frame")
     p.add_argument("--vfm", default="", help="VFM override (default: the one the checkpoint records)")
-    p.add_argument("--size", type=int, default=512, choices=None, help="crop side S: 512 main, 256 ablations")
+    p.add_argument("--size", type=data.at_least(16, 16), default=512, help="crop side S: 512 main, 256 ablations")
     p.add_argument("--horizons", nargs="+", default=["short", "mid"], choices=["short", "mid"])
-    p.add_argument("--samples", type=int, default=20, help="samples per crop for generative models")
-    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward (x2 crops)")
-    p.add_argument("--max-sequences", type=int, default=0, help="evaluate only the first N sequences (0: all)")
-    p.add_argument("--figures", type=int, default=4, help="draw PNG figures for the first N sequences")
+    p.add_argument("--samples", type=data.at_least(1), default=20, help="samples per crop for generative models")
+    p.add_argument("--batch-size", type=data.at_least(1), default=4, help="sequences per forward (x2 crops)")
+    p.add_argument("--max-sequences", type=data.at_least(0), default=0, help="evaluate only the first N sequences "
+                   "(0: all)")
+    p.add_argument("--figures", type=data.at_least(0), default=4, help="draw PNG figures for the first N sequences")
     p.add_argument("--out", default="runs/eval", help="folder for results.json and figures")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
-    p.add_argument("--num-workers", type=int, default=4, help="data loader processes")
+    p.add_argument("--num-workers", type=data.at_least(0), default=4, help="data loader processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flops", action="store_true", help="print the compute breakdown of appendix Table B and exit")
     return p

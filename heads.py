@@ -1,5 +1,7 @@
 """
-Task heads on frozen VFM features, and how their outputs are scored (SPEC section 5, appendix A and B).
+Task heads on frozen VFM features, the labelled datasets they are trained and scored on (VSPW, Cityscapes, KITTI and
+the synthetic videos, read in their on-disk layouts), and how their outputs are scored (SPEC section 5, appendix A
+and B).
 
 SegHead: BatchNorm2d -> 1x1 conv to the classes. DepthHead: BatchNorm2d -> 1x1 conv to 256 logits -> ReLU + 0.1
 -> normalised over the bins -> expected depth over 256 bins evenly spaced in [1e-3, 80] m (DINOv3's depth head).
@@ -86,18 +88,13 @@ def load_head(path, task=None, device="cpu"):
     """A head from a heads.py checkpoint or a released pytorch_model.bin (bare state dict or {"state_dict"}).
     Released files carry no task: `task` says it, else 256 outputs mean the depth head. Returns (head, vfm name or
     None for released heads, whose VFM is DINOv3 ViT-B/16)."""
-    ckpt = T.load_checkpoint(path)
-    if "kind" in ckpt:
-        task, state, vfm = {"seghead": "seg", "depthhead": "depth"}[ckpt["kind"]], ckpt["model"], ckpt["vfm"]
-    else:
-        state, vfm = ckpt.get("state_dict", ckpt), None
-    if "head.weight" not in state:
-        raise RuntimeError(f"{path} is not a task head: no head.weight among its keys {sorted(state)[:8]}")
+    ckpt = T.load_checkpoint(path, ("seghead", "depthhead"), "--heads")
+    state = ckpt["model"] if "kind" in ckpt else ckpt.get("state_dict", ckpt)
     out, dim = state["head.weight"].shape[:2]
-    task = task or ("depth" if out == DEPTH_BINS else "seg")
+    task = task if task and "kind" not in ckpt else T.checkpoint_kind(ckpt)[:-4]  # "seghead" -> "seg"
     head = DepthHead(dim, out) if task == "depth" else SegHead(dim, out)
-    T.load_state_strict(head, state, f"{task} head {path}")
-    return head.to(device).eval().requires_grad_(False), vfm
+    T.load_state_strict(head, ckpt, f"--heads {path}", f"is it a {task} head?")
+    return head.to(device).eval().requires_grad_(False), ckpt.get("vfm")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,7 +211,7 @@ GARG = (0.40810811, 0.99189189, 0.03594771, 0.96405229)          # rows, then co
 
 def _need(path, what):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{what}: {path} is missing")
+        raise data.UserError(f"{what}: {path} is missing")
     return path
 
 
@@ -269,7 +266,7 @@ class VSPWSequences(_Sequences):
                 self.items.append(([os.path.join(folder, frames[j]) for j in idx],
                                    [(j - idx[0]) / self.fps for j in idx], label, f"{v}/{stem}"))
         if not self.items:
-            raise FileNotFoundError(f"no VSPW sequence under {root!r}: videos need >= 20 frames in data/<video>/origin")
+            raise data.UserError(f"no VSPW sequence under {root!r}: videos need >= 20 frames in data/<video>/origin")
 
     def _label(self, path):
         c = _read(path).astype(np.int64) - 1
@@ -300,7 +297,7 @@ class CityscapesSequences(_Sequences):
                 self.items.append((paths, [(j - idx[0]) / self.fps for j in idx], os.path.join(labels, city, f),
                                    f"{city}_{seq}_{frame}"))
         if not self.items:
-            raise FileNotFoundError(f"no *_gtFine_labelIds.png under {labels!r}")
+            raise data.UserError(f"no *_gtFine_labelIds.png under {labels!r}")
         self.lut = np.full(256, IGNORE, np.uint8)
         for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
             self.lut[label_id] = train_id
@@ -314,7 +311,7 @@ def kitti_crop(x):
     h, w = x.shape[:2]
     top, left = h - KITTI_CROP[0], (w - KITTI_CROP[1]) // 2
     if top < 0 or left < 0:
-        raise ValueError(f"KITTI frame {h}x{w} is smaller than the {KITTI_CROP[0]}x{KITTI_CROP[1]} Eigen crop")
+        raise data.UserError(f"KITTI frame {h}x{w} is smaller than the {KITTI_CROP[0]}x{KITTI_CROP[1]} Eigen crop")
     return x[top:top + KITTI_CROP[0], left:left + KITTI_CROP[1]]
 
 
@@ -341,7 +338,7 @@ def kitti_targets(split_file):
         image = parts[0].split("/")
         if len(image) != 5 or image[2:4] != ["image_02", "data"]:
             raise data.UserError(f"{split_file} line {n + 1}: expected '<date>/<drive>/image_02/data/<idx>.png', "
-                            f"got {parts[0]!r}")
+                                 f"got {parts[0]!r}")
         k = int(os.path.splitext(image[4])[0])
         if k >= KITTI_MIN_TARGET:
             out.append((parts[0], image[0], image[1], k, parts[1] if len(parts) > 1 else None))
@@ -367,13 +364,13 @@ class KITTISequences(_Sequences):
             gt = next((os.path.join(root, t) for t in tries if os.path.exists(os.path.join(root, t))), None)
             if gt is None:
                 raise data.UserError(f"KITTI ground truth for {line} is missing: looked for "
-                                f"{', '.join(os.path.join(root, t) for t in tries)}")
+                                     f"{', '.join(os.path.join(root, t) for t in tries)}")
             idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)
             paths = [_need(os.path.join(raw_root, date, drive, "image_02", "data", f"{j:010d}.png"),
                            f"KITTI raw frame for {line} (raw drives under --kitti-raw, default the root)") for j in idx]
             self.items.append((paths, [(j - idx[0]) / self.fps for j in idx], gt, f"{drive}/{k:010d}"))
         if not self.items:
-            raise FileNotFoundError(f"no usable KITTI sequence in {split_file}")
+            raise data.UserError(f"no usable KITTI sequence in {split_file}")
 
     def item(self, i):
         out = super().item(i)
@@ -426,18 +423,19 @@ def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0):
     if name == "synthetic":
         return SyntheticSequences(split, seed)
     if not root:
-        raise ValueError(f"dataset {spec!r}: give it as NAME:ROOT (vspw, cityscapes, kitti) or 'synthetic'")
+        raise data.UserError(f"dataset {spec!r}: give it as NAME:ROOT (vspw, cityscapes, kitti) or 'synthetic'")
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{name} root {root!r} does not exist (or is not a folder)")
+        raise data.UserError(f"{name} root {root!r} does not exist (or is not a folder)")
     if name == "vspw":
         return VSPWSequences(root, split)
     if name == "cityscapes":
         return CityscapesSequences(root, split)
     if name == "kitti":
         if not kitti_split and split != "val":  # the default list is the test split: never train on it silently
-            raise data.UserError("KITTI training needs a list of training frames (Eigen format): pass --kitti-split FILE")
+            raise data.UserError("KITTI training needs a list of training frames (Eigen format): pass --kitti-split "
+                                 "FILE")
         return KITTISequences(root, kitti_split or KITTI_EIGEN_TEST, kitti_raw)
-    raise ValueError(f"unknown dataset {name!r}: one of synthetic, vspw, cityscapes, kitti")
+    raise data.UserError(f"unknown dataset {name!r}: one of synthetic, vspw, cityscapes, kitti")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -519,26 +517,25 @@ def present_score(head, vfm, source, size, device, dtype, num):
 def main(args):
     rank, world, device = T.setup_dist()
     master = rank == 0
+    train = open_train(args.data, args.kitti_split, args.kitti_raw, args.seed)  # checked before anything is built
+    val = SyntheticSequences("val", args.seed) if args.data == "synthetic" else \
+        open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw)
     vfm = T.VFM(args.vfm).to(device)
-    train = open_train(args.data, args.kitti_split, args.kitti_raw, args.seed)
     num_classes = train.num_classes if args.task == "seg" else DEPTH_BINS
     torch.manual_seed(args.seed)
     head = (SegHead(vfm.dim, num_classes) if args.task == "seg" else DepthHead(vfm.dim)).to(device)
     opt = T.make_optimizer(head, args.lr, args.weight_decay, device)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    step = T.resume(args.out, head, opt, args.resume, master)["step"]
+    step = T.resume(args, f"{args.task}head", head, opt, master)["step"]
     model = T.ddp(head, world, device)
     batches = _Batches(train, args.task, args.size, args.batch_size, rank, args.seed)
     loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=itertools.count(step),
                                               num_workers=args.num_workers))
-    val = SyntheticSequences("val", args.seed) if args.data == "synthetic" else \
-        open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw)
 
     def checkpoint():
-        if master:
-            T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=num_classes, vfm=args.vfm, size=args.size,
-                                   data=args.data, model=head.state_dict(), optimizer=opt.state_dict(), step=step,
-                                   args=vars(args)), ckpt_path)
+        T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=num_classes, vfm=args.vfm, size=args.size,
+                               data=args.data, model=head.state_dict(), optimizer=opt.state_dict(), step=step,
+                               args=vars(args)), ckpt_path, master)
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -552,6 +549,10 @@ def main(args):
         loss = head_loss(model, feats.float(), target, valid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        loss = loss.detach()
+        if world > 1:  # every rank sees the same loss (and gradients): all stop alike on a non-finite one
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        T.stop_if_nonfinite([loss, *(p.grad for p in head.parameters())], step, ckpt_path, master)
         opt.step()
         step += 1
         bar.update(1)
@@ -586,20 +587,15 @@ def get_parser():
     p.add_argument("--kitti-raw", default=None, help="root of the raw KITTI drives (default: the KITTI ROOT itself)")
     p.add_argument("--out", default="runs/head", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default=T.DINOV3_B16, help=f"DINOv3 hub id, local folder or random preset {list(T.VFM_PRESETS)}")
-    p.add_argument("--size", type=int, default=512, help="crop side: the evaluation's S (512 main, 256 ablations)")
-    p.add_argument("--steps", type=int, default=20_000)
-    p.add_argument("--batch-size", type=int, default=16, help="crops per GPU per step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--size", type=data.at_least(16, 16), default=512, help="crop side: the evaluation's S (512 main, "
+                   "256 ablations)")
+    p.add_argument("--steps", type=data.at_least(1), default=20_000)
+    p.add_argument("--batch-size", type=data.at_least(1), default=16, help="crops per GPU per step")
+    p.add_argument("--lr", type=data.positive, default=1e-3)
+    p.add_argument("--warmup", type=data.at_least(0), default=500)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
-    p.add_argument("--num-workers", type=int, default=4, help="data loader processes per GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=2000)
-    p.add_argument("--val-sequences", type=int, default=64, help="held-out labelled frames for the check")
-    p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
+    p.add_argument("--val-sequences", type=data.at_least(1), default=64, help="held-out labelled frames for the check")
+    data.run_flags(p, workers=4, eval_every=2000)
     return p
 
 

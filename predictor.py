@@ -233,42 +233,27 @@ class DeltaWorld(nn.Module):
                 torch.stack(out_tokens, 1).view(B, S, horizon, C))
 
 
-def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None):
+def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt"):
     """A trained DeltaWorld in eval mode, with its tokenizer (the recorded path, or `tokenizer` to override it)
     and the VFM (a VFM module to share, else built from the recorded name)."""
-    ckpt = T.load_checkpoint(path)
-    released = "config" not in ckpt  # the released pytorch_model.bin: a bare state dict of the ViT-B predictor
+    ckpt = T.load_checkpoint(path, ("deltaworld",), flag)
+    released = "kind" not in ckpt  # the released pytorch_model.bin: a bare state dict of the ViT-B predictor
     if released and not tokenizer:
-        raise SystemExit(f"{path} is a bare state dict (released weights): pass the DeltaTok it goes with, "
-                         "e.g. --tokenizer Amazon-FAR/deltatok-kinetics")
+        raise data.UserError(f"{flag} {path} is a bare state dict (released weights): pass the DeltaTok it goes with, "
+                             "e.g. --tokenizer Amazon-FAR/deltatok-kinetics")
     tok, vfm_name = T.load_deltatok(tokenizer or ckpt["tokenizer"], device)
     vfm = vfm if vfm is not None else T.VFM(vfm_name if released else ckpt["vfm"] or vfm_name).to(device)
-    if released:
-        state = ckpt.get("state_dict", ckpt)
-        world = DeltaWorld(tok, vfm, "base", bom="q_embed.weight" not in state)
-    else:
-        state = ckpt["model"]
-        world = DeltaWorld(tok, vfm, ckpt["config"]["model"], ckpt["config"]["bom"])
-    T.load_state_strict(world, state, f"DeltaWorld checkpoint {path}")
+    model, bom = ("base", "q_embed.weight" not in ckpt.get("state_dict", ckpt)) if released else \
+        (ckpt["config"]["model"], ckpt["config"]["bom"])
+    world = DeltaWorld(tok, vfm, model, bom)
+    T.load_state_strict(world, ckpt, f"DeltaWorld checkpoint {path}", "check --tokenizer")
     return world.to(device).eval().requires_grad_(False)
 
 
-def load_init(world, path):
-    """Predictor weights from the released layout (`predictor.*`, plus `q_embed.weight` for the learned query)
-    or from a predictor.py checkpoint, strictly: a missing, extra or wrongly shaped tensor fails loudly."""
-    ckpt = T.load_checkpoint(path)
-    T.load_state_strict(world, ckpt.get("model", ckpt), f"--init {path}")
-
-
 def clip_noise(seed, step, clip_ids, K, length, dim, device):
-    """BoM candidates (B, K, length, C) for the clips `clip_ids` of a step: a pure function of (seed, step, clip),
-    so any split over processes and micro-batches, and the token cache, draw the same noise for the same clip."""
-    g = torch.Generator(device)
-    out = []
-    for j in clip_ids:
-        g.manual_seed((seed * 1_000_003 + step) * 1_000_033 + j)
-        out.append(torch.randn(K, length, dim, generator=g, device=device))
-    return torch.stack(out) * NOISE_STD
+    """BoM candidates (B, K, length, C) for the clips `clip_ids` of a step (data.clip_random): any split over
+    processes and micro-batches, and the token cache, draw the same noise for the same clip."""
+    return data.clip_random(seed, step, clip_ids, (K, length, dim), device) * NOISE_STD
 
 
 def world_loss(world, model, tokens, times, noise=None, chunk=256):
@@ -350,12 +335,12 @@ class TokenCache:
     """The shards, memory-mapped; clip(c) is clip c of the training stream."""
 
     def __init__(self, folder, seed):
-        self.meta = T.load_checkpoint(os.path.join(folder, "meta.pt"))
+        self.meta = T.load_checkpoint(os.path.join(folder, "meta.pt"), ("token_cache",), "--cache-tokens")
         paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
         self.shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
         self.n, self.seed, self.perm = self.meta["num_clips"], seed, (0, None)
         if sum(len(s["tokens"]) for s in self.shards) != self.n:
-            raise RuntimeError(f"token cache {folder} is incomplete: delete it and run again")
+            raise data.UserError(f"token cache {folder} is incomplete: delete it and run again")
         self.skipped = sum(s["skipped"] for s in self.shards)
 
     def clip(self, c):
@@ -415,21 +400,26 @@ def format_check(step, r, n):
 def main(args):
     rank, world_size, device = T.setup_dist()
     master = rank == 0
+    # what the user gave is checked on every rank before anything is built (flag ranges: get_parser)
+    if not (args.tokenizer or args.bench):  # timing needs no trained weights
+        raise data.UserError("--tokenizer is required: a tokenizer.py checkpoint or the released DeltaTok weights")
+    accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world_size)
+    init = T.load_checkpoint(args.init, ("deltaworld",), "--init") if args.init else None
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
+                             size=args.size, stride=tuple(args.stride), seed=args.seed)
     if args.tokenizer:
         tok, vfm_name = T.load_deltatok(args.tokenizer, device)
         vfm = T.VFM(args.vfm or vfm_name).to(device)
-    elif args.bench:  # timing needs no trained weights
+    else:
         vfm = T.VFM(args.vfm or T.DINOV3_B16).to(device)
         tok = T.build_deltatok(args.model, vfm, args.bench_mode).to(device).eval().requires_grad_(False)
-    else:
-        raise SystemExit("--tokenizer is required: a tokenizer.py checkpoint or the released DeltaTok weights")
     if (tok.cfg.dim, tok.cfg.patch_size) != (vfm.dim, vfm.patch_size):
-        raise SystemExit(f"the tokenizer (dim {tok.cfg.dim}, patch {tok.cfg.patch_size}) does not fit the VFM "
-                         f"{vfm.name} (dim {vfm.dim}, patch {vfm.patch_size}): check --vfm")
+        raise data.UserError(f"the tokenizer (dim {tok.cfg.dim}, patch {tok.cfg.patch_size}) does not fit the VFM "
+                             f"{vfm.name} (dim {vfm.dim}, patch {vfm.patch_size}): check --vfm")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     world = DeltaWorld(tok, vfm, args.model, bom=not args.no_bom).to(device)
-    if args.init:
-        load_init(world, args.init)
+    if init:  # weights only (the released layout or a predictor.py checkpoint): optimizer and step start afresh
+        T.load_state_strict(world, init, f"--init {args.init}", "check --model / --no-bom")
     opt = T.make_optimizer(world, args.lr, args.weight_decay, device)
     K = 0 if args.no_bom else args.bom
     black = world.black((args.size // vfm.patch_size) ** 2, device)
@@ -470,16 +460,12 @@ def main(args):
                            "authors' code, H200, bf16 + compile, batch 32 x 8 frames, K=256: 256 px 142 ms, 3.8 GiB; "
                            "512 px 585 ms, 9.2 GiB; DINO-world 256 px: 166 ms, 24.2 GiB (SPEC section 6)")
 
-    accum = T.accumulation(args.global_batch, args.batch_size, world_size)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    resumed = T.resume(args.out, world, opt, args.resume, master)
+    resumed = T.resume(args, "deltaworld", world, opt, master)
     step, skipped = resumed["step"], resumed["skipped"]
     model = T.ddp(world, world_size, device)
     model_c, world_c, vfm_c = ((torch.compile(model), torch.compile(world), torch.compile(vfm)) if args.compile
                                else (model, world, vfm))
-
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
-                             size=args.size, stride=tuple(args.stride), seed=args.seed)
     if args.cache_tokens:
         meta = dict(kind="token_cache", tokenizer=os.path.abspath(args.tokenizer), data=args.data, size=args.size,
                     tokenizer_sha1=file_digest(args.tokenizer),  # a retrained tokenizer at the same path: new cache
@@ -491,8 +477,8 @@ def main(args):
                               args.batch_size, args.num_workers)
         cache = TokenCache(args.cache_tokens, args.seed)
         if {k: cache.meta[k] for k in meta} != meta:
-            raise SystemExit(f"the token cache {args.cache_tokens} was made with other settings "
-                             f"({ {k: v for k, v in cache.meta.items() if meta.get(k) != v} }): use another folder")
+            raise data.UserError(f"the token cache {args.cache_tokens} was made with other settings "
+                                 f"({ {k: v for k, v in cache.meta.items() if meta.get(k) != v} }): use another folder")
         loader = cache_loader(cache, args.batch_size, rank, world_size, accum, step, args.global_batch)
         skipped = cache.skipped
     else:
@@ -504,16 +490,14 @@ def main(args):
         val_clips, val_times = torch.stack(val_clips), torch.stack(val_times)                # (V, 7, 3, S, S), (V, 7)
 
     def checkpoint():
-        if master:
-            T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=os.path.abspath(args.tokenizer),
-                                   tokenizer_config=asdict(tok.cfg), vfm=args.vfm or vfm.name, size=args.size,
-                                   model=world.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
-                                   args=vars(args)), ckpt_path)
+        T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=os.path.abspath(args.tokenizer),
+                               tokenizer_config=asdict(tok.cfg), vfm=args.vfm or vfm.name, size=args.size,
+                               model=world.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
+                               args=vars(args)), ckpt_path, master)
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, clips = time.perf_counter(), 0
     while step < args.steps:
-        T.seed_step(args.seed, step, rank)
         lr = T.lr_at(step, args.lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -538,7 +522,7 @@ def main(args):
         if world_size > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         grad_norm = torch.nn.utils.clip_grad_norm_(world.parameters(), float("inf"))  # logged, not clipped
-        T.stop_if_nonfinite(loss_sum, grad_norm, step, ckpt_path, master)
+        T.stop_if_nonfinite([loss_sum, grad_norm], step, ckpt_path, master)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -569,47 +553,43 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tokenizer", default="", help="frozen DeltaTok: a tokenizer.py checkpoint (delta or frame mode) "
                    "or the released weights")
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of videos / frame folders")
-    p.add_argument("--val-data", default="", help="held-out videos for the check (default: the synthetic val "
-                   "split, or --data itself for a folder)")
-    p.add_argument("--fps", type=float, default=None, help="frame rate of frame folders without timestamps")
     p.add_argument("--out", default="runs/deltaworld", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default="", help="DINOv3 hub id or local folder (default: the one the tokenizer "
                    f"records; in --bench without --tokenizer {T.DINOV3_B16}); random presets {list(T.VFM_PRESETS)}")
-    p.add_argument("--model", default="base", choices=list(PREDICTOR_PRESETS), help="predictor size")
     p.add_argument("--no-bom", action="store_true", help="discriminative: one learned query, no best-of-many "
                    "(appendix Table C)")
-    p.add_argument("--bom", type=int, default=256, help="best-of-many candidates K per clip and position")
-    p.add_argument("--bom-chunk", type=int, default=256, help="candidates per forward of the candidate pass "
-                   "(lower it to save memory)")
-    p.add_argument("--init", default="", help="load a predictor state dict (the released DeltaWorld layout)")
+    p.add_argument("--bom", type=data.at_least(1), default=256, help="best-of-many candidates K per clip and position")
+    p.add_argument("--bom-chunk", type=data.at_least(1), default=256, help="candidates per forward of the candidate "
+                   "pass (lower it to save memory)")
+    p.add_argument("--init", default="", help="start from these predictor weights (the released DeltaWorld layout or "
+                   "a predictor.py checkpoint), with a fresh optimizer and step")
     p.add_argument("--cache-tokens", default="", help="token cache folder: encode the training clips once there "
                    "(if not yet done), then train from it")
-    p.add_argument("--cache-crops", type=float, default=4, help="clips (augmented crops) per training video in "
-                   "the cache")
-    p.add_argument("--size", type=int, default=256, help="square crop side in pixels")
-    p.add_argument("--num-frames", type=int, default=8, help="frames per training clip")
-    p.add_argument("--stride", type=float, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
-    p.add_argument("--steps", type=int, default=300_000)
-    p.add_argument("--global-batch", type=int, default=1024, help="clips per optimizer step, all GPUs")
-    p.add_argument("--batch-size", type=int, default=32, help="clips per GPU per micro-step")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=5_000)
-    p.add_argument("--weight-decay", type=float, default=0.4)
-    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the VFM and the predictor")
-    p.add_argument("--num-workers", type=int, default=8, help="data loader processes per GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=1000)
-    p.add_argument("--val-clips", type=int, default=64)
-    p.add_argument("--val-samples", type=int, default=8, help="samples per clip in the held-out check")
-    p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
-    p.add_argument("--bench", type=int, default=0, help="time N training steps on random frames and exit")
+    p.add_argument("--cache-crops", type=data.positive, default=4, help="clips (augmented crops) per training video "
+                   "in the cache")
     p.add_argument("--bench-mode", default="delta", choices=["delta", "frame", "sample"], help="delta / frame: the "
                    "random tokenizer of --bench without --tokenizer (Table 2, step 2); sample: time sampling instead "
                    "of training (20 samples x 3 steps from 4 context frames, --batch-size sequences at once)")
+    return world_flags(p)
+
+
+def world_flags(p):
+    """The flags DeltaWorld and DINO-world share: the same recipe (appendix A), clips and run."""
+    p.add_argument("--model", default="base", choices=list(PREDICTOR_PRESETS), help="predictor size")
+    p.add_argument("--num-frames", type=data.at_least(2), default=8, help="frames per training clip")
+    p.add_argument("--steps", type=data.at_least(1), default=300_000)
+    p.add_argument("--global-batch", type=data.at_least(1), default=1024, help="clips per optimizer step, all GPUs")
+    p.add_argument("--batch-size", type=data.at_least(1), default=32, help="clips per GPU per micro-step")
+    p.add_argument("--lr", type=data.positive, default=1e-4)
+    p.add_argument("--warmup", type=data.at_least(0), default=5_000)
+    p.add_argument("--weight-decay", type=float, default=0.4)
+    p.add_argument("--compile", action="store_true", help="torch.compile the VFM and the predictor")
+    p.add_argument("--val-clips", type=data.at_least(1), default=64)
+    p.add_argument("--val-samples", type=data.at_least(1), default=8, help="samples per held-out clip of a generative "
+                   "model (SPEC section 5)")
+    p.add_argument("--bench", type=data.at_least(0), default=0, help="time N training steps on random frames and exit")
+    data.clip_flags(p)
+    data.run_flags(p, workers=8, eval_every=1000)
     return p
 
 

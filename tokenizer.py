@@ -21,6 +21,7 @@ Run it:
 """
 import argparse
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -37,7 +38,8 @@ from huggingface_hub import hf_hub_download
 from tqdm import tqdm
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
-    DINOv3ViTAttention, DINOv3ViTLayer, DINOv3ViTLayerScale, DINOv3ViTRopePositionEmbedding, apply_rotary_pos_emb)
+    DINOv3ViTAttention, DINOv3ViTLayer, DINOv3ViTLayerScale, DINOv3ViTRopePositionEmbedding, apply_rotary_pos_emb,
+    get_patches_center_coordinates)
 
 import data
 
@@ -69,7 +71,8 @@ def load_dinov3(name):
                 if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
                 f"'{name}' is neither a hub id nor a folder (typo?); the paper uses {DINOV3_B16}. For an offline "
                 f"run without weights use a random preset: {', '.join(VFM_PRESETS)}")
-        raise RuntimeError(f"could not load DINOv3 '{name}': {hint}.\n  cause: {type(e).__name__}: {e}") from None
+        cause = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise data.UserError(f"could not load DINOv3 '{name}': {hint} (cause: {cause})") from None
 
 
 def hub_hint(name, e, local):
@@ -107,8 +110,8 @@ class VFM(nn.Module):
     def forward(self, frames):
         *lead, c, h, w = frames.shape
         if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"frame size {h}x{w} is not divisible by the VFM patch size {self.patch_size}: "
-                             f"use --size a multiple of {self.patch_size}")
+            raise data.UserError(f"frame size {h}x{w} is not divisible by the VFM patch size {self.patch_size}: "
+                                 f"use --size a multiple of {self.patch_size}")
         x = (frames.reshape(-1, c, h, w).float() / 255 - self.mean) / self.std
         tokens = self.model(pixel_values=x).last_hidden_state[:, self.num_prefix:]
         return tokens.reshape(*lead, tokens.shape[1], self.dim)  # (..., N, C)
@@ -132,7 +135,7 @@ class DeltaTokConfig:
     qk_norm: bool = False    # the released variant: QK-norm, gated attention, SwiGLU MLP
     gated_attn: bool = False
     swiglu: bool = False
-    rope_rescale: float | None = 2.0  # RoPE coordinate jitter while training, as DINOv3 and the release; None: off
+    rope_rescale: float | None = 2.0  # RoPE coordinate jitter while training (DeltaTok.jitter); None: off
 
 
 MODEL_PRESETS = {
@@ -187,8 +190,7 @@ class DeltaTok(nn.Module):
         hidden = int(cfg.dim * cfg.mlp_ratio * (2 / 3 if cfg.swiglu else 1))  # SwiGLU keeps the MLP's FLOPs
         vit = DINOv3ViTConfig(hidden_size=cfg.dim, num_attention_heads=cfg.heads, intermediate_size=hidden,
                               use_gated_mlp=cfg.swiglu, hidden_act="silu" if cfg.swiglu else "gelu",
-                              layerscale_value=1e-5, patch_size=cfg.patch_size, pos_embed_rescale=cfg.rope_rescale,
-                              attn_implementation="sdpa")
+                              layerscale_value=1e-5, patch_size=cfg.patch_size, attn_implementation="sdpa")
         self.encoder_blocks = nn.ModuleList([self._block(vit) for _ in range(cfg.depth)])
         self.decoder_blocks = nn.ModuleList([self._block(vit) for _ in range(cfg.depth)])
         self.z_embed = nn.Embedding(1, cfg.dim)   # the learned z token
@@ -203,39 +205,54 @@ class DeltaTok(nn.Module):
             block.attention = GatedAttention(vit, self.cfg.qk_norm, self.cfg.gated_attn)
         return block
 
-    def _rope(self, n, ref, repeat=1):
-        """(cos, sin) of DINOv3's 2D RoPE for a square grid of n patches, tiled `repeat` times."""
+    def _rope(self, n, ref, repeat=1, scale=None):
+        """(cos, sin) of DINOv3's 2D RoPE for a square grid of n patches, tiled `repeat` times: (L, hd), or
+        (B, 1, L, hd) with clip b's patch coordinates scaled by scale[b] (the RoPE jitter while training)."""
         side = math.isqrt(n)
         if side * side != n:
             raise ValueError(f"DeltaTok expects a square patch grid, got {n} patches")
-        grid = ref.new_empty(1, 1, 1, 1).expand(1, 1, side * self.cfg.patch_size, side * self.cfg.patch_size)
-        cos, sin = self.rope(grid)  # only the shape is read
-        return cos.repeat(repeat, 1), sin.repeat(repeat, 1)
+        coords = get_patches_center_coordinates(side, side, torch.float32, ref.device).repeat(repeat, 1)  # (L, 2)
+        if scale is not None:
+            coords = coords * scale.float().view(-1, 1, 1, 1)                                    # (B, 1, L, 2)
+        angles = (2 * math.pi * coords[..., None] * self.rope.inv_freq).flatten(-2).tile(2)     # (..., L, hd)
+        return angles.cos().to(ref.dtype), angles.sin().to(ref.dtype)
+
+    def jitter(self, seed, step, clip_ids, device):
+        """The RoPE jitter of training clips (B, 2): factors of the encoder's and the decoder's patch coordinates,
+        log-uniform in [1 / r, r] (r = rope_rescale, None: no jitter) like DINOv3's, but drawn per clip from
+        (seed, step, clip) (data.clip_random), so that any split of a step over processes draws the same."""
+        if self.cfg.rope_rescale is None:
+            return None
+        u = data.clip_random(seed, step, clip_ids, (2,), device, torch.rand)  # uniform in [0, 1)
+        return torch.exp((2 * u - 1) * math.log(self.cfg.rope_rescale))
 
     def _run(self, blocks, h, rope):
         for block in blocks:
             h = block(h, position_embeddings=rope)
         return h
 
-    def encode(self, x_prev, y):
-        """(B, N, C) previous and current frame features -> (B, 1, C) delta token (frame mode ignores x_prev)."""
+    def encode(self, x_prev, y, scale=None):
+        """(B, N, C) previous and current frame features -> (B, 1, C) delta token (frame mode ignores x_prev);
+        scale (B,): RoPE jitter."""
         B, N, C = y.shape
         z = self.z_embed.weight.expand(B, 1, C)
         e0, e1 = self.xy_embed.weight
         if self.cfg.mode == "delta":  # both frames share the same patch positions; z is an unrotated prefix
-            h = self._run(self.encoder_blocks, torch.cat([z, x_prev + e0, y + e1], 1), self._rope(N, y, 2))
+            h = self._run(self.encoder_blocks, torch.cat([z, x_prev + e0, y + e1], 1), self._rope(N, y, 2, scale))
         else:
-            h = self._run(self.encoder_blocks, torch.cat([z, y + e1], 1), self._rope(N, y))
+            h = self._run(self.encoder_blocks, torch.cat([z, y + e1], 1), self._rope(N, y, 1, scale))
         return self.norm(h[:, :1])
 
-    def decode(self, token, x_prev):
-        """(B, 1, C) token and (B, N, C) previous features -> (B, N, C) current features."""
+    def decode(self, token, x_prev, scale=None):
+        """(B, 1, C) token and (B, N, C) previous features -> (B, N, C) current features; scale (B,): RoPE jitter."""
         B, N, C = x_prev.shape
         x = x_prev if self.cfg.mode == "delta" else self.xy_embed.weight[0].expand(B, N, C)
-        return self._run(self.decoder_blocks, torch.cat([token.to(x.dtype), x], 1), self._rope(N, x))[:, 1:]
+        return self._run(self.decoder_blocks, torch.cat([token.to(x.dtype), x], 1), self._rope(N, x, 1, scale))[:, 1:]
 
-    def forward(self, x_prev, y):
-        return self.decode(self.encode(x_prev, y), x_prev)
+    def forward(self, x_prev, y, jitter=None):
+        """Reconstruct y from x_prev and the token of (x_prev, y); jitter (B, 2) from DeltaTok.jitter, or None."""
+        enc, dec = (None, None) if jitter is None else jitter.unbind(1)
+        return self.decode(self.encode(x_prev, y, enc), x_prev, dec)
 
     def tokenize(self, feats, first_prev):
         """A clip's features (B, T, N, C) -> its tokens (B, T, C), all pairs in parallel; frame 0 is encoded
@@ -266,32 +283,64 @@ def build_deltatok(model, vfm, mode="delta", rope_rescale=2.0):
                                    rope_rescale=rope_rescale, **MODEL_PRESETS[model]))
 
 
-def load_state_strict(module, state, what):
-    """Load a (possibly {"state_dict": ...}-nested) state dict strictly, saying what is wrong if it does not fit."""
-    state = state.get("state_dict", state)
+def checkpoint_kind(ckpt):
+    """A project checkpoint's "kind"; for a released bare state dict (possibly under "state_dict"), what its keys
+    say (reference/released_checkpoint_keys.md): deltatok, deltaworld, rgbhead, seghead or depthhead (256 bins)."""
+    state = ckpt.get("state_dict", ckpt)
+    keys = {str(k).split(".")[0] for k in state}
+    head = ("depthhead" if len(state.get("head.weight", ())) == 256 else "seghead") if {"bn", "head"} <= keys else None
+    return ckpt.get("kind") or ("deltatok" if "encoder_blocks" in keys else "deltaworld" if "predictor" in keys else
+                                "rgbhead" if "decoder_embed" in keys else head)
+
+
+def checkpoint_path(path):
+    """A local file as is; a Hugging Face repo id 'org/name' -> its pytorch_model.bin (downloaded once, cached)."""
+    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.endswith((".pt", ".bin")):
+        return path
     try:
-        module.load_state_dict(state, strict=True)
+        return hf_hub_download(path, "pytorch_model.bin")
+    except Exception as e:
+        why = hub_hint(path, e, "a local path") or f"no such repo, or no pytorch_model.bin in it ({type(e).__name__})"
+        raise data.UserError(f"no file {path}, nor a Hugging Face repo id that could be fetched: {why}") from None
+
+
+def load_checkpoint(path, expect=(), flag="checkpoint", mmap=False):
+    """The dict saved at `path` (weights_only). A missing or unreadable file, or one whose kind (checkpoint_kind) is
+    not in `expect` (when given), is a UserError naming `flag`, the file, the kind found and the kinds expected."""
+    local = checkpoint_path(path)
+    try:
+        ckpt = torch.load(local, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # missing, truncated, not a torch file, ...
+        raise data.UserError(f"{flag} {path} cannot be read as a checkpoint: " +
+                             f"{type(e).__name__}: {e}".splitlines()[0]) from None
+    kind = checkpoint_kind(ckpt) if isinstance(ckpt, dict) else None
+    if expect and kind not in expect:
+        raise data.UserError(f"{flag} {path} is a {kind or 'foreign'} checkpoint, not {' or '.join(expect)}")
+    return ckpt
+
+
+def load_state_strict(module, ckpt, what, fix="check --model / --vfm / --mode"):
+    """Load a checkpoint's weights (its "model"; for a released file, the possibly {"state_dict": ...}-nested state
+    dict) strictly, saying in one line what does not fit."""
+    try:
+        module.load_state_dict(ckpt["model"] if "kind" in ckpt else ckpt.get("state_dict", ckpt), strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"{what} does not fit this model (check --model / --vfm / --mode):\n{e}") from None
+        raise data.UserError(f"{what} does not fit this model ({' '.join(str(e).split())[:500]}): {fix}") from None
 
 
-def load_deltatok(path, device="cpu"):
+def load_deltatok(path, device="cpu", flag="--tokenizer"):
     """A frozen DeltaTok for later stages, from a tokenizer.py checkpoint or a released pytorch_model.bin.
-    Returns (model, vfm name, mode)."""
-    ckpt = load_checkpoint(path)
-    if "config" in ckpt:
-        model = DeltaTok(DeltaTokConfig(**ckpt["config"]))
-        load_state_strict(model, ckpt["model"], f"DeltaTok checkpoint {path}")
-        vfm = ckpt["vfm"]
-    else:  # released weights: a bare state dict of the ViT-B "released" variant
-        model = DeltaTok(DeltaTokConfig(**MODEL_PRESETS["released"]))
-        load_state_strict(model, ckpt, f"released DeltaTok weights {path}")
-        vfm = DINOV3_B16
-    return model.to(device).eval().requires_grad_(False), vfm
+    Returns (model, vfm name)."""
+    ckpt = load_checkpoint(path, ("deltatok",), flag)
+    released = "kind" not in ckpt  # a bare state dict of the ViT-B "released" variant
+    model = DeltaTok(DeltaTokConfig(**(MODEL_PRESETS["released"] if released else ckpt["config"])))
+    load_state_strict(model, ckpt, f"{flag} {path}")
+    return model.to(device).eval().requires_grad_(False), DINOV3_B16 if released else ckpt["vfm"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Run helpers shared by every stage: DDP, checkpoints, optimizer, logging (data.py: the bench)
+# Run helpers shared by every stage: DDP, checkpoints, the run folder, optimizer, logging (data.py: the command
+# line, the split of a step over processes, the bench)
 
 def setup_dist():
     """(rank, world size, device) from torchrun's environment; one plain process otherwise."""
@@ -313,32 +362,41 @@ def cleanup_dist(world):
         dist.destroy_process_group()
 
 
-def seed_step(seed, step, rank):
-    """Every random draw of a step (noise, RoPE jitter) comes from (seed, step, rank): resume needs no RNG state."""
-    torch.manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+# flags that may change when a run resumes; any other difference to the checkpoint's needs --allow-changes
+RESUMABLE = {"steps", "batch_size", "num_workers", "log_every", "eval_every", "ckpt_every", "val_clips", "val_samples",
+             "val_sequences", "val_data", "dtype", "compile", "resume", "allow_changes", "out", "init", "bench"}
+_LOCKS = {}  # run folders this process holds, by path
 
 
-def accumulation(global_batch, batch_size, world):
-    """Micro-steps per optimizer step so that batch_size x world x accumulation = global_batch."""
-    accum = global_batch // (batch_size * world)
-    if accum * batch_size * world != global_batch:
-        raise SystemExit(f"--global-batch {global_batch} is not a multiple of --batch-size {batch_size} x {world} "
-                         "processes")
-    return accum
-
-
-def resume(out, model, opt, enabled, master):
-    """With --resume and <out>/ckpt.pt present, restore model and optimizer and return the checkpoint (its step,
-    skipped count, ...); else {"step": 0, "skipped": 0}. The data position is the step (data.make_loader)."""
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "ckpt.pt")
-    if not (enabled and os.path.exists(path)):
-        return {"step": 0, "skipped": 0}
-    ckpt = load_checkpoint(path)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    if master:
-        print(f"resumed from {path} at step {ckpt['step']}")
+def resume(args, kind, model, opt, master):
+    """Lock <out> (one run per folder). With --resume and <out>/ckpt.pt present, restore model and optimizer and return
+    the checkpoint (its step, skipped count, ...), else {"step": 0, "skipped": 0}; log.jsonl is cut back to that
+    step. The data position is the step (data.make_loader)."""
+    os.makedirs(args.out, exist_ok=True)
+    path, log, lock = (os.path.join(args.out, f) for f in ("ckpt.pt", "log.jsonl", ".lock"))
+    if master and os.path.abspath(lock) not in _LOCKS:
+        _LOCKS[os.path.abspath(lock)] = f = open(lock, "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise data.UserError(f"another run is writing to {args.out} (it holds {lock}): give another "
+                                 "--out") from None
+    ckpt = {"step": 0, "skipped": 0}
+    if args.resume and os.path.exists(path):
+        ckpt = load_checkpoint(path, (kind,), "--resume:")
+        old, new = ckpt["args"], vars(args)
+        changed = [k for k in new if k not in RESUMABLE and old.get(k, new[k]) != new[k]]
+        if changed and not args.allow_changes:
+            flags = lambda a: " ".join(f"--{k.replace('_', '-')} {a[k]}" for k in changed)
+            raise data.UserError(f"--resume: {path} was trained with {flags(old)}, not {flags(new)}: pass the same "
+                                 "flags, or --allow-changes to go on with the new ones")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if master:
+            print(f"resumed from {path} at step {ckpt['step']}")
+    if master and os.path.exists(log):  # drop what was logged after the checkpoint (and a torn last line)
+        lines = [x for x in open(log) if x.endswith("\n") and json.loads(x)["step"] <= ckpt["step"]]
+        open(log, "w").writelines(lines)
     return ckpt
 
 
@@ -349,40 +407,27 @@ def ddp(model, world, device):
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def stop_if_nonfinite(loss, grad_norm, step, ckpt_path, master):
-    """Stop every rank (the loss is already averaged over them) before a non-finite update reaches the weights; the
-    last checkpoint on disk stays the last good one."""
-    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+def stop_if_nonfinite(values, step, ckpt_path, master, what="loss or gradient norm"):
+    """Exit 1 on every rank alike (the values are the same on all: the loss averaged, the gradients or weights
+    synchronised) before a non-finite value reaches the weights or a checkpoint; the checkpoint on disk stays."""
+    if all(v.isfinite().all() for v in values):
         return
     if master:
-        print(f"\nnon-finite loss ({loss.item()}) or gradient norm at step {step}: stopping. The last good "
-              f"checkpoint is kept at {ckpt_path}; lower --lr or check the data, then --resume.", file=sys.stderr)
+        kept = (f"the last good checkpoint is kept at {ckpt_path}: lower --lr or check the data, then --resume"
+                if os.path.exists(ckpt_path) else "no checkpoint was written: lower --lr or check the data")
+        print(f"\nnon-finite {what} at step {step}: stopping; {kept}.", file=sys.stderr)
     sys.exit(1)
 
 
-def save_checkpoint(obj, path):
-    """Atomic: a crash while writing leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def checkpoint_path(path):
-    """A local file as is; a Hugging Face repo id 'org/name' -> its pytorch_model.bin (downloaded once, cached)."""
-    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.endswith((".pt", ".bin")):
-        return path
-    try:
-        return hf_hub_download(path, "pytorch_model.bin")
-    except Exception as e:
-        why = hub_hint(path, e, "a local path") or f"no such repo, or no pytorch_model.bin in it ({type(e).__name__})"
-        raise data.UserError(f"no file {path}, nor a Hugging Face repo id that could be fetched: {why}") from None
-
-
-def load_checkpoint(path):
-    path = checkpoint_path(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+def save_checkpoint(obj, path, master=True):
+    """Never non-finite weights (every rank checks, all stop alike); written by `master` atomically (a crash while
+    writing leaves the previous checkpoint intact) through a temporary file of its own."""
+    stop_if_nonfinite([v for v in obj.get("model", {}).values() if v.is_floating_point()], obj.get("step"), path,
+                      master, "weights")
+    if master:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
 
 
 def make_optimizer(model, lr, weight_decay, device):
@@ -443,12 +488,16 @@ def reconstruction_check(tok, vfm, clips, device, dtype, batch_size=16):
 def main(args):
     rank, world, device = setup_dist()
     master = rank == 0
+    # what the user gave is checked on every rank before anything is built (flag ranges: get_parser)
+    accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
+    init = load_checkpoint(args.init, ("deltatok",), "--init") if args.init else None
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=2,
+                             size=args.size, stride=tuple(args.stride), seed=args.seed)
     vfm = VFM(args.vfm).to(device)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     tok = build_deltatok(args.model, vfm, args.mode, None if args.no_rope_jitter else 2.0).to(device)
-    if args.init:  # weights only: the optimizer and the step start fresh (the stages of the release's schedule)
-        init = load_checkpoint(args.init)
-        load_state_strict(tok, init.get("model", init), f"--init {args.init}")
+    if init:  # weights only (a released file or a tokenizer.py checkpoint): optimizer and step start afresh
+        load_state_strict(tok, init, f"--init {args.init}")
     opt = make_optimizer(tok, args.lr, args.weight_decay, device)
 
     if args.bench:
@@ -468,15 +517,11 @@ def main(args):
                          "authors' code, H200, bf16 + compile: 256 px batch 64: 115 ms, 24.2 GiB; "
                          "512 px batch 64: 511 ms, 88.6 GiB (SPEC section 6)")
 
-    accum = accumulation(args.global_batch, args.batch_size, world)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    resumed = resume(args.out, tok, opt, args.resume, master)
+    resumed = resume(args, "deltatok", tok, opt, master)
     step, skipped = resumed["step"], resumed["skipped"]
     model = ddp(tok, world, device)
     model_c, vfm_c = (torch.compile(model), torch.compile(vfm)) if args.compile else (model, vfm)
-
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=2,
-                             size=args.size, stride=tuple(args.stride), seed=args.seed)
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
     if master:  # held-out clips of 4 frames for the reconstruction check
         val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed)
@@ -484,15 +529,13 @@ def main(args):
         val_clips = torch.stack([val.sample(0, j)[0] for j in range(args.val_clips)])
 
     def checkpoint():
-        if master:
-            save_checkpoint(dict(kind="deltatok", config=asdict(tok.cfg), vfm=args.vfm, size=args.size,
-                                 model=tok.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
-                                 args=vars(args)), ckpt_path)
+        save_checkpoint(dict(kind="deltatok", config=asdict(tok.cfg), vfm=args.vfm, size=args.size,
+                             model=tok.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
+                             args=vars(args)), ckpt_path, master)
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, clips = time.perf_counter(), 0
     while step < args.steps:
-        seed_step(args.seed, step, rank)
         lr = lr_at(step, args.lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -500,16 +543,18 @@ def main(args):
         for micro in range(accum):
             batch = next(loader)
             skipped += batch["skipped"]
+            first = (micro * world + rank) * args.batch_size  # global index of this micro-batch's first clip
+            jitter = tok.jitter(args.seed, step, range(first, first + args.batch_size), device)  # (B, 2) or None
             with model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext():
                 with autocast(device, args.dtype):
                     feats = vfm_c(batch["frames"].to(device, non_blocking=True))  # (B, 2, N, C)
-                    loss = feature_loss(model_c(feats[:, 0], feats[:, 1]), feats[:, 1], args.loss)
+                    loss = feature_loss(model_c(feats[:, 0], feats[:, 1], jitter), feats[:, 1], args.loss)
                 (loss / accum).backward()
             loss_sum += loss.detach() / accum
         if world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         grad_norm = torch.nn.utils.clip_grad_norm_(tok.parameters(), args.grad_clip)
-        stop_if_nonfinite(loss_sum, grad_norm, step, ckpt_path, master)
+        stop_if_nonfinite([loss_sum, grad_norm], step, ckpt_path, master)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -547,10 +592,6 @@ def format_check(step, r):
 def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaTok (appendix A recipe as defaults).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of videos / frame folders")
-    p.add_argument("--val-data", default="", help="held-out videos for the reconstruction check "
-                   "(default: the synthetic val split, or --data itself for a folder)")
-    p.add_argument("--fps", type=float, default=None, help="frame rate of frame folders without timestamps")
     p.add_argument("--out", default="runs/deltatok", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default=DINOV3_B16, help=f"DINOv3 hub id, local folder, or a random preset {list(VFM_PRESETS)}")
     p.add_argument("--model", default="base", choices=list(MODEL_PRESETS), help="tokenizer size / variant")
@@ -558,26 +599,20 @@ def get_parser():
     p.add_argument("--init", default="", help="start from these DeltaTok weights (a tokenizer.py ckpt.pt or the "
                    "released pytorch_model.bin); optimizer and step start fresh")
     p.add_argument("--loss", default="mse", choices=["mse", "log-cosh"], help="mse (the paper) or log-cosh (the release)")
-    p.add_argument("--size", type=int, default=256, help="square crop side in pixels")
-    p.add_argument("--stride", type=float, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
-    p.add_argument("--steps", type=int, default=50_000)
-    p.add_argument("--global-batch", type=int, default=1024, help="frame pairs per optimizer step, all GPUs")
-    p.add_argument("--batch-size", type=int, default=64, help="frame pairs per GPU per micro-step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=5_000)
+    p.add_argument("--steps", type=data.at_least(1), default=50_000)
+    p.add_argument("--global-batch", type=data.at_least(1), default=1024, help="frame pairs per optimizer step, all "
+                   "GPUs")
+    p.add_argument("--batch-size", type=data.at_least(1), default=64, help="frame pairs per GPU per micro-step")
+    p.add_argument("--lr", type=data.positive, default=1e-3)
+    p.add_argument("--warmup", type=data.at_least(0), default=5_000)
     p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--grad-clip", type=float, default=1e-2)
+    p.add_argument("--grad-clip", type=data.positive, default=1e-2)
     p.add_argument("--no-rope-jitter", action="store_true", help="no RoPE coordinate jitter while training")
-    p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
     p.add_argument("--compile", action="store_true", help="torch.compile the VFM and the tokenizer")
-    p.add_argument("--num-workers", type=int, default=8, help="data loader processes per GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=1000)
-    p.add_argument("--val-clips", type=int, default=64)
-    p.add_argument("--ckpt-every", type=int, default=1000)
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
-    p.add_argument("--bench", type=int, default=0, help="time N training steps on random frames and exit")
+    p.add_argument("--val-clips", type=data.at_least(1), default=64)
+    p.add_argument("--bench", type=data.at_least(0), default=0, help="time N training steps on random frames and exit")
+    data.clip_flags(p)
+    data.run_flags(p, workers=8, eval_every=1000)
     return p
 
 

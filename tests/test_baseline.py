@@ -213,5 +213,5 @@ def test_resume_equals_uninterrupted_and_checkpoint_loads(tmp_path):
     model = D.load_dinoworld(str(tmp_path / "cut" / "ckpt.pt"))
     assert model.vfm.name == "tiny" and not model.training and model.cfg.axes == (20, 20, 20)
     torch.testing.assert_close(model.q_embed.weight, a["q_embed.weight"], atol=0, rtol=0)
-    with pytest.raises(RuntimeError, match="q_embed"):  # the BoM variant has no learned query
+    with pytest.raises(data.UserError, match="q_embed"):  # the BoM variant has no learned query
         T.load_state_strict(D.build_dinoworld("tiny", T.VFM("tiny"), bom=4), ckpt["model"], "test")

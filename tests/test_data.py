@@ -241,6 +241,18 @@ def test_broken_videos_are_left_out_or_skipped_and_counted(tmp_path, capsys):
     assert sum(skipped) > 0
 
 
+def test_a_broken_video_is_named_once_with_its_cause_then_counted(tmp_path, capsys):
+    """A frame folder whose images differ in size cannot be stacked: warned once, with its path and the error."""
+    images = [np.full((32 + 8 * (k % 2), 32, 3), 10 * k, np.uint8) for k in range(10)]
+    write_frames(tmp_path / "mixed", [f"{k:03d}.png" for k in range(10)], images)
+    write_frames(tmp_path / "good", [f"{k:03d}.png" for k in range(10)], [np.zeros((32, 32, 3), np.uint8)] * 10)
+    clips = data.ClipDataset(data.VideoFolder(str(tmp_path), fps=10), num_frames=4, size=16)
+    skipped = sum(clips.sample(0, j)[2] for j in range(20))
+    err = capsys.readouterr().err
+    assert skipped > 1 and err.count("warning") == 1, (skipped, err)
+    assert f"broken video {tmp_path / 'mixed'}: ValueError: " in err and "same shape" in err
+
+
 def test_broken_reads_are_counted_in_the_micro_batch():
     class HalfBroken(data.SyntheticVideos):
         def read(self, i, idx):
@@ -257,7 +269,7 @@ def test_frame_folders_take_times_from_names_or_fps(tmp_path):
     colours = [np.full((8, 8, 3), c, np.uint8) for c in (0, 100, 200, 50)]
     write_frames(tmp_path / "timed", ["0.400.png", "0.000.png", "1.000.png", "0.200.png"], colours)
     write_frames(tmp_path / "numbered", ["000.png", "001.png", "002.png"], colours[:3])
-    with pytest.raises(ValueError, match="--fps"):
+    with pytest.raises(data.UserError, match="--fps"):
         data.VideoFolder(str(tmp_path))
     source = data.VideoFolder(str(tmp_path), fps=5)
     assert len(source) == 2
@@ -269,10 +281,10 @@ def test_frame_folders_take_times_from_names_or_fps(tmp_path):
 
 
 def test_missing_or_empty_root_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(data.UserError, match="nowhere"):
         data.VideoFolder(str(tmp_path / "nowhere"))
     (tmp_path / "notes.txt").write_text("no videos here")
-    with pytest.raises(FileNotFoundError, match=r"\.mp4.*\.jpg"):
+    with pytest.raises(data.UserError, match=r"\.mp4.*\.jpg"):
         data.VideoFolder(str(tmp_path))
     assert isinstance(data.open_source("synthetic", "val"), data.SyntheticVideos)
 

@@ -1,14 +1,18 @@
 """eval.py: best / mean, predictions from a file, the whole run on the synthetic videos, and Table B's FLOPs."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import data
 import eval as E
 import heads as H
 import tokenizer as T
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64  # a 4 x 4 patch grid: at 2 x 2 a briefly trained depth head cannot tell present from copy-last
 COMMON = ["--size", str(SIZE), "--max-sequences", "8", "--batch-size", "4", "--num-workers", "0", "--dtype", "fp32"]
 
@@ -66,11 +70,12 @@ def test_features_file_best_and_mean_through_the_head(ckpts, tmp_path):
     gt = vfm(crops)                                                         # (8, 2, N, C)
     a = 0.5 * torch.randn_like(gt)
     path = tmp_path / "pred.pt"
-    torch.save(dict(dataset="synthetic", size=SIZE, short=torch.stack([gt + a, gt - a], 2),
+    torch.save(dict(dataset="synthetic", size=SIZE, vfm="tiny", short=torch.stack([gt + a, gt - a], 2),
                     mid=torch.stack([gt + a, gt, gt - a], 2)), path)
-    results = E.main(E.get_parser().parse_args(
-        ["--features", str(path), "--vfm", "tiny", "--heads", ckpts["seg"], "--figures", "0", "--out",
-         str(tmp_path / "eval"), *COMMON]))["synthetic"]
+    out = tmp_path / "eval"  # the flags a user gives: the VFM is the file's, figures are drawn
+    results = E.main(E.get_parser().parse_args(["--features", str(path), "--heads", ckpts["seg"], "--size", str(SIZE),
+                                                "--max-sequences", "8", "--out", str(out)]))["synthetic"]
+    assert len([f for f in os.listdir(out) if f.endswith("_rollout.png")]) == 4 * 2  # 4 sequences x 2 horizons
     present = results[("Present", "-", "-")]["miou"]
     assert results[("Features file", "short", "mean")]["miou"] == pytest.approx(present)
     assert results[("Features file", "short", "best")]["miou"] != pytest.approx(present)
@@ -85,3 +90,24 @@ def test_flops_match_table_b_for_deltaworld():
         [(f"DeltaWorld predictor ({k}-token context)", ref["predictor"][k]) for k in (4, 5, 6)]
     for name, value in checks:
         assert got[name] == pytest.approx(value, rel=0.02), name
+
+
+def test_torchrun_with_fewer_sequences_than_ranks_ends_and_equals_one_process(ckpts, tmp_path):
+    """Rank 1 has no sequence: it must still reach every collective (no hang), and the scores are one process's."""
+    args = ["--ckpt", ckpts["tok"], "--heads", ckpts["seg"], "--size", str(SIZE), "--max-sequences", "1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "eval.py", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    E.main(E.get_parser().parse_args([*args, "--out", str(tmp_path / "one")]))
+    one, two = (json.load(open(tmp_path / d / "results.json"))["results"] for d in ("one", "two"))
+    assert one == two
+
+
+def test_save_features_under_torchrun_is_refused_up_front(ckpts, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(T, "setup_dist", lambda: (0, 2, torch.device("cpu")))  # as rank 0 of 2
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", ckpts["tok"], "--save-features", str(tmp_path / "f.pt")])
+    with pytest.raises(SystemExit) as exit:
+        data.cli(E.main, E.get_parser())
+    assert exit.value.code == 2 and "--save-features" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -29,7 +29,7 @@ def test_head_layouts_match_the_released_checkpoints(tmp_path):
     state = seg.state_dict()
     del state["bn.running_var"]
     torch.save(state, tmp_path / "broken.bin")
-    with pytest.raises(RuntimeError, match="running_var"):
+    with pytest.raises(data.UserError, match="running_var"):
         H.load_head(str(tmp_path / "broken.bin"), "seg")
 
 
@@ -72,9 +72,9 @@ def test_vspw_sequences(tmp_path):
     assert np.allclose(item["times"], np.arange(7) * 0.2)
     assert item["classes"].tolist() == [[255, 0, 123, 255, 255, 49]]  # value - 1; outside 0..123 ignored
     (root / "val.txt").write_text("v1\nv2\n")
-    with pytest.raises(FileNotFoundError, match="v2"):
+    with pytest.raises(data.UserError, match="v2"):
         H.open_eval(f"vspw:{root}")
-    with pytest.raises(FileNotFoundError, match="train.txt"):
+    with pytest.raises(data.UserError, match="train.txt"):
         H.open_eval(f"vspw:{root}", "train")
 
 
@@ -91,9 +91,9 @@ def test_cityscapes_sequences(tmp_path):
     assert np.allclose(item["times"], np.arange(7) * 0.1875)
     assert item["classes"].tolist() == [[0, 18, 255, 13, 255]]
     os.remove(f"{root}/leftImg8bit_sequence/val/ulm/ulm_000003_000004_leftImg8bit.png")
-    with pytest.raises(FileNotFoundError, match="ulm_000003_000004_leftImg8bit"):
+    with pytest.raises(data.UserError, match="ulm_000003_000004_leftImg8bit"):
         H.open_eval(f"cityscapes:{root}")
-    with pytest.raises(FileNotFoundError, match="gtFine/train"):
+    with pytest.raises(data.UserError, match="gtFine/train"):
         H.open_eval(f"cityscapes:{root}", "train")
 
 
@@ -131,7 +131,7 @@ def test_kitti_sequences_crop_and_valid_mask(tmp_path):
     assert not valid[:r0].any() and not valid[:, :c0].any() and not valid[:, c1:].any()
     with pytest.raises(data.UserError, match="--kitti-split"):  # training needs its own list, never the test one
         H.open_eval(f"kitti:{root}", "train")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(data.UserError, match="does not exist"):
         H.open_eval(f"kitti:{tmp_path}/nowhere", kitti_split=str(split))
 
 
@@ -254,3 +254,18 @@ def test_depth_metrics_over_all_valid_pixels():
     assert r["rmse"] == pytest.approx(math.sqrt((1 + 0.25 + 9) / 3))  # pooled, not a mean of per-image RMSEs
     assert r["absrel"] == pytest.approx((1 / 1 + 0.1 + 3 / 7) / 3)
     assert r["delta1"] == pytest.approx(100 * 1 / 3)  # only 4.5 vs 5 is within 1.25
+
+
+@pytest.mark.parametrize("ckpt_every", [1, 1000])
+def test_nonfinite_head_training_stops_without_writing_a_checkpoint(tmp_path, capsys, ckpt_every):
+    """--lr inf: the first update makes the weights non-finite. Caught at the checkpoint due after it (ckpt_every
+    1), or else at the next loss: exit 1, no ckpt.pt, and no claim that a good one is kept."""
+    with pytest.raises(SystemExit) as stop:
+        H.main(H.get_parser().parse_args(
+            ["--task", "seg", "--vfm", "tiny", "--size", "32", "--steps", "5", "--batch-size", "2", "--lr", "inf",
+             "--num-workers", "0", "--val-sequences", "1", "--dtype", "fp32", "--ckpt-every", str(ckpt_every),
+             "--out", str(tmp_path)]))
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "at step 1" in err and "no checkpoint was written" in err, err
+    assert ("non-finite weights" in err) == (ckpt_every == 1)
+    assert not (tmp_path / "ckpt.pt").exists()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import predictor as P
 import tokenizer as T
 
@@ -57,7 +58,7 @@ def tok_ckpt(tmp_path_factory):
     T.main(T.get_parser().parse_args(["--vfm", "tiny", "--model", "tiny", "--size", "32", "--steps", "150",
                                       "--global-batch", "16", "--batch-size", "16", "--warmup", "10",
                                       "--num-workers", "0", "--val-clips", "4", "--eval-every", "1000",
-                                      "--no-rope-jitter", "--dtype", "fp32", "--out", str(out)]))
+                                      "--dtype", "fp32", "--out", str(out)]))
     return str(out / "ckpt.pt")
 
 
@@ -103,16 +104,17 @@ def test_released_layout_and_init_strict(tmp_path):
     released = {k: torch.randn_like(v) for k, v in world.state_dict().items()}  # keys `predictor.*`
     path = tmp_path / "deltaworld.bin"
     torch.save(released, path)
-    P.load_init(world, str(path))
+    init = lambda model: T.load_state_strict(model, T.load_checkpoint(str(path), ("deltaworld",)), "--init")
+    init(world)
     assert torch.equal(world.state_dict()["predictor.head.weight"], released["predictor.head.weight"])
     disc = tiny_world(bom=False)  # the discriminative release adds q_embed
     torch.save(dict(released, **{"q_embed.weight": torch.randn(1, 64)}), path)
-    P.load_init(disc, str(path))
-    with pytest.raises(RuntimeError, match="q_embed"):
-        P.load_init(world, str(path))
+    init(disc)
+    with pytest.raises(data.UserError, match="q_embed"):
+        init(world)
     torch.save(dict(released, **{"predictor.norm.bias": torch.zeros(70)}), path)
-    with pytest.raises(RuntimeError, match="predictor.norm.bias"):
-        P.load_init(world, str(path))
+    with pytest.raises(data.UserError, match="predictor.norm.bias"):
+        init(world)
 
 
 def test_causal_mask_hides_the_present_and_future():
@@ -259,7 +261,7 @@ def test_token_cache_is_refused_after_the_tokenizer_changes(tok_ckpt, tmp_path):
     ckpt = T.load_checkpoint(tok)
     ckpt["model"]["z_embed.weight"] += 1  # retrained in place: same path, other weights
     torch.save(ckpt, tok)
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(data.UserError, match="other settings"):
         train(tmp_path / "b", *args)
 
 

@@ -134,7 +134,7 @@ def test_rgb_head_has_the_released_layout_and_loads_strictly(tmp_path):
     assert len(head.decoder_layers) == 1 and all(torch.equal(v, state[k]) for k, v in head.state_dict().items())
     del state["decoder_layers.0.layernorm_after.bias"]
     torch.save(state, tmp_path / "broken.bin")
-    with pytest.raises(RuntimeError, match="layernorm_after.bias"):
+    with pytest.raises(data.UserError, match="layernorm_after.bias"):
         E.load_rgb_head(str(tmp_path / "broken.bin"), vfm)
 
 

@@ -15,7 +15,7 @@ import tokenizer as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--vfm", "tiny", "--model", "tiny", "--size", "32", "--num-workers", "0", "--val-clips", "4",
-        "--eval-every", "1000", "--log-every", "1", "--warmup", "2", "--no-rope-jitter", "--dtype", "fp32"]
+        "--eval-every", "1000", "--log-every", "1", "--warmup", "2", "--dtype", "fp32"]  # RoPE jitter on: the default
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +50,14 @@ def test_vfm_is_frozen_deterministic_and_checks_sizes(vfm, feats):
     assert not vfm.model.training  # stays in eval mode: no RoPE jitter in the frozen backbone
     assert torch.equal(T.VFM("tiny").model.embeddings.patch_embeddings.weight,
                        vfm.model.embeddings.patch_embeddings.weight)  # every stage builds the same tiny VFM
-    with pytest.raises(ValueError, match="not divisible by the VFM patch size 16"):
+    with pytest.raises(data.UserError, match="not divisible by the VFM patch size 16"):
         vfm(torch.zeros(1, 3, 30, 32, dtype=torch.uint8))
 
 
 def test_missing_weights_error_says_how_to_fix():
-    with pytest.raises(RuntimeError, match="local Hugging Face cache|local copy"):
+    with pytest.raises(data.UserError, match="local Hugging Face cache|local copy"):
         T.VFM(T.DINOV3_B16)  # offline in tests
-    with pytest.raises(RuntimeError, match="config.json"):
+    with pytest.raises(data.UserError, match="config.json"):
         T.VFM(ROOT + "/tests")  # a folder without a DINOv3 config
 
 
@@ -216,24 +216,48 @@ def test_released_layout_loads_strictly_and_wrong_shape_fails(tmp_path):
     assert torch.equal(model.state_dict()["z_embed.weight"], state["z_embed.weight"])
     bad = dict(state, **{"xy_embed.weight": torch.zeros(3, 768)})
     torch.save(bad, path)
-    with pytest.raises(RuntimeError, match="xy_embed.weight"):
+    with pytest.raises(data.UserError, match="xy_embed.weight"):
         T.load_deltatok(str(path))
     del bad["norm.bias"]
     torch.save({"state_dict": {k: v for k, v in state.items() if k != "norm.bias"}}, path)
-    with pytest.raises(RuntimeError, match="norm.bias"):
+    with pytest.raises(data.UserError, match="norm.bias"):
         T.load_deltatok(str(path))
 
 
+def test_rope_jitter_is_per_clip_and_the_same_for_any_split(vfm, feats):
+    """The jitter scales each clip's patch coordinates by its own factors, drawn from (seed, step, clip): a clip's
+    output depends on its factors only, factor 1 is no jitter, and the factors of clips 4-7 are the same whether
+    drawn with clips 0-3 or alone (2 processes x 4 clips == 1 x 8)."""
+    tok = T.build_deltatok("tiny", vfm)
+    for p in tok.parameters():
+        p.data += 0.05 * torch.randn_like(p)
+    x, y = feats[:, 0], feats[:, 1]
+    jitter = tok.jitter(0, 5, range(3), "cpu")                                   # (3, 2)
+    assert jitter.shape == (3, 2) and (jitter >= 0.5).all() and (jitter <= 2).all() and len(jitter.unique()) == 6
+    out = tok(x, y, jitter)
+    torch.testing.assert_close(tok(x, y, torch.ones(3, 2)), tok(x, y), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(out, tok(x, y), atol=1e-5)
+    other = jitter.clone()
+    other[1:] = 1.5
+    torch.testing.assert_close(tok(x, y, other)[0], out[0], atol=1e-6, rtol=1e-6)
+    assert torch.equal(tok.jitter(0, 5, range(8), "cpu")[4:], tok.jitter(0, 5, range(4, 8), "cpu"))
+    assert T.build_deltatok("tiny", vfm, rope_rescale=None).jitter(0, 5, range(3), "cpu") is None
+
+
 def test_training_two_process_ddp_equals_one_process(tmp_path):
+    """With the default flags (RoPE jitter on): 2 processes x 4 clips == 1 x 8 == 4 micro-batches of 2."""
     common = [*TINY, "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
     train(*common, "--batch-size", "8", "--out", tmp_path / "one")
+    train(*common, "--batch-size", "8", "--no-rope-jitter", "--out", tmp_path / "still")
     two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "tokenizer.py", *common, "--batch-size", "4", "--out", str(tmp_path / "two")])
     assert two.returncode == 0, two.stderr
     train(*common, "--batch-size", "2", "--out", tmp_path / "acc")
     w1, w2, w3 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tmp_path / "acc")
     init = T.build_deltatok("tiny", T.VFM("tiny")).state_dict()
-    assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train
+    assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train ...
+    still = weights(tmp_path / "still")
+    assert any(not torch.allclose(w1[k], still[k], atol=1e-6) for k in w1)  # ... with the jitter
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)  # 2 processes x batch 4 == 1 x 8
         torch.testing.assert_close(w3[k], w1[k], atol=2e-5, rtol=1e-4)  # 4 micro-batches of 2 == 1 x 8
@@ -260,6 +284,18 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     a, b = weights(tmp_path / "full"), weights(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
+    logged = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 9))  # nothing logged twice
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
+    common = [*TINY, "--global-batch", "4", "--batch-size", "4", "--out", tmp_path]
+    train(*common, "--steps", "2")
+    with open(tmp_path / "log.jsonl", "a") as f:  # as if killed after logging steps 3 and 4 (the last line torn)
+        f.write(json.dumps(dict(step=3, loss=1.0)) + "\n" + '{"step": 4, "lo')
+    train(*common, "--steps", "3", "--resume")
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")]
+    assert steps == [1, 2, 2, 3, 3]  # loss lines 1-3, the checks at steps 2 and 3, once each
 
 
 def test_broken_video_is_skipped_counted_and_logged(tmp_path, capsys):
@@ -283,7 +319,7 @@ def test_broken_video_is_skipped_counted_and_logged(tmp_path, capsys):
     assert "broken.mp4" in out.out + out.err  # named, never silent
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(FileNotFoundError, match=str(empty)):
+    with pytest.raises(data.UserError, match=str(empty)):
         train(*TINY, "--data", empty, "--steps", "1", "--out", tmp_path / "x")
 
 
@@ -292,8 +328,10 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path, capsys):
     train(*TINY, "--steps", "2", "--global-batch", "4", "--batch-size", "4", "--ckpt-every", "2", "--out", out)
     before = weights(out)
     with pytest.raises(SystemExit) as stop:
-        train(*TINY, "--steps", "4", "--global-batch", "4", "--batch-size", "4", "--lr", "inf", "--out", out, "--resume")
-    assert stop.value.code == 1 and "non-finite" in capsys.readouterr().err
+        train(*TINY, "--steps", "4", "--global-batch", "4", "--batch-size", "4", "--lr", "inf", "--out", out, "--resume",
+              "--allow-changes")
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "non-finite" in err and f"kept at {out / 'ckpt.pt'}" in err
     after = T.load_checkpoint(out / "ckpt.pt")
     assert after["step"] == 2
     for k in before:

@@ -1,0 +1,135 @@
+"""A user's mistake (a flag, a path, a file of the wrong kind) is one line on stderr and exit status 2, before
+anything is built or written; the run folder is locked; a resume with other flags is refused unless allowed."""
+import fcntl
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import baseline_dinoworld as D
+import data
+import eval as E
+import heads as H
+import predictor as P
+import tokenizer as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"tokenizer": T, "predictor": P, "baseline_dinoworld": D, "heads": H, "eval": E}
+TINY = ["--vfm", "tiny", "--size", "32", "--num-workers", "0", "--steps", "1", "--global-batch", "2", "--batch-size",
+        "2", "--val-clips", "1", "--dtype", "fp32"]
+HEADS = ["--vfm", "tiny", "--size", "32", "--num-workers", "0", "--steps", "1", "--batch-size", "2", "--val-sequences", "1",
+         "--dtype", "fp32"]
+
+
+def cli(script, args, monkeypatch, capsys):
+    """The script's command line in this process: (exit status, the lines it wrote on stderr)."""
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, args)])
+    with pytest.raises(SystemExit) as exit:
+        data.cli(SCRIPTS[script].main, SCRIPTS[script].get_parser())
+    return exit.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Checkpoints of every kind (only what the kind check reads), and files that are no checkpoint at all."""
+    d = tmp_path_factory.mktemp("files")
+    out = {kind: d / f"{kind}.pt" for kind in ("deltatok", "deltaworld", "dinoworld", "seghead")}
+    for kind, path in out.items():
+        torch.save(dict(kind=kind, model={}), path)
+    torch.save({"state_dict": {"encoder_blocks.0.norm1.weight": torch.zeros(2)}}, d / "released_deltatok.bin")
+    torch.save({"predictor.blocks.0.norm1.weight": torch.zeros(2)}, d / "released_deltaworld.bin")
+    (d / "truncated.pt").write_bytes((d / "released_deltatok.bin").read_bytes()[:200])
+    (d / "notes.txt").write_text("not a checkpoint\n")
+    torch.save(dict(dataset="synthetic", size=32, vfm="tiny", short=torch.zeros(1, 2, 1, 4, 64)), d / "features.pt")
+    return {**{k: str(v) for k, v in out.items()}, **{p.stem: str(p) for p in d.iterdir()}, "missing": str(d / "nope")}
+
+
+CASES = [  # script, arguments, what the one line must name
+    ("tokenizer", ["--size", "0"], "--size"),
+    ("tokenizer", ["--size", "40"], "--size"),
+    ("tokenizer", ["--batch-size", "0"], "--batch-size"),
+    ("tokenizer", ["--steps", "-5"], "--steps"),
+    ("tokenizer", ["--steps", "0"], "--steps"),
+    ("tokenizer", ["--lr", "0"], "--lr"),
+    ("tokenizer", ["--num-workers", "-1"], "--num-workers"),
+    ("tokenizer", ["--fps", "0"], "--fps"),
+    ("tokenizer", ["--global-batch", "6", "--batch-size", "4"], "--global-batch"),
+    ("tokenizer", ["--data", "{missing}"], "{missing}"),
+    ("tokenizer", ["--init", "{missing}"], "{missing}"),
+    ("tokenizer", ["--init", "{truncated}"], "{truncated}"),
+    ("tokenizer", ["--init", "{notes}"], "{notes}"),
+    ("tokenizer", ["--init", "{deltaworld}"], "{deltaworld} is a deltaworld checkpoint, not deltatok"),
+    ("tokenizer", ["--init", "{released_deltaworld}"], "{released_deltaworld} is a deltaworld checkpoint"),
+    ("predictor", [], "--tokenizer"),
+    ("predictor", ["--tokenizer", "{deltaworld}"], "{deltaworld} is a deltaworld checkpoint, not deltatok"),
+    ("predictor", ["--tokenizer", "{deltatok}", "--init", "{dinoworld}"], "{dinoworld} is a dinoworld checkpoint, "
+     "not deltaworld"),
+    ("predictor", ["--tokenizer", "{deltatok}", "--bom", "0"], "--bom"),
+    ("baseline_dinoworld", ["--init", "{deltaworld}"], "{deltaworld} is a deltaworld checkpoint, not dinoworld"),
+    ("baseline_dinoworld", ["--init", "{released_deltaworld}"], "{released_deltaworld} is a deltaworld checkpoint"),
+    ("heads", ["--task", "seg", "--steps", "0"], "--steps"),
+    ("heads", ["--task", "seg", "--data", "vspw:{missing}"], "{missing}"),
+    ("eval", ["--ckpt", "{seghead}"], "{seghead} is a seghead checkpoint"),
+    ("eval", ["--ckpt", "{truncated}"], "{truncated}"),
+    ("eval", ["--ckpt", "{released_deltatok}", "--kind", "deltaworld"], "{released_deltatok} is a deltatok checkpoint"),
+    ("eval", ["--features", "{features}", "--size", "32", "--max-sequences", "1", "--horizons", "short", "--heads",
+              "{deltatok}"],
+     "{deltatok} is a deltatok checkpoint, not seghead or depthhead"),
+    ("eval", ["--features", "{features}", "--size", "32"], "{features} has fewer than the 320 sequences"),
+    ("eval", ["--features", "{features}", "--size", "64"], "{features} holds synthetic at 32 px, not synthetic at 64"),
+    ("eval", ["--features", "{features}", "--data", "kitti:{missing}"], "{missing}"),
+    ("eval", ["--ckpt", "{deltatok}", "--samples", "0"], "--samples"),
+]
+
+
+@pytest.mark.parametrize("script,args,named", CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
+def test_a_bad_input_is_one_line_exit_2_and_nothing_written(script, args, named, files, tmp_path, monkeypatch,
+                                                            capsys):
+    common = {"eval": [], "heads": HEADS, "predictor": TINY[2:] + ["--model", "tiny"]}.get(script, TINY + ["--model", "tiny"])
+    status, err = cli(script, common + [a.format(**files) for a in args] + ["--out", tmp_path / "run"], monkeypatch,
+                      capsys)
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith(f"{script}.py: error: ") and named.format(**files) in err[0], err
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_the_command_line_prints_no_traceback():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "tokenizer.py", "--init", "nowhere.pt"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip() == "tokenizer.py: error: --init nowhere.pt cannot be read as " \
+        "a checkpoint: FileNotFoundError: [Errno 2] No such file or directory: 'nowhere.pt'", run.stderr
+
+
+def test_resume_with_other_flags_is_refused_unless_allowed(tmp_path, monkeypatch, capsys):
+    args = [*TINY, "--model", "tiny", "--out", tmp_path]
+    T.main(T.get_parser().parse_args(map(str, args)))
+    capsys.readouterr()
+    status, err = cli("tokenizer", [*args, "--steps", "2", "--resume", "--lr", "2e-3", "--seed", "1"], monkeypatch,
+                      capsys)
+    assert status == 2 and len(err) == 1 and "--lr 0.001 --seed 0, not --lr 0.002 --seed 1" in err[0], err
+    assert T.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 1
+    T.main(T.get_parser().parse_args(map(str, [*args, "--steps", "2", "--resume", "--lr", "2e-3", "--allow-changes"])))
+    assert T.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2  # more steps, a new --batch-size: always allowed
+
+
+def test_a_run_folder_is_written_by_one_run_at_a_time(tmp_path, monkeypatch, capsys):
+    with open(tmp_path / ".lock", "w") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        status, err = cli("tokenizer", [*TINY, "--model", "tiny", "--out", tmp_path], monkeypatch, capsys)
+    assert status == 2 and len(err) == 1 and f"another run is writing to {tmp_path}" in err[0], err
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_checkpoints_are_written_through_a_temporary_file_of_their_own_and_never_non_finite(tmp_path, monkeypatch):
+    names = []
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, path: names.append(str(path)) or save(obj, path))
+    path = str(tmp_path / "ckpt.pt")
+    T.save_checkpoint(dict(model={"w": torch.ones(2)}, step=1), path)
+    assert names == [f"{path}.{os.getpid()}.tmp"] and os.listdir(tmp_path) == ["ckpt.pt"]
+    with pytest.raises(SystemExit) as stop:
+        T.save_checkpoint(dict(model={"w": torch.tensor([1.0, float("nan")])}, step=2), path)
+    assert stop.value.code == 1 and T.load_checkpoint(path)["step"] == 1 and len(names) == 1
