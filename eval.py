@@ -405,7 +405,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
                     with T.autocast(device, args.dtype):
                         rollout = predict(kind, model, feats, times, h, args.samples, gen)  # (2B, S, steps, N, C)
                     samples = rollout[:, :, -1]
-                if args.save_features:
+                if args.save_features and name == models[0][0]:  # a DeltaTok's first row: sequential
                     saved[h].append(samples.view(len(items), 2, *samples.shape[1:]).half().cpu())
                 best, mean, _ = best_and_mean(samples, feats[:, TARGET])
                 add((name, h, "best"), best, items)

@@ -133,3 +133,21 @@ def test_checkpoints_are_written_through_a_temporary_file_of_their_own_and_never
     with pytest.raises(SystemExit) as stop:
         T.save_checkpoint(dict(model={"w": torch.tensor([1.0, float("nan")])}, step=2), path)
     assert stop.value.code == 1 and T.load_checkpoint(path)["step"] == 1 and len(names) == 1
+
+
+def test_a_data_error_in_a_loader_worker_is_the_last_line_after_the_progress_bar(tmp_path):
+    """The only video is too short for any clip: the loader's worker fails inside the training loop, after the
+    progress bar started. The error is still one line, the worker's message alone, and the last line printed."""
+    from PIL import Image
+    (tmp_path / "v").mkdir()
+    for name in ("0.000.png", "0.010.png"):
+        Image.new("RGB", (40, 40)).save(tmp_path / "v" / name)
+    args = [*TINY, "--model", "tiny", "--data", tmp_path, "--val-data", "synthetic", "--num-workers", "1", "--out",
+            tmp_path / "run"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "tokenizer.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and "%|" in "".join(err[:-1]), err  # the bar was drawn ...
+    assert err[-1].startswith("tokenizer.py: error: no readable video long enough for 2 frames"), err  # ... before
+    assert "Traceback" not in run.stderr and not (tmp_path / "run" / "ckpt.pt").exists()

@@ -111,3 +111,18 @@ def test_save_features_under_torchrun_is_refused_up_front(ckpts, tmp_path, monke
     with pytest.raises(SystemExit) as exit:
         data.cli(E.main, E.get_parser())
     assert exit.value.code == 2 and "--save-features" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_saved_features_hold_one_model_and_score_as_it(ckpts, tmp_path):
+    """--save-features of a DeltaTok (two rows, sequential and parallel) holds the sequential rollout once per
+    sequence, in order over several batches: scored from the file, it gives the model's own scores."""
+    args = ["--heads", ckpts["seg"], "--size", str(SIZE), "--max-sequences", "6", "--batch-size", "4", "--figures", "0",
+            "--num-workers", "0"]
+    path = tmp_path / "pred.pt"
+    run = lambda *more: E.main(E.get_parser().parse_args([*args, *map(str, more)]))["synthetic"]
+    made = run("--ckpt", ckpts["tok"], "--save-features", path, "--out", tmp_path / "a")
+    again = run("--features", path, "--out", tmp_path / "b")
+    assert all(len(T.load_checkpoint(path)[h]) == 6 for h in ("short", "mid"))
+    for h in ("short", "mid"):  # the file is half precision: a pixel may flip
+        assert again[("Features file", h, "best")]["miou"] == pytest.approx(
+            made[("DeltaTok reconstruction (sequential)", h, "best")]["miou"], abs=0.5)
