@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"tokenizer": T, "predictor": P, "baseline_dinoworld": D, "heads": H, "eval": E}
 TINY = ["--vfm", "tiny", "--size", "32", "--num-workers", "0", "--steps", "1", "--global-batch", "2", "--batch-size",
         "2", "--val-clips", "1", "--dtype", "fp32"]
-HEADS = ["--vfm", "tiny", "--size", "32", "--num-workers", "0", "--steps", "1", "--batch-size", "2", "--val-sequences", "1",
-         "--dtype", "fp32"]
+HEADS = ["--vfm", "tiny", "--size", "32", "--num-workers", "0", "--steps", "1", "--batch-size", "2",
+         "--val-sequences", "1", "--dtype", "fp32"]
 
 
 def cli(script, args, monkeypatch, capsys):
@@ -87,7 +87,8 @@ CASES = [  # script, arguments, what the one line must name
 @pytest.mark.parametrize("script,args,named", CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
 def test_a_bad_input_is_one_line_exit_2_and_nothing_written(script, args, named, files, tmp_path, monkeypatch,
                                                             capsys):
-    common = {"eval": [], "heads": HEADS, "predictor": TINY[2:] + ["--model", "tiny"]}.get(script, TINY + ["--model", "tiny"])
+    common = {"eval": [], "heads": HEADS, "predictor": TINY[2:] + ["--model", "tiny"]}.get(script,
+                                                                                        TINY + ["--model", "tiny"])
     status, err = cli(script, common + [a.format(**files) for a in args] + ["--out", tmp_path / "run"], monkeypatch,
                       capsys)
     assert status == 2 and len(err) == 1, err
@@ -151,3 +152,14 @@ def test_a_data_error_in_a_loader_worker_is_the_last_line_after_the_progress_bar
     assert run.returncode == 2 and "%|" in "".join(err[:-1]), err  # the bar was drawn ...
     assert err[-1].startswith("tokenizer.py: error: no readable video long enough for 2 frames"), err  # ... before
     assert "Traceback" not in run.stderr and not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_released_files_are_recognised_by_their_keys():
+    vfm = T.VFM("tiny")
+    tok = T.build_deltatok("tiny", vfm)
+    states = dict(deltatok=tok, deltaworld=P.DeltaWorld(tok, model="tiny"), seghead=H.SegHead(64, 19),
+                  depthhead=H.DepthHead(64), rgbhead=E.RGBHead(vfm.model.norm, 144, 1, 256, 4))
+    for kind, module in states.items():
+        state = module.state_dict()
+        assert T.checkpoint_kind(state) == T.checkpoint_kind({"state_dict": state}) == kind
+    assert T.checkpoint_kind(dict(kind="dinoworld", model={})) == "dinoworld" and T.checkpoint_kind({"x": 1}) is None
