@@ -384,9 +384,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
         for task, head in heads.items():
             maps = head(Hd.to_map(pred))  # (2B, K, h, w)
             for b, item in enumerate(items):
-                tasks[task].update(Hd.paste(maps[2 * b:2 * b + 2], np.shape(item["depth" if task == "depth" else
-                                                                             "classes"]), item["resized"], args.size),
-                                   item)
+                tasks[task].update_crops(maps[2 * b:2 * b + 2], item, item["resized"], args.size)
 
     for items in tqdm(loader, disable=rank != 0, desc=dataset, dynamic_ncols=True):
         crops = torch.stack([it["crops"] for it in items]).flatten(0, 1).to(device)    # (2B, 7, 3, S, S)

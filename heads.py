@@ -172,6 +172,10 @@ class Score:
             self.sums += torch.stack([valid.sum().double(), ((pred - gt) ** 2).sum(), ((pred - gt).abs() / gt).sum(),
                                       (ratio < 1.25).sum().double()])
 
+    def update_crops(self, maps, label, resized_hw, size):
+        """One sequence: the head's outputs on its two crops (2, K, h, w), pasted onto its labels."""
+        self.update(paste(maps, np.shape(label.get("classes", label.get("depth"))), resized_hw, size), label)
+
     def reduce(self):
         if dist.is_initialized():
             sums = self.sums.cuda() if dist.get_backend() == "nccl" else self.sums
@@ -185,14 +189,6 @@ class Score:
             return dict(miou=100 * (inter[seen] / (gt + pred - inter)[seen]).mean().item())
         n, sq, absrel, d1 = self.sums.tolist()
         return dict(rmse=math.sqrt(sq / n), absrel=absrel / n, delta1=100 * d1 / n)
-
-
-@torch.no_grad()
-def score_crops(head, feats, label, resized_hw, size, score):
-    """Score one sequence: features of its two crops (2, N, C) through the head, pasted, into `score`."""
-    out = paste(head(to_map(feats)), np.shape(label.get("classes", label.get("depth"))), resized_hw, size)
-    score.update(out, label)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -510,7 +506,7 @@ def present_score(head, vfm, source, size, device, dtype, num):
         x = resize_frames(frame[None], size)[0]
         with T.autocast(device, dtype):
             feats = vfm(two_crops(x, size).to(device))  # (2, N, C)
-        score_crops(head, feats, label, x.shape[-2:], size, score)
+        score.update_crops(head(to_map(feats)), label, x.shape[-2:], size)
     return score.result()
 
 
