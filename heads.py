@@ -220,10 +220,6 @@ def _read(path, mode=None):
         raise data.UserError(f"cannot read the image {path} ({type(e).__name__}: {e}): replace or remove it") from None
 
 
-def _image(path):
-    return _read(path, "RGB")
-
-
 class _Sequences:
     task = "seg"
 
@@ -232,13 +228,12 @@ class _Sequences:
 
     def item(self, i):
         frames, times, label_path, name = self.items[i]
-        label = self._label(label_path)
-        return dict(frames=np.stack([_image(f) for f in frames]), times=np.asarray(times, np.float64), name=name,
-                    **label)
+        return dict(frames=np.stack([_read(f, "RGB") for f in frames]), times=np.asarray(times, np.float64), name=name,
+                    **self._label(label_path))
 
     def labelled(self, i):
         frames, _, label_path, _ = self.items[i]
-        return _image(frames[-1]), self._label(label_path)
+        return _read(frames[-1], "RGB"), self._label(label_path)
 
 
 class VSPWSequences(_Sequences):
@@ -383,7 +378,7 @@ class KITTISequences(_Sequences):
         return dict(depth=depth, valid=valid)
 
 
-class SyntheticSequences:
+class SyntheticSequences(_Sequences):
     """The synthetic source's sequences: 7 frames at 0.2 s (3 frames at 15 fps) ending at a labelled frame (every
     synthetic frame has labels); non-overlapping, `per_video` per video. Both tasks: classes and depth."""
 
@@ -396,21 +391,20 @@ class SyntheticSequences:
         ends = range(span - 1, len(self.source.frame_times(0)), span + 2)[:per_video]
         self.items = [(i, k) for i in range(len(self.source)) for k in ends]
 
-    def __len__(self):
-        return len(self.items)
-
     def item(self, i):
         v, k = self.items[i]
         idx = list(range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride))
-        classes, depth = self.source.labels(v, [k])
         times = self.source.frame_times(v)[idx]
         return dict(frames=self.source.read(v, idx), times=times - times[0], name=f"{self.source.split}{v}/{k}",
-                    classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
+                    **self._label(v, k))
 
     def labelled(self, i):
         v, k = self.items[i]
+        return self.source.read(v, [k])[0], self._label(v, k)
+
+    def _label(self, v, k):
         classes, depth = self.source.labels(v, [k])
-        return self.source.read(v, [k])[0], dict(classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
+        return dict(classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
 
 
 def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0):
@@ -437,26 +431,12 @@ def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0):
 # ----------------------------------------------------------------------------------------------------------------
 # Training data: random S x S crops of labelled frames, labels sampled at the crop's pixels
 
-class SyntheticFrames:
-    """Every frame of the synthetic train videos, with its labels."""
+class SyntheticFrames(SyntheticSequences):
+    """Every frame of the synthetic train videos, with its labels (head training reads `labelled` only)."""
 
     def __init__(self, split="train", seed=0):
-        self.source = data.SyntheticVideos(split, seed)
-        self.num_classes, self.per_video = data.SyntheticVideos.NUM_CLASSES, len(self.source.frame_times(0))
-
-    def __len__(self):
-        return len(self.source) * self.per_video
-
-    def labelled(self, i):
-        v, k = divmod(i, self.per_video)
-        classes, depth = self.source.labels(v, [k])
-        return self.source.read(v, [k])[0], dict(classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
-
-
-def open_train(spec, kitti_split=None, kitti_raw=None, seed=0):
-    if spec == "synthetic":
-        return SyntheticFrames("train", seed)
-    return open_eval(spec, "train", kitti_split, kitti_raw, seed)
+        super().__init__(split, seed)
+        self.items = [(v, k) for v in range(len(self.source)) for k in range(len(self.source.frame_times(0)))]
 
 
 class _Batches(torch.utils.data.Dataset):
@@ -513,7 +493,8 @@ def present_score(head, vfm, source, size, device, dtype, num):
 def main(args):
     rank, world, device = T.setup_dist()
     master = rank == 0
-    train = open_train(args.data, args.kitti_split, args.kitti_raw, args.seed)  # checked before anything is built
+    train = SyntheticFrames("train", args.seed) if args.data == "synthetic" else \
+        open_eval(args.data, "train", args.kitti_split, args.kitti_raw)  # checked before anything is built
     val = SyntheticSequences("val", args.seed) if args.data == "synthetic" else \
         open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw)
     vfm = T.VFM(args.vfm).to(device)
