@@ -63,26 +63,18 @@ NAMES = {"deltatok": "DeltaTok reconstruction (sequential)", "deltatok_parallel"
 # The model under evaluation: final-step features of each horizon, (B, samples, N, C)
 
 
-def load_model(args, path, device, vfms=None):
+def load_model(args, path, device, vfms):
     """(kind, model, VFM name) of one --ckpt; the kind is the checkpoint's (released files: by their keys; --kind
     must agree). vfms: {name: VFM} already built, shared by the models so that the backbone is loaded once."""
     ckpt = T.load_checkpoint(path, (args.kind,) if args.kind else ("deltatok", "deltaworld", "dinoworld"), "--ckpt")
     kind = T.checkpoint_kind(ckpt)
-    vfms = {} if vfms is None else vfms
-    name = ckpt.get("vfm")
-    if name and name not in vfms and kind in ("deltaworld", "dinoworld"):
-        vfms[name] = T.VFM(name).to(device)
     if kind == "deltatok":
-        model, vfm = T.load_deltatok(path, device, "--ckpt")
-    elif kind == "deltaworld":
-        model = P.load_deltaworld(path, device, tokenizer=args.tokenizer or None, vfm=vfms.get(name))
-        vfm = model.vfm.name
-    else:
-        model = DW.load_dinoworld(path, device, vfm=vfms.get(name))
-        vfm = model.vfm.name
-    if kind != "deltatok":
-        vfms.setdefault(vfm, model.vfm)
-    return kind, model, vfm
+        return (kind, *T.load_deltatok(path, device, "--ckpt"))
+    vfm = vfms.get(ckpt.get("vfm"))  # None: the loader builds the recorded one
+    model = P.load_deltaworld(path, device, tokenizer=args.tokenizer or None, vfm=vfm) if kind == "deltaworld" else \
+        DW.load_dinoworld(path, device, vfm=vfm)
+    vfms.setdefault(model.vfm.name, model.vfm)
+    return kind, model, model.vfm.name
 
 
 def load_models(args, device, vfms):
@@ -509,7 +501,7 @@ def flops(args):
     """GFLOPs per S x S crop of each part, on the meta device (no weights needed, nothing computed)."""
     kind = None
     if args.ckpt:
-        kind, model, vfm_name = load_model(args, args.ckpt[0], "cpu")
+        kind, model, vfm_name = load_model(args, args.ckpt[0], "cpu", {})
     with torch.device("meta"):
         vfm = T.VFM(args.vfm or (vfm_name if kind else T.DINOV3_B16))
         tok = model if kind == "deltatok" else model.tokenizer if kind == "deltaworld" else T.build_deltatok("base", vfm)
