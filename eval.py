@@ -94,12 +94,6 @@ def load_models(args, device, vfms):
     return models, names.pop() if names else None
 
 
-def generative(kind, model):
-    if kind == "deltaworld":
-        return model.config["bom"]
-    return kind == "dinoworld" and bool(model.cfg.bom)
-
-
 @torch.no_grad()
 def predict(kind, model, feats, times, horizon, num_samples, generator):
     """The predicted rollout up to frame 6, (B, S, steps, N, C), from the ground-truth features feats (B, 7, N, C)."""
@@ -108,7 +102,8 @@ def predict(kind, model, feats, times, horizon, num_samples, generator):
     if kind.startswith("deltatok"):  # reconstruction of frames ctx[-1] + 1 .. 6 from the last context frame
         return model.reconstruct(feats[:, ctx[-1] + 1:], feats[:, ctx[-1]], kind == "deltatok")[:, None].float()
     t = times[:, ctx[0]:] - times[:, ctx[0]:ctx[0] + 1]  # seconds from the first context frame
-    pred, _ = model.sample(feats[:, ctx], t, num_samples if generative(kind, model) else 1, steps, generator)
+    bom = model.config["bom"] if kind == "deltaworld" else model.cfg.bom  # generative: num_samples samples
+    pred, _ = model.sample(feats[:, ctx], t, num_samples if bom else 1, steps, generator)
     return pred.float()
 
 
