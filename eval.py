@@ -135,19 +135,14 @@ class Crops(torch.utils.data.Dataset):
         return dict(index=i, crops=Hd.two_crops(x, self.size), resized=tuple(x.shape[-2:]), **item)
 
 
-def tasks_of(sequences):
-    return ["seg", "depth"] if sequences.task == "both" else [sequences.task]
-
-
 def pick_heads(args, dataset, sequences, device, vfm_name):
     """The heads of this dataset: --heads PATH (for every dataset) or DATASET=PATH, one per task it has."""
-    out = {}
+    out, want = {}, ["seg", "depth"] if sequences.task == "both" else [sequences.task]
     for spec in args.heads:
         name, sep, path = spec.partition("=")
         if sep and name != dataset:
             continue
         path = path if sep else spec
-        want = tasks_of(sequences)
         head, head_vfm = Hd.load_head(path, want[0] if len(want) == 1 else None, device)
         if head.task not in want:
             continue
@@ -158,7 +153,7 @@ def pick_heads(args, dataset, sequences, device, vfm_name):
                                  f"{sequences.num_classes}")
         out[head.task] = head
     if not out:
-        raise data.UserError(f"no head for {dataset} ({' / '.join(tasks_of(sequences))}): pass --heads PATH or "
+        raise data.UserError(f"no head for {dataset} ({' / '.join(want)}): pass --heads PATH or "
                              f"{dataset}=PATH")
     return out
 
