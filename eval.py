@@ -489,11 +489,9 @@ TABLE_B = dict(backbone=47.185, encoder=96.930, predictor={4: 0.26, 5: 0.28, 6: 
 
 def flops(args):
     """GFLOPs per S x S crop of each part, on the meta device (no weights needed, nothing computed)."""
-    kind = None
-    if args.ckpt:
-        kind, model, vfm_name = load_model(args, args.ckpt[0], "cpu", {})
+    kind, model, vfm_name = load_model(args, args.ckpt[0], "cpu", {}) if args.ckpt else (None, None, T.DINOV3_B16)
     with torch.device("meta"):
-        vfm = T.VFM(args.vfm or (vfm_name if kind else T.DINOV3_B16))
+        vfm = T.VFM(args.vfm or vfm_name)
         tok = model if kind == "deltatok" else model.tokenizer if kind == "deltaworld" else T.build_deltatok("base", vfm)
         world = model.predictor if kind == "deltaworld" else \
             P.Predictor(vfm.dim, 12, vfm.dim // P.HEAD_DIM, axes=(P.HEAD_DIM - 4,))
