@@ -85,12 +85,11 @@ class DinoWorld(nn.Module):
         q_times (B, Tq), shared by its N patch queries; frame_mask (Tq, Tc) bool, which context frames each target
         frame may read (None: all). -> (B, Tq, N, C)."""
         B, Tc, N, C = context.shape
-        Tq = queries.shape[1]
-        q = queries[:, :, None].expand(B, Tq, N, C).reshape(B, Tq * N, C)
+        q = queries[:, :, None].expand(-1, -1, N, -1).flatten(1, 2)  # (B, Tq * N, C)
         mask = None if frame_mask is None else frame_mask.repeat_interleave(N, 0).repeat_interleave(N, 1)[None]
         out = self.predictor(q, context.reshape(B, Tc * N, C), patch_positions(q_times, N),
                              patch_positions(ctx_times, N), mask)
-        return out.view(B, Tq, N, C)
+        return out.view(B, -1, N, C)
 
     def forward(self, feats, times, noise=None):
         """Teacher-forced prediction of frames 1..T-1 of clips feats (B, T, N, C) at times (B, T), all in parallel
