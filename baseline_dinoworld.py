@@ -236,8 +236,7 @@ def main(args):
     resumed = T.resume(args, "dinoworld", dw, opt, master)
     step, skipped = resumed["step"], resumed["skipped"]
     model = T.ddp(dw, world, device)
-    model_c, dw_c, vfm_c = ((torch.compile(model), torch.compile(dw), torch.compile(vfm)) if args.compile
-                            else (model, dw, vfm))
+    model_c, dw_c, vfm_c = map(torch.compile, (model, dw, vfm)) if args.compile else (model, dw, vfm)
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
     num_samples = args.val_samples if args.bom else 1
     if master:  # held-out clips of 7 frames: 4 context, 3 predicted
