@@ -246,11 +246,6 @@ def main(args):
         val_frames, val_times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))
         val_frames, val_times = torch.stack(val_frames), torch.stack(val_times)
 
-    def checkpoint():
-        T.save_checkpoint(dict(kind="dinoworld", config=asdict(dw.cfg), vfm=args.vfm, size=args.size,
-                               model=dw.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
-                               args=vars(args)), ckpt_path, master)
-
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, clips = time.perf_counter(), 0
     while step < args.steps:
@@ -292,7 +287,9 @@ def main(args):
             T.log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(format_check(step, result, num_samples))
         if step % args.ckpt_every == 0 or step == args.steps:
-            checkpoint()
+            T.save_checkpoint(dict(kind="dinoworld", config=asdict(dw.cfg), vfm=args.vfm, size=args.size,
+                                   model=dw.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
+                                   args=vars(args)), ckpt_path, master)
     bar.close()
     if master:
         print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")

@@ -509,11 +509,6 @@ def main(args):
     loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=itertools.count(step),
                                               num_workers=args.num_workers))
 
-    def checkpoint():
-        T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=num_classes, vfm=args.vfm, size=args.size,
-                               data=args.data, model=head.state_dict(), optimizer=opt.state_dict(), step=step,
-                               args=vars(args)), ckpt_path, master)
-
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0 = time.perf_counter()
     while step < args.steps:
@@ -545,7 +540,9 @@ def main(args):
             T.log_jsonl(args.out, dict(step=step, val=result))
             tqdm.write(f"step {step} held-out labelled frames (two-crop protocol): {result}")
         if step % args.ckpt_every == 0 or step == args.steps:
-            checkpoint()
+            T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=num_classes, vfm=args.vfm, size=args.size,
+                                   data=args.data, model=head.state_dict(), optimizer=opt.state_dict(), step=step,
+                                   args=vars(args)), ckpt_path, master)
     bar.close()
     if master:
         print(f"done: {step} steps, checkpoint {ckpt_path}")
