@@ -290,8 +290,7 @@ class CityscapesSequences(_Sequences):
         if not self.items:
             raise data.UserError(f"no *_gtFine_labelIds.png under {labels!r}")
         self.lut = np.full(256, IGNORE, np.uint8)
-        for label_id, train_id in CITYSCAPES_TRAIN_IDS.items():
-            self.lut[label_id] = train_id
+        self.lut[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
 
     def _label(self, path):
         return dict(classes=self.lut[_read(path)])
@@ -304,13 +303,6 @@ def kitti_crop(x):
     if top < 0 or left < 0:
         raise data.UserError(f"KITTI frame {h}x{w} is smaller than the {KITTI_CROP[0]}x{KITTI_CROP[1]} Eigen crop")
     return x[top:top + KITTI_CROP[0], left:left + KITTI_CROP[1]]
-
-
-def garg_mask(h, w):
-    r0, r1, c0, c1 = GARG
-    mask = np.zeros((h, w), bool)
-    mask[int(r0 * h):int(r1 * h), int(c0 * w):int(c1 * w)] = True
-    return mask
 
 
 # The release's Eigen test list (Apache-2.0, from the DeltaTok release), the default KITTI evaluation split
@@ -374,8 +366,10 @@ class KITTISequences(_Sequences):
 
     def _label(self, path):
         depth = kitti_crop(_read(path).astype(np.float32) / 256)
-        valid = garg_mask(*depth.shape) & (depth > DEPTH_RANGE[0]) & (depth < DEPTH_RANGE[1])
-        return dict(depth=depth, valid=valid)
+        (h, w), (r0, r1, c0, c1) = depth.shape, GARG
+        garg = np.zeros((h, w), bool)
+        garg[int(r0 * h):int(r1 * h), int(c0 * w):int(c1 * w)] = True
+        return dict(depth=depth, valid=garg & (depth > DEPTH_RANGE[0]) & (depth < DEPTH_RANGE[1]))
 
 
 class SyntheticSequences(_Sequences):
