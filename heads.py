@@ -79,7 +79,7 @@ class DepthHead(nn.Module):
 
 def to_map(feats):
     """Patch tokens (..., N, C) of a square grid -> (B, C, h, w) for the heads."""
-    *lead, n, c = feats.shape
+    n, c = feats.shape[-2:]
     side = math.isqrt(n)
     return feats.reshape(-1, side, side, c).permute(0, 3, 1, 2).float()
 
@@ -449,12 +449,9 @@ class _Batches(torch.utils.data.Dataset):
             hr, wr = x.shape[-2:]
             top, left = int(rng.integers(hr - self.size + 1)), int(rng.integers(wr - self.size + 1))
             frames.append(x[:, top:top + self.size, left:left + self.size])
-            if self.task == "seg":
-                targets.append(label_at(torch.as_tensor(label["classes"]).long(), (hr, wr), top, left, self.size))
-                valids.append(targets[-1] != IGNORE)
-            else:
-                targets.append(label_at(torch.as_tensor(label["depth"]), (hr, wr), top, left, self.size))
-                valids.append(label_at(torch.as_tensor(label["valid"]), (hr, wr), top, left, self.size))
+            at = lambda key: label_at(torch.as_tensor(label[key]), (hr, wr), top, left, self.size)  # (S, S)
+            targets.append(at("classes").long() if self.task == "seg" else at("depth"))
+            valids.append(targets[-1] != IGNORE if self.task == "seg" else at("valid"))
         return torch.stack(frames), torch.stack(targets), torch.stack(valids)
 
 
