@@ -422,28 +422,24 @@ def gather(scores, heads):
 
 def table(results):
     """The paper's table: one row per method and horizon, best (mean) for generative models."""
-    cols = []
+    cols, rows = [], {}
     for dataset, res in results.items():
         metrics = sorted({m for r in res.values() for m in r}, key=["miou", "rmse", "absrel", "delta1"].index)
         cols += [(dataset, m) for m in metrics]
-    rows = {}
-    for dataset, res in results.items():
         for (method, horizon, pick), r in res.items():
             rows.setdefault((method, horizon), {}).setdefault(pick, {})[dataset] = r
     order = sorted(rows, key=lambda k: (k[0] != "Present", k[0] == "Copy last", ["-", "short", "mid"].index(k[1])))
-    head = ["Method", "Horizon"] + [f"{d} {dict(miou='mIoU', rmse='RMSE', absrel='AbsRel', delta1='d1')[m]}"
-                                    for d, m in cols]
-    lines = [head]
+    lines = [["Method", "Horizon"] + [f"{d} {dict(miou='mIoU', rmse='RMSE', absrel='AbsRel', delta1='d1')[m]}"
+                                      for d, m in cols]]
     for method, horizon in order:
         picks = rows[(method, horizon)]
-        label = method + (" best (mean)" if "mean" in picks else "")
         cells = []
         for d, m in cols:
             v = picks.get("best", picks.get("-", {})).get(d, {}).get(m)
             mean = picks.get("mean", {}).get(d, {}).get(m)
             cells.append("" if v is None else f"{v:.2f}" + (f" ({mean:.2f})" if mean is not None else ""))
-        lines.append([label, horizon] + cells)
-    widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
+        lines.append([method + (" best (mean)" if "mean" in picks else ""), horizon] + cells)
+    widths = [max(map(len, col)) for col in zip(*lines)]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines[1:]])
 
