@@ -515,8 +515,7 @@ def run_bench(step_fn, flops_fn, batch, n, device, reference):
     flops_fn runs the step eagerly on ONE sample: the counter sees no compiled code, its math attention would
     materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch."""
     flops = count_flops(flops_fn) * batch
-    for _ in range(3):  # warm-up, compile
-        step_fn()
+    timed(step_fn, device, 3)  # warm-up, compile
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = 1000 * sorted(timed(step_fn, device, n))[n // 2]
