@@ -257,18 +257,15 @@ def world_loss(world, model, tokens, times, noise=None, chunk=256):
     candidate pass without autograd through `world` picks, per clip and position, the query with the lowest
     smooth-L1 loss; only that query then runs with gradients through `model` (world, or its DDP/compiled wrapper).
     noise None: the learned query, plain smooth L1. Returns (loss, index of the chosen candidate (B, T-1) or None)."""
-    target = tokens[:, 1:].float()
-    if noise is None:
-        pred = model(tokens, times)[:, 0]
-        return F.smooth_l1_loss(pred.float(), target, beta=0.1), None
-    with torch.no_grad():
-        losses = torch.cat([F.smooth_l1_loss(world(tokens, times, q).float(), target[:, None].expand_as(q),
-                                             beta=0.1, reduction="none").mean(-1)
-                            for q in noise.split(chunk, 1)], 1)                             # (B, K, T-1)
-        best = losses.argmin(1)                                                             # (B, T-1)
-    chosen = noise.gather(1, best[:, None, :, None].expand(-1, 1, -1, noise.shape[-1]))   # (B, 1, T-1, C)
-    pred = model(tokens, times, chosen)[:, 0]
-    return F.smooth_l1_loss(pred.float(), target, beta=0.1), best
+    target, chosen, best = tokens[:, 1:].float(), None, None
+    if noise is not None:
+        with torch.no_grad():
+            losses = torch.cat([F.smooth_l1_loss(world(tokens, times, q).float(), target[:, None].expand_as(q),
+                                                 beta=0.1, reduction="none").mean(-1)
+                                for q in noise.split(chunk, 1)], 1)                         # (B, K, T-1)
+            best = losses.argmin(1)                                                         # (B, T-1)
+        chosen = noise.gather(1, best[:, None, :, None].expand(-1, 1, -1, noise.shape[-1]))  # (B, 1, T-1, C)
+    return F.smooth_l1_loss(model(tokens, times, chosen)[:, 0].float(), target, beta=0.1), best
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -367,11 +364,8 @@ def heldout_check(world, vfm, clips, times, num_samples, device, dtype, seed, ba
             feats = vfm(clips[i:i + batch_size].to(device)).float()                     # (B, 7, N, C)
             pred, _ = world.sample(feats[:, :4], times[i:i + batch_size], num_samples, 3, g)  # (B, S, 3, N, C)
         for h in (1, 3):
-            target = feats[:, 3 + h]
-
-            def loss(p):  # (B, S', N, C) -> (B, S')
-                return F.smooth_l1_loss(p.float(), target[:, None].expand_as(p), beta=0.1,
-                                        reduction="none").mean((-2, -1))
+            target = feats[:, None, 3 + h]                   # (B, 1, N, C); loss: (B, S', N, C) -> (B, S')
+            loss = lambda p: F.smooth_l1_loss(p.float(), target.expand_as(p), beta=0.1, reduction="none").mean((-2, -1))
             for name, v in (("best", loss(pred[:, :, h - 1]).min(1).values),
                             ("mean", loss(pred[:, :, h - 1].mean(1, keepdim=True))[:, 0]),
                             ("copy_last", loss(feats[:, 3:4])[:, 0])):
@@ -435,11 +429,8 @@ def main(args):
 
         def step(features=vfm_c, tokenize=tokenize_c, model=world_c, update=True, b=B):
             with T.autocast(device, args.dtype):
-                if args.cache_tokens:  # the cached-token step: no backbone, no encoder
-                    tokens = cached[:b]
-                else:
-                    with torch.no_grad():
-                        tokens = tokenize(features(frames[:b]), black).float()
+                with torch.no_grad():  # --cache-tokens: the cached-token step, no backbone, no encoder
+                    tokens = cached[:b] if args.cache_tokens else tokenize(features(frames[:b]), black).float()
                 noise = clip_noise(args.seed, 0, range(b), K, L, C, device) if K else None
                 loss, _ = world_loss(model, model, tokens, times[:b], noise, args.bom_chunk)
             loss.backward()
