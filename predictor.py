@@ -138,8 +138,7 @@ class Predictor(nn.Module):
         T.init_weights(self)  # truncated normal 0.02, zero biases (appendix A); LayerScale starts at 1e-5 above
 
     def forward(self, queries, context, q_pos, k_pos, mask=None):
-        head_dim = self.dim // self.heads
-        q_rope, k_rope = rope_angles(q_pos, self.axes, head_dim), rope_angles(k_pos, self.axes, head_dim)
+        q_rope, k_rope = (rope_angles(pos, self.axes, self.dim // self.heads) for pos in (q_pos, k_pos))
         for block in self.blocks:
             queries = block(queries, context, q_rope, k_rope, mask)
         return self.head(self.norm(queries))
