@@ -209,8 +209,7 @@ class SyntheticVideos:
 
     def labels(self, i, idx):
         """Per-pixel class (T, H, W) uint8 in 0..NUM_CLASSES-1 and depth (T, H, W) float32 in metres."""
-        _, classes, depth = self._render(i, list(idx))
-        return classes, depth
+        return self._render(i, list(idx))[1:]
 
 
 # -----------------------------------------------------------------------------
@@ -262,12 +261,10 @@ class VideoFolder:
                 self.videos.append(self._frame_folder(folder, images, fps))
             for f in sorted(f for f in files if f.lower().endswith(VIDEO_EXTS)):
                 path = os.path.join(folder, f)
-                try:
-                    n, rate = _probe(path)
+                try:  # (frames, rate), not times: a big corpus would hold them all in memory
+                    self.videos.append((path, _probe(path)))
                 except Exception:
                     unreadable.append(path)
-                    continue
-                self.videos.append((path, (n, rate)))  # not times: a big corpus would hold them all in memory
         if unreadable:
             print(f"warning: skipped {len(unreadable)} unreadable videos: {', '.join(unreadable[:5])}")
         if not self.videos:
@@ -375,13 +372,8 @@ def _crop_box(rng, height, width, scale, ratio):
         w, h = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
-    # fall back to the largest centre crop within the ratio range
-    if width / height < min(ratio):
-        w, h = width, round(width / min(ratio))
-    elif width / height > max(ratio):
-        w, h = round(height * max(ratio)), height
-    else:
-        w, h = width, height
+    r = min(max(width / height, min(ratio)), max(ratio))  # fall back to the largest centre crop within the ratio range
+    w, h = min(width, round(height * r)), min(height, round(width / r))
     return (height - h) // 2, (width - w) // 2, h, w
 
 
@@ -440,8 +432,7 @@ class ClipDataset:
             # uint8 frames directly is 6x faster than through float
             crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
             crop = F.interpolate(crop, (self.size, self.size), mode="bilinear", antialias=True)
-            clip_times = torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32)
-            return crop, clip_times, skipped
+            return crop, torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32), skipped
         raise UserError(f"no readable video long enough for {self.num_frames} frames at stride {self.stride} s "
                         f"after 1000 draws ({skipped} broken)")
 
@@ -467,8 +458,7 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
     rank r holds clips j = (m * world_size + r) * batch_size + b, so one process at batch 2B equals two at B."""
     micro = _MicroBatches(dataset, batch_size, rank, world_size, accum, start_step)
     # batch_size=None: each item already is a micro-batch; an endless sequential sampler keeps the order fixed
-    loader = torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(), num_workers=num_workers)
-    return iter(loader)
+    return iter(torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(), num_workers=num_workers))
 
 
 def accumulation(global_batch, batch_size, world):
@@ -484,11 +474,8 @@ def clip_random(seed, step, clip_ids, shape, device, draw=torch.randn):
     """Random numbers (B, *shape), row b a pure function of (seed, step, clip_ids[b]): any split of a step over
     processes and micro-batches draws the same for a clip (BoM noise, RoPE jitter), and resume needs no RNG state."""
     g = torch.Generator(device)
-    out = []
-    for j in clip_ids:
-        g.manual_seed((seed * 1_000_003 + step) * 1_000_033 + j)
-        out.append(draw(*shape, generator=g, device=device))
-    return torch.stack(out)
+    return torch.stack([draw(*shape, generator=g.manual_seed((seed * 1_000_003 + step) * 1_000_033 + j), device=device)
+                        for j in clip_ids])
 
 
 # -----------------------------------------------------------------------------
@@ -507,19 +494,20 @@ def matmul_peak(device):
     """Measured matmul throughput (FLOP/s): bf16 8192^3 on GPU, fp32 1024^3 on CPU."""
     n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / min(timed(lambda: a @ b, device, 6)[1:])
+
+
+def timed(fn, device, n):
+    """Seconds of each of n calls of fn(), the device synchronised before and after each."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = []
-    for _ in range(6):
-        sync(device)
+    for _ in range(n):
+        sync()
         t = time.perf_counter()
-        a @ b
-        sync(device)
+        fn()
+        sync()
         times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times[1:])
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return times
 
 
 def run_bench(step_fn, flops_fn, batch, n, device, reference):
@@ -527,18 +515,10 @@ def run_bench(step_fn, flops_fn, batch, n, device, reference):
     flops_fn runs the step eagerly on ONE sample: the counter sees no compiled code, its math attention would
     materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch."""
     flops = count_flops(flops_fn) * batch
-    for _ in range(3):  # warm-up, compile
-        step_fn()
+    timed(step_fn, device, 3)  # warm-up, compile
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(n):
-        sync(device)
-        t = time.perf_counter()
-        step_fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    ms = 1000 * sorted(times)[len(times) // 2]
+    ms = 1000 * sorted(timed(step_fn, device, n))[n // 2]
     if device.type == "cuda":
         mem = torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:  # CPU: the process' peak resident memory (Linux reports KiB)
@@ -568,8 +548,7 @@ def bench_table(jsonl, markdown):
         lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} GiB | "
                      f"{100 * r['fraction_of_matmul_peak']:.0f}% of {r['matmul_peak_tflops']:.0f} TFLOP/s | "
                      f"{r['device']} |")
-    text = open(markdown).read()
-    head, _, rest = text.partition("<!-- bench-gpu -->\n")
+    head, _, rest = open(markdown).read().partition("<!-- bench-gpu -->\n")
     tail = rest.partition("<!-- /bench-gpu -->")[2]
     with open(markdown, "w") as f:
         f.write(head + "<!-- bench-gpu -->\n" + "\n".join(lines) + "\n<!-- /bench-gpu -->" + tail)

@@ -138,12 +138,10 @@ class Predictor(nn.Module):
         T.init_weights(self)  # truncated normal 0.02, zero biases (appendix A); LayerScale starts at 1e-5 above
 
     def forward(self, queries, context, q_pos, k_pos, mask=None):
-        head_dim = self.dim // self.heads
-        q_rope, k_rope = rope_angles(q_pos, self.axes, head_dim), rope_angles(k_pos, self.axes, head_dim)
-        x = queries
+        q_rope, k_rope = (rope_angles(pos, self.axes, self.dim // self.heads) for pos in (q_pos, k_pos))
         for block in self.blocks:
-            x = block(x, context, q_rope, k_rope, mask)
-        return self.head(self.norm(x))
+            queries = block(queries, context, q_rope, k_rope, mask)
+        return self.head(self.norm(queries))
 
 
 PREDICTOR_PRESETS = {"tiny": dict(depth=2), "base": dict(depth=12)}  # the width follows the tokenizer
@@ -172,9 +170,7 @@ class DeltaWorld(nn.Module):
         self.q_embed = None if bom else nn.Embedding(1, cfg.dim)  # the discriminative variant's learned query
         if not bom:
             nn.init.trunc_normal_(self.q_embed.weight, std=0.02)
-        object.__setattr__(self, "tokenizer", tokenizer)
-        object.__setattr__(self, "vfm", vfm)
-        object.__setattr__(self, "_black", {})
+        self.__dict__.update(tokenizer=tokenizer, vfm=vfm, _black={})  # past nn.Module's __setattr__: no submodules
 
     def forward(self, tokens, times, queries=None):
         """Predict tokens 1..T-1 of clips (B, T, C) with timestamps (B, T) in seconds, each from the tokens before
@@ -195,8 +191,7 @@ class DeltaWorld(nn.Module):
         if num_patches not in self._black:
             if self.vfm is None:
                 raise RuntimeError("DeltaWorld needs the VFM for the black frame: pass vfm= when building it")
-            side = math.isqrt(num_patches) * self.vfm.patch_size
-            self._black[num_patches] = self.vfm.black(side, device).float()
+            self._black[num_patches] = self.vfm.black(math.isqrt(num_patches) * self.vfm.patch_size, device).float()
         return self._black[num_patches].to(device)
 
     def queries(self, n, length, generator=None, device="cpu"):
@@ -261,18 +256,15 @@ def world_loss(world, model, tokens, times, noise=None, chunk=256):
     candidate pass without autograd through `world` picks, per clip and position, the query with the lowest
     smooth-L1 loss; only that query then runs with gradients through `model` (world, or its DDP/compiled wrapper).
     noise None: the learned query, plain smooth L1. Returns (loss, index of the chosen candidate (B, T-1) or None)."""
-    target = tokens[:, 1:].float()
-    if noise is None:
-        pred = model(tokens, times)[:, 0]
-        return F.smooth_l1_loss(pred.float(), target, beta=0.1), None
-    with torch.no_grad():
-        losses = torch.cat([F.smooth_l1_loss(world(tokens, times, q).float(), target[:, None].expand_as(q),
-                                             beta=0.1, reduction="none").mean(-1)
-                            for q in noise.split(chunk, 1)], 1)                             # (B, K, T-1)
-        best = losses.argmin(1)                                                             # (B, T-1)
-    chosen = noise.gather(1, best[:, None, :, None].expand(-1, 1, -1, noise.shape[-1]))   # (B, 1, T-1, C)
-    pred = model(tokens, times, chosen)[:, 0]
-    return F.smooth_l1_loss(pred.float(), target, beta=0.1), best
+    target, chosen, best = tokens[:, 1:].float(), None, None
+    if noise is not None:
+        with torch.no_grad():
+            losses = torch.cat([F.smooth_l1_loss(world(tokens, times, q).float(), target[:, None].expand_as(q),
+                                                 beta=0.1, reduction="none").mean(-1)
+                                for q in noise.split(chunk, 1)], 1)                         # (B, K, T-1)
+            best = losses.argmin(1)                                                         # (B, T-1)
+        chosen = noise.gather(1, best[:, None, :, None].expand(-1, 1, -1, noise.shape[-1]))  # (B, 1, T-1, C)
+    return F.smooth_l1_loss(model(tokens, times, chosen)[:, 0].float(), target, beta=0.1), best
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,11 +276,6 @@ def world_loss(world, model, tokens, times, noise=None, chunk=256):
 # steps; after that it goes over the cache again in a fresh order per epoch.
 
 SHARD = 4096  # clips per shard file
-
-
-def file_digest(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 class _StreamClips(torch.utils.data.Dataset):
@@ -325,8 +312,7 @@ def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, de
         T.save_checkpoint(dict(tokens=torch.cat(tokens), times=torch.cat(times), skipped=skipped), path)
     if world_size > 1:
         dist.barrier()
-    if rank == 0:
-        T.save_checkpoint(meta, os.path.join(folder, "meta.pt"))
+    T.save_checkpoint(meta, os.path.join(folder, "meta.pt"), rank == 0)
     if world_size > 1:
         dist.barrier()
 
@@ -377,11 +363,8 @@ def heldout_check(world, vfm, clips, times, num_samples, device, dtype, seed, ba
             feats = vfm(clips[i:i + batch_size].to(device)).float()                     # (B, 7, N, C)
             pred, _ = world.sample(feats[:, :4], times[i:i + batch_size], num_samples, 3, g)  # (B, S, 3, N, C)
         for h in (1, 3):
-            target = feats[:, 3 + h]
-
-            def loss(p):  # (B, S', N, C) -> (B, S')
-                return F.smooth_l1_loss(p.float(), target[:, None].expand_as(p), beta=0.1,
-                                        reduction="none").mean((-2, -1))
+            target = feats[:, None, 3 + h]                   # (B, 1, N, C); loss: (B, S', N, C) -> (B, S')
+            loss = lambda p: F.smooth_l1_loss(p.float(), target.expand_as(p), beta=0.1, reduction="none").mean((-2, -1))
             for name, v in (("best", loss(pred[:, :, h - 1]).min(1).values),
                             ("mean", loss(pred[:, :, h - 1].mean(1, keepdim=True))[:, 0]),
                             ("copy_last", loss(feats[:, 3:4])[:, 0])):
@@ -445,11 +428,8 @@ def main(args):
 
         def step(features=vfm_c, tokenize=tokenize_c, model=world_c, update=True, b=B):
             with T.autocast(device, args.dtype):
-                if args.cache_tokens:  # the cached-token step: no backbone, no encoder
-                    tokens = cached[:b]
-                else:
-                    with torch.no_grad():
-                        tokens = tokenize(features(frames[:b]), black).float()
+                with torch.no_grad():  # --cache-tokens: the cached-token step, no backbone, no encoder
+                    tokens = cached[:b] if args.cache_tokens else tokenize(features(frames[:b]), black).float()
                 noise = clip_noise(args.seed, 0, range(b), K, L, C, device) if K else None
                 loss, _ = world_loss(model, model, tokens, times[:b], noise, args.bom_chunk)
             loss.backward()
@@ -467,12 +447,12 @@ def main(args):
     model_c, world_c, vfm_c = ((torch.compile(model), torch.compile(world), torch.compile(vfm)) if args.compile
                                else (model, world, vfm))
     if args.cache_tokens:
+        with open(args.tokenizer, "rb") as f:  # a retrained tokenizer at the same path: a new cache
+            sha1 = hashlib.file_digest(f, "sha1").hexdigest()
         meta = dict(kind="token_cache", tokenizer=os.path.abspath(args.tokenizer), data=args.data, size=args.size,
-                    tokenizer_sha1=file_digest(args.tokenizer),  # a retrained tokenizer at the same path: new cache
-                    stride=args.stride, num_frames=args.num_frames, seed=args.seed, global_batch=args.global_batch,
-                    num_clips=math.ceil(args.cache_crops * len(train.source)))
-        meta_path = os.path.join(args.cache_tokens, "meta.pt")
-        if not os.path.exists(meta_path):
+                    tokenizer_sha1=sha1, stride=args.stride, num_frames=args.num_frames, seed=args.seed,
+                    global_batch=args.global_batch, num_clips=math.ceil(args.cache_crops * len(train.source)))
+        if not os.path.exists(os.path.join(args.cache_tokens, "meta.pt")):
             build_token_cache(args.cache_tokens, meta, train, vfm, tok, black, rank, world_size, device, args.dtype,
                               args.batch_size, args.num_workers)
         cache = TokenCache(args.cache_tokens, args.seed)
@@ -489,14 +469,8 @@ def main(args):
         val_clips, val_times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))
         val_clips, val_times = torch.stack(val_clips), torch.stack(val_times)                # (V, 7, 3, S, S), (V, 7)
 
-    def checkpoint():
-        T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=os.path.abspath(args.tokenizer),
-                               tokenizer_config=asdict(tok.cfg), vfm=args.vfm or vfm.name, size=args.size,
-                               model=world.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
-                               args=vars(args)), ckpt_path, master)
-
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    t0, clips = time.perf_counter(), 0
+    t0, logged = time.perf_counter(), step
     while step < args.steps:
         lr = T.lr_at(step, args.lr, args.warmup)
         for group in opt.param_groups:
@@ -526,14 +500,13 @@ def main(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        clips += args.global_batch
         bar.update(1)
         if master and (step % args.log_every == 0 or step == args.steps):
-            rate = clips / (time.perf_counter() - t0)
+            rate = (step - logged) * args.global_batch / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss_sum.item():.4g}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}", skipped=skipped)
             T.log_jsonl(args.out, dict(step=step, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm.item(),
                                        clips_per_s=rate, skipped_videos=skipped))
-            t0, clips = time.perf_counter(), 0
+            t0, logged = time.perf_counter(), step
         if master and (step % args.eval_every == 0 or step == args.steps):
             world.eval()
             result = heldout_check(world, vfm, val_clips, val_times, args.val_samples, device, args.dtype, args.seed)
@@ -541,7 +514,10 @@ def main(args):
             T.log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(format_check(step, result, args.val_samples))
         if step % args.ckpt_every == 0 or step == args.steps:
-            checkpoint()
+            T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=os.path.abspath(args.tokenizer),
+                                   tokenizer_config=asdict(tok.cfg), vfm=args.vfm or vfm.name, size=args.size,
+                                   model=world.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
+                                   args=vars(args)), ckpt_path, master)
     bar.close()
     if master:
         print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")

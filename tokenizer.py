@@ -96,10 +96,9 @@ class VFM(nn.Module):
         super().__init__()
         self.name = name
         self.model = load_dinov3(name).requires_grad_(False).eval()
-        self.patch_size = self.model.config.patch_size
-        self.dim = self.model.config.hidden_size
-        self.heads = self.model.config.num_attention_heads
-        self.num_prefix = 1 + self.model.config.num_register_tokens  # CLS + registers come before the patches
+        cfg = self.model.config
+        self.patch_size, self.dim, self.heads = cfg.patch_size, cfg.hidden_size, cfg.num_attention_heads
+        self.num_prefix = 1 + cfg.num_register_tokens  # CLS + registers come before the patches
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
 
@@ -237,10 +236,9 @@ class DeltaTok(nn.Module):
         B, N, C = y.shape
         z = self.z_embed.weight.expand(B, 1, C)
         e0, e1 = self.xy_embed.weight
-        if self.cfg.mode == "delta":  # both frames share the same patch positions; z is an unrotated prefix
-            h = self._run(self.encoder_blocks, torch.cat([z, x_prev + e0, y + e1], 1), self._rope(N, y, 2, scale))
-        else:
-            h = self._run(self.encoder_blocks, torch.cat([z, y + e1], 1), self._rope(N, y, 1, scale))
+        frames = [x_prev + e0, y + e1] if self.cfg.mode == "delta" else [y + e1]
+        # the frames share the same patch positions; z is an unrotated prefix
+        h = self._run(self.encoder_blocks, torch.cat([z, *frames], 1), self._rope(N, y, len(frames), scale))
         return self.norm(h[:, :1])
 
     def decode(self, token, x_prev, scale=None):
@@ -268,9 +266,7 @@ class DeltaTok(nn.Module):
         accumulate (appendix D's mitigation); parallel (appendix D's wording): all tokens are encoded at once from
         ground-truth pairs, and errors accumulate. The two are identical for T = 1. Returns (B, T, N, C)."""
         B, T, N, C = targets.shape
-        if not sequential:
-            prev = torch.cat([x0[:, None], targets[:, :-1]], 1)
-            tokens = self.encode(prev.flatten(0, 1), targets.flatten(0, 1)).view(B, T, 1, C)
+        tokens = None if sequential else self.tokenize(targets, x0)[:, :, None]  # (B, T, 1, C)
         out, x = [], x0
         for t in range(T):
             x = self.decode(self.encode(x, targets[:, t]) if sequential else tokens[:, t], x)
@@ -470,9 +466,8 @@ def reconstruction_check(tok, vfm, clips, device, dtype, batch_size=16):
     sequential and parallel (the same at horizon 1), with copy-last (frame 0) beside them."""
     sums = {}
     for i in range(0, len(clips), batch_size):
-        frames = clips[i:i + batch_size].to(device)
         with autocast(device, dtype):
-            feats = vfm(frames).float()                                                    # (B, 4, N, C)
+            feats = vfm(clips[i:i + batch_size].to(device)).float()                        # (B, 4, N, C)
             seq, par = (tok.reconstruct(feats[:, 1:], feats[:, 0], s).float() for s in (True, False))  # (B, 3, N, C)
         for h in (1, 3):
             target = feats[:, h]
@@ -528,13 +523,8 @@ def main(args):
         val = data.ClipDataset(val_src, num_frames=4, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
         val_clips = torch.stack([val.sample(0, j)[0] for j in range(args.val_clips)])
 
-    def checkpoint():
-        save_checkpoint(dict(kind="deltatok", config=asdict(tok.cfg), vfm=args.vfm, size=args.size,
-                             model=tok.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
-                             args=vars(args)), ckpt_path, master)
-
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    t0, clips = time.perf_counter(), 0
+    t0, logged = time.perf_counter(), step
     while step < args.steps:
         lr = lr_at(step, args.lr, args.warmup)
         for group in opt.param_groups:
@@ -558,14 +548,13 @@ def main(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        clips += args.global_batch
         bar.update(1)
         if master and (step % args.log_every == 0 or step == args.steps):
-            rate = clips / (time.perf_counter() - t0)
+            rate = (step - logged) * args.global_batch / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss_sum.item():.4g}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}", skipped=skipped)
             log_jsonl(args.out, dict(step=step, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm.item(),
                                      clips_per_s=rate, skipped_videos=skipped))
-            t0, clips = time.perf_counter(), 0
+            t0, logged = time.perf_counter(), step
         if master and (step % args.eval_every == 0 or step == args.steps):
             tok.eval()
             result = reconstruction_check(tok, vfm, val_clips, device, args.dtype)
@@ -573,7 +562,9 @@ def main(args):
             log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(format_check(step, result))
         if step % args.ckpt_every == 0 or step == args.steps:
-            checkpoint()
+            save_checkpoint(dict(kind="deltatok", config=asdict(tok.cfg), vfm=args.vfm, size=args.size,
+                                 model=tok.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
+                                 args=vars(args)), ckpt_path, master)
     bar.close()
     if master:
         print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
@@ -600,8 +591,8 @@ def get_parser():
                    "released pytorch_model.bin); optimizer and step start fresh")
     p.add_argument("--loss", default="mse", choices=["mse", "log-cosh"], help="mse (the paper) or log-cosh (the release)")
     p.add_argument("--steps", type=data.at_least(1), default=50_000)
-    p.add_argument("--global-batch", type=data.at_least(1), default=1024, help="frame pairs per optimizer step, all "
-                   "GPUs")
+    p.add_argument("--global-batch", type=data.at_least(1), default=1024,
+                   help="frame pairs per optimizer step, all GPUs")
     p.add_argument("--batch-size", type=data.at_least(1), default=64, help="frame pairs per GPU per micro-step")
     p.add_argument("--lr", type=data.positive, default=1e-3)
     p.add_argument("--warmup", type=data.at_least(0), default=5_000)
