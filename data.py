@@ -530,9 +530,14 @@ def run_bench(step_fn, flops_fn, batch, n, device, reference):
                   achieved_tflops=round(flops / ms / 1e9, 2), matmul_peak_tflops=round(peak / 1e12, 2),
                   fraction_of_matmul_peak=round(flops / (ms / 1000) / peak, 3), reference=reference)
     print(json.dumps(result, indent=1))
-    if os.environ.get("BENCH_JSON"):  # make bench-gpu: one row of its table
+    return bench_record(batch=batch, **result)
+
+
+def bench_record(**result):
+    """Under `make bench-gpu` (BENCH_JSON set), append the result to its JSON lines as the row BENCH_ROW."""
+    if os.environ.get("BENCH_JSON"):
         with open(os.environ["BENCH_JSON"], "a") as f:
-            f.write(json.dumps(dict(row=os.environ.get("BENCH_ROW", " ".join(sys.argv)), batch=batch, **result)) + "\n")
+            f.write(json.dumps(dict(row=os.environ.get("BENCH_ROW", " ".join(sys.argv)), **result)) + "\n")
     return result
 
 
@@ -540,9 +545,13 @@ def bench_table(jsonl, markdown):
     """Write `make bench-gpu`'s rows (one JSON object per line; {"row", "failed"} for a bench that failed or ran out
     of time) into the markdown file, between the lines <!-- bench-gpu --> and <!-- /bench-gpu -->."""
     lines = ["| step | batch | time | peak memory | share of matmul peak | device |", "|---|---|---|---|---|---|"]
-    for r in map(json.loads, open(jsonl)):
-        if r.get("failed"):
-            lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |")
+    rows = [json.loads(line) for line in open(jsonl)]
+    need = max([r["batch"] / r["step_ms"] * 1000 for r in rows if r["row"].startswith("DeltaTok") and "batch" in r],
+               default=0)  # clips/s the fastest DeltaTok step eats: what the loader must feed
+    for r in rows:
+        if r.get("failed") or "clips_per_s" in r:
+            lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |" if r.get("failed") else
+                         f"| {r['row']} | | **{r['clips_per_s']:.0f} clips/s** (DeltaTok step: {need:.0f}) | | | cpu |")
             continue
         per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
         lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} GiB | "
@@ -568,6 +577,7 @@ def main(args):
         clips += len(next(loader)["frames"])
     total = clips / (time.perf_counter() - start)
     print(f"{total:.1f} clips/s, {total / max(args.workers, 1):.1f} per worker ({args.num_frames}-frame clips, 256 px)")
+    bench_record(clips_per_s=total, workers=args.workers)
 
 
 def get_parser():
