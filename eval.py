@@ -488,7 +488,8 @@ def flops(args):
     kind, model, vfm_name = load_model(args, args.ckpt[0], "cpu", {}) if args.ckpt else (None, None, T.DINOV3_B16)
     with torch.device("meta"):
         vfm = T.VFM(args.vfm or vfm_name)
-        tok = model if kind == "deltatok" else model.tokenizer if kind == "deltaworld" else T.build_deltatok("base", vfm)
+        tok = (model if kind == "deltatok" else model.tokenizer if kind == "deltaworld" else
+               T.build_deltatok("base", vfm))
         world = model.predictor if kind == "deltaworld" else \
             P.Predictor(vfm.dim, 12, vfm.dim // P.HEAD_DIM, axes=(P.HEAD_DIM - 4,))
         dino = model if kind == "dinoworld" else DW.build_dinoworld("base", vfm)
@@ -517,9 +518,9 @@ def flops(args):
     got = {name: v for name, v, _ in rows}
     per_sample = sum(got[f"DeltaWorld predictor ({k}-token context)"] for k in (4, 5, 6)) + \
         3 * got["DeltaTok decoder (per step)"]
-    print(f"  mid horizon, DeltaWorld: shared {4 * (got['Backbone (per frame)'] + got['DeltaTok encoder (per frame)']):.2f}"
-          f" + {per_sample:.2f} per sample; DINO-world: "
-          f"{4 * got['Backbone (per frame)'] + sum(got[f'DINO-world predictor ({k}-frame context)'] for k in (4, 5, 6)):.2f}")
+    shared = 4 * (got["Backbone (per frame)"] + got["DeltaTok encoder (per frame)"])
+    dino = 4 * got["Backbone (per frame)"] + sum(got[f"DINO-world predictor ({k}-frame context)"] for k in (4, 5, 6))
+    print(f"  mid horizon, DeltaWorld: shared {shared:.2f} + {per_sample:.2f} per sample; DINO-world: {dino:.2f}")
     return got
 
 
@@ -568,7 +569,8 @@ def main(args):
     if rank == 0:
         print(table(results))
         with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(dict(ckpt=args.ckpt, kinds=[m[1] for m in models], size=args.size, samples=args.samples, data=args.data,
+            json.dump(dict(ckpt=args.ckpt, kinds=[m[1] for m in models], size=args.size, samples=args.samples,
+                           data=args.data,
                            results={d: [dict(method=k[0], horizon=k[1], pick=k[2], **v) for k, v in r.items()]
                                     for d, r in results.items()}), f, indent=1)
         print(f"results in {os.path.join(args.out, 'results.json')}")

@@ -551,7 +551,8 @@ def get_parser():
                    "test list, splits/kitti_eigen_test.txt)")
     p.add_argument("--kitti-raw", default=None, help="root of the raw KITTI drives (default: the KITTI ROOT itself)")
     p.add_argument("--out", default="runs/head", help="run folder: ckpt.pt, log.jsonl")
-    p.add_argument("--vfm", default=T.DINOV3_B16, help=f"DINOv3 hub id, local folder or random preset {list(T.VFM_PRESETS)}")
+    p.add_argument("--vfm", default=T.DINOV3_B16, help="DINOv3 hub id, local folder or random preset "
+                   f"{list(T.VFM_PRESETS)}")
     p.add_argument("--size", type=data.at_least(16, 16), default=512, help="crop side: the evaluation's S (512 main, "
                    "256 ablations)")
     p.add_argument("--steps", type=data.at_least(1), default=20_000)

@@ -584,12 +584,14 @@ def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaTok (appendix A recipe as defaults).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/deltatok", help="run folder: ckpt.pt, log.jsonl")
-    p.add_argument("--vfm", default=DINOV3_B16, help=f"DINOv3 hub id, local folder, or a random preset {list(VFM_PRESETS)}")
+    p.add_argument("--vfm", default=DINOV3_B16, help="DINOv3 hub id, local folder, or a random preset "
+                   f"{list(VFM_PRESETS)}")
     p.add_argument("--model", default="base", choices=list(MODEL_PRESETS), help="tokenizer size / variant")
     p.add_argument("--mode", default="delta", choices=["delta", "frame"], help="delta tokens or frame tokens")
     p.add_argument("--init", default="", help="start from these DeltaTok weights (a tokenizer.py ckpt.pt or the "
                    "released pytorch_model.bin); optimizer and step start fresh")
-    p.add_argument("--loss", default="mse", choices=["mse", "log-cosh"], help="mse (the paper) or log-cosh (the release)")
+    p.add_argument("--loss", default="mse", choices=["mse", "log-cosh"],
+                   help="mse (the paper) or log-cosh (the release)")
     p.add_argument("--steps", type=data.at_least(1), default=50_000)
     p.add_argument("--global-batch", type=data.at_least(1), default=1024,
                    help="frame pairs per optimizer step, all GPUs")
