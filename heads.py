@@ -278,7 +278,7 @@ class CityscapesSequences(_Sequences):
         self.items = []
         for city in sorted(os.listdir(labels)):
             for f in sorted(os.listdir(os.path.join(labels, city))):
-                if not f.endswith("_gtFine_labelIds.png"):
+                if not f.endswith("_gtFine_labelIds.png") or f.startswith("._"):  # macOS metadata files too
                     continue
                 _, seq, frame = f[:-len("_gtFine_labelIds.png")].rsplit("_", 2)
                 k = int(frame)
