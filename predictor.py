@@ -441,15 +441,17 @@ def main(args):
                            "512 px 585 ms, 9.2 GiB; DINO-world 256 px: 166 ms, 24.2 GiB (SPEC section 6)")
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
+    # the tokenizer the checkpoint records: a file by its absolute path, a hub id as it is
+    tokenizer = os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer) else args.tokenizer
     resumed = T.resume(args, "deltaworld", world, opt, master)
     step, skipped = resumed["step"], resumed["skipped"]
     model = T.ddp(world, world_size, device)
     model_c, world_c, vfm_c = ((torch.compile(model), torch.compile(world), torch.compile(vfm)) if args.compile
                                else (model, world, vfm))
     if args.cache_tokens:
-        with open(args.tokenizer, "rb") as f:  # a retrained tokenizer at the same path: a new cache
+        with open(T.checkpoint_path(args.tokenizer), "rb") as f:  # a retrained tokenizer at the same path: a new cache
             sha1 = hashlib.file_digest(f, "sha1").hexdigest()
-        meta = dict(kind="token_cache", tokenizer=os.path.abspath(args.tokenizer), data=args.data, size=args.size,
+        meta = dict(kind="token_cache", tokenizer=tokenizer, data=args.data, size=args.size,
                     tokenizer_sha1=sha1, stride=args.stride, num_frames=args.num_frames, seed=args.seed,
                     global_batch=args.global_batch, num_clips=math.ceil(args.cache_crops * len(train.source)))
         if not os.path.exists(os.path.join(args.cache_tokens, "meta.pt")):
@@ -514,7 +516,7 @@ def main(args):
             T.log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(format_check(step, result, args.val_samples))
         if step % args.ckpt_every == 0 or step == args.steps:
-            T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=os.path.abspath(args.tokenizer),
+            T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=tokenizer,
                                    tokenizer_config=asdict(tok.cfg), vfm=args.vfm or vfm.name, size=args.size,
                                    model=world.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
                                    args=vars(args)), ckpt_path, master)

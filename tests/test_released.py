@@ -51,7 +51,7 @@ def hub(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(E.RGBHead(T.VFM("tiny").model.norm, 144, 2, 256, 4).state_dict(), out / "rgb.bin")
     cache = tmp_path_factory.mktemp("hub")
-    for repo, path in [("deltaworld", "deltaworld/ckpt.pt"), ("seg-head", "seg/ckpt.pt"),
+    for repo, path in [("tokenizer", "tok/ckpt.pt"), ("deltaworld", "deltaworld/ckpt.pt"), ("seg-head", "seg/ckpt.pt"),
                        ("depth-head", "depth/ckpt.pt"), ("rgb-head", "rgb.bin")]:
         put_in_hub_cache(cache, f"Test/{repo}", out / path)
     return SimpleNamespace(cache=cache, out=out)
@@ -76,6 +76,21 @@ def run_cli(monkeypatch, capsys, *args):
 
 # ----------------------------------------------------------------------------------------------------------------
 # hub ids
+
+
+def test_deltaworld_trained_on_a_hub_tokenizer_records_the_id(offline_hub, tmp_path):
+    """--tokenizer ORG/NAME with a token cache: the cache is keyed on the fetched file, and the checkpoint records
+    the id itself (not a path made from it), so the DeltaWorld loads again from the id."""
+    P.main(P.get_parser().parse_args(["--tokenizer", "Test/tokenizer", "--model", "tiny", "--steps", "1", "--size",
+                                      str(SIZE), "--global-batch", "4", "--batch-size", "4", "--bom", "4",
+                                      "--val-clips", "2", "--num-workers", "0", "--dtype", "fp32", "--cache-tokens",
+                                      str(tmp_path / "cache"), "--cache-crops", str(8 / 512), "--out",
+                                      str(tmp_path / "world")]))
+    ckpt = T.load_checkpoint(str(tmp_path / "world" / "ckpt.pt"))
+    assert ckpt["tokenizer"] == "Test/tokenizer"
+    world = P.load_deltaworld(str(tmp_path / "world" / "ckpt.pt"))
+    torch.testing.assert_close(world.tokenizer.z_embed.weight,
+                               T.load_checkpoint(str(offline_hub.out / "tok" / "ckpt.pt"))["model"]["z_embed.weight"])
 
 
 def test_hub_ids_load_from_the_cache_local_paths_win_and_failures_are_one_line(offline_hub, tmp_path, monkeypatch,
