@@ -19,20 +19,24 @@ training clips and runs; and `--bench` (`run_bench`): time, memory and FLOPs of 
 """
 
 import argparse
+import fcntl
 import functools
 import gc
+import hashlib
 import itertools
 import json
 import multiprocessing
 import os
 import sys
 import time
+from stat import S_ISDIR
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # the command line
@@ -74,7 +78,12 @@ def positive(text):
 
 def clip_flags(p):
     """The flags of the training clips, shared by tokenizer.py, predictor.py and baseline_dinoworld.py."""
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of videos / frame folders")
+    p.add_argument("--data", default="synthetic", help="'synthetic', a folder of videos / frame folders, or a text "
+                   "file that lists them")
+    p.add_argument("--index", metavar="DIR", help="folder for the index of the videos of --data and --val-data "
+                   "(default: beside them where writable, else --out)")
+    p.add_argument("--trust-index", action="store_true", help="use the index as saved, without looking at the files "
+                   "(a network filesystem, where a stat per file is slow)")
     p.add_argument("--val-data", default="", help="held-out videos for the check at --eval-every (default: the "
                    "synthetic val split, or --data itself for a folder)")
     p.add_argument("--fps", type=positive, default=None, help="frame rate of frame folders without timestamps")
@@ -213,7 +222,9 @@ class SyntheticVideos:
 
 
 # -----------------------------------------------------------------------------
-# real videos: video files decoded with PyAV, or folders of frames
+# real videos: video files decoded with PyAV, or folders of frames, found once and kept in an index file
+
+INDEX_FORMAT = 1  # an index file of another format, or of another root, is rebuilt
 
 
 def _stem_seconds(name):
@@ -225,106 +236,229 @@ def _stem_seconds(name):
         return None
 
 
-def _probe(path):
-    """(number of frames, frame rate) from the metadata, without decoding (a `prepare` copy: the original's)."""
-    with av.open(path) as container:
-        tag = container.metadata.get("comment", "").split()
-        if tag[:1] == [PREPARED]:
-            return int(tag[1]), float(tag[2])
-        stream = container.streams.video[0]
-        rate = float(stream.average_rate or stream.guessed_rate)
-        n = stream.frames
-        if not n:  # webm / mkv store no frame count: derive it from the duration
-            seconds = stream.duration * stream.time_base if stream.duration else container.duration / av.time_base
-            n = round(float(seconds) * rate)
-    if n <= 0 or rate <= 0:
-        raise ValueError(f"no frames in {path}")
-    return n, rate
+@functools.lru_cache(maxsize=64)  # frame_times, then read, list the same folder
+def _frame_folder(folder):
+    """(image paths, times in seconds) sorted by the times their names give ('12.480.jpg'), else (sorted by name,
+    None)."""
+    images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    seconds = [_stem_seconds(f) for f in images]
+    order = np.argsort(seconds, kind="stable") if None not in seconds else range(len(images))
+    return [os.path.join(folder, images[k]) for k in order], None if None in seconds else np.sort(seconds)
+
+
+def _probe(path, strict=True):
+    """(number of frames, frame rate, time of the first frame) from the metadata and the first packets, without
+    decoding (a `prepare` copy: the original's count and rate); a frame folder: (images, 0 if named by time else -1,
+    0). Not strict: (0, 0, 0) for a file that cannot be read."""
+    try:
+        if os.path.isdir(path):
+            files, seconds = _frame_folder(path)
+            return len(files), 0.0 if seconds is not None else -1.0, 0.0
+        with av.open(path) as container:
+            tag, stream = container.metadata.get("comment", "").split(), container.streams.video[0]
+            n, rate = (int(tag[1]), float(tag[2])) if tag[:1] == [PREPARED] else (
+                stream.frames, float(stream.average_rate or stream.guessed_rate))
+            if not n:  # webm / mkv store no frame count: derive it from the duration
+                seconds = stream.duration * stream.time_base if stream.duration else container.duration / av.time_base
+                n = round(float(seconds) * rate)
+            # not stream.start_time: an AVI with B-frames says 0 and starts at 1 / rate
+            first = min(p.pts for p in itertools.islice(container.demux(stream), 16) if p.pts is not None and
+                        not p.is_discard) * float(stream.time_base)
+        if n <= 0 or rate <= 0:
+            raise ValueError(f"no frames in {path}")
+        return n, rate, first
+    except Exception:
+        if strict:
+            raise
+        return 0, 0.0, 0.0  # unreadable: remembered in the index until the file changes
+
+
+def _walk(root, rel=""):
+    """(path relative to root, size, mtime) of every video file and frame folder under root in a fixed order (as
+    os.walk: a folder's images, its files, its subfolders); size -1: a frame folder, whose mtime changes when
+    images come or go."""
+    found, images = [], False
+    for entry in sorted(os.scandir(os.path.join(root, rel)), key=lambda e: (e.is_dir(), e.name)):
+        if entry.is_dir():
+            found += _walk(root, rel + entry.name + "/")
+        elif entry.name.lower().endswith(VIDEO_EXTS):
+            stat = entry.stat()
+            found.append((rel + entry.name, stat.st_size, stat.st_mtime_ns))
+        images = images or entry.name.lower().endswith(IMAGE_EXTS)
+    return [(rel[:-1], -1, os.stat(os.path.join(root, rel)).st_mtime_ns)] * images + found
+
+
+def _listed(file):
+    """_walk for a list of videos, one path a line, absolute or relative to the list's folder (size -2: missing)."""
+    found = []
+    for path in filter(None, (line.strip() for line in open(file))):
+        try:
+            stat = os.stat(os.path.join(os.path.dirname(file), path))
+            found.append((path, -1 if S_ISDIR(stat.st_mode) else stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            found.append((path, -2, 0))
+    return found
+
+
+def _pack(paths):  # one flat buffer, each path ended by a 0 byte: no Python object per video
+    return np.frombuffer("".join(p + "\0" for p in paths).encode(errors="surrogateescape"), np.uint8)
+
+
+def _unpack(buffer):
+    return buffer.tobytes().decode(errors="surrogateescape").split("\0")[:-1]
+
+
+def index_file(root, folder=None, out=None):
+    """Where the index of `root` (a folder or a list, absolute) lives: in `folder` (--index) if given, else beside
+    the videos where that is writable, else in the run folder `out`."""
+    beside = os.path.join(root, ".deltatok-index.npz") if os.path.isdir(root) else root + ".deltatok-index.npz"
+    if folder or out and not os.access(os.path.dirname(beside), os.W_OK):
+        return os.path.join(folder or out, f"deltatok-index-{hashlib.sha1(root.encode()).hexdigest()[:12]}.npz")
+    return beside
+
+
+def _load_index(file, root):
+    try:
+        with np.load(file) as saved:
+            index = dict(saved)
+        return index if index["format"] == INDEX_FORMAT and index["root"] == root else None
+    except Exception:  # missing, cut short, or not an index
+        return None
+
+
+def _index(root, file, trust=False):
+    """The index of `root`: flat arrays, a row per video file or frame folder (paths, size, mtime, frames, rate,
+    start; 0 frames: unreadable), read from `file` and brought up to date: new and changed files are probed, on all
+    cores, and removed ones dropped. trust: the saved index as it is, without looking at the files."""
+    index = _load_index(file, root)
+    if index is not None and trust:
+        return index
+    try:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        lock = open(file + ".lock", "w")
+    except OSError as e:
+        raise UserError(f"cannot write the index of {root} at {file} ({e.strerror}): give a folder with --index")
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process (a rank, a run) probes; the others wait, then find it done
+        old = _load_index(file, root)
+        found = _listed(root) if os.path.isfile(root) else _walk(root)
+        paths, (size, mtime) = [f[0] for f in found], np.array([f[1:] for f in found], np.int64).reshape(-1, 2).T
+        info, todo = np.zeros((3, len(found))), np.arange(len(found))  # frames, rate, start
+        if old:
+            rows = {p: r for r, p in enumerate(_unpack(old["paths"]))}
+            j = np.array([rows.get(p, -1) for p in paths], np.int64)
+            same = np.flatnonzero(j >= 0)
+            same = same[(old["size"][j[same]] == size[same]) & (old["mtime"][j[same]] == mtime[same])]
+            info[:, same] = [old[k][j[same]] for k in ("frames", "rate", "start")]
+            todo = np.setdiff1d(todo, same)
+        if len(todo):
+            jobs = [os.path.join(os.path.dirname(root) if os.path.isfile(root) else root, paths[k]) for k in todo]
+            with multiprocessing.Pool(min(len(todo), os.cpu_count())) as pool:
+                probed = pool.imap(functools.partial(_probe, strict=False), jobs, chunksize=4)
+                info[:, todo] = np.array(list(tqdm(probed, f"indexing {root}", len(todo), unit="video"))).T
+        index = dict(format=INDEX_FORMAT, root=root, paths=_pack(paths), size=size, mtime=mtime,
+                     frames=info[0].astype(np.int32), rate=info[1], start=info[2])
+        if not old or len(todo) or len(old["size"]) > len(found) - len(todo):
+            with open(file + ".tmp", "wb") as f:  # write, then rename: a reader never sees half an index
+                np.savez(f, **index)
+            os.replace(file + ".tmp", file)
+    return index
 
 
 class VideoFolder:
-    """Every video file under `root`, and every folder of images (one folder = one video, frames sorted by name).
-    Frame folders take their frame times from file names in seconds ('12.480.jpg') or else from `fps`.
-    Video files whose metadata cannot be read are left out, and counted, at start-up."""
+    """Every video file under `root`, and every folder of images (one folder = one video, frames sorted by name); or
+    those a list names (`root` a text file: one path a line, absolute or relative to its folder). Frame folders take
+    their frame times from file names in seconds ('12.480.jpg') or else from `fps`. What start-up learns of each
+    (frame count, rate) is kept in an index file (`index_file`, made by `_index`); files that cannot be read are
+    left out, and named. The videos are flat arrays, no Python object each: DataLoader workers share, not copy them."""
 
-    def __init__(self, root, fps=None):
-        if os.path.isfile(root):  # one video file (eval.py --video)
-            self.videos = [(root, _probe(root))]
-            return
-        if not os.path.isdir(root):
-            raise UserError(f"video folder {root!r} does not exist (or is not a folder): check --data / --val-data")
-        self.videos, unreadable = [], []  # (frame paths, times) per frame folder, (path, (frames, rate)) per file
-        for folder, subfolders, files in os.walk(root, followlinks=True):
-            subfolders.sort()  # walk in a fixed order so video i is the same on every rank
-            images = sorted(f for f in files if f.lower().endswith(IMAGE_EXTS))
-            if images:
-                self.videos.append(self._frame_folder(folder, images, fps))
-            for f in sorted(f for f in files if f.lower().endswith(VIDEO_EXTS)):
-                path = os.path.join(folder, f)
-                try:  # (frames, rate), not times: a big corpus would hold them all in memory
-                    self.videos.append((path, _probe(path)))
-                except Exception:
-                    unreadable.append(path)
-        if unreadable:
-            print(f"warning: skipped {len(unreadable)} unreadable videos: {', '.join(unreadable[:5])}")
-        if not self.videos:
+    def __init__(self, root, fps=None, index=None, trust=False, out=None):
+        self.fps, self.root = fps, os.path.abspath(root)
+        if os.path.isfile(root) and root.lower().endswith(VIDEO_EXTS):  # one video file (eval.py --video)
+            self.root, paths, info = "", [self.root], np.array([_probe(root)]).T
+        elif not os.path.exists(root):
+            raise UserError(f"video folder or list {root!r} does not exist: check --data / --val-data")
+        else:
+            file = index_file(self.root, index, out)
+            saved = _index(self.root, file, trust)
+            paths, info = _unpack(saved["paths"]), np.stack([saved[k] for k in ("frames", "rate", "start")])
+            self.root = self.root if os.path.isdir(root) else os.path.dirname(self.root)
+        usable = info[0] > 0
+        self.paths, (self.frames, self.rate, self.start) = _pack(p for p, u in zip(paths, usable) if u), info[:, usable]
+        self.ends = np.flatnonzero(self.paths == 0)  # path i ends at ends[i]
+        self.frames = self.frames.astype(np.int32)
+        if not usable.all() and os.environ.get("RANK", "0") == "0":
+            bad = [os.path.join(self.root, p) for p, u in zip(paths, usable) if not u]
+            print(f"warning: skipped {len(bad)} unreadable videos: {', '.join(bad[:5])}{' ...' * (len(bad) > 5)} "
+                  f"(remembered in {file} until they change)", file=sys.stderr)
+        if not usable.any():
             raise UserError(
                 f"no usable video under {root!r}: expected video files ({' '.join(VIDEO_EXTS)}) or folders of "
                 f"frames ({' '.join(IMAGE_EXTS)}, named by time in seconds like '12.480.jpg', or by order with --fps)")
-
-    @staticmethod
-    def _frame_folder(folder, images, fps):
-        seconds = [_stem_seconds(f) for f in images]
-        if None not in seconds:
-            order = np.argsort(seconds, kind="stable")
-            return [os.path.join(folder, images[k]) for k in order], np.array(seconds)[order]
-        if fps is None:
-            raise UserError(f"frames in {folder!r} are not named by time in seconds (e.g. '12.480.jpg'): "
-                            "give their frame rate with --fps")
-        return [os.path.join(folder, f) for f in images], np.arange(len(images)) / fps
+        if fps is None and (self.rate < 0).any():
+            raise UserError(f"frames in {self.path(np.argmax(self.rate < 0))!r} are not named by time in seconds (e.g. "
+                            "'12.480.jpg'): give their frame rate with --fps")
 
     def __len__(self):
-        return len(self.videos)
+        return len(self.ends)
+
+    def path(self, i):
+        """The video file or frame folder of video i."""
+        path = self.paths[self.ends[i - 1] + 1 if i else 0:self.ends[i]].tobytes().decode(errors="surrogateescape")
+        return os.path.join(self.root, path)
 
     def frame_times(self, i):
-        source, info = self.videos[i]
-        return info if isinstance(source, list) else np.arange(info[0]) / info[1]  # (F,) seconds
+        if self.rate[i] > 0:
+            return np.arange(self.frames[i]) / self.rate[i]  # (F,) seconds
+        files, seconds = _frame_folder(self.path(i))
+        return np.arange(len(files)) / self.fps if seconds is None else seconds
 
     def read(self, i, idx):
-        source, info = self.videos[i]
-        idx = list(idx)
-        if isinstance(source, list):
-            return np.stack([np.asarray(Image.open(source[k]).convert("RGB")) for k in idx])
-        want, frames = set(idx), {}
+        idx, want = list(idx), set(idx)
+        if self.rate[i] <= 0:
+            files = _frame_folder(self.path(i))[0]
+            return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in idx])
+        frames = self._decode(i, want, fast=True)
+        if len(frames) < len(want):  # the fast path misses frames of open GOPs: a plain decode gets them
+            frames = self._decode(i, want, fast=False)
+        if len(frames) < len(want):
+            raise RuntimeError(f"could not decode frames {sorted(want - set(frames))} of {self.path(i)}")
+        return np.stack([frames[k] for k in idx])  # (T, H, W, 3) uint8
+
+    def _decode(self, i, want, fast):
+        """{k: frame k} for k in want, decoded from the start, or (fast) from the key frame before the first,
+        skipping the frames that no other frame refers to unless wanted (half the frames of H.264 with B-frames)."""
         # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
-        with av.open(source, options={"skip_frame": "all"}) as container:
-            stream = container.streams.video[0]
+        with av.open(self.path(i), options={"skip_frame": "all"}) as container:
+            stream, frames = container.streams.video[0], {}
             stream.codec_context.thread_count = 1  # threads add latency; one process per core is faster
-            tb, t0, rate = float(stream.time_base), stream.start_time or 0, info[1]
-            # seek to the key frame at or before the first wanted frame, then decode forward, skipping the frames
-            # that no other frame refers to unless wanted (half the frames of H.264 with B-frames)
-            container.seek(t0 + int(min(idx) / rate / tb), stream=stream)
+            tb, t0, rate = float(stream.time_base), self.start[i], self.rate[i]
+            if fast:
+                container.seek(round((t0 + min(want) / rate) / tb), stream=stream)
             for packet in container.demux(stream):
-                wanted = packet.pts is None or round((packet.pts - t0) * tb * rate) in want  # None: the last packet
+                wanted = not fast or packet.pts is None or round((packet.pts * tb - t0) * rate) in want  # None: last
                 stream.codec_context.skip_frame = "DEFAULT" if wanted else "NONREF"
                 for frame in packet.decode():
-                    k = round((frame.pts - t0) * tb * rate)
+                    k = round((frame.pts * tb - t0) * rate)
                     if k in want:
                         frames[k] = frame.to_ndarray(format="rgb24")
                 if len(frames) == len(want):
                     break
-        if len(frames) < len(want):
-            raise RuntimeError(f"could not decode frames {sorted(want - set(frames))} of {source}")
-        return np.stack([frames[k] for k in idx])  # (T, H, W, 3) uint8
+        return frames
 
 
-def prepare(src, dst, short_side=288, workers=1):
+def prepare(src, dst, short_side=288, workers=1, index=None):
     """Copy the video files under `src` to the same paths under `dst` (as .mp4), made for random access: H.264 at
     short side `short_side`, a key frame every 16 frames, and 3 B-frames between references that nothing refers
     to (read skips them). Frame k stays frame k, with the original's frame count and rate, so that ClipDataset cuts
     the same clips: the same frames, times and (RandomResizedCrop being relative to the frame) crop distribution."""
-    jobs = [(path, os.path.join(dst, os.path.splitext(os.path.relpath(path, src))[0] + ".mp4"), info, short_side)
-            for path, info in VideoFolder(src).videos if not isinstance(path, list)]  # frame folders are left out
+    source = VideoFolder(src, index=index, out=dst)  # its index goes in DST where SRC is read-only
+    videos = [i for i in range(len(source)) if source.rate[i] > 0]  # frame folders are left out
+    names = [os.path.splitext(os.path.relpath(source.path(i), source.root))[0] + ".mp4" for i in videos]
+    if any(name.startswith("..") for name in names):
+        raise UserError(f"{src} lists videos outside its folder: their copies would not be under {dst}")
+    jobs = [(source.path(i), os.path.join(dst, name), (int(source.frames[i]), float(source.rate[i])), short_side)
+            for i, name in zip(videos, names)]
     with multiprocessing.Pool(workers) as pool:
         for n, out in enumerate(pool.imap_unordered(_prepare_one, jobs)):
             print(f"{n + 1}/{len(jobs)} {out}", flush=True)
@@ -354,9 +488,15 @@ def _prepare_one(job):
     return out
 
 
-def open_source(root, split="train", fps=None, seed=0):
-    """'synthetic' -> the built-in videos of that split; anything else is a folder of real videos."""
-    return SyntheticVideos(split, seed) if root == "synthetic" else VideoFolder(root, fps)
+def open_source(root, split="train", fps=None, seed=0, flags=None):
+    """'synthetic' -> the built-in videos of that split; anything else is a folder or a list of real videos, its
+    index where the parsed `flags` say (--index, --trust-index, and --out, the run folder)."""
+    if root == "synthetic":
+        return SyntheticVideos(split, seed)
+    return _video_folder(root, fps, *((flags.index, flags.trust_index, flags.out) if flags else ()))
+
+
+_video_folder = functools.lru_cache(maxsize=2)(VideoFolder)  # the held-out check reopens --data: one index read
 
 
 # -----------------------------------------------------------------------------
@@ -382,8 +522,7 @@ _WARNED = set()  # broken videos this process has named
 
 def _warn_broken(source, i, error):
     """Name a broken video and why, the first time this process meets it; later failures are only counted."""
-    video = source.videos[i][0] if hasattr(source, "videos") else f"video {i}"
-    name = os.path.dirname(video[0]) if isinstance(video, list) else video
+    name = source.path(i) if isinstance(source, VideoFolder) else f"video {i}"
     if name not in _WARNED:
         _WARNED.add(name)
         print(f"\nwarning: skipping broken video {name}: {type(error).__name__}: {error}", file=sys.stderr)
@@ -569,8 +708,9 @@ def bench_table(jsonl, markdown):
 
 def main(args):
     if args.prepare:
-        return prepare(*args.prepare, args.short_side, args.workers)
-    loader = make_loader(ClipDataset(VideoFolder(args.bench), args.num_frames), 8, num_workers=args.workers)
+        return prepare(*args.prepare, args.short_side, args.workers, args.index)
+    source = VideoFolder(args.bench, index=args.index)
+    loader = make_loader(ClipDataset(source, args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started
     start, clips = time.perf_counter(), 0
     while time.perf_counter() < start + 20:
@@ -583,12 +723,13 @@ def main(args):
 def get_parser():
     parser = argparse.ArgumentParser(description="Copy real videos for fast reading, or measure reading speed.")
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR for 20 s as training does "
-                      "(make_loader, 8 clips a batch)")
+    mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR (or a list of them) for 20 "
+                      "s as training does (make_loader, 8 clips a batch)")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
     parser.add_argument("--workers", type=at_least(0), default=1, help="processes, each with one thread")
     parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: height of a landscape copy")
     parser.add_argument("--num-frames", type=at_least(2), default=2, help="--bench: frames per clip")
+    parser.add_argument("--index", metavar="DIR", help="folder for the index of the videos (default: beside them)")
     return parser
 
 
