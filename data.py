@@ -22,14 +22,12 @@ import argparse
 import fcntl
 import functools
 import gc
-import hashlib
 import itertools
 import json
 import multiprocessing
 import os
 import sys
 import time
-from stat import S_ISDIR
 
 import av
 import numpy as np
@@ -227,29 +225,22 @@ class SyntheticVideos:
 INDEX_FORMAT = 1  # an index file of another format, or of another root, is rebuilt
 
 
-def _stem_seconds(name):
-    """'12.480.jpg' -> 12.48; None when the stem is not a decimal number (plain '000123' counts as a frame number)."""
-    stem = os.path.splitext(name)[0]
-    try:
-        return float(stem) if "." in stem else None
-    except ValueError:
-        return None
-
-
 @functools.lru_cache(maxsize=64)  # frame_times, then read, list the same folder
 def _frame_folder(folder):
-    """(image paths, times in seconds) sorted by the times their names give ('12.480.jpg'), else (sorted by name,
-    None)."""
+    """(image paths, times in seconds) sorted by the times their names give ('12.480.jpg'), or (paths sorted by
+    name, None) when the names are not all times (a plain '000123' counts as a frame number)."""
     images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
-    seconds = [_stem_seconds(f) for f in images]
-    order = np.argsort(seconds, kind="stable") if None not in seconds else range(len(images))
-    return [os.path.join(folder, images[k]) for k in order], None if None in seconds else np.sort(seconds)
+    stems = [os.path.splitext(f)[0] for f in images]
+    if not all("." in s and s.replace(".", "", 1).isdigit() for s in stems):
+        return [os.path.join(folder, f) for f in images], None
+    order = np.argsort([float(s) for s in stems], kind="stable")
+    return [os.path.join(folder, images[k]) for k in order], np.array([float(stems[k]) for k in order])
 
 
-def _probe(path, strict=True):
+def _probe(path):
     """(number of frames, frame rate, time of the first frame) from the metadata and the first packets, without
-    decoding (a `prepare` copy: the original's count and rate); a frame folder: (images, 0 if named by time else -1,
-    0). Not strict: (0, 0, 0) for a file that cannot be read."""
+    decoding (a `prepare` copy: the original's count and rate); a frame folder: (images, 0 if named by time else
+    -1, 0); (0, 0, 0) when it cannot be read."""
     try:
         if os.path.isdir(path):
             files, seconds = _frame_folder(path)
@@ -264,40 +255,28 @@ def _probe(path, strict=True):
             # not stream.start_time: an AVI with B-frames says 0 and starts at 1 / rate
             first = min(p.pts for p in itertools.islice(container.demux(stream), 16) if p.pts is not None and
                         not p.is_discard) * float(stream.time_base)
-        if n <= 0 or rate <= 0:
-            raise ValueError(f"no frames in {path}")
-        return n, rate, first
+        return (n, rate, first) if n > 0 and rate > 0 else (0, 0.0, 0.0)
     except Exception:
-        if strict:
-            raise
-        return 0, 0.0, 0.0  # unreadable: remembered in the index until the file changes
+        return 0, 0.0, 0.0
 
 
-def _walk(root, rel=""):
-    """(path relative to root, size, mtime) of every video file and frame folder under root in a fixed order (as
-    os.walk: a folder's images, its files, its subfolders); size -1: a frame folder, whose mtime changes when
-    images come or go."""
+def _found(root, rel=""):
+    """(path, size, mtime) of every video file and frame folder under the folder `root` (relative to it, in os.walk's
+    order sorted; a frame folder: size -1 and its own mtime, which changes when images come or go), or of every path
+    the list `root` names (one a line, absolute or relative to its folder; a missing file: size -1)."""
+    if os.path.isfile(root):
+        paths = [p for p in map(str.strip, open(root)) if p]
+        stats = [os.stat(q) if os.path.exists(q := os.path.join(os.path.dirname(root), p)) else None for p in paths]
+        return [(p, s.st_size, s.st_mtime_ns) if s else (p, -1, 0) for p, s in zip(paths, stats)]
     found, images = [], False
     for entry in sorted(os.scandir(os.path.join(root, rel)), key=lambda e: (e.is_dir(), e.name)):
         if entry.is_dir():
-            found += _walk(root, rel + entry.name + "/")
+            found += _found(root, rel + entry.name + "/")
         elif entry.name.lower().endswith(VIDEO_EXTS):
             stat = entry.stat()
             found.append((rel + entry.name, stat.st_size, stat.st_mtime_ns))
         images = images or entry.name.lower().endswith(IMAGE_EXTS)
     return [(rel[:-1], -1, os.stat(os.path.join(root, rel)).st_mtime_ns)] * images + found
-
-
-def _listed(file):
-    """_walk for a list of videos, one path a line, absolute or relative to the list's folder (size -2: missing)."""
-    found = []
-    for path in filter(None, (line.strip() for line in open(file))):
-        try:
-            stat = os.stat(os.path.join(os.path.dirname(file), path))
-            found.append((path, -1 if S_ISDIR(stat.st_mode) else stat.st_size, stat.st_mtime_ns))
-        except OSError:
-            found.append((path, -2, 0))
-    return found
 
 
 def _pack(paths):  # one flat buffer, each path ended by a 0 byte: no Python object per video
@@ -312,27 +291,14 @@ def index_file(root, folder=None, out=None):
     """Where the index of `root` (a folder or a list, absolute) lives: in `folder` (--index) if given, else beside
     the videos where that is writable, else in the run folder `out`."""
     beside = os.path.join(root, ".deltatok-index.npz") if os.path.isdir(root) else root + ".deltatok-index.npz"
-    if folder or out and not os.access(os.path.dirname(beside), os.W_OK):
-        return os.path.join(folder or out, f"deltatok-index-{hashlib.sha1(root.encode()).hexdigest()[:12]}.npz")
-    return beside
-
-
-def _load_index(file, root):
-    try:
-        with np.load(file) as saved:
-            index = dict(saved)
-        return index if index["format"] == INDEX_FORMAT and index["root"] == root else None
-    except Exception:  # missing, cut short, or not an index
-        return None
+    away = os.path.join(folder or out or "", root.strip("/").replace("/", "_") + ".deltatok-index.npz")
+    return away if folder or out and not os.access(os.path.dirname(beside), os.W_OK) else beside
 
 
 def _index(root, file, trust=False):
-    """The index of `root`: flat arrays, a row per video file or frame folder (paths, size, mtime, frames, rate,
-    start; 0 frames: unreadable), read from `file` and brought up to date: new and changed files are probed, on all
-    cores, and removed ones dropped. trust: the saved index as it is, without looking at the files."""
-    index = _load_index(file, root)
-    if index is not None and trust:
-        return index
+    """The index of `root`, flat arrays: paths, stat (size, mtime) and info (frames, rate, start; 0 frames:
+    unreadable) of each video file and frame folder. Read from `file` and brought up to date: new and changed files
+    are probed on all cores, removed ones dropped. trust: the saved index as it is, without looking at the files."""
     try:
         os.makedirs(os.path.dirname(file), exist_ok=True)
         lock = open(file + ".lock", "w")
@@ -340,25 +306,25 @@ def _index(root, file, trust=False):
         raise UserError(f"cannot write the index of {root} at {file} ({e.strerror}): give a folder with --index")
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process (a rank, a run) probes; the others wait, then find it done
-        old = _load_index(file, root)
-        found = _listed(root) if os.path.isfile(root) else _walk(root)
-        paths, (size, mtime) = [f[0] for f in found], np.array([f[1:] for f in found], np.int64).reshape(-1, 2).T
-        info, todo = np.zeros((3, len(found))), np.arange(len(found))  # frames, rate, start
-        if old:
-            rows = {p: r for r, p in enumerate(_unpack(old["paths"]))}
-            j = np.array([rows.get(p, -1) for p in paths], np.int64)
-            same = np.flatnonzero(j >= 0)
-            same = same[(old["size"][j[same]] == size[same]) & (old["mtime"][j[same]] == mtime[same])]
-            info[:, same] = [old[k][j[same]] for k in ("frames", "rate", "start")]
-            todo = np.setdiff1d(todo, same)
-        if len(todo):
-            jobs = [os.path.join(os.path.dirname(root) if os.path.isfile(root) else root, paths[k]) for k in todo]
+        try:  # an index of another format or tree, cut short or missing is rebuilt
+            with np.load(file) as saved:
+                old = dict(saved) if saved["format"] == INDEX_FORMAT and saved["root"] == root else {}
+        except Exception:
+            old = {}
+        if old and trust:
+            return old
+        known = dict(zip(zip(_unpack(old["paths"]), *old["stat"].T.tolist()), old["info"].tolist())) if old else {}
+        found = _found(root)  # [(path, size, mtime)]
+        info, folder = [known.get(f) for f in found], root if os.path.isdir(root) else os.path.dirname(root)
+        todo = [k for k, row in enumerate(info) if row is None]  # new or changed
+        if todo:
             with multiprocessing.Pool(min(len(todo), os.cpu_count())) as pool:
-                probed = pool.imap(functools.partial(_probe, strict=False), jobs, chunksize=4)
-                info[:, todo] = np.array(list(tqdm(probed, f"indexing {root}", len(todo), unit="video"))).T
-        index = dict(format=INDEX_FORMAT, root=root, paths=_pack(paths), size=size, mtime=mtime,
-                     frames=info[0].astype(np.int32), rate=info[1], start=info[2])
-        if not old or len(todo) or len(old["size"]) > len(found) - len(todo):
+                probed = pool.imap(_probe, [os.path.join(folder, found[k][0]) for k in todo], chunksize=4)
+                for k, row in zip(todo, tqdm(probed, f"indexing {root}", len(todo), unit="video")):
+                    info[k] = row
+        index = dict(format=INDEX_FORMAT, root=root, paths=_pack(f[0] for f in found),
+                     stat=np.array([f[1:] for f in found], np.int64), info=np.array(info))
+        if todo or len(known) > len(found) or not old:  # new, changed, removed, or none before
             with open(file + ".tmp", "wb") as f:  # write, then rename: a reader never sees half an index
                 np.savez(f, **index)
             os.replace(file + ".tmp", file)
@@ -366,38 +332,32 @@ def _index(root, file, trust=False):
 
 
 class VideoFolder:
-    """Every video file under `root`, and every folder of images (one folder = one video, frames sorted by name); or
-    those a list names (`root` a text file: one path a line, absolute or relative to its folder). Frame folders take
-    their frame times from file names in seconds ('12.480.jpg') or else from `fps`. What start-up learns of each
-    (frame count, rate) is kept in an index file (`index_file`, made by `_index`); files that cannot be read are
-    left out, and named. The videos are flat arrays, no Python object each: DataLoader workers share, not copy them."""
+    """Every video file under `root`, and every folder of images (one folder = one video), or the videos the list
+    `root` names. Frame folders take their frame times from file names in seconds ('12.480.jpg') or else from
+    `fps`. Frame counts and rates come from the index (`_index`); unreadable files are left out and named. Flat
+    arrays, no Python object per video: the DataLoader workers share them."""
 
     def __init__(self, root, fps=None, index=None, trust=False, out=None):
-        self.fps, self.root = fps, os.path.abspath(root)
-        if os.path.isfile(root) and root.lower().endswith(VIDEO_EXTS):  # one video file (eval.py --video)
-            self.root, paths, info = "", [self.root], np.array([_probe(root)]).T
-        elif not os.path.exists(root):
+        root, self.fps = os.path.abspath(root), fps
+        if not os.path.exists(root):
             raise UserError(f"video folder or list {root!r} does not exist: check --data / --val-data")
-        else:
-            file = index_file(self.root, index, out)
-            saved = _index(self.root, file, trust)
-            paths, info = _unpack(saved["paths"]), np.stack([saved[k] for k in ("frames", "rate", "start")])
-            self.root = self.root if os.path.isdir(root) else os.path.dirname(self.root)
-        usable = info[0] > 0
-        self.paths, (self.frames, self.rate, self.start) = _pack(p for p, u in zip(paths, usable) if u), info[:, usable]
-        self.ends = np.flatnonzero(self.paths == 0)  # path i ends at ends[i]
-        self.frames = self.frames.astype(np.int32)
+        file, single = index_file(root, index, out), os.path.isfile(root) and root.lower().endswith(VIDEO_EXTS)
+        saved = dict(paths=_pack([root]), info=np.array([_probe(root)])) if single else _index(root, file, trust)
+        paths, info = _unpack(saved["paths"]), saved["info"].reshape(-1, 3)  # single: eval.py --video
+        self.root, usable = root if os.path.isdir(root) else os.path.dirname(root), info[:, 0] > 0
+        self.paths, self.info = _pack(p for p, u in zip(paths, usable) if u), info[usable].astype(np.float32)
+        self.ends = np.flatnonzero(self.paths == 0)  # path i ends at ends[i]; info[i]: frames, rate, start
         if not usable.all() and os.environ.get("RANK", "0") == "0":
             bad = [os.path.join(self.root, p) for p, u in zip(paths, usable) if not u]
             print(f"warning: skipped {len(bad)} unreadable videos: {', '.join(bad[:5])}{' ...' * (len(bad) > 5)} "
                   f"(remembered in {file} until they change)", file=sys.stderr)
         if not usable.any():
             raise UserError(
-                f"no usable video under {root!r}: expected video files ({' '.join(VIDEO_EXTS)}) or folders of "
+                f"no usable video in {root!r}: expected video files ({' '.join(VIDEO_EXTS)}) or folders of "
                 f"frames ({' '.join(IMAGE_EXTS)}, named by time in seconds like '12.480.jpg', or by order with --fps)")
-        if fps is None and (self.rate < 0).any():
-            raise UserError(f"frames in {self.path(np.argmax(self.rate < 0))!r} are not named by time in seconds (e.g. "
-                            "'12.480.jpg'): give their frame rate with --fps")
+        if fps is None and (self.info[:, 1] < 0).any():
+            raise UserError(f"frames in {self.path(np.argmax(self.info[:, 1] < 0))!r} are not named by time in "
+                            "seconds (e.g. '12.480.jpg'): give their frame rate with --fps")
 
     def __len__(self):
         return len(self.ends)
@@ -408,43 +368,35 @@ class VideoFolder:
         return os.path.join(self.root, path)
 
     def frame_times(self, i):
-        if self.rate[i] > 0:
-            return np.arange(self.frames[i]) / self.rate[i]  # (F,) seconds
+        frames, rate, _ = self.info[i]
+        if rate > 0:
+            return np.arange(frames) / rate  # (F,) seconds
         files, seconds = _frame_folder(self.path(i))
         return np.arange(len(files)) / self.fps if seconds is None else seconds
 
     def read(self, i, idx):
-        idx, want = list(idx), set(idx)
-        if self.rate[i] <= 0:
+        (_, rate, t0), idx, want = self.info[i], list(idx), set(idx)
+        if rate <= 0:
             files = _frame_folder(self.path(i))[0]
             return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in idx])
-        frames = self._decode(i, want, fast=True)
-        if len(frames) < len(want):  # the fast path misses frames of open GOPs: a plain decode gets them
-            frames = self._decode(i, want, fast=False)
-        if len(frames) < len(want):
-            raise RuntimeError(f"could not decode frames {sorted(want - set(frames))} of {self.path(i)}")
-        return np.stack([frames[k] for k in idx])  # (T, H, W, 3) uint8
-
-    def _decode(self, i, want, fast):
-        """{k: frame k} for k in want, decoded from the start, or (fast) from the key frame before the first,
-        skipping the frames that no other frame refers to unless wanted (half the frames of H.264 with B-frames)."""
-        # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
-        with av.open(self.path(i), options={"skip_frame": "all"}) as container:
-            stream, frames = container.streams.video[0], {}
-            stream.codec_context.thread_count = 1  # threads add latency; one process per core is faster
-            tb, t0, rate = float(stream.time_base), self.start[i], self.rate[i]
-            if fast:
-                container.seek(round((t0 + min(want) / rate) / tb), stream=stream)
-            for packet in container.demux(stream):
-                wanted = not fast or packet.pts is None or round((packet.pts * tb - t0) * rate) in want  # None: last
-                stream.codec_context.skip_frame = "DEFAULT" if wanted else "NONREF"
-                for frame in packet.decode():
-                    k = round((frame.pts * tb - t0) * rate)
-                    if k in want:
-                        frames[k] = frame.to_ndarray(format="rgb24")
-                if len(frames) == len(want):
-                    break
-        return frames
+        for fast in (True, False):  # the fast path misses frames of open GOPs: then a plain decode from the start
+            # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
+            with av.open(self.path(i), options={"skip_frame": "all"}) as container:
+                stream, frames = container.streams.video[0], {}
+                stream.codec_context.thread_count = 1  # threads add latency; one process per core is faster
+                tb = float(stream.time_base)
+                if fast:  # from the key frame before the first wanted frame, skipping the frames that nothing
+                    # refers to unless wanted (half the frames of H.264 with B-frames)
+                    container.seek(round((t0 + min(want) / rate) / tb), stream=stream)
+                for packet in container.demux(stream):
+                    wanted = not fast or packet.pts is None or round((packet.pts * tb - t0) * rate) in want
+                    stream.codec_context.skip_frame = "DEFAULT" if wanted else "NONREF"  # pts None: the last packet
+                    for frame in packet.decode():
+                        if (k := round((frame.pts * tb - t0) * rate)) in want:
+                            frames[k] = frame.to_ndarray(format="rgb24")
+                    if len(frames) == len(want):
+                        return np.stack([frames[k] for k in idx])  # (T, H, W, 3) uint8
+        raise RuntimeError(f"could not decode frames {sorted(want - set(frames))} of {self.path(i)}")
 
 
 def prepare(src, dst, short_side=288, workers=1, index=None):
@@ -452,13 +404,12 @@ def prepare(src, dst, short_side=288, workers=1, index=None):
     short side `short_side`, a key frame every 16 frames, and 3 B-frames between references that nothing refers
     to (read skips them). Frame k stays frame k, with the original's frame count and rate, so that ClipDataset cuts
     the same clips: the same frames, times and (RandomResizedCrop being relative to the frame) crop distribution."""
-    source = VideoFolder(src, index=index, out=dst)  # its index goes in DST where SRC is read-only
-    videos = [i for i in range(len(source)) if source.rate[i] > 0]  # frame folders are left out
-    names = [os.path.splitext(os.path.relpath(source.path(i), source.root))[0] + ".mp4" for i in videos]
-    if any(name.startswith("..") for name in names):
+    source = VideoFolder(src, index=index, out=dst)  # the index goes in DST where SRC is read-only
+    names = {i: os.path.relpath(source.path(i), source.root) for i in range(len(source)) if source.info[i, 1] > 0}
+    if any(name.startswith("..") for name in names.values()):  # frame folders (rate <= 0) are left out
         raise UserError(f"{src} lists videos outside its folder: their copies would not be under {dst}")
-    jobs = [(source.path(i), os.path.join(dst, name), (int(source.frames[i]), float(source.rate[i])), short_side)
-            for i, name in zip(videos, names)]
+    jobs = [(source.path(i), os.path.join(dst, os.path.splitext(name)[0] + ".mp4"),
+             (int(source.info[i, 0]), float(source.info[i, 1])), short_side) for i, name in names.items()]
     with multiprocessing.Pool(workers) as pool:
         for n, out in enumerate(pool.imap_unordered(_prepare_one, jobs)):
             print(f"{n + 1}/{len(jobs)} {out}", flush=True)
