@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 
 import av
@@ -76,12 +77,9 @@ def positive(text):
 
 def clip_flags(p):
     """The flags of the training clips, shared by tokenizer.py, predictor.py and baseline_dinoworld.py."""
-    p.add_argument("--data", default="synthetic", help="'synthetic', a folder of videos / frame folders, or a text "
-                   "file that lists them")
-    p.add_argument("--index", metavar="DIR", help="folder for the index of the videos of --data and --val-data "
-                   "(default: beside them where writable, else --out)")
-    p.add_argument("--trust-index", action="store_true", help="use the index as saved, without looking at the files "
-                   "(a network filesystem, where a stat per file is slow)")
+    p.add_argument("--data", default="synthetic", help="'synthetic', a folder of videos / frame folders, or a list")
+    p.add_argument("--index", metavar="DIR", help="folder for the video index (default: beside the videos, or --out)")
+    p.add_argument("--trust-index", action="store_true", help="use the index without looking at the files (NFS)")
     p.add_argument("--val-data", default="", help="held-out videos for the check at --eval-every (default: the "
                    "synthetic val split, or --data itself for a folder)")
     p.add_argument("--fps", type=positive, default=None, help="frame rate of frame folders without timestamps")
@@ -287,14 +285,6 @@ def _unpack(buffer):
     return buffer.tobytes().decode(errors="surrogateescape").split("\0")[:-1]
 
 
-def index_file(root, folder=None, out=None):
-    """Where the index of `root` (a folder or a list, absolute) lives: in `folder` (--index) if given, else beside
-    the videos where that is writable, else in the run folder `out`."""
-    beside = os.path.join(root, ".deltatok-index.npz") if os.path.isdir(root) else root + ".deltatok-index.npz"
-    away = os.path.join(folder or out or "", root.strip("/").replace("/", "_") + ".deltatok-index.npz")
-    return away if folder or out and not os.access(os.path.dirname(beside), os.W_OK) else beside
-
-
 def _index(root, file, trust=False):
     """The index of `root`, flat arrays: paths, stat (size, mtime) and info (frames, rate, start; 0 frames:
     unreadable) of each video file and frame folder. Read from `file` and brought up to date: new and changed files
@@ -341,7 +331,10 @@ class VideoFolder:
         root, self.fps = os.path.abspath(root), fps
         if not os.path.exists(root):
             raise UserError(f"video folder or list {root!r} does not exist: check --data / --val-data")
-        file, single = index_file(root, index, out), os.path.isfile(root) and root.lower().endswith(VIDEO_EXTS)
+        file = os.path.join(root, ".deltatok-index.npz") if os.path.isdir(root) else root + ".deltatok-index.npz"
+        if index or out and not os.access(os.path.dirname(file), os.W_OK):  # in --index, else the run folder
+            file = os.path.join(index or out, root.strip("/").replace("/", "_") + ".deltatok-index.npz")
+        single = os.path.isfile(root) and root.lower().endswith(VIDEO_EXTS)
         saved = dict(paths=_pack([root]), info=np.array([_probe(root)])) if single else _index(root, file, trust)
         paths, info = _unpack(saved["paths"]), saved["info"].reshape(-1, 3)  # single: eval.py --video
         self.root, usable = root if os.path.isdir(root) else os.path.dirname(root), info[:, 0] > 0
@@ -660,7 +653,7 @@ def bench_table(jsonl, markdown):
 def main(args):
     if args.prepare:
         return prepare(*args.prepare, args.short_side, args.workers, args.index)
-    source = VideoFolder(args.bench, index=args.index)
+    source = VideoFolder(args.bench, index=args.index, out=tempfile.gettempdir())  # read-only videos: index in /tmp
     loader = make_loader(ClipDataset(source, args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started
     start, clips = time.perf_counter(), 0

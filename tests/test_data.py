@@ -402,7 +402,7 @@ def test_an_index_of_another_format_or_tree_is_rebuilt(tmp_path, probed):
     assert opened(probed, str(tmp_path / "a"))[2] == ["x.mp4", "y.mp4"]
     shutil.copytree(tmp_path / "a", tmp_path / "b")  # with its index, which names the tree it indexed
     assert opened(probed, str(tmp_path / "b"))[2] == ["x.mp4", "y.mp4"]
-    file = data.index_file(str(tmp_path / "b"))
+    file = tmp_path / "b" / ".deltatok-index.npz"
     saved = dict(np.load(file))  # an older format, whose frame counts would be wrong now
     np.savez(open(file, "wb"), **dict(saved, format=data.INDEX_FORMAT - 1, info=np.ones_like(saved["info"])))
     source, _, probes = opened(probed, str(tmp_path / "b"))
@@ -428,13 +428,16 @@ def test_a_list_of_videos_is_read_in_its_order_with_its_index_beside_it(tmp_path
 
 
 def test_the_index_goes_beside_the_videos_else_in_the_run_folder(tmp_path, monkeypatch):
-    root, run = str(tmp_path / "videos"), str(tmp_path / "run")
     (tmp_path / "videos").mkdir()
-    assert data.index_file(root, out=run) == os.path.join(root, ".deltatok-index.npz")
-    assert os.path.dirname(data.index_file(root, str(tmp_path / "mine"), run)) == str(tmp_path / "mine")  # --index
+    write_video(tmp_path / "videos" / "a.mp4", range(0, 60, 10), "libx264", size=(16, 16))
+    videos, run, mine = (str(tmp_path / name) for name in ("videos", "run", "mine"))
+    data.VideoFolder(videos, out=run)
+    assert sorted(os.listdir(videos)) == [".deltatok-index.npz", ".deltatok-index.npz.lock", "a.mp4"]
+    data.VideoFolder(videos, index=mine, out=run)  # --index
+    assert [f for f in os.listdir(mine) if f.endswith(".npz")] == [videos.strip("/").replace("/", "_") +
+                                                                     ".deltatok-index.npz"]
     monkeypatch.setattr(data.os, "access", lambda path, mode: False)  # read-only videos
-    assert os.path.dirname(data.index_file(root, out=run)) == run
-    assert data.index_file(root, out=run) != data.index_file(root + "2", out=run)  # one run, two trees
+    assert len(data.VideoFolder(videos, out=run)) == 1 and sorted(os.listdir(run)) == sorted(os.listdir(mine))
 
 
 FALLBACK = [("h264_closed.mp4", "libx264", {"bf": "3"}),
