@@ -334,13 +334,13 @@ class VideoFolder:
         file = os.path.join(root, ".deltatok-index.npz") if os.path.isdir(root) else root + ".deltatok-index.npz"
         if index or out and not os.access(os.path.dirname(file), os.W_OK):  # in --index, else the run folder
             file = os.path.join(index or out, root.strip("/").replace("/", "_") + ".deltatok-index.npz")
-        single = os.path.isfile(root) and root.lower().endswith(VIDEO_EXTS)
+        single = os.path.isfile(root) and root.lower().endswith(VIDEO_EXTS)  # one video file (eval.py --video)
         saved = dict(paths=_pack([root]), info=np.array([_probe(root)])) if single else _index(root, file, trust)
-        paths, info = _unpack(saved["paths"]), saved["info"].reshape(-1, 3)  # single: eval.py --video
+        paths, info = _unpack(saved["paths"]), saved["info"].reshape(-1, 3)
         self.root, usable = root if os.path.isdir(root) else os.path.dirname(root), info[:, 0] > 0
         self.paths, self.info = _pack(p for p, u in zip(paths, usable) if u), info[usable].astype(np.float32)
         self.ends = np.flatnonzero(self.paths == 0)  # path i ends at ends[i]; info[i]: frames, rate, start
-        if not usable.all() and os.environ.get("RANK", "0") == "0":
+        if not usable.all() and not single and os.environ.get("RANK", "0") == "0":
             bad = [os.path.join(self.root, p) for p, u in zip(paths, usable) if not u]
             print(f"warning: skipped {len(bad)} unreadable videos: {', '.join(bad[:5])}{' ...' * (len(bad) > 5)} "
                   f"(remembered in {file} until they change)", file=sys.stderr)
