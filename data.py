@@ -295,19 +295,23 @@ def _index(root, file, trust=False):
     except OSError as e:
         raise UserError(f"cannot write the index of {root} at {file} ({e.strerror}): give a folder with --index")
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process (a rank, a run) probes; the others wait, then find it done
-        try:  # an index of another format or tree, cut short or missing is rebuilt
-            with np.load(file) as saved:
-                old = dict(saved) if saved["format"] == INDEX_FORMAT and saved["root"] == root else {}
-        except Exception:
-            old = {}
-        if old and trust:
-            return old
-        known = dict(zip(zip(_unpack(old["paths"]), *old["stat"].T.tolist()), old["info"].tolist())) if old else {}
-        found = _found(root)  # [(path, size, mtime)]
-        info, folder = [known.get(f) for f in found], root if os.path.isdir(root) else os.path.dirname(root)
-        todo = [k for k, row in enumerate(info) if row is None]  # new or changed
-        if todo:
+        for exclusive in (False, True):  # all processes (ranks, runs) look at once; one at a time probes and writes
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:  # an index of another format or tree, cut short or missing is rebuilt
+                with np.load(file) as saved:
+                    old = dict(saved) if saved["format"] == INDEX_FORMAT and saved["root"] == root else {}
+            except Exception:
+                old = {}
+            if old and trust:
+                return old
+            found = found if exclusive else _found(root)  # [(path, size, mtime)]
+            known = dict(zip(zip(_unpack(old["paths"]), *old["stat"].T.tolist()), old["info"].tolist())) if old else {}
+            info = [known.get(f) for f in found]
+            todo = [k for k, row in enumerate(info) if row is None]  # new or changed
+            if not (todo or len(known) > len(found) or not old):  # up to date: nothing to probe or write
+                break
+        if todo:  # the others wait: when their turn comes, the index is up to date
+            folder = root if os.path.isdir(root) else os.path.dirname(root)
             with multiprocessing.Pool(min(len(todo), os.cpu_count())) as pool:
                 probed = pool.imap(_probe, [os.path.join(folder, found[k][0]) for k in todo], chunksize=4)
                 for k, row in zip(todo, tqdm(probed, f"indexing {root}", len(todo), unit="video")):
