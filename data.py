@@ -4,7 +4,8 @@ Video data for every stage: where frames come from, and how training clips are c
 Two sources share one interface (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`):
 - `SyntheticVideos`: procedural moving shapes with class and depth labels, no download. The default
   (`--data synthetic`) of every script, so the whole pipeline runs on a laptop in minutes.
-- `VideoFolder`: real videos, a folder tree of video files or of frame folders (one folder of images = one video).
+- `VideoFolder`: real videos, a folder tree of video files or frame folders (one folder of images = one video), or a
+  list of them; what start-up learns of each is kept in an index file, and later starts only update it.
 
 `ClipDataset.sample(step, j)` cuts clip j of training step `step` (a pure function of seed, step and j), and
 `make_loader` turns that into an infinite, resumable stream of micro-batches that is the same for any number of
@@ -27,7 +28,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
 
 import av
@@ -228,11 +228,10 @@ def _frame_folder(folder):
     """(image paths, times in seconds) sorted by the times their names give ('12.480.jpg'), or (paths sorted by
     name, None) when the names are not all times (a plain '000123' counts as a frame number)."""
     images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
-    stems = [os.path.splitext(f)[0] for f in images]
-    if not all("." in s and s.replace(".", "", 1).isdigit() for s in stems):
+    if not all("." in (s := os.path.splitext(f)[0]) and s.replace(".", "", 1).isdigit() for f in images):
         return [os.path.join(folder, f) for f in images], None
-    order = np.argsort([float(s) for s in stems], kind="stable")
-    return [os.path.join(folder, images[k]) for k in order], np.array([float(stems[k]) for k in order])
+    images.sort(key=lambda f: float(os.path.splitext(f)[0]))  # stable: equal times keep their order by name
+    return [os.path.join(folder, f) for f in images], np.array([float(os.path.splitext(f)[0]) for f in images])
 
 
 def _probe(path):
@@ -439,9 +438,8 @@ def _prepare_one(job):
 def open_source(root, split="train", fps=None, seed=0, flags=None):
     """'synthetic' -> the built-in videos of that split; anything else is a folder or a list of real videos, its
     index where the parsed `flags` say (--index, --trust-index, and --out, the run folder)."""
-    if root == "synthetic":
-        return SyntheticVideos(split, seed)
-    return _video_folder(root, fps, *((flags.index, flags.trust_index, flags.out) if flags else ()))
+    index = (flags.index, flags.trust_index, flags.out) if flags else ()
+    return SyntheticVideos(split, seed) if root == "synthetic" else _video_folder(root, fps, *index)
 
 
 _video_folder = functools.lru_cache(maxsize=2)(VideoFolder)  # the held-out check reopens --data: one index read
@@ -657,7 +655,7 @@ def bench_table(jsonl, markdown):
 def main(args):
     if args.prepare:
         return prepare(*args.prepare, args.short_side, args.workers, args.index)
-    source = VideoFolder(args.bench, index=args.index, out=tempfile.gettempdir())  # read-only videos: index in /tmp
+    source = VideoFolder(args.bench, index=args.index)
     loader = make_loader(ClipDataset(source, args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started
     start, clips = time.perf_counter(), 0

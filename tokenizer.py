@@ -360,8 +360,8 @@ def cleanup_dist(world):
 
 # flags that may change when a run resumes; any other difference to the checkpoint's needs --allow-changes
 RESUMABLE = {"steps", "batch_size", "num_workers", "log_every", "eval_every", "ckpt_every", "val_clips", "val_samples",
-             "val_sequences", "val_data", "dtype", "compile", "resume", "allow_changes", "out", "init", "bench", "index",
-             "trust_index"}
+             "val_sequences", "val_data", "dtype", "compile", "resume", "allow_changes", "out", "init", "bench",
+             "index", "trust_index"}
 _LOCKS = {}  # run folders this process holds, by path
 
 
