@@ -56,23 +56,20 @@ def cli(main, parser):
 
 
 def hub_id(path):
-    """Whether a checkpoint flag names a Hugging Face repo 'org/name' (no local file of that name) to fetch."""
-    return not os.path.exists(path) and bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and \
-        not path.endswith((".pt", ".bin"))
+    """Whether a checkpoint flag names a Hugging Face repo 'org/name' (and no local file) to fetch."""
+    return not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.endswith((".pt", ".bin"))
 
 
 def check_paths(read, out=None, write=()):
-    """Every path a command reads or writes, checked before anything is built, created or locked. read: (flag,
-    path) pairs that must exist and be readable ('', 'synthetic' and hub ids pass; a folder also in `write` may not
-    exist yet). out, and each of `write`: a (flag, folder) that is, or can be made, a folder this user can write;
-    out must be neither a folder read nor inside one, nor the folder of a file read: it would write over its input."""
+    """Every path a command reads or writes, checked before anything is built, created or locked: each (flag, path)
+    of `read` exists and is readable ('synthetic' and hub ids pass); `out` and each of `write`, (flag, folder), is or
+    can be made a writable folder; out is no folder read, nor inside one, nor the folder of a file read."""
     dest = os.path.realpath(out[1]) if out else ""
     for flag, path in read:
         if not path or path == "synthetic" or hub_id(path) or (flag, path) in write and not os.path.exists(path):
-            continue
+            continue  # (a folder both read and written, the token cache, may not exist yet)
         if not os.access(path, os.R_OK):
-            raise UserError(f"{flag} {path} " + ("cannot be read (permission denied)" if os.path.exists(path) else
-                                                 "does not exist: check the path"))
+            raise UserError(f"{flag} {path} does not exist (or cannot be read): check the path")
         folder = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
         if dest == folder or os.path.isdir(path) and dest.startswith(folder + os.sep):
             raise UserError(f"{out[0]} {out[1]} is {'inside ' * (dest != folder)}the folder of {flag} {path}: it would "
@@ -611,8 +608,6 @@ def bench_table(jsonl, markdown):
 
 def main(args):
     if args.prepare:
-        if args.workers < 1:
-            raise UserError("--prepare needs --workers >= 1")
         check_paths([("SRC", args.prepare[0])], ("DST", args.prepare[1]))
         return prepare(*args.prepare, args.short_side, args.workers)
     check_paths([("--bench", args.bench)])
@@ -622,7 +617,7 @@ def main(args):
     while time.perf_counter() < start + 20:
         clips += len(next(loader)["frames"])
     total = clips / (time.perf_counter() - start)
-    print(f"{total:.1f} clips/s, {total / max(args.workers, 1):.1f} per worker ({args.num_frames}-frame clips, 256 px)")
+    print(f"{total:.1f} clips/s, {total / args.workers:.1f} per worker ({args.num_frames}-frame clips, 256 px)")
     bench_record(clips_per_s=total, workers=args.workers)
 
 
@@ -632,7 +627,7 @@ def get_parser():
     mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR for 20 s as training does "
                       "(make_loader, 8 clips a batch)")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
-    parser.add_argument("--workers", type=at_least(0), default=1, help="processes, each with one thread")
+    parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")
     parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: height of a landscape copy")
     parser.add_argument("--num-frames", type=at_least(2), default=2, help="--bench: frames per clip")
     return parser

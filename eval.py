@@ -149,10 +149,9 @@ def pick_heads(args, dataset, sequences, device, vfm):
     """The heads of this dataset: --heads PATH (for every dataset) or DATASET=PATH, one per task it has."""
     out, want = {}, ["seg", "depth"] if sequences.task == "both" else [sequences.task]
     for spec in args.heads:
-        name, sep, path = spec.partition("=")
+        name, sep, path = spec.rpartition("=")
         if sep and name != dataset:
             continue
-        path = path if sep else spec
         head = Hd.load_head(path, want[0] if len(want) == 1 else None, device, vfm)[0]
         if head.task not in want:
             continue
@@ -161,8 +160,7 @@ def pick_heads(args, dataset, sequences, device, vfm):
                                  f"{sequences.num_classes}")
         out[head.task] = head
     if not out:
-        raise data.UserError(f"no head for {dataset} ({' / '.join(want)}): pass --heads PATH or "
-                             f"{dataset}=PATH")
+        raise data.UserError(f"no head for {dataset} ({' / '.join(want)}): pass --heads PATH or {dataset}=PATH")
     return out
 
 
@@ -548,11 +546,9 @@ def main(args):
         raise data.UserError("--video forecasts with --ckpt models (not --features)")
     if args.save_features and (len(args.ckpt) != 1 or world > 1):
         raise data.UserError("--save-features takes one --ckpt and one process (python eval.py, not torchrun)")
-    named = lambda flag, values: [(flag, v.split("=")[-1]) for v in values]  # --heads DATASET=PATH: the path
-    read = [*named("--ckpt", args.ckpt), *named("--features", args.features), *named("--heads", args.heads),
-            *named("--data", [d.partition(":")[2] for d in args.data]), ("--tokenizer", args.tokenizer),
-            ("--rgb-head", args.rgb_head), ("--video", args.video), ("--kitti-split", args.kitti_split),
-            ("--kitti-raw", args.kitti_raw)]
+    flags = ("ckpt", "features", "heads", "tokenizer", "rgb_head", "video", "kitti_split", "kitti_raw")
+    read = [(f"--{k.replace('_', '-')}", v.split("=")[-1]) for k in flags for v in np.atleast_1d(vars(args)[k] or "")]
+    read += [("--data", d.partition(":")[2]) for d in args.data]  # --heads DATASET=PATH, --data NAME:ROOT
     T.check_run(args, None, read, [("--save-features", os.path.dirname(os.path.abspath(args.save_features)))] *
                 bool(args.save_features))
     if os.path.exists(args.save_features):  # only a features file may be written over
@@ -573,10 +569,6 @@ def main(args):
     models, vfm_name = load_models(args, device, vfms) if args.ckpt else ([(NAMES["features"], "features", None)], None)
     vfm_name = args.vfm or vfm_name or (files[0].get("vfm") if files else None) or T.DINOV3_B16
     vfm = vfms.get(vfm_name) or T.VFM(vfm_name).to(device)
-    for path, f in zip(args.features, files):
-        if any(f[h].shape[-2:] != ((args.size // vfm.patch_size) ** 2, vfm.dim) for h in args.horizons):
-            raise data.UserError(f"--features {path} holds features of shape {tuple(f[args.horizons[0]].shape[-2:])} "
-                                 f"per crop, not {vfm.name}'s at {args.size} px: check --vfm / --size")
     rgb = {"rgb": load_rgb_head(args.rgb_head, vfm, device)} if args.rgb_head else {}
     heads = [pick_heads(args, spec.partition(":")[0], sequences, device, vfm) for spec, sequences in
              zip(args.data, datasets)] or [{h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device, vfm)[0]

@@ -86,9 +86,8 @@ def to_map(feats):
 
 def load_head(path, task=None, device="cpu", vfm=None):
     """A head from a heads.py checkpoint or a released pytorch_model.bin (bare state dict or {"state_dict"}).
-    Released files carry no task: `task` says it, else 256 outputs mean the depth head. A head that does not fit
-    `vfm` (the VFM of the features it will read: another recorded name, or width) is refused. Returns (head, vfm
-    name or None for released heads, whose VFM is DINOv3 ViT-B/16)."""
+    Released files carry no task: `task` says it, else 256 outputs mean the depth head. One trained on another VFM
+    than `vfm` (if given) is refused. Returns (head, vfm name or None for released heads: DINOv3 ViT-B/16)."""
     ckpt = T.load_checkpoint(path, ("seghead", "depthhead"), "--heads")
     state = ckpt["model"] if "kind" in ckpt else ckpt.get("state_dict", ckpt)
     out, dim = state["head.weight"].shape[:2]
@@ -211,7 +210,7 @@ GARG = (0.40810811, 0.99189189, 0.03594771, 0.96405229)          # rows, then co
 
 def _need(path, what):
     if not os.path.exists(path):
-        raise data.UserError(f"{what}: {path} is missing")
+        raise data.UserError(f"{what}: {path} does not exist")
     return path
 
 
@@ -416,8 +415,6 @@ def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0, task=
         raise data.UserError(f"dataset {spec!r}: give it as NAME:ROOT (vspw, cityscapes, kitti) or 'synthetic'")
     if task and reader.task != task:
         raise data.UserError(f"{name} has {reader.task} labels, not {task}: use --task {reader.task}, or other --data")
-    if not os.path.isdir(root):
-        raise data.UserError(f"{name} root {root!r} does not exist (or is not a folder)")
     if name != "kitti":
         return reader(root, split)
     if not kitti_split and split != "val":  # the default list is the test split: never train on it silently
@@ -491,8 +488,7 @@ def main(args):
                        args.kitti_split), ("--kitti-val-split", args.kitti_val_split), ("--kitti-raw", args.kitti_raw)])
     train = SyntheticFrames("train", args.seed) if args.data == "synthetic" else \
         open_eval(args.data, "train", args.kitti_split, args.kitti_raw, task=args.task)
-    val = SyntheticSequences("val", args.seed) if args.data == "synthetic" else \
-        open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw)
+    val = open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw, args.seed)
     vfm = T.VFM(args.vfm).to(device)
     num_classes = train.num_classes if args.task == "seg" else DEPTH_BINS
     torch.manual_seed(args.seed)

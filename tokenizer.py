@@ -366,8 +366,8 @@ _LOCKS = {}  # run folders this process holds, by path
 
 def check_run(args, kind, read=(), write=()):
     """Before anything is built, created or locked: the paths a run reads and writes (data.check_paths; --out is its
-    folder), and the checkpoint in --out: none, or this stage's with --resume, holding its training state and
-    trained with the same flags (RESUMABLE ones may change; others need --allow-changes). Returns it, or None."""
+    folder), and the checkpoint in --out: none, or this stage's with --resume, its training state and flags checked
+    (RESUMABLE ones may change; others need --allow-changes). Returns it, or None."""
     bench, path = getattr(args, "bench", 0), os.path.join(args.out, "ckpt.pt")
     data.check_paths(read, None if bench else ("--out", args.out), write)
     if bench or not os.path.exists(path):
@@ -375,13 +375,11 @@ def check_run(args, kind, read=(), write=()):
     ckpt = load_checkpoint(path, (), "--out")
     found = checkpoint_kind(ckpt) if isinstance(ckpt, dict) else None
     if found != kind or not getattr(args, "resume", False):
-        raise data.UserError(f"--out {args.out} holds a {found or 'foreign'} checkpoint ({path}): " +
-                             ("--resume to continue that run, or give another --out" if found == kind else
-                              "another run's folder; give another --out"))
-    bad = [k for k, t in dict(model=dict, optimizer=dict, step=int, args=dict).items() if not isinstance(ckpt.get(k), t)]
-    if bad:
-        raise data.UserError(f"--resume: {path} has no training state ({', '.join(bad)}), weights only: start a new "
-                             f"run from them with --init {path} and another --out")
+        raise data.UserError(f"--out {args.out} holds a {found or 'foreign'} checkpoint ({path}): " + (
+            "--resume to continue that run, or give another --out" if kind and found == kind else "give another --out"))
+    if not all(isinstance(ckpt.get(k), dict) for k in ("model", "optimizer", "args")) or "step" not in ckpt:
+        raise data.UserError(f"--resume: {path} holds no training state (model, optimizer, step, args), only weights: "
+                             f"start a new run from them with --init {path} and another --out")
     old, new = ckpt["args"], vars(args)
     changed = [k for k in new if k not in RESUMABLE and old.get(k, new[k]) != new[k]]
     if changed and not args.allow_changes:

@@ -50,7 +50,6 @@ def files(tmp_path_factory):
     (d / "truncated.pt").write_bytes((d / "released_deltatok.bin").read_bytes()[:200])
     (d / "notes.txt").write_text("not a checkpoint\n")
     torch.save(dict(dataset="synthetic", size=32, vfm="tiny", short=torch.zeros(1, 2, 1, 4, 64)), d / "features.pt")
-    torch.save(dict(dataset="synthetic", size=32, vfm="tiny", short=torch.zeros(1, 2, 1, 4, 32)), d / "narrow.pt")
     torch.save(torch.zeros(1, 2, 1, 4, 64), d / "tensor.pt")
     for run, state in (("tokrun", dict(kind="deltatok", model={}, step=5)), ("barerun", T.build_deltatok(
             "tiny", T.VFM("tiny")).state_dict())):  # a run of another stage; a bare state dict copied in as ckpt.pt
@@ -110,7 +109,8 @@ CASES = [  # script, arguments, what the one line must name
     ("eval", ["--ckpt", "{deltatok}", "--samples", "0"], "--samples"),
     # round 2 (issue 16): a path is checked before anything is built or made, for the role it plays
     ("tokenizer", ["--out", "{notes}"], "--out {notes} must be a folder you can write, and {notes} is a file"),
-    ("predictor", ["--tokenizer", "{deltatok}", "--cache-tokens", "{notes}"], "--cache-tokens {notes} must be a folder"),
+    ("predictor", ["--tokenizer", "{deltatok}", "--cache-tokens", "{notes}"], "--cache-tokens {notes} must be a "
+     "folder"),
     ("predictor", ["--tokenizer", "{deltatok}", "--val-data", "{missing}"], "--val-data {missing} does not exist"),
     ("eval", ["--ckpt", "{tiny_tok}", "--save-features", "{notes}/f.pt"], "--save-features {notes} must be a folder"),
     ("data", ["--bench", "{missing}"], "--bench {missing} does not exist"),
@@ -132,7 +132,7 @@ CASES = [  # script, arguments, what the one line must name
     # a command that would do nothing says so
     ("data", ["--prepare", "{frames}", "{dir}/copy"], "no video files"),  # frames named by number: no --fps either
     # a loaded file is checked for what its kind needs
-    ("tokenizer", ["--out", "{barerun}", "--resume"], "--resume: {barerun}/ckpt.pt has no training state"),
+    ("tokenizer", ["--out", "{barerun}", "--resume"], "--resume: {barerun}/ckpt.pt holds no training state"),
     ("eval", ["--features", "{tensor}", "--size", "32"], "--features {tensor} is not a features file"),
     ("eval", ["--video", "synthetic", "--ckpt", "{tiny_tok}", "--heads", "{wide_head}", "--size", "32"],
      "head {wide_head} was trained on VFM"),
@@ -154,8 +154,6 @@ CASES = [  # script, arguments, what the one line must name
     ("eval", ["--ckpt", "{tiny_tok}", "--out", "{tokrun}"], "--out {tokrun} holds a deltatok checkpoint"),
     ("eval", ["--ckpt", "{tiny_tok}", "--heads", "cityscapes={missing}"], "--heads {missing} does not exist"),
     ("eval", ["--ckpt", "{tiny_tok}", "--rgb-head", "{missing}"], "--rgb-head {missing} does not exist"),
-    ("eval", ["--features", "{narrow}", "--size", "32", "--horizons", "short", "--max-sequences", "1"],
-     "--features {narrow} holds features of shape (4, 32) per crop"),
     ("eval", ["--ckpt", "{tiny_tok}", "--data", "synthetic", "kitti:{dir}", "--kitti-split", "{missing}"],
      "--kitti-split {missing} does not exist"),
     ("data", ["--prepare", "{frames}", "{dir}/copy", "--short-side", "1"], "--short-side"),
@@ -180,8 +178,8 @@ def test_the_command_line_prints_no_traceback():
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "tokenizer.py", "--init", "nowhere.pt"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and run.stderr == "tokenizer.py: error: --init nowhere.pt does not exist: check the " \
-        "path\n", run.stderr
+    assert run.returncode == 2 and run.stderr == "tokenizer.py: error: --init nowhere.pt does not exist (or cannot be " \
+        "read): check the path\n", run.stderr
 
 
 def test_resume_with_other_flags_is_refused_unless_allowed(tmp_path, monkeypatch, capsys):
@@ -223,8 +221,8 @@ def test_a_data_error_in_a_loader_worker_is_the_last_line_after_the_progress_bar
     (tmp_path / "videos" / "v").mkdir(parents=True)
     for name in ("0.000.png", "0.010.png"):
         Image.new("RGB", (40, 40)).save(tmp_path / "videos" / "v" / name)
-    args = [*TINY, "--model", "tiny", "--data", tmp_path / "videos", "--val-data", "synthetic", "--num-workers", "1", "--out",
-            tmp_path / "run"]
+    args = [*TINY, "--model", "tiny", "--data", tmp_path / "videos", "--val-data", "synthetic", "--num-workers", "1",
+            "--out", tmp_path / "run"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "tokenizer.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
