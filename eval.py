@@ -578,9 +578,9 @@ def main(args):
         return forecast(args, *clip, models, vfm, {**heads[0], **rgb}, device)
     results = {}
     for spec, sequences, features, tasks in zip(args.data, datasets, files or [None] * len(args.data), heads):
-        scores = evaluate(args, spec.partition(":")[0], sequences, models, vfm, tasks, device, rank, world, features,
-                          rgb)
-        results[spec.partition(":")[0]] = gather(scores, tasks)
+        dataset = spec.partition(":")[0]
+        scores = evaluate(args, dataset, sequences, models, vfm, tasks, device, rank, world, features, rgb)
+        results[dataset] = gather(scores, tasks)
     if rank == 0:
         print(table(results))
         with open(os.path.join(args.out, "results.json"), "w") as f:
