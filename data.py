@@ -27,6 +27,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 
@@ -52,9 +53,37 @@ def cli(main, parser):
         return main(parser.parse_args())
     except UserError as e:  # from a DataLoader worker, the message ends with the worker's "data.UserError: ..."
         message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
-    gc.collect()  # progress bars close (and redraw) now, not after the message
-    sys.stderr.write(f"\n{parser.prog}: error: {message}\n")
+    gc.collect()  # progress bars close (and end their line) now, not after the message
+    sys.stderr.write(f"{parser.prog}: error: {message}\n")
     sys.exit(2)
+
+
+def hub_id(path):
+    """Whether a checkpoint flag names a Hugging Face repo 'org/name' (and no local file) to fetch."""
+    return not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.endswith((".pt", ".bin"))
+
+
+def check_paths(read, out=None, write=()):
+    """Every path a command reads or writes, checked before anything is built, created or locked: each (flag, path)
+    of `read` exists and is readable ('synthetic' and hub ids pass); `out` and each of `write`, (flag, folder), is or
+    can be made a writable folder; out is no folder read, nor inside one, nor the folder of a file read."""
+    dest = os.path.realpath(out[1]) if out else ""
+    for flag, path in read:
+        if not path or path == "synthetic" or hub_id(path) or (flag, path) in write and not os.path.exists(path):
+            continue  # (a folder both read and written, the token cache, may not exist yet)
+        if not os.access(path, os.R_OK):
+            raise UserError(f"{flag} {path} does not exist (or cannot be read): check the path")
+        folder = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+        if dest == folder or os.path.isdir(path) and dest.startswith(folder + os.sep):
+            raise UserError(f"{out[0]} {out[1]} is {'inside ' * (dest != folder)}the folder of {flag} {path}: it would "
+                            f"write over what it reads; give another {out[0]}")
+    for flag, path in [out, *write] if out else write:
+        parent = os.path.realpath(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {path} must be a folder you can write, and {parent} is " +
+                            ("not writable" if os.path.isdir(parent) else "a file"))
 
 
 def at_least(low, multiple=1):
@@ -234,15 +263,17 @@ def _frame_folder(folder):
     return [os.path.join(folder, f) for f in images], np.array([float(os.path.splitext(f)[0]) for f in images])
 
 
-def _probe(path):
+def _probe(path, strict=False):
     """(number of frames, frame rate, time of the first frame) from the metadata and the first packets, without
     decoding (a `prepare` copy: the original's count and rate); a frame folder: (images, 0 if named by time else
-    -1, 0); (0, 0, 0) when it cannot be read."""
+    -1, 0); (0, 0, 0) when it cannot be read (strict: the error)."""
     try:
         if os.path.isdir(path):
             files, seconds = _frame_folder(path)
             return len(files), 0.0 if seconds is not None else -1.0, 0.0
         with av.open(path, options={"skip_frame": "all"}) as container:  # decodes nothing (as read): 4x faster
+            if not container.streams.video:
+                raise ValueError(f"no video stream in {path}")
             tag, stream = container.metadata.get("comment", "").split(), container.streams.video[0]
             n, rate = (int(tag[1]), float(tag[2])) if tag[:1] == [PREPARED] else (
                 stream.frames, float(stream.average_rate or stream.guessed_rate))
@@ -252,8 +283,12 @@ def _probe(path):
             # not stream.start_time: an AVI with B-frames says 0 and starts at 1 / rate
             first = min(p.pts for p in itertools.islice(container.demux(stream), 16) if p.pts is not None and
                         not p.is_discard) * float(stream.time_base)
-        return (n, rate, first) if n > 0 and rate > 0 else (0, 0.0, 0.0)
+        if n <= 0 or rate <= 0:
+            raise ValueError(f"no frames in {path}")
+        return n, rate, first
     except Exception:
+        if strict:
+            raise
         return 0, 0.0, 0.0
 
 
@@ -313,7 +348,8 @@ def _index(root, file, trust=False):
             folder = root if os.path.isdir(root) else os.path.dirname(root)
             with multiprocessing.Pool(min(len(todo), os.cpu_count())) as pool:
                 probed = pool.imap(_probe, [os.path.join(folder, found[k][0]) for k in todo], chunksize=4)
-                for k, row in zip(todo, tqdm(probed, f"indexing {root}", len(todo), unit="video")):
+                bar = tqdm(probed, f"indexing {root}", len(todo), unit="video", disable=None)  # ETA on a terminal
+                for row, k in zip(bar, todo):
                     info[k] = row
         index = dict(format=INDEX_FORMAT, root=root, paths=_pack(f[0] for f in found),
                      stat=np.array([f[1:] for f in found], np.int64), info=np.array(info))
@@ -338,7 +374,7 @@ class VideoFolder:
         if index or out and not os.access(os.path.dirname(file), os.W_OK):  # in --index, else the run folder
             file = os.path.join(index or out, root.strip("/").replace("/", "_") + ".deltatok-index.npz")
         single = os.path.isfile(root) and root.lower().endswith(VIDEO_EXTS)  # one video file (eval.py --video)
-        saved = dict(paths=_pack([root]), info=np.array([_probe(root)])) if single else _index(root, file, trust)
+        saved = dict(paths=_pack([root]), info=np.array([_probe(root, True)])) if single else _index(root, file, trust)
         paths, info = _unpack(saved["paths"]), saved["info"].reshape(-1, 3)
         self.root, usable = root if os.path.isdir(root) else os.path.dirname(root), info[:, 0] > 0
         self.paths, self.info = _pack(p for p, u in zip(paths, usable) if u), info[usable].astype(np.float32)
@@ -400,21 +436,25 @@ def prepare(src, dst, short_side=288, workers=1, index=None):
     short side `short_side`, a key frame every 16 frames, and 3 B-frames between references that nothing refers
     to (read skips them). Frame k stays frame k, with the original's frame count and rate, so that ClipDataset cuts
     the same clips: the same frames, times and (RandomResizedCrop being relative to the frame) crop distribution."""
-    source = VideoFolder(src, index=index, out=dst)  # the index goes in DST where SRC is read-only
+    if not any(path.lower().endswith(VIDEO_EXTS) for path, _, _ in _found(os.path.abspath(src))):  # before indexing
+        raise UserError(f"no video files ({' '.join(VIDEO_EXTS)}) under {src}: nothing to copy (frame folders are read "
+                        "fast as they are: train on them directly)")
+    source = VideoFolder(src, fps=1, index=index, out=dst)  # the index goes in DST where SRC is read-only
     names = {i: os.path.relpath(source.path(i), source.root) for i in range(len(source)) if source.info[i, 1] > 0}
-    if any(name.startswith("..") for name in names.values()):  # frame folders (rate <= 0) are left out
+    if any(name.startswith("..") for name in names.values()):
         raise UserError(f"{src} lists videos outside its folder: their copies would not be under {dst}")
     jobs = [(source.path(i), os.path.join(dst, os.path.splitext(name)[0] + ".mp4"),
              (int(source.info[i, 0]), float(source.info[i, 1])), short_side) for i, name in names.items()]
+    todo = [job for job in jobs if not os.path.exists(job[1])]  # the rest was copied by an earlier run
+    if not todo:
+        return print(f"every video under {src} ({len(jobs)}) is already copied to {dst}: nothing to do")
     with multiprocessing.Pool(workers) as pool:
-        for n, out in enumerate(pool.imap_unordered(_prepare_one, jobs)):
-            print(f"{n + 1}/{len(jobs)} {out}", flush=True)
+        for n, out in enumerate(pool.imap_unordered(_prepare_one, todo)):
+            print(f"{n + 1}/{len(todo)} {out}", flush=True)
 
 
 def _prepare_one(job):
     path, out, (n, rate), short_side = job
-    if os.path.exists(out):  # copied by an earlier run
-        return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with av.open(path) as src, av.open(out + ".tmp", "w", format="mp4") as dst:
         stream = src.streams.video[0]
@@ -654,7 +694,9 @@ def bench_table(jsonl, markdown):
 
 def main(args):
     if args.prepare:
+        check_paths([("SRC", args.prepare[0])], ("DST", args.prepare[1]))
         return prepare(*args.prepare, args.short_side, args.workers, args.index)
+    check_paths([("--bench", args.bench)])
     source = VideoFolder(args.bench, index=args.index)
     loader = make_loader(ClipDataset(source, args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started
@@ -662,7 +704,7 @@ def main(args):
     while time.perf_counter() < start + 20:
         clips += len(next(loader)["frames"])
     total = clips / (time.perf_counter() - start)
-    print(f"{total:.1f} clips/s, {total / max(args.workers, 1):.1f} per worker ({args.num_frames}-frame clips, 256 px)")
+    print(f"{total:.1f} clips/s, {total / args.workers:.1f} per worker ({args.num_frames}-frame clips, 256 px)")
     bench_record(clips_per_s=total, workers=args.workers)
 
 
@@ -672,7 +714,7 @@ def get_parser():
     mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR (or a list of them) for 20 "
                       "s as training does (make_loader, 8 clips a batch)")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
-    parser.add_argument("--workers", type=at_least(0), default=1, help="processes, each with one thread")
+    parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")
     parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: height of a landscape copy")
     parser.add_argument("--num-frames", type=at_least(2), default=2, help="--bench: frames per clip")
     parser.add_argument("--index", metavar="DIR", help="folder for the index of the videos (default: beside them)")
