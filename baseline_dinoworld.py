@@ -287,7 +287,7 @@ def main(args):
             dw.train()
             T.log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(format_check(step, result, num_samples))
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if T.stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind="dinoworld", config=asdict(dw.cfg), vfm=args.vfm, size=args.size,
                                    model=dw.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
                                    args=vars(args)), ckpt_path, master)

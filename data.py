@@ -28,6 +28,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 
@@ -53,6 +54,8 @@ def cli(main, parser):
         return main(parser.parse_args())
     except UserError as e:  # from a DataLoader worker, the message ends with the worker's "data.UserError: ..."
         message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
+    except KeyboardInterrupt:  # before a stage catches signals, or a second Ctrl-C (tokenizer.catch_signals)
+        sys.exit(130)
     gc.collect()  # progress bars close (and end their line) now, not after the message
     sys.stderr.write(f"{parser.prog}: error: {message}\n")
     sys.exit(2)
@@ -583,7 +586,15 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
     rank r holds clips j = (m * world_size + r) * batch_size + b, so one process at batch 2B equals two at B."""
     micro = _MicroBatches(dataset, batch_size, rank, world_size, accum, start_step)
     # batch_size=None: each item already is a micro-batch; an endless sequential sampler keeps the order fixed
-    return iter(torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(), num_workers=num_workers))
+    return iter(torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(), num_workers=num_workers,
+                                            worker_init_fn=quiet_worker))
+
+
+def quiet_worker(_):
+    """A DataLoader worker ignores the signals a scheduler or Ctrl-C sends every process: the main process finishes
+    its step, saves and stops them (tokenizer.catch_signals); PyTorch's own SIGTERM handler would kill the worker."""
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def accumulation(global_batch, batch_size, world):

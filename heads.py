@@ -499,7 +499,7 @@ def main(args):
     model = T.ddp(head, world, device)
     batches = _Batches(train, args.task, args.size, args.batch_size, rank, args.seed)
     loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=itertools.count(step),
-                                              num_workers=args.num_workers))
+                                              num_workers=args.num_workers, worker_init_fn=data.quiet_worker))
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -531,7 +531,7 @@ def main(args):
             head.train()
             T.log_jsonl(args.out, dict(step=step, val=result))
             tqdm.write(f"step {step} held-out labelled frames (two-crop protocol): {result}")
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if T.stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=num_classes, vfm=args.vfm, size=args.size,
                                    data=args.data, model=head.state_dict(), optimizer=opt.state_dict(), step=step,
                                    args=vars(args)), ckpt_path, master)

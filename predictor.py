@@ -306,13 +306,17 @@ def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, de
             continue
         clips = _StreamClips(train, G, range(k * SHARD, min(n, (k + 1) * SHARD)))
         tokens, times, skipped = [], [], 0
-        for frames, t, s in torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=num_workers):
+        loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=num_workers,
+                                             worker_init_fn=data.quiet_worker)
+        for frames, t, s in loader:
             with T.autocast(device, dtype):
                 feats = vfm(frames.to(device))                                           # (B, T, N, C)
                 tokens.append(tok.tokenize(feats, black).float().cpu())                  # (B, T, C)
             times.append(t)
             skipped += int(s.sum())
         T.save_checkpoint(dict(tokens=torch.cat(tokens), times=torch.cat(times), skipped=skipped), path)
+        if T.stop_requested(1):  # a signal: each rank stops after its shard (they write different numbers of them)
+            T.stopped(f"the token cache keeps the shards written in {folder}", rank == 0)
     if world_size > 1:
         dist.barrier()
     T.save_checkpoint(meta, os.path.join(folder, "meta.pt"), rank == 0)
@@ -521,7 +525,7 @@ def main(args):
             world.train()
             T.log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(format_check(step, result, args.val_samples))
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if T.stop_requested(world_size) or step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=tokenizer,
                                    tokenizer_config=asdict(tok.cfg), vfm=args.vfm or vfm.name, size=args.size,
                                    model=world.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,

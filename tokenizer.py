@@ -26,6 +26,8 @@ import fcntl
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -347,7 +349,20 @@ def setup_dist():
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+    sys.excepthook = _fail_together
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _fail_together(kind, e, tb):
+    """An error on one rank (its own code or a DataLoader worker's) is left in the process group's store as "rank R:
+    Error: message"; the others then fail in their next collective with it (gloo at once; NCCL waits, but torchrun
+    stops every rank, SIGTERM then SIGKILL 30 s later) and name it in one line instead of a traceback."""
+    store, mine = dist.distributed_c10d._get_default_store(), f"{kind.__name__}: {e}".strip().splitlines()[-1]
+    peer = store.get("failed").decode() if store.check(["failed"]) else ""  # the first failure; later ones follow
+    if peer:
+        return print(f"\n{os.path.basename(sys.argv[0])}: error: stopping: {peer}", file=sys.stderr)
+    store.set("failed", f"rank {dist.get_rank()} failed with {mine}")
+    sys.__excepthook__(kind, e, tb)
 
 
 def cleanup_dist(world):
@@ -356,6 +371,8 @@ def cleanup_dist(world):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    for s, handler in _stop.pop("old", {}).items():  # a caller in this process (a test) gets its handlers back
+        signal.signal(s, handler)
 
 
 # flags that may change when a run resumes; any other difference to the checkpoint's needs --allow-changes
@@ -394,6 +411,7 @@ def resume(args, model, opt, master, ckpt=None):
     """Lock <out> (one run per folder; the lock file goes when the run ends). Restore model and optimizer from
     `ckpt` (check_run's) and return it, else {"step": 0, "skipped": 0}; log.jsonl is cut back to its step. The data
     position is the step (data.make_loader)."""
+    catch_signals()
     os.makedirs(args.out, exist_ok=True)
     log, lock = os.path.join(args.out, "log.jsonl"), os.path.abspath(os.path.join(args.out, ".lock"))
     if master and lock not in _LOCKS:
@@ -440,14 +458,65 @@ def stop_if_nonfinite(values, step, ckpt_path, master, what="loss or gradient no
 
 
 def save_checkpoint(obj, path, master=True):
-    """Never non-finite weights (every rank checks, all stop alike); written by `master` atomically (a crash while
-    writing leaves the previous checkpoint intact) through a temporary file of its own."""
+    """Never non-finite weights (every rank checks, all stop alike); written by `master` atomically (a crash or a full
+    disk while writing leaves the previous checkpoint intact) through a temporary file of its own. After a signal
+    (stop_requested) every rank exits PREEMPTED once it is written."""
     stop_if_nonfinite([v for v in obj.get("model", {}).values() if v.is_floating_point()], obj.get("step"), path,
                       master, "weights")
     if master:
         tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        try:  # a second signal while writing only sets the flag again (a second Ctrl-C leaves no temporary file)
+            with open(tmp, "wb") as f:  # through a Python file: a full disk is an OSError, not a torn zip
+                torch.save(obj, f)
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            if not isinstance(e, OSError):
+                raise
+            kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
+            raise data.UserError(f"cannot write {path} ({e.strerror or e}); {kept}: free space, then --resume") from None
+    if _stop["agreed"]:  # a signal: no rank exits before rank 0 has written (torchrun would stop it when one exits)
+        if dist.is_initialized():
+            dist.barrier()
+        stopped(f"step {obj['step']} is saved in {path}", master)
+
+
+PREEMPTED = 3  # exit status after a signal: the last step is saved; the same command with --resume goes on
+_stop = dict(signal=0, agreed=0)  # the last signal this process got; the one every rank agreed to stop on
+
+
+def catch_signals():
+    """SIGTERM, SIGUSR1 (SLURM's pre-emption or time-limit warning) and SIGINT (Ctrl-C) ask the run to stop: the step
+    in flight finishes, the ranks agree (stop_requested), rank 0 saves that step and every rank exits PREEMPTED
+    (save_checkpoint). A second Ctrl-C stops at once (data.cli: exit 130, no traceback)."""
+    def ask(signum, frame):
+        if signum == _stop["signal"] == signal.SIGINT:
+            raise KeyboardInterrupt
+        _stop["signal"] = signum
+    _stop.update(signal=0, agreed=0, old={s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGUSR1,
+                                                                             signal.SIGINT)})
+
+
+def stop_requested(world):
+    """The signal any rank got (0 if none), the same on every rank: one all-reduce of one number per step, which
+    costs little beside the step (its loss average and finite check already wait for every rank)."""
+    flag = torch.tensor(_stop["signal"], device="cuda" if world > 1 and dist.get_backend() == "nccl" else "cpu")
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    _stop["agreed"] = int(flag)
+    return _stop["agreed"]
+
+
+def stopped(what, master):
+    """Exit PREEMPTED; rank 0 says what is saved and the command that goes on."""
+    if master:
+        run = "python" if not dist.is_initialized() else "torchrun [the same options]"
+        argv = sys.argv + ["--resume"] * ("--resume" not in sys.argv)
+        print(f"\nstopped by {signal.Signals(_stop['agreed']).name}: {what}; to go on: {run} {shlex.join(argv)}",
+              file=sys.stderr)
+    sys.exit(PREEMPTED)
 
 
 def make_optimizer(model, lr, weight_decay, device):
@@ -586,7 +655,7 @@ def main(args):
             tok.train()
             log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(format_check(step, result))
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
             save_checkpoint(dict(kind="deltatok", config=asdict(tok.cfg), vfm=args.vfm, size=args.size,
                                  model=tok.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
                                  args=vars(args)), ckpt_path, master)
