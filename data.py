@@ -30,6 +30,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 
 import av
@@ -591,10 +592,15 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
 
 
 def quiet_worker(_):
-    """A DataLoader worker ignores the signals a scheduler or Ctrl-C sends every process: the main process finishes
-    its step, saves and stops them (tokenizer.catch_signals); PyTorch's own SIGTERM handler would kill the worker."""
-    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
+    """A DataLoader worker leaves the SIGTERM a scheduler sends every process to the main one, which finishes its step
+    and saves (tokenizer.catch_signals); it still exits on its parent's SIGTERM, as PyTorch's own handler does."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # and in the thread below, which takes it
+
+    def wait():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+            pass
+        os._exit(0)
+    threading.Thread(target=wait, daemon=True).start()
 
 
 def accumulation(global_batch, batch_size, world):
