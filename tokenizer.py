@@ -354,14 +354,13 @@ def setup_dist():
 
 
 def _fail_together(kind, e, tb):
-    """An error on one rank (its own code or a DataLoader worker's) is left in the process group's store as "rank R:
-    Error: message"; the others then fail in their next collective with it (gloo at once; NCCL waits, but torchrun
-    stops every rank, SIGTERM then SIGKILL 30 s later) and name it in one line instead of a traceback."""
-    store, mine = dist.distributed_c10d._get_default_store(), f"{kind.__name__}: {e}".strip().splitlines()[-1]
-    peer = store.get("failed").decode() if store.check(["failed"]) else ""  # the first failure; later ones follow
-    if peer:
-        return print(f"\n{os.path.basename(sys.argv[0])}: error: stopping: {peer}", file=sys.stderr)
-    store.set("failed", f"rank {dist.get_rank()} failed with {mine}")
+    """A rank's error (its own or a DataLoader worker's) goes to the process group's store first; the others, whose
+    collective with it then fails (gloo at once; NCCL hangs, but torchrun stops every rank, SIGKILL 30 s after
+    SIGTERM), name it in one line instead of a traceback."""
+    store = dist.distributed_c10d._get_default_store()
+    if store.check(["failed"]):  # another rank failed first: this error follows from it
+        return print(f"{os.path.basename(sys.argv[0])}: error: stopping: {store.get('failed').decode()}", file=sys.stderr)
+    store.set("failed", f"rank {dist.get_rank()} failed with " + f"{kind.__name__}: {e}".strip().splitlines()[-1])
     sys.__excepthook__(kind, e, tb)
 
 
@@ -371,8 +370,6 @@ def cleanup_dist(world):
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    for s, handler in _stop.pop("old", {}).items():  # a caller in this process (a test) gets its handlers back
-        signal.signal(s, handler)
 
 
 # flags that may change when a run resumes; any other difference to the checkpoint's needs --allow-changes
@@ -465,43 +462,40 @@ def save_checkpoint(obj, path, master=True):
                       master, "weights")
     if master:
         tmp = f"{path}.{os.getpid()}.tmp"
-        try:  # a second signal while writing only sets the flag again (a second Ctrl-C leaves no temporary file)
-            with open(tmp, "wb") as f:  # through a Python file: a full disk is an OSError, not a torn zip
+        try:  # to a Python file: a full disk is an OSError (to a file name, a torn zip and a RuntimeError)
+            with open(tmp, "wb") as f:
                 torch.save(obj, f)
-                os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
+        except OSError as e:
+            raise data.UserError(f"cannot write {path} ({e.strerror}): the previous checkpoint is kept; free space, "
+                                 "then --resume") from None
+        finally:  # after a full disk, a second Ctrl-C
+            if os.path.exists(tmp):
                 os.remove(tmp)
-            if not isinstance(e, OSError):
-                raise
-            kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
-            raise data.UserError(f"cannot write {path} ({e.strerror or e}); {kept}: free space, then --resume") from None
-    if _stop["agreed"]:  # a signal: no rank exits before rank 0 has written (torchrun would stop it when one exits)
+    if _stop["agreed"]:  # rank 0 has written before any rank exits (torchrun stops the others when one exits)
         if dist.is_initialized():
             dist.barrier()
         stopped(f"step {obj['step']} is saved in {path}", master)
 
 
-PREEMPTED = 3  # exit status after a signal: the last step is saved; the same command with --resume goes on
-_stop = dict(signal=0, agreed=0)  # the last signal this process got; the one every rank agreed to stop on
+PREEMPTED = 3  # exit status after a signal: the step in flight is saved; the same command with --resume goes on
+_stop = {"signal": 0, "agreed": 0}  # the signal this process got, the one every rank agreed to stop on
 
 
 def catch_signals():
-    """SIGTERM, SIGUSR1 (SLURM's pre-emption or time-limit warning) and SIGINT (Ctrl-C) ask the run to stop: the step
-    in flight finishes, the ranks agree (stop_requested), rank 0 saves that step and every rank exits PREEMPTED
-    (save_checkpoint). A second Ctrl-C stops at once (data.cli: exit 130, no traceback)."""
+    """SIGTERM, SIGUSR1 (SLURM) and SIGINT (Ctrl-C) ask the run to stop: the ranks agree at the end of the step
+    (stop_requested), rank 0 saves it, all exit PREEMPTED (save_checkpoint). A second Ctrl-C stops at once."""
     def ask(signum, frame):
         if signum == _stop["signal"] == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt  # data.cli: exit 130, no traceback
         _stop["signal"] = signum
-    _stop.update(signal=0, agreed=0, old={s: signal.signal(s, ask) for s in (signal.SIGTERM, signal.SIGUSR1,
-                                                                             signal.SIGINT)})
+    _stop.update(signal=0, agreed=0)
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, ask)
 
 
 def stop_requested(world):
-    """The signal any rank got (0 if none), the same on every rank: one all-reduce of one number per step, which
-    costs little beside the step (its loss average and finite check already wait for every rank)."""
+    """The signal any rank got (0: none), on every rank alike: one all-reduce of one number per step."""
     flag = torch.tensor(_stop["signal"], device="cuda" if world > 1 and dist.get_backend() == "nccl" else "cpu")
     if world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -510,12 +504,11 @@ def stop_requested(world):
 
 
 def stopped(what, master):
-    """Exit PREEMPTED; rank 0 says what is saved and the command that goes on."""
+    """Exit PREEMPTED; rank 0 says what is saved and how to go on."""
     if master:
-        run = "python" if not dist.is_initialized() else "torchrun [the same options]"
-        argv = sys.argv + ["--resume"] * ("--resume" not in sys.argv)
-        print(f"\nstopped by {signal.Signals(_stop['agreed']).name}: {what}; to go on: {run} {shlex.join(argv)}",
-              file=sys.stderr)
+        again = shlex.join(sys.argv + ["--resume"] * ("--resume" not in sys.argv))
+        print(f"\nstopped by {signal.Signals(_stop['agreed']).name}: {what}; to go on: "
+              f"{'torchrun [its options]' if dist.is_initialized() else 'python'} {again}", file=sys.stderr)
     sys.exit(PREEMPTED)
 
 

@@ -148,7 +148,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"x" * 1000)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(T.torch, "save", full)
-    with pytest.raises(data.UserError, match="No space left on device.*the previous one is kept: free space, then "
+    with pytest.raises(data.UserError, match=r"No space left on device\): the previous checkpoint is kept; free space, then "
                        "--resume"):
         train(*common, "--steps", "4", "--resume")
     monkeypatch.undo()
