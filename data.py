@@ -57,6 +57,9 @@ def cli(main, parser):
         message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
     except KeyboardInterrupt:  # before a stage catches signals, or a second Ctrl-C (tokenizer.catch_signals)
         sys.exit(130)
+    if torch.distributed.is_initialized():  # the other ranks stop naming it (tokenizer._fail_together)
+        torch.distributed.distributed_c10d._get_default_store().set("failed", f"rank {torch.distributed.get_rank()} "
+                                                                    f"failed with {message}")
     gc.collect()  # progress bars close (and end their line) now, not after the message
     sys.stderr.write(f"{parser.prog}: error: {message}\n")
     sys.exit(2)
