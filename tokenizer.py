@@ -357,9 +357,9 @@ def _fail_together(kind, e, tb):
     """A rank's error (its own or a DataLoader worker's) goes to the process group's store first; the others, whose
     collective with it then fails (gloo at once; NCCL hangs, but torchrun stops every rank, SIGKILL 30 s after
     SIGTERM), name it in one line instead of a traceback."""
-    store = dist.distributed_c10d._get_default_store()
+    store, prog = dist.distributed_c10d._get_default_store(), os.path.basename(sys.argv[0])
     if store.check(["failed"]):  # another rank failed first: this error follows from it
-        return print(f"{os.path.basename(sys.argv[0])}: error: stopping: {store.get('failed').decode()}", file=sys.stderr)
+        return print(f"{prog}: error: stopping: {store.get('failed').decode()}", file=sys.stderr)
     store.set("failed", f"rank {dist.get_rank()} failed with " + f"{kind.__name__}: {e}".strip().splitlines()[-1])
     sys.__excepthook__(kind, e, tb)
 
@@ -467,8 +467,8 @@ def save_checkpoint(obj, path, master=True):
                 torch.save(obj, f)
             os.replace(tmp, path)
         except OSError as e:
-            raise data.UserError(f"cannot write {path} ({e.strerror}): the previous checkpoint is kept; free space, "
-                                 "then --resume") from None
+            raise data.UserError(f"cannot write {path} ({e.strerror or e}): the previous checkpoint is kept; free "
+                                 "space, then --resume") from None
         finally:  # after a full disk, a second Ctrl-C
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -250,6 +251,26 @@ def test_token_cache_matches_on_the_fly(tok_ckpt, tmp_path):
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl") if "loss" in line]
               for d in ("fly", "cached")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_signal_stops_the_token_cache_build_after_its_shard_and_the_next_run_goes_on(tok_ckpt, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """SIGUSR1 while the first of three shards is encoded: that shard is written, the run exits 3 and says so; the
+    next run keeps it, encodes the other two and trains from the whole cache."""
+    monkeypatch.setattr(P, "SHARD", 8)
+    cache, save = tmp_path / "cache", T.save_checkpoint
+    common = ["--tokenizer", tok_ckpt, "--steps", "1", "--global-batch", "8", "--batch-size", "4", "--cache-tokens",
+              str(cache), "--cache-crops", str(24 / 512)]
+    monkeypatch.setattr(T, "save_checkpoint", lambda *a: (os.kill(os.getpid(), signal.SIGUSR1), save(*a))[1])
+    with pytest.raises(SystemExit) as stop:
+        train(tmp_path / "run", *common)
+    assert stop.value.code == T.PREEMPTED and "stopped by SIGUSR1: the token cache keeps" in capsys.readouterr().err
+    assert sorted(os.listdir(cache)) == ["shard_00000.pt"]
+    first = (cache / "shard_00000.pt").stat().st_mtime_ns
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    train(tmp_path / "run", *common, "--resume")
+    assert sorted(os.listdir(cache)) == ["meta.pt", "shard_00000.pt", "shard_00001.pt", "shard_00002.pt"]
+    assert (cache / "shard_00000.pt").stat().st_mtime_ns == first  # kept, not encoded again
 
 
 def test_token_cache_is_refused_after_the_tokenizer_changes(tok_ckpt, tmp_path):

@@ -134,7 +134,8 @@ def test_a_failing_rank_stops_every_rank_and_is_named(tmp_path):
     proc = subprocess.run([*TORCHRUN, failing, *COMMON, "--num-workers", "0", "--batch-size", "2", "--out",
                            str(tmp_path / "out")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and time.time() - float((tmp_path / "t").read_text()) < 60
-    named = [x for x in proc.stderr.splitlines() if x.endswith("stopping: rank 1 failed with ValueError: boom at step 3")]
+    named = [x for x in proc.stderr.splitlines() if x.endswith("stopping: rank 1 failed with ValueError: boom at step "
+                                                                "3")]
     assert len(named) == 1, proc.stderr  # from rank 0, whose collective with rank 1 failed
     assert proc.stderr.count("Traceback") == 2  # rank 1's own, and torchrun's report; none from rank 0
 
@@ -148,8 +149,8 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         f.write(b"x" * 1000)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     monkeypatch.setattr(T.torch, "save", full)
-    with pytest.raises(data.UserError, match=r"No space left on device\): the previous checkpoint is kept; free space, then "
-                       "--resume"):
+    with pytest.raises(data.UserError, match=r"No space left on device\): the previous checkpoint is kept; free "
+                       "space, then --resume"):
         train(*common, "--steps", "4", "--resume")
     monkeypatch.undo()
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
