@@ -306,9 +306,8 @@ def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, de
             continue
         clips = _StreamClips(train, G, range(k * SHARD, min(n, (k + 1) * SHARD)))
         tokens, times, skipped = [], [], 0
-        loader = torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=num_workers,
-                                             worker_init_fn=data.quiet_worker)
-        for frames, t, s in loader:
+        for frames, t, s in torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=num_workers,
+                                                        worker_init_fn=data.quiet_worker):
             with T.autocast(device, dtype):
                 feats = vfm(frames.to(device))                                           # (B, T, N, C)
                 tokens.append(tok.tokenize(feats, black).float().cpu())                  # (B, T, C)

@@ -480,6 +480,8 @@ def save_checkpoint(obj, path, master=True):
 
 PREEMPTED = 3  # exit status after a signal: the step in flight is saved; the same command with --resume goes on
 _stop = {"signal": 0, "agreed": 0}  # the signal this process got, the one every rank agreed to stop on
+os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))  # a forked helper (a Pool
+# worker) still ends on SIGTERM; DataLoader workers: data.quiet_worker
 
 
 def catch_signals():
