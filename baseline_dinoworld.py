@@ -298,7 +298,7 @@ def main(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train the DINO-world baseline (appendix A recipe as defaults).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/dinoworld", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default=T.DINOV3_B16,
                    help=f"DINOv3 hub id, local folder, or a random preset {list(T.VFM_PRESETS)}")

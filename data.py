@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # the command line
@@ -52,6 +53,13 @@ def cli(main, parser):
     gc.collect()  # progress bars close (and redraw) now, not after the message
     sys.stderr.write(f"\n{parser.prog}: error: {message}\n")
     sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default once (a help text that already says it keeps its own words) and no empty one."""
+    def _get_help_string(self, action):
+        said = "default" in (action.help or "") or action.default in (None, "", [])
+        return action.help if said else super()._get_help_string(action)
 
 
 def at_least(low, multiple=1):
@@ -82,10 +90,17 @@ def clip_flags(p):
     p.add_argument("--stride", type=positive, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
 
 
+def cpu_workers(most=8):
+    """Loader processes per process: the cores it may use over torchrun's LOCAL_WORLD_SIZE, at most `most`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+    return max(1, min(most, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def run_flags(p, workers, eval_every):
     """The flags of a training run that every stage shares."""
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
-    p.add_argument("--num-workers", type=at_least(0), default=workers, help="data loader processes per GPU")
+    p.add_argument("--num-workers", type=at_least(0), default=cpu_workers(workers), help="data loader processes per "
+                   f"GPU (default: the cores per process, at most {workers})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=at_least(1), default=10)
     p.add_argument("--eval-every", type=at_least(1), default=eval_every)
@@ -337,7 +352,7 @@ def _prepare_one(job):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with av.open(path) as src, av.open(out + ".tmp", "w", format="mp4") as dst:
         stream = src.streams.video[0]
-        scale, fps = short_side / min(stream.height, stream.width), stream.average_rate or stream.guessed_rate
+        scale, fps = min(1, short_side / min(stream.height, stream.width)), stream.average_rate or stream.guessed_rate
         copy = dst.add_stream("libx264", fps, width=2 * round(stream.width * scale / 2), pix_fmt="yuv420p",
                               height=2 * round(stream.height * scale / 2), gop_size=16, options=dict(
                                   sc_threshold="0", bf="3", tune="fastdecode", preset="veryfast", crf="20", threads="1",
@@ -572,22 +587,24 @@ def main(args):
         return prepare(*args.prepare, args.short_side, args.workers)
     loader = make_loader(ClipDataset(VideoFolder(args.bench), args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started
-    start, clips = time.perf_counter(), 0
-    while time.perf_counter() < start + 20:
-        clips += len(next(loader)["frames"])
-    total = clips / (time.perf_counter() - start)
+    start = time.perf_counter()
+    with tqdm(desc="reading clips for 20 s", unit="clip", dynamic_ncols=True) as bar:
+        while time.perf_counter() < start + 20:
+            bar.update(len(next(loader)["frames"]))
+    total = bar.n / (time.perf_counter() - start)
     print(f"{total:.1f} clips/s, {total / max(args.workers, 1):.1f} per worker ({args.num_frames}-frame clips, 256 px)")
     bench_record(clips_per_s=total, workers=args.workers)
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Copy real videos for fast reading, or measure reading speed.")
+    parser = argparse.ArgumentParser(description="Copy real videos for fast reading, or measure reading speed.",
+                                     formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR for 20 s as training does "
                       "(make_loader, 8 clips a batch)")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
     parser.add_argument("--workers", type=at_least(0), default=1, help="processes, each with one thread")
-    parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: height of a landscape copy")
+    parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: short side, never upscaled")
     parser.add_argument("--num-frames", type=at_least(2), default=2, help="--bench: frames per clip")
     return parser
 

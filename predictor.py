@@ -296,20 +296,24 @@ def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, de
     written by rank k % world_size, and shards already on disk are kept, so an interrupted build resumes."""
     os.makedirs(folder, exist_ok=True)
     n, G = meta["num_clips"], meta["global_batch"]
-    shards = range(rank, math.ceil(n / SHARD), world_size)
-    for k in tqdm(shards, desc="token cache", disable=rank != 0, dynamic_ncols=True):
-        path = os.path.join(folder, f"shard_{k:05d}.pt")
+    shards = [range(k * SHARD, min(n, (k + 1) * SHARD)) for k in range(rank, math.ceil(n / SHARD), world_size)]
+    bar = tqdm(total=sum(map(len, shards)), desc="token cache", unit="clip", disable=rank != 0, dynamic_ncols=True)
+    for ids in shards:
+        path = os.path.join(folder, f"shard_{ids[0] // SHARD:05d}.pt")
         if os.path.exists(path):
+            bar.update(len(ids))
             continue
-        clips = _StreamClips(train, G, range(k * SHARD, min(n, (k + 1) * SHARD)))
         tokens, times, skipped = [], [], 0
-        for frames, t, s in torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=num_workers):
+        for frames, t, s in torch.utils.data.DataLoader(_StreamClips(train, G, ids), batch_size=batch_size,
+                                                        num_workers=num_workers):
             with T.autocast(device, dtype):
                 feats = vfm(frames.to(device))                                           # (B, T, N, C)
                 tokens.append(tok.tokenize(feats, black).float().cpu())                  # (B, T, C)
             times.append(t)
             skipped += int(s.sum())
+            bar.update(len(t))
         T.save_checkpoint(dict(tokens=torch.cat(tokens), times=torch.cat(times), skipped=skipped), path)
+    bar.close()
     if world_size > 1:
         dist.barrier()
     T.save_checkpoint(meta, os.path.join(folder, "meta.pt"), rank == 0)
@@ -528,7 +532,7 @@ def main(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaWorld (appendix A recipe as defaults).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--tokenizer", default="", help="frozen DeltaTok: a tokenizer.py checkpoint (delta or frame mode) "
                    "or the released weights")
     p.add_argument("--out", default="runs/deltaworld", help="run folder: ckpt.pt, log.jsonl")

@@ -22,6 +22,7 @@ Run it:
 import argparse
 import contextlib
 import fcntl
+import functools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, get_session, hf_hub_download
 from tqdm import tqdm
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
@@ -65,7 +66,8 @@ def load_dinov3(name):
             torch.manual_seed(0)
             return DINOv3ViTModel(DINOv3ViTConfig(**VFM_PRESETS[name], attn_implementation="sdpa"))
     try:
-        return DINOv3ViTModel.from_pretrained(name, attn_implementation="sdpa")
+        return DINOv3ViTModel.from_pretrained(name, attn_implementation="sdpa",
+                                              local_files_only=not os.path.isdir(name) and hub_unreachable())
     except Exception as e:
         hint = (f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
                 if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
@@ -73,6 +75,16 @@ def load_dinov3(name):
                 f"run without weights use a random preset: {', '.join(VFM_PRESETS)}")
         cause = f"{type(e).__name__}: {e}".splitlines()[0]
         raise data.UserError(f"could not load DINOv3 '{name}': {hint} (cause: {cause})") from None
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable():
+    """HF_HUB_OFFLINE, or a 3 s probe of the hub failed: downloads then look in the local cache only, and fail at once
+    with hub_hint's line instead of after half a minute of retries."""
+    try:
+        return constants.HF_HUB_OFFLINE or get_session().head(constants.ENDPOINT, timeout=3) is None
+    except Exception:  # no network, no name server, a firewall
+        return True
 
 
 def hub_hint(name, e, local):
@@ -83,7 +95,7 @@ def hub_hint(name, e, local):
     if "gated" in text or "401" in text or "403" in text or "access" in text:
         return (f"{name} is gated: accept the licence on its Hugging Face page, then run `hf auth login` (or set "
                 f"HF_TOKEN), or pass {local}")
-    if os.environ.get("HF_HUB_OFFLINE") or "offline" in text or "connect" in text:
+    if hub_unreachable() or "offline" in text or "connect" in text:
         return (f"{name} is not in the local Hugging Face cache and the hub cannot be reached: download it once "
                 f"online (`hf download {name}`), or pass {local}")
     return None
@@ -294,7 +306,7 @@ def checkpoint_path(path):
     if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.endswith((".pt", ".bin")):
         return path
     try:
-        return hf_hub_download(path, "pytorch_model.bin")
+        return hf_hub_download(path, "pytorch_model.bin", local_files_only=hub_unreachable())
     except Exception as e:
         why = hub_hint(path, e, "a local path") or f"no such repo, or no pytorch_model.bin in it ({type(e).__name__})"
         raise data.UserError(f"no file {path}, nor a Hugging Face repo id that could be fetched: {why}") from None
@@ -582,7 +594,7 @@ def format_check(step, r):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaTok (appendix A recipe as defaults).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/deltatok", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default=DINOV3_B16, help="DINOv3 hub id, local folder, or a random preset "
                    f"{list(VFM_PRESETS)}")

@@ -288,6 +288,22 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, 9))  # nothing logged twice
 
 
+def test_a_second_make_demo_resumes_and_more_steps_equal_one_longer_run(tmp_path):
+    """`make demo TOK_STEPS=6000` after `make demo`: every training stage resumes from its checkpoint, and the
+    tokenizer's 2 steps, then 4 with --resume, equal 4 steps in one run."""
+    demo = subprocess.run(["make", "-n", "demo", "SETUP=", "RUN=python"], cwd=ROOT, capture_output=True, text=True)
+    lines = demo.stdout.replace("\\\n", " ").splitlines()
+    stages = [line.split() for line in lines if line.startswith("python") and "eval.py" not in line]
+    assert len(stages) == 5 and all("--resume" in stage for stage in stages)
+    common = [*TINY, "--global-batch", "4", "--batch-size", "4"]
+    train(*common, "--steps", "4", "--out", tmp_path / "long")
+    train(*common, "--steps", "2", "--out", tmp_path / "rerun")
+    train(*common, "--steps", "4", "--out", tmp_path / "rerun", "--resume")
+    a, b = weights(tmp_path / "long"), weights(tmp_path / "rerun")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
+
+
 def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
     common = [*TINY, "--global-batch", "4", "--batch-size", "4", "--out", tmp_path]
     train(*common, "--steps", "2")
