@@ -588,7 +588,7 @@ def main(args):
     loader = make_loader(ClipDataset(VideoFolder(args.bench), args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started
     start = time.perf_counter()
-    with tqdm(desc="reading clips for 20 s", unit="clip", dynamic_ncols=True) as bar:
+    with tqdm(desc="reading clips for 20 s", unit=" clip", dynamic_ncols=True) as bar:
         while time.perf_counter() < start + 20:
             bar.update(len(next(loader)["frames"]))
     total = bar.n / (time.perf_counter() - start)
