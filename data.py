@@ -56,10 +56,9 @@ def cli(main, parser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's default once (a help text that already says it keeps its own words) and no empty one."""
-    def _get_help_string(self, action):
-        said = "default" in (action.help or "") or action.default in (None, "", [])
-        return action.help if said else super()._get_help_string(action)
+    """--help shows each default once (a help text that says its default keeps its own words), and no empty one."""
+    def _get_help_string(self, a):
+        return a.help if "default" in (a.help or "") or a.default in (None, "", []) else super()._get_help_string(a)
 
 
 def at_least(low, multiple=1):

@@ -3,6 +3,7 @@ section 7, and eval.py --video: a forecast of a video file, with figures and a G
 import math
 import shutil
 import sys
+import time
 from types import SimpleNamespace
 
 import huggingface_hub
@@ -76,6 +77,24 @@ def run_cli(monkeypatch, capsys, *args):
 
 # ----------------------------------------------------------------------------------------------------------------
 # hub ids
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_line_and_the_cache_still_serves(offline_hub, monkeypatch):
+    """Without HF_HUB_OFFLINE, a hub that cannot be reached (the probe fails) sends downloads to the local cache
+    only: a cached id loads, a missing one is the one-line hint at once, not after half a minute of retries."""
+    def no_network(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(T.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(T, "get_session", lambda: SimpleNamespace(head=no_network))
+    T.hub_unreachable.cache_clear()
+    try:
+        assert T.checkpoint_path("Test/seg-head").endswith("pytorch_model.bin")
+        start = time.perf_counter()
+        with pytest.raises(data.UserError, match="the hub cannot be reached"):
+            T.checkpoint_path("Test/missing")
+        assert time.perf_counter() - start < 5  # no retries
+    finally:
+        T.hub_unreachable.cache_clear()
 
 
 def test_deltaworld_trained_on_a_hub_tokenizer_records_the_id(offline_hub, tmp_path):
