@@ -81,8 +81,11 @@ def load_dinov3(name):
 def hub_unreachable():
     """HF_HUB_OFFLINE, or a 3 s probe of the hub failed: downloads then look in the local cache only, and fail at once
     with hub_hint's line instead of after half a minute of retries."""
+    if constants.HF_HUB_OFFLINE:
+        return True
     try:
-        return constants.HF_HUB_OFFLINE or get_session().head(constants.ENDPOINT, timeout=3) is None
+        get_session().head(constants.ENDPOINT, timeout=3)
+        return False
     except Exception:  # no network, no name server, a firewall
         return True
 
