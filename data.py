@@ -34,7 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # the command line
@@ -127,8 +126,7 @@ def cpu_workers(most=8):
 def run_flags(p, workers, eval_every):
     """The flags of a training run that every stage shares."""
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
-    p.add_argument("--num-workers", type=at_least(0), default=cpu_workers(workers), help="data loader processes per "
-                   f"GPU (default: the cores per process, at most {workers})")
+    p.add_argument("--num-workers", type=at_least(0), default=cpu_workers(workers), help="loader processes per GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=at_least(1), default=10)
     p.add_argument("--eval-every", type=at_least(1), default=eval_every)
@@ -627,18 +625,17 @@ def main(args):
     check_paths([("--bench", args.bench)])
     loader = make_loader(ClipDataset(VideoFolder(args.bench), args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started
-    start = time.perf_counter()
-    with tqdm(desc="reading clips for 20 s", unit=" clip", dynamic_ncols=True) as bar:
-        while time.perf_counter() < start + 20:
-            bar.update(len(next(loader)["frames"]))
-    total = bar.n / (time.perf_counter() - start)
-    print(f"{total:.1f} clips/s, {total / args.workers:.1f} per worker ({args.num_frames}-frame clips, 256 px)")
+    start, clips = time.perf_counter(), 0
+    while time.perf_counter() < start + 20:
+        clips += len(next(loader)["frames"])
+        print(f"\r{clips} clips in {time.perf_counter() - start:.0f} of 20 s", end="", flush=True)
+    total = clips / (time.perf_counter() - start)
+    print(f"\n{total:.1f} clips/s, {total / args.workers:.1f} per worker ({args.num_frames}-frame clips, 256 px)")
     bench_record(clips_per_s=total, workers=args.workers)
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Copy real videos for fast reading, or measure reading speed.",
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description="Prepare videos, or time the loader.", formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR for 20 s as training does "
                       "(make_loader, 8 clips a batch)")

@@ -302,8 +302,7 @@ def draw(rows, title, legend, tile=128):
 
 
 def key(task, out, lo, hi):
-    """The legend line of a head: the colours of the classes in its outputs `out` (M, K, S, S), or the depth colour
-    bar in metres (inverse depth from lo to hi, as colour() maps it: far to near)."""
+    """A head's legend line: the colours of the classes in its outputs (M, K, S, S), or the depth bar, far to near."""
     if task == "seg":
         return [(np.tile(PALETTE[k], (1, 10, 1)), f"class {k}") for k in out.argmax(1).unique().tolist()]
     return [(None, f"depth: far {1 / lo:.1f} m"), (colour(1 / torch.linspace(lo, hi, 120)[None], task, lo, hi),
@@ -339,7 +338,6 @@ def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, g
     sample = lambda s: f"sample {s}" + " best" * (s == best)
     notes = [[(None, f"best = sample {best}: the lowest smooth-L1 loss of its frame-{TARGET} features to the true "
                "ones; present = the head on the frame's own features")]]
-
     rows = [[(f"context {t}", frames[t]) for t in ctx] + [(f"target (frame {TARGET})", frames[TARGET])]]
     for task, ts in tiles.items():
         rows.append([(f"{task} context {t}", ts[-1][t]) for t in ctx] + [(f"{task} ground truth", truth[task])] *
@@ -347,11 +345,9 @@ def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, g
                         ("present", -1, TARGET), ("copy-last", -1, ctx[-1]), (f"best (sample {best})", best, TARGET),
                         ("mean", -2, TARGET))])
         rows += [[(f"{task} {sample(s)}", ts[s][TARGET]) for s in range(min(8, len(final)))]] * (len(final) > 1)
-    draw(rows, title + ", the final step", keys + notes + [[(None, (
-        f"ground truth = the dataset's labels; copy-last = the head on frame {ctx[-1]}'s features; mean = the "
-        "samples' features averaged; PCA = features on the 3 principal components of frame 6's, as RGB"))]]).save(
-        stem + ".png")
-
+    draw(rows, title + ", the final step", keys + notes + [[(None, f"ground truth = the dataset's labels; copy-last = "
+         f"the head on frame {ctx[-1]}'s features; mean = the samples' features averaged; PCA = features on the 3 "
+         "principal components of frame 6's, as RGB")]]).save(stem + ".png")
     shown = [-1, best] + [s for s in range(len(final)) if s != best][:num_samples]
     rows = [[(f"frame {t}" + " (context)" * (t in ctx), frames[t]) for t in range(TARGET + 1)]]
     rows += [[(f"{task} present {t}" if s < 0 or t < first else f"{task} {sample(s)}", tiles[task][s][t])
@@ -532,7 +528,9 @@ def flops(args):
     print(f"GFLOPs per {args.size}x{args.size} crop = 2 x multiply-adds of one forward, attention included "
           f"(appendix Table B; the paper's other tables double these for the two crops).\nVFM {vfm.name}; models: "
           f"{f'{kind} from --ckpt, the rest ' if kind else ''}--model {args.model} (blocks: DeltaTok {tok.cfg.depth} + "
-          f"{tok.cfg.depth}, DeltaWorld {len(world.blocks)}, DINO-world {dino.cfg.depth}).")
+          f"{tok.cfg.depth}, DeltaWorld {len(world.blocks)}, DINO-world {dino.cfg.depth}). At ViT-B 256 px DINO-world's"
+          " rows fall 11-13% below Table B: the fixed part agrees, a context frame costs 9.65 GFLOPs, not 12.08 "
+          "(BENCHMARKS.md).")
     for name, v, ref in rows:
         print(f"  {name:<42} {v:9.3f}" + (f"   Table B {ref:8.3f} ({100 * (v / ref - 1):+.1f}%)" if reference else ""))
     got = {name: v for name, v, _ in rows}
@@ -541,9 +539,6 @@ def flops(args):
     shared = 4 * (got["Backbone (per frame)"] + got["DeltaTok encoder (per frame)"])
     dino = 4 * got["Backbone (per frame)"] + sum(got[f"DINO-world predictor ({k}-frame context)"] for k in (4, 5, 6))
     print(f"  mid horizon, DeltaWorld: shared {shared:.2f} + {per_sample:.2f} per sample; DINO-world: {dino:.2f}")
-    if reference:
-        print("  DINO-world's rows fall 11-13% below Table B: the fixed part agrees, a context frame costs 9.65 "
-              "GFLOPs against 12.08 (BENCHMARKS.md)")
     return got
 
 
@@ -598,8 +593,7 @@ def main(args):
         scores = evaluate(args, dataset, sequences, models, vfm, tasks, device, rank, world, features, rgb)
         results[dataset] = gather(scores, tasks)
     if rank == 0:
-        print(table(results) + "\nPresent: the heads on the target frame's own features, on these sequences "
-              "(heads.py's held-out check scores its first --val-sequences, so it differs)")
+        print(table(results) + "\nPresent: the heads on frame 6's own features (heads.py's check: other sequences)")
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(dict(ckpt=args.ckpt, kinds=[m[1] for m in models], size=args.size, samples=args.samples,
                            data=args.data,
@@ -648,8 +642,7 @@ def get_parser():
     p.add_argument("--num-workers", type=data.at_least(0), default=data.cpu_workers(4), help="data loader processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flops", action="store_true", help="print the compute breakdown of appendix Table B and exit")
-    p.add_argument("--model", default="base", choices=list(P.PREDICTOR_PRESETS), help="--flops: the size of the "
-                   "models not given by --ckpt (DeltaTok, predictors)")
+    p.add_argument("--model", default="base", choices=list(P.PREDICTOR_PRESETS), help="--flops: size of the models")
     return p
 
 

@@ -66,8 +66,7 @@ def load_dinov3(name):
             torch.manual_seed(0)
             return DINOv3ViTModel(DINOv3ViTConfig(**VFM_PRESETS[name], attn_implementation="sdpa"))
     try:
-        return DINOv3ViTModel.from_pretrained(name, attn_implementation="sdpa",
-                                              local_files_only=not os.path.isdir(name) and hub_unreachable())
+        return DINOv3ViTModel.from_pretrained(name, attn_implementation="sdpa", local_files_only=hub_unreachable())
     except Exception as e:
         hint = (f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
                 if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
@@ -79,13 +78,9 @@ def load_dinov3(name):
 
 @functools.lru_cache(maxsize=1)
 def hub_unreachable():
-    """HF_HUB_OFFLINE, or a 3 s probe of the hub failed: downloads then look in the local cache only, and fail at once
-    with hub_hint's line instead of after half a minute of retries."""
-    if constants.HF_HUB_OFFLINE:
-        return True
+    """HF_HUB_OFFLINE, or a 3 s probe failed: downloads look in the cache only, failing at once (no 30 s of retries)."""
     try:
-        get_session().head(constants.ENDPOINT, timeout=3)
-        return False
+        return constants.HF_HUB_OFFLINE or get_session().head(constants.ENDPOINT, timeout=3).is_server_error
     except Exception:  # no network, no name server, a firewall
         return True
 
