@@ -120,3 +120,12 @@ bench-data: $(SETUP)
 	for d in runs/videos/* runs/videos_prepared/*; do echo $$d; $(RUN) data.py --bench $$d --workers $(WORKERS); done
 
 .PHONY: bench-data
+
+# Start-up on a Kinetics-size corpus (issue 17): N hard links of one 10 s 360p video in train/<class>/ folders; the
+# first start (index built on all cores), a later start and --trust-index, extrapolated to 545,000 videos, and the
+# index's memory per process and per DataLoader worker
+N ?= 20000
+bench-index: $(SETUP)
+	$(RUN) tests/bench_index.py $(N)
+
+.PHONY: bench-index

@@ -205,8 +205,8 @@ def main(args):
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
     ckpt = T.check_run(args, "dinoworld", [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init)])
     init = T.load_checkpoint(args.init, ("dinoworld",), "--init") if args.init else None
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
-                             size=args.size, stride=tuple(args.stride), seed=args.seed)
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
+                             num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
     vfm = T.VFM(args.vfm).to(device)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     dw = build_dinoworld(args.model, vfm, args.bom).to(device)
@@ -241,7 +241,7 @@ def main(args):
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
     num_samples = args.val_samples if args.bom else 1
     if master:  # held-out clips of 7 frames: 4 context, 3 predicted
-        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed)
+        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args)
         val = data.ClipDataset(val_src, num_frames=CONTEXT + HORIZON, size=args.size, stride=tuple(args.stride),
                                seed=args.seed + 1)
         val_frames, val_times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))

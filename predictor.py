@@ -398,8 +398,8 @@ def main(args):
     ckpt = T.check_run(args, "deltaworld", [("--tokenizer", args.tokenizer), ("--data", args.data), ("--val-data",
                        args.val_data), ("--init", args.init), cache], [cache] * bool(args.cache_tokens))
     init = T.load_checkpoint(args.init, ("deltaworld",), "--init") if args.init else None
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
-                             size=args.size, stride=tuple(args.stride), seed=args.seed)
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
+                             num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
     if args.tokenizer:
         tok, vfm_name = T.load_deltatok(args.tokenizer, device)
         vfm = T.VFM(args.vfm or vfm_name).to(device)
@@ -476,7 +476,7 @@ def main(args):
     else:
         loader = data.make_loader(train, args.batch_size, rank, world_size, accum, step, args.num_workers)
     if master:  # held-out clips of 4 context + 3 target frames
-        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed)
+        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args)
         val = data.ClipDataset(val_src, num_frames=7, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
         val_clips, val_times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))
         val_clips, val_times = torch.stack(val_clips), torch.stack(val_times)                # (V, 7, 3, S, S), (V, 7)

@@ -370,7 +370,8 @@ def cleanup_dist(world):
 
 # flags that may change when a run resumes; any other difference to the checkpoint's needs --allow-changes
 RESUMABLE = {"steps", "batch_size", "num_workers", "log_every", "eval_every", "ckpt_every", "val_clips", "val_samples",
-             "val_sequences", "val_data", "dtype", "compile", "resume", "allow_changes", "out", "init", "bench"}
+             "val_sequences", "val_data", "dtype", "compile", "resume", "allow_changes", "out", "init", "bench",
+             "index", "trust_index"}
 _LOCKS = {}  # run folders this process holds, by path
 
 
@@ -520,7 +521,7 @@ def main(args):
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
     ckpt = check_run(args, "deltatok", [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init)])
     init = load_checkpoint(args.init, ("deltatok",), "--init") if args.init else None
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=2,
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args), num_frames=2,
                              size=args.size, stride=tuple(args.stride), seed=args.seed)
     vfm = VFM(args.vfm).to(device)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -553,7 +554,7 @@ def main(args):
     model_c, vfm_c = (torch.compile(model), torch.compile(vfm)) if args.compile else (model, vfm)
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
     if master:  # held-out clips of 4 frames for the reconstruction check
-        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed)
+        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args)
         val = data.ClipDataset(val_src, num_frames=4, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
         val_clips = torch.stack([val.sample(0, j)[0] for j in range(args.val_clips)])
 
