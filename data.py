@@ -650,9 +650,11 @@ def timed(fn, device, n):
 def run_bench(step_fn, flops_fn, batch, n, device, reference):
     """Time n training steps (after warm-up), report peak memory, FLOPs per step and the fraction of a matmul.
     flops_fn runs the step eagerly on ONE sample: the counter sees no compiled code, its math attention would
-    materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch."""
-    flops = count_flops(flops_fn) * batch
-    timed(step_fn, device, 3)  # warm-up, compile
+    materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch. compile_s: what
+    the 3 warm-up steps took beyond 3 timed ones (compilation, with --compile)."""
+    with torch.compiler.set_stance("force_eager"):
+        flops = count_flops(flops_fn) * batch
+    warm = sum(timed(step_fn, device, 3))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = 1000 * sorted(timed(step_fn, device, n))[n // 2]
@@ -663,7 +665,8 @@ def run_bench(step_fn, flops_fn, batch, n, device, reference):
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     peak = matmul_peak(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = dict(device=name, step_ms=round(ms, 2), peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
+    result = dict(device=name, step_ms=round(ms, 2), compile_s=round(max(warm - 3 * ms / 1000, 0), 1),
+                  peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
                   achieved_tflops=round(flops / ms / 1e9, 2), matmul_peak_tflops=round(peak / 1e12, 2),
                   fraction_of_matmul_peak=round(flops / (ms / 1000) / peak, 3), reference=reference)
     print(json.dumps(result, indent=1))
@@ -686,9 +689,12 @@ def bench_table(jsonl, markdown):
     need = max([r["batch"] / r["step_ms"] * 1000 for r in rows if r["row"].startswith("DeltaTok") and "batch" in r],
                default=0)  # clips/s the fastest DeltaTok step eats: what the loader must feed
     for r in rows:
-        if r.get("failed") or "clips_per_s" in r:
+        if r.get("failed") or "batch" not in r:  # a rate: the loader's or the token cache's clips/s, eval's sequences/s
+            rate = f"**{r['clips_per_s']:.0f} clips/s**" if "clips_per_s" in r else \
+                f"**{r.get('sequences_per_s', 0):.1f} sequences/s**"
             lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |" if r.get("failed") else
-                         f"| {r['row']} | | **{r['clips_per_s']:.0f} clips/s** (DeltaTok step: {need:.0f}) | | | cpu |")
+                         f"| {r['row']} | | {rate} (DeltaTok step: {need:.0f} clips/s) | | | cpu |" if "workers" in r
+                         else f"| {r['row']} | | {rate} | | | |")
             continue
         per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
         lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} GiB | "

@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import time
 
 import numpy as np
 import torch
@@ -373,7 +374,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
     n = min(len(sequences), args.max_sequences or len(sequences))
     loader = torch.utils.data.DataLoader(Crops(sequences, args.size, list(range(rank, n, world))),
                                          batch_size=args.batch_size, collate_fn=list, num_workers=args.num_workers)
-    scores, saved = {}, {h: [] for h in args.horizons}
+    scores, saved, start = {}, {h: [] for h in args.horizons}, time.perf_counter()
 
     def add(key, pred, items):
         tasks = scores.setdefault(key, new_scores(heads))
@@ -413,6 +414,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
         os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
         torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
                    args.save_features)
+    data.bench_record(sequences_per_s=len(loader.dataset) / (time.perf_counter() - start))  # make bench-gpu's row
     return scores
 
 
