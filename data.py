@@ -65,6 +65,12 @@ def cli(main, parser):
     sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default once (a help text that says its default keeps its own words), and no empty one."""
+    def _get_help_string(self, a):
+        return a.help if "default" in (a.help or "") or a.default in (None, "", []) else super()._get_help_string(a)
+
+
 def hub_id(path):
     """Whether a checkpoint flag names a Hugging Face repo 'org/name' (and no local file) to fetch."""
     return not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.endswith((".pt", ".bin"))
@@ -123,10 +129,16 @@ def clip_flags(p):
     p.add_argument("--stride", type=positive, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
 
 
+def cpu_workers(most=8):
+    """Loader processes per process: the cores it may use over torchrun's LOCAL_WORLD_SIZE, at most `most`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+    return max(1, min(most, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def run_flags(p, workers, eval_every):
     """The flags of a training run that every stage shares."""
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
-    p.add_argument("--num-workers", type=at_least(0), default=workers, help="data loader processes per GPU")
+    p.add_argument("--num-workers", type=at_least(0), default=cpu_workers(workers), help="loader processes per GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=at_least(1), default=10)
     p.add_argument("--eval-every", type=at_least(1), default=eval_every)
@@ -465,7 +477,7 @@ def _prepare_one(job):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with av.open(path) as src, av.open(out + ".tmp", "w", format="mp4") as dst:
         stream = src.streams.video[0]
-        scale, fps = short_side / min(stream.height, stream.width), stream.average_rate or stream.guessed_rate
+        scale, fps = min(1, short_side / min(stream.height, stream.width)), stream.average_rate or stream.guessed_rate
         copy = dst.add_stream("libx264", fps, width=2 * round(stream.width * scale / 2), pix_fmt="yuv420p",
                               height=2 * round(stream.height * scale / 2), gop_size=16, options=dict(
                                   sc_threshold="0", bf="3", tune="fastdecode", preset="veryfast", crf="20", threads="1",
@@ -658,9 +670,11 @@ def timed(fn, device, n):
 def run_bench(step_fn, flops_fn, batch, n, device, reference):
     """Time n training steps (after warm-up), report peak memory, FLOPs per step and the fraction of a matmul.
     flops_fn runs the step eagerly on ONE sample: the counter sees no compiled code, its math attention would
-    materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch."""
-    flops = count_flops(flops_fn) * batch
-    timed(step_fn, device, 3)  # warm-up, compile
+    materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch. compile_s: what
+    the 3 warm-up steps took beyond 3 timed ones (compilation, with --compile)."""
+    with torch.compiler.set_stance("force_eager"):
+        flops = count_flops(flops_fn) * batch
+    warm = sum(timed(step_fn, device, 3))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = 1000 * sorted(timed(step_fn, device, n))[n // 2]
@@ -671,7 +685,8 @@ def run_bench(step_fn, flops_fn, batch, n, device, reference):
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     peak = matmul_peak(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = dict(device=name, step_ms=round(ms, 2), peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
+    result = dict(device=name, step_ms=round(ms, 2), compile_s=round(max(warm - 3 * ms / 1000, 0), 1),
+                  peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
                   achieved_tflops=round(flops / ms / 1e9, 2), matmul_peak_tflops=round(peak / 1e12, 2),
                   fraction_of_matmul_peak=round(flops / (ms / 1000) / peak, 3), reference=reference)
     print(json.dumps(result, indent=1))
@@ -694,9 +709,12 @@ def bench_table(jsonl, markdown):
     need = max([r["batch"] / r["step_ms"] * 1000 for r in rows if r["row"].startswith("DeltaTok") and "batch" in r],
                default=0)  # clips/s the fastest DeltaTok step eats: what the loader must feed
     for r in rows:
-        if r.get("failed") or "clips_per_s" in r:
+        if r.get("failed") or "batch" not in r:  # a rate: the loader's or the token cache's clips/s, eval's sequences/s
+            rate = f"**{r['clips_per_s']:.0f} clips/s**" if "clips_per_s" in r else \
+                f"**{r.get('sequences_per_s', 0):.1f} sequences/s**"
             lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |" if r.get("failed") else
-                         f"| {r['row']} | | **{r['clips_per_s']:.0f} clips/s** (DeltaTok step: {need:.0f}) | | | cpu |")
+                         f"| {r['row']} | | {rate} (DeltaTok step: {need:.0f} clips/s) | | | cpu |" if "workers" in r
+                         else f"| {r['row']} | | {rate} | | | |")
             continue
         per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
         lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} GiB | "
@@ -723,19 +741,20 @@ def main(args):
     start, clips = time.perf_counter(), 0
     while time.perf_counter() < start + 20:
         clips += len(next(loader)["frames"])
+        print(f"\r{clips} clips in {time.perf_counter() - start:.0f} of 20 s", end="", flush=True)
     total = clips / (time.perf_counter() - start)
-    print(f"{total:.1f} clips/s, {total / args.workers:.1f} per worker ({args.num_frames}-frame clips, 256 px)")
+    print(f"\n{total:.1f} clips/s, {total / args.workers:.1f} per worker ({args.num_frames}-frame clips, 256 px)")
     bench_record(clips_per_s=total, workers=args.workers)
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Copy real videos for fast reading, or measure reading speed.")
+    parser = argparse.ArgumentParser(description="Prepare videos, or time the loader.", formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR (or a list of them) for 20 "
                       "s as training does (make_loader, 8 clips a batch)")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
     parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")
-    parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: height of a landscape copy")
+    parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: short side, never upscaled")
     parser.add_argument("--num-frames", type=at_least(2), default=2, help="--bench: frames per clip")
     parser.add_argument("--index", metavar="DIR", help="folder for the index of the videos (default: beside them)")
     return parser

@@ -331,6 +331,15 @@ def test_prepared_copy_gives_the_same_clips_at_a_lower_resolution(tmp_path):
     assert np.mean(near) < 0.25 * np.mean(far)
 
 
+def test_prepare_never_upscales(tmp_path):
+    """A video smaller than --short-side keeps its size (a copy 6x the pixels reads slower and trains no better)."""
+    write_video(tmp_path / "small.mp4", [40, 120, 200], "libx264", size=(64, 48))
+    out = str(tmp_path / "copy.mp4")
+    data._prepare_one((str(tmp_path / "small.mp4"), out, data._probe(str(tmp_path / "small.mp4"))[:2], 288))
+    with av.open(out) as container:
+        assert (container.streams.video[0].width, container.streams.video[0].height) == (64, 48)
+
+
 # -----------------------------------------------------------------------------
 # the index of real videos
 
