@@ -72,13 +72,22 @@ def positive(text):
     return float(text)
 
 
+def frame_size(text):
+    """An argparse type: "S" (square) or "HxW" pixels -> (H, W), multiples of a patch size (16, or DINOv2's 14)."""
+    size = tuple(int(v) if v.isdigit() else 0 for v in text.split("x"))
+    if len(size) > 2 or any(v < 14 or v % 14 and v % 16 for v in size):
+        raise argparse.ArgumentTypeError(f"{text}: want S or HxW pixels, multiples of the VFM's patch size (16 or 14)")
+    return size if len(size) == 2 else size * 2
+
+
 def clip_flags(p):
     """The flags of the training clips, shared by tokenizer.py, predictor.py and baseline_dinoworld.py."""
     p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of videos / frame folders")
     p.add_argument("--val-data", default="", help="held-out videos for the check at --eval-every (default: the "
                    "synthetic val split, or --data itself for a folder)")
     p.add_argument("--fps", type=positive, default=None, help="frame rate of frame folders without timestamps")
-    p.add_argument("--size", type=at_least(16, 16), default=256, help="square crop side in pixels")
+    p.add_argument("--size", type=frame_size, default=(256, 256), help="crop size in pixels: S, or HxW (Table D: "
+                   "448x896)")
     p.add_argument("--stride", type=positive, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
 
 
@@ -394,7 +403,8 @@ class ClipDataset:
 
     def __init__(self, source, num_frames=2, size=256, stride=(1 / 25, 1 / 3), scale=(0.6, 1.0),
                  ratio=(3 / 4, 4 / 3), seed=0):
-        self.source, self.num_frames, self.size, self.seed = source, num_frames, size, seed
+        self.source, self.num_frames, self.seed = source, num_frames, seed
+        self.size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
         self.stride, self.scale, self.ratio = stride, scale, ratio  # appendix A: crop scale 0.6-1, ratio 3:4-4:3
 
     def _frame_indices(self, rng, times):
@@ -411,7 +421,7 @@ class ClipDataset:
         return idx.tolist() if idx[-1] < len(times) else None
 
     def sample(self, step, j):
-        """Clip j of `step`: frames (T, 3, S, S) uint8, times (T,) float32 seconds from the first frame, and the
+        """Clip j of `step`: frames (T, 3, H, W) uint8, times (T,) float32 seconds from the first frame, and the
         number of broken videos skipped on the way."""
         skipped = 0
         for attempt in range(1000):
@@ -427,11 +437,12 @@ class ClipDataset:
                 skipped += 1
                 _warn_broken(self.source, i, e)
                 continue
-            top, left, h, w = _crop_box(rng, frames.shape[1], frames.shape[2], self.scale, self.ratio)
-            # one crop for the whole clip, resized to a square (a small aspect distortion, appendix A); resizing the
+            aspect = self.size[1] / self.size[0]  # the crop's width / height ranges around the output's
+            top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, [r * aspect for r in self.ratio])
+            # one crop for the whole clip, resized to (H, W) (a small aspect distortion, appendix A); resizing the
             # uint8 frames directly is 6x faster than through float
             crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
-            crop = F.interpolate(crop, (self.size, self.size), mode="bilinear", antialias=True)
+            crop = F.interpolate(crop, self.size, mode="bilinear", antialias=True)
             return crop, torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32), skipped
         raise UserError(f"no readable video long enough for {self.num_frames} frames at stride {self.stride} s "
                         f"after 1000 draws ({skipped} broken)")

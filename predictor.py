@@ -187,11 +187,12 @@ class DeltaWorld(nn.Module):
         return out.view(B, M, T - 1, C)
 
     def black(self, num_patches, device):
-        """The black frame's VFM features (1, N, C) for a square grid of N patches (computed once per N)."""
+        """The black frame's VFM features (1, N, C) for a grid of N patches (computed once per N)."""
         if num_patches not in self._black:
             if self.vfm is None:
                 raise RuntimeError("DeltaWorld needs the VFM for the black frame: pass vfm= when building it")
-            self._black[num_patches] = self.vfm.black(math.isqrt(num_patches) * self.vfm.patch_size, device).float()
+            grid = T.patch_grid(num_patches, self.tokenizer.cfg.aspect)
+            self._black[num_patches] = self.vfm.black([n * self.vfm.patch_size for n in grid], device).float()
         return self._black[num_patches].to(device)
 
     def queries(self, n, length, generator=None, device="cpu"):
@@ -405,12 +406,12 @@ def main(args):
         T.load_state_strict(world, init, f"--init {args.init}", "check --model / --no-bom")
     opt = T.make_optimizer(world, args.lr, args.weight_decay, device)
     K = 0 if args.no_bom else args.bom
-    black = world.black((args.size // vfm.patch_size) ** 2, device)
+    black = world.black(math.prod(args.size) // vfm.patch_size ** 2, device)
     C, L = tok.cfg.dim, args.num_frames - 1
 
     if args.bench:
         B = args.batch_size
-        frames = torch.randint(0, 256, (B, args.num_frames, 3, args.size, args.size), dtype=torch.uint8, device=device)
+        frames = torch.randint(0, 256, (B, args.num_frames, 3, *args.size), dtype=torch.uint8, device=device)
         times = torch.linspace(0, 0.2 * L, args.num_frames, device=device).expand(B, -1)
         cached = torch.randn(B, args.num_frames, C, device=device)
         if args.bench_mode == "sample":  # eval's mid horizon: 4 context frames, 20 samples x 3 steps, decoded
@@ -517,7 +518,7 @@ def main(args):
             tqdm.write(format_check(step, result, args.val_samples))
         if step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=tokenizer,
-                                   tokenizer_config=asdict(tok.cfg), vfm=args.vfm or vfm.name, size=args.size,
+                                   tokenizer_config=asdict(tok.cfg), vfm=vfm.name, size=args.size,
                                    model=world.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
                                    args=vars(args)), ckpt_path, master)
     bar.close()
