@@ -55,8 +55,8 @@ def patch_positions(times, n, aspect=1.0):
     h, w = T.patch_grid(n, aspect)
     y, x = torch.meshgrid(*(torch.linspace(-1, 1, s, device=times.device) for s in (h, w)), indexing="ij")
     xy = torch.stack([x.flatten(), y.flatten()], -1)  # (n, 2)
-    B, T = times.shape
-    return torch.cat([times[:, :, None, None].float().expand(B, T, n, 1), xy.expand(B, T, n, 2)], -1).flatten(1, 2)
+    B, L = times.shape
+    return torch.cat([times[:, :, None, None].float().expand(B, L, n, 1), xy.expand(B, L, n, 2)], -1).flatten(1, 2)
 
 
 def frame_loss(pred, target):
