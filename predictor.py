@@ -14,6 +14,8 @@ Run it:
       --compile --out runs/deltaworld
   # encode the training clips once, then train without the backbone and the tokenizer encoder
   python predictor.py --tokenizer runs/deltatok/ckpt.pt --data /path/to/videos --cache-tokens runs/cache --compile
+  # delta tokens of every frame of your videos, for another world model (README, "Other feature sources")
+  python predictor.py --tokenizer runs/deltatok/ckpt.pt --data /path/to/videos --size 448x896 --export-tokens runs/tok
   # speed and memory of one training step (SPEC section 6: 142 ms, 3.8 GiB at 256 px, batch 32 x 8, K=256, H200)
   python predictor.py --bench 20 --size 256 --batch-size 32 --compile
 """
@@ -350,6 +352,29 @@ def cache_loader(cache, batch_size, rank, world_size, accum, start_step, global_
             yield {"tokens": torch.stack(tokens), "times": torch.stack(times), "step": step}
 
 
+@torch.no_grad()
+def export_tokens(tok, vfm, source, folder, size, device, dtype, shard=1000):
+    """Delta tokens of every frame of every video of `source`, each frame resized whole to size (H, W), for another
+    world model: folder/shard_KKKKK.pt holds videos k * shard onwards as {"video": [index in the source], "tokens":
+    [(T, C) float32], "times": [(T,) seconds]}; broken videos are skipped (README, Table D)."""
+    os.makedirs(folder, exist_ok=True)
+    for k in tqdm(range(0, len(source), shard), desc="export", dynamic_ncols=True):
+        out = dict(video=[], tokens=[], times=[])
+        for i in range(k, min(k + shard, len(source))):
+            times = source.frame_times(i)
+            try:
+                x = torch.from_numpy(source.read(i, list(range(len(times))))).permute(0, 3, 1, 2)  # (T, 3, H, W)
+            except Exception as e:
+                data._warn_broken(source, i, e)
+                continue
+            with T.autocast(device, dtype):
+                feats = vfm(F.interpolate(x, size, mode="bilinear", antialias=True).to(device))[None]  # (1, T, N, C)
+                out["tokens"].append(tok.tokenize(feats, vfm.black(size, device))[0].float().cpu())
+            out["video"].append(i), out["times"].append(torch.tensor(times))
+        T.save_checkpoint(out, os.path.join(folder, f"shard_{k // shard:05d}.pt"))
+
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -400,6 +425,8 @@ def main(args):
     if (tok.cfg.dim, tok.cfg.patch_size) != (vfm.dim, vfm.patch_size):
         raise data.UserError(f"the tokenizer (dim {tok.cfg.dim}, patch {tok.cfg.patch_size}) does not fit the VFM "
                              f"{vfm.name} (dim {vfm.dim}, patch {vfm.patch_size}): check --vfm")
+    if args.export_tokens:  # for another world model, instead of training (README, Table D)
+        return export_tokens(tok, vfm, train.source, args.export_tokens, args.size, device, args.dtype)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     world = DeltaWorld(tok, vfm, args.model, bom=not args.no_bom).to(device)
     if init:  # weights only (the released layout or a predictor.py checkpoint): optimizer and step start afresh
@@ -546,6 +573,8 @@ def get_parser():
                    "(if not yet done), then train from it")
     p.add_argument("--cache-crops", type=data.positive, default=4, help="clips (augmented crops) per training video "
                    "in the cache")
+    p.add_argument("--export-tokens", default="", metavar="DIR", help="write the tokenizer's delta tokens of every "
+                   "frame of every --data video, resized whole to --size, to DIR/shard_*.pt and exit")
     p.add_argument("--bench-mode", default="delta", choices=["delta", "frame", "sample"], help="delta / frame: the "
                    "random tokenizer of --bench without --tokenizer (Table 2, step 2); sample: time sampling instead "
                    "of training (20 samples x 3 steps from 4 context frames, --batch-size sequences at once)")

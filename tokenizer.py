@@ -26,12 +26,9 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import re
 import sys
 import time
-import types
-import zipfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,7 +49,6 @@ import data
 
 DINOV3_B16 = "facebook/dinov3-vitb16-pretrain-lvd1689m"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-BACKBONES = ("dinov3_vit", "dinov2", "dinov2_with_registers")  # transformers model types VFM reads
 # Random-initialised configs so every stage runs offline on a CPU. The weights are drawn from a fixed seed, so every
 # script that builds "tiny" gets the same network. dinov2-tiny: DINOv2 with registers, patch 14, as in Table D.
 _TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=256, num_register_tokens=4)
@@ -71,7 +67,7 @@ def load_backbone(name):
             torch.manual_seed(0)
             return AutoModel.from_config(AutoConfig.for_model(**VFM_PRESETS[name]), attn_implementation="sdpa")
     try:
-        model = AutoModel.from_pretrained(name, attn_implementation="sdpa")
+        return AutoModel.from_pretrained(name, attn_implementation="sdpa")  # DINOv3, DINOv2 (with registers or not)
     except Exception as e:
         hint = (f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
                 if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
@@ -79,9 +75,6 @@ def load_backbone(name):
                 f"run without weights use a random preset: {', '.join(VFM_PRESETS)}")
         cause = f"{type(e).__name__}: {e}".splitlines()[0]
         raise data.UserError(f"could not load the VFM '{name}': {hint} (cause: {cause})") from None
-    if model.config.model_type not in BACKBONES:
-        raise data.UserError(f"--vfm {name} is a {model.config.model_type}, not one of {BACKBONES}")
-    return model
 
 
 def hub_hint(name, e, local):
@@ -158,9 +151,8 @@ class VFM(nn.Module):
 
 
 def load_pca(spec, width):
-    """A PCA file (fit_pca) "FILE", or "FILE@SHA256" as recorded (a changed file is refused), over features of
-    `width` -> (projection (C, K), shift (K,), "FILE@SHA256"): ((x - mean) / std - pca_mean) @ components.T is
-    x @ projection - shift."""
+    """A PCA file (fit_pca) "FILE", or "FILE@SHA256" as recorded (a changed file is refused), over `width`-d features
+    -> (proj (C, K), shift (K,), "FILE@SHA256"): ((x - mean) / std - pca_mean) @ components.T = x @ proj - shift."""
     path, _, recorded = spec.partition("@")
     try:
         with open(path, "rb") as f:
@@ -183,33 +175,12 @@ def fit_pca(batches, k):
     for x in batches:
         x = x.double().flatten(0, -2)
         n, s, ss = n + len(x), s + x.sum(0), ss + x.T @ x
-    mean = s / n
-    cov = ss / n - mean[:, None] * mean
+    mean, cov = s / n, ss / n - (s / n)[:, None] * (s / n)
     std = cov.diagonal().clamp_min(1e-12).sqrt()
     variance, vectors = (v.flip(-1)[..., :k].float() for v in torch.linalg.eigh(cov / std[:, None] / std))
     mean, std = mean.float(), std.float()  # eigh's order is ascending, flipped above
     return dict(mean=mean, std=std, pca_mean=torch.zeros_like(mean), components=vectors.T.contiguous(),
                 variance=variance)
-
-
-def convert_pca(src, dst):
-    """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> our file at dst. Unpickling runs
-    what the file names: only numpy's and torch's array classes are allowed, and sklearn's PCA is read into a plain
-    object that keeps its attributes (components_, mean_), so sklearn is not needed."""
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module.startswith("sklearn.decomposition") and name == "PCA":
-                return type(name, (), {})
-            if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
-                return super().find_class(module, name)
-            raise data.UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
-    restricted = types.SimpleNamespace(__name__="restricted", Unpickler=Unpickler)
-    with open(src, "rb") as f:  # torch.save's zip file or a plain pickle
-        p = torch.load(f, weights_only=False, pickle_module=restricted) if zipfile.is_zipfile(src) else \
-            Unpickler(f).load()
-    t, pca = lambda v: torch.as_tensor(v, dtype=torch.float32), p["pca_model"].__dict__
-    save_checkpoint(dict(mean=t(p["mean"]).flatten(), std=t(p["std"]).flatten(), pca_mean=t(pca["mean_"]),
-                         components=t(pca["components_"]), variance=t(pca["explained_variance_"])), dst)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -584,11 +555,8 @@ def main(args):
     rank, world, device = setup_dist()
     master = rank == 0
     # what the user gave is checked on every rank before anything is built (flag ranges: get_parser)
-    if (args.convert_pca or args.fit_pca) and not args.pca or args.convert_pca and not args.trust_pickle:
-        raise data.UserError("--fit-pca and --convert-pca write to --pca FILE; --convert-pca needs --trust-pickle "
-                             "(unpickling runs what the pickle names)")
-    if args.convert_pca:
-        return convert_pca(args.convert_pca, args.pca)
+    if args.fit_pca and not args.pca:
+        raise data.UserError("--fit-pca writes to the file --pca: give one")
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
     init = load_checkpoint(args.init, ("deltatok",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=2,
@@ -597,15 +565,13 @@ def main(args):
     if args.fit_pca:  # over all patches of N batches of training clips (2 frames each)
         loader = data.make_loader(train, args.batch_size, num_workers=args.num_workers)
         feats = (vfm(next(loader)["frames"].to(device)) for _ in tqdm(range(args.fit_pca[1]), "fit PCA"))
-        return save_checkpoint(fit_pca(feats, args.fit_pca[0]), args.pca)
-    if init and init.get("vfm", DINOV3_B16) != vfm.name:  # released files: DINOv3 ViT-B/16
-        raise data.UserError(f"--init {args.init} was trained on the features {init['vfm']}, not {vfm.name}")
+        return save_checkpoint(fit_pca(feats, args.fit_pca[0]), args.pca, master)
+    if init and (trained := init.get("vfm", DINOV3_B16)) != vfm.name:  # released files: DINOv3 ViT-B/16
+        raise data.UserError(f"--init {args.init} was trained on the features {trained}, not {vfm.name}")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     tok = build_deltatok(args.model, vfm, args.mode, None if args.no_rope_jitter else 2.0, args.size).to(device)
     if init:  # weights only (a released file or a tokenizer.py checkpoint): optimizer and step start afresh
         load_state_strict(tok, init, f"--init {args.init}")
-    if args.export_tokens:  # of the --init tokenizer
-        return export_tokens(tok.eval(), vfm, train.source, args.export_tokens, args.size, device, args.dtype)
     opt = make_optimizer(tok, args.lr, args.weight_decay, device)
 
     if args.bench:
@@ -684,28 +650,6 @@ def main(args):
     cleanup_dist(world)
 
 
-@torch.no_grad()
-def export_tokens(tok, vfm, source, folder, size, device, dtype, shard=1000):
-    """The delta tokens of every frame of every video of `source`, each frame resized whole to size (H, W), for
-    another world model: folder/shard_KKKKK.pt holds videos k * shard onwards as {"video": [index in the source],
-    "tokens": [(T, C) float32], "times": [(T,) seconds]}; broken videos are skipped (README, Table D)."""
-    os.makedirs(folder, exist_ok=True)
-    for k in tqdm(range(0, len(source), shard), desc="export", dynamic_ncols=True):
-        out = dict(video=[], tokens=[], times=[])
-        for i in range(k, min(k + shard, len(source))):
-            times = source.frame_times(i)
-            try:
-                x = torch.from_numpy(source.read(i, list(range(len(times))))).permute(0, 3, 1, 2)  # (T, 3, H, W)
-            except Exception as e:
-                data._warn_broken(source, i, e)
-                continue
-            with autocast(device, dtype):
-                feats = vfm(F.interpolate(x, size, mode="bilinear", antialias=True).to(device))[None]  # (1, T, N, C)
-                out["tokens"].append(tok.tokenize(feats, vfm.black(size, device))[0].float().cpu())
-            out["video"].append(i), out["times"].append(torch.tensor(times))
-        save_checkpoint(out, os.path.join(folder, f"shard_{k // shard:05d}.pt"))
-
-
 def format_check(step, r):
     lines = [f"step {step} reconstruction check on held-out clips (feature MSE / cosine):"]
     pair = lambda h, name: f"{r[f'h{h}/{name}/mse']:.4f} / {r[f'h{h}/{name}/cos']:.3f}"
@@ -744,11 +688,6 @@ def get_parser():
     p.add_argument("--bench", type=data.at_least(0), default=0, help="time N training steps on random frames and exit")
     p.add_argument("--fit-pca", type=data.at_least(1), nargs=2, metavar=("K", "N"), help="fit a K-component PCA of "
                    "the features of N batches of training clips, write it to --pca and exit")
-    p.add_argument("--convert-pca", default="", metavar="PICKLE", help="convert DINO-Foresight's PCA pickle to --pca "
-                   "and exit (unpickling can run code: needs --trust-pickle)")
-    p.add_argument("--trust-pickle", action="store_true", help="let --convert-pca unpickle the file")
-    p.add_argument("--export-tokens", default="", metavar="DIR", help="write the --init tokenizer's delta tokens of "
-                   "every frame of every --data video, resized to --size, to DIR/shard_*.pt and exit")
     data.clip_flags(p)
     data.run_flags(p, workers=8, eval_every=1000)
     return p

@@ -105,7 +105,7 @@ def test_dino_foresight_pickle_converts_without_sklearn(tmp_path, monkeypatch):
         with open(tmp_path / "pca.pkl", "wb") as f:
             save(dict(pca_model=model, mean=mean, std=std), f)
         monkeypatch.delitem(sys.modules, "sklearn.decomposition._pca")  # reading it needs no sklearn
-        T.convert_pca(str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt"))
+        data.convert_pca(str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt"))
         monkeypatch.setitem(sys.modules, "sklearn.decomposition._pca", types.ModuleType("pca"))
         sys.modules["sklearn.decomposition._pca"].PCA = PCA
         proj, shift, _ = T.load_pca(str(tmp_path / "pca.pt"), 64)
@@ -120,7 +120,7 @@ def test_dino_foresight_pickle_converts_without_sklearn(tmp_path, monkeypatch):
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump(dict(pca_model=Evil()), f)
     with pytest.raises(data.UserError, match="builtins.print"):
-        T.convert_pca(str(tmp_path / "evil.pkl"), str(tmp_path / "out.pt"))
+        data.convert_pca(str(tmp_path / "evil.pkl"), str(tmp_path / "out.pt"))
 
 
 def test_non_square_rope_equals_dinov3s_on_an_h_by_w_image():
@@ -192,10 +192,17 @@ def test_tokenizer_and_predictor_over_pca_features_at_28x56_reload_and_roll_out(
                                           "--global-batch", "4", "--out", str(tmp_path / "tok2")]))
     # the export: every frame's token of each video, as the tokenizer computes them
     source_videos = Coordinates()
-    T.export_tokens(tok, vfm, source_videos, str(tmp_path / "export"), (28, 56), torch.device("cpu"), "fp32")
+    P.export_tokens(tok, vfm, source_videos, str(tmp_path / "export"), (28, 56), torch.device("cpu"), "fp32")
     shard = torch.load(tmp_path / "export" / "shard_00000.pt", weights_only=True)
     frames = torch.nn.functional.interpolate(torch.from_numpy(source_videos.read(0, range(10))).permute(0, 3, 1, 2),
                                              (28, 56), mode="bilinear", antialias=True)
     want = tok.tokenize(vfm(frames)[None], vfm.black((28, 56), "cpu"))[0]
     assert shard["video"] == [0] and torch.equal(shard["times"][0], torch.tensor(np.arange(10) / 10))
     torch.testing.assert_close(shard["tokens"][0], want)
+
+
+def test_convert_needs_the_trust_flag_and_fit_needs_an_output(tmp_path):
+    with pytest.raises(data.UserError, match="--trust-pickle"):
+        data.main(data.get_parser().parse_args(["--convert-pca", str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt")]))
+    with pytest.raises(data.UserError, match="--pca"):
+        T.main(T.get_parser().parse_args(["--vfm", "tiny", "--fit-pca", "16", "1"]))
