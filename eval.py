@@ -531,8 +531,7 @@ def main(args):
     if args.flops:
         return flops(args)
     if args.size[0] != args.size[1]:
-        raise data.UserError(f"--size {args.size[0]}x{args.size[1]}: the evaluation's crops are square (S); HxW is "
-                             "for --flops")
+        raise data.UserError(f"--size {args.size[0]}x{args.size[1]}: the evaluation's crops are square; HxW: --flops")
     args.size = args.size[0]
     rank, world, device = T.setup_dist()
     if bool(args.ckpt) == bool(args.features):

@@ -374,7 +374,6 @@ def export_tokens(tok, vfm, source, folder, size, device, dtype, shard=1000):
         T.save_checkpoint(out, os.path.join(folder, f"shard_{k // shard:05d}.pt"))
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 

@@ -110,8 +110,7 @@ class VFM(nn.Module):
         cfg, layers = self.model.config, options.get("layers", "")
         self.layers = [int(i) for i in layers.split(",") if i.isdigit() and int(i) < cfg.num_hidden_layers] or None
         if layers and len(self.layers or ()) != len(layers.split(",")):
-            raise data.UserError(f"--vfm-layers {layers}: want blocks of {backbone} (0 to {cfg.num_hidden_layers - 1})"
-                                 " separated by commas")
+            raise data.UserError(f"--vfm-layers {layers}: want blocks of {backbone}, 0 to {cfg.num_hidden_layers - 1}")
         self.patch_size, self.dim = cfg.patch_size, cfg.hidden_size * len(self.layers or [0])
         self.num_prefix = 1 + getattr(cfg, "num_register_tokens", 0)  # CLS + registers come before the patches
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)

@@ -206,3 +206,13 @@ def test_convert_needs_the_trust_flag_and_fit_needs_an_output(tmp_path):
         data.main(data.get_parser().parse_args(["--convert-pca", str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt")]))
     with pytest.raises(data.UserError, match="--pca"):
         T.main(T.get_parser().parse_args(["--vfm", "tiny", "--fit-pca", "16", "1"]))
+
+
+def test_flops_count_h_times_w_patches(capsys):
+    import eval as E
+    got = {s: E.flops(E.get_parser().parse_args(["--flops", "--vfm", "tiny", "--size", s]))
+           for s in ("32", "32x64", "64x32")}
+    for name in got["32"]:  # 8 patches either way round, more than 32 x 32's 4 where patches count
+        assert got["32x64"][name] == pytest.approx(got["64x32"][name]), name
+        assert got["32"][name] < got["32x64"][name] or name.startswith("DeltaWorld predictor"), name
+    assert "GFLOPs per 32x64 crop" in capsys.readouterr().out
