@@ -200,6 +200,7 @@ def main(args):
     master = rank == 0
     # what the user gave is checked on every rank before anything is built (flag ranges: get_parser)
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
+    ckpt = T.check_run(args, "dinoworld", [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init)])
     init = T.load_checkpoint(args.init, ("dinoworld",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
                              size=args.size, stride=tuple(args.stride), seed=args.seed)
@@ -230,7 +231,7 @@ def main(args):
                            "(SPEC section 6); Table 2: + BoM 16 needs about the same memory")
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    resumed = T.resume(args, "dinoworld", dw, opt, master)
+    resumed = T.resume(args, dw, opt, master, ckpt)
     step, skipped = resumed["step"], resumed["skipped"]
     model = T.ddp(dw, world, device)
     model_c, dw_c, vfm_c = map(torch.compile, (model, dw, vfm)) if args.compile else (model, dw, vfm)

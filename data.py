@@ -27,6 +27,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import sys
 import time
 import types
@@ -53,9 +54,37 @@ def cli(main, parser):
         return main(parser.parse_args())
     except UserError as e:  # from a DataLoader worker, the message ends with the worker's "data.UserError: ..."
         message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
-    gc.collect()  # progress bars close (and redraw) now, not after the message
-    sys.stderr.write(f"\n{parser.prog}: error: {message}\n")
+    gc.collect()  # progress bars close (and end their line) now, not after the message
+    sys.stderr.write(f"{parser.prog}: error: {message}\n")
     sys.exit(2)
+
+
+def hub_id(path):
+    """Whether a checkpoint flag names a Hugging Face repo 'org/name' (and no local file) to fetch."""
+    return not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.endswith((".pt", ".bin"))
+
+
+def check_paths(read, out=None, write=()):
+    """Every path a command reads or writes, checked before anything is built, created or locked: each (flag, path)
+    of `read` exists and is readable ('synthetic' and hub ids pass); `out` and each of `write`, (flag, folder), is or
+    can be made a writable folder; out is no folder read, nor inside one, nor the folder of a file read."""
+    dest = os.path.realpath(out[1]) if out else ""
+    for flag, path in read:
+        if not path or path == "synthetic" or hub_id(path) or (flag, path) in write and not os.path.exists(path):
+            continue  # (a folder both read and written, the token cache, may not exist yet)
+        if not os.access(path, os.R_OK):
+            raise UserError(f"{flag} {path} does not exist (or cannot be read): check the path")
+        folder = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
+        if dest == folder or os.path.isdir(path) and dest.startswith(folder + os.sep):
+            raise UserError(f"{out[0]} {out[1]} is {'inside ' * (dest != folder)}the folder of {flag} {path}: it would "
+                            f"write over what it reads; give another {out[0]}")
+    for flag, path in [out, *write] if out else write:
+        parent = os.path.realpath(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise UserError(f"{flag} {path} must be a folder you can write, and {parent} is " +
+                            ("not writable" if os.path.isdir(parent) else "a file"))
 
 
 def at_least(low, multiple=1):
@@ -244,6 +273,8 @@ def _probe(path):
         tag = container.metadata.get("comment", "").split()
         if tag[:1] == [PREPARED]:
             return int(tag[1]), float(tag[2])
+        if not container.streams.video:
+            raise ValueError(f"no video stream in {path}")
         stream = container.streams.video[0]
         rate = float(stream.average_rate or stream.guessed_rate)
         n = stream.frames
@@ -336,17 +367,25 @@ def prepare(src, dst, short_side=288, workers=1):
     short side `short_side`, a key frame every 16 frames, and 3 B-frames between references that nothing refers
     to (read skips them). Frame k stays frame k, with the original's frame count and rate, so that ClipDataset cuts
     the same clips: the same frames, times and (RandomResizedCrop being relative to the frame) crop distribution."""
+    try:  # frame folders are left out (any rate will do)
+        videos = [(path, info) for path, info in VideoFolder(src, fps=1).videos if not isinstance(path, list)]
+    except UserError:  # nothing usable at all
+        videos = []
+    if not videos:
+        raise UserError(f"no video files ({' '.join(VIDEO_EXTS)}) under {src}: nothing to copy (frame folders are read "
+                        "fast as they are: train on them directly)")
     jobs = [(path, os.path.join(dst, os.path.splitext(os.path.relpath(path, src))[0] + ".mp4"), info, short_side)
-            for path, info in VideoFolder(src).videos if not isinstance(path, list)]  # frame folders are left out
+            for path, info in videos]
+    todo = [job for job in jobs if not os.path.exists(job[1])]  # the rest was copied by an earlier run
+    if not todo:
+        return print(f"every video under {src} ({len(jobs)}) is already copied to {dst}: nothing to do")
     with multiprocessing.Pool(workers) as pool:
-        for n, out in enumerate(pool.imap_unordered(_prepare_one, jobs)):
-            print(f"{n + 1}/{len(jobs)} {out}", flush=True)
+        for n, out in enumerate(pool.imap_unordered(_prepare_one, todo)):
+            print(f"{n + 1}/{len(todo)} {out}", flush=True)
 
 
 def _prepare_one(job):
     path, out, (n, rate), short_side = job
-    if os.path.exists(out):  # copied by an earlier run
-        return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with av.open(path) as src, av.open(out + ".tmp", "w", format="mp4") as dst:
         stream = src.streams.video[0]
@@ -604,18 +643,21 @@ def convert_pca(src, dst):
 
 def main(args):
     if args.prepare:
+        check_paths([("SRC", args.prepare[0])], ("DST", args.prepare[1]))
         return prepare(*args.prepare, args.short_side, args.workers)
     if args.convert_pca:  # unpickling can run code: only on the user's word
         if not args.trust_pickle:
             raise UserError("--convert-pca unpickles the file, which can run code: add --trust-pickle if you trust it")
+        check_paths([("--convert-pca", args.convert_pca[0])])
         return convert_pca(*args.convert_pca)
+    check_paths([("--bench", args.bench)])
     loader = make_loader(ClipDataset(VideoFolder(args.bench), args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started
     start, clips = time.perf_counter(), 0
     while time.perf_counter() < start + 20:
         clips += len(next(loader)["frames"])
     total = clips / (time.perf_counter() - start)
-    print(f"{total:.1f} clips/s, {total / max(args.workers, 1):.1f} per worker ({args.num_frames}-frame clips, 256 px)")
+    print(f"{total:.1f} clips/s, {total / args.workers:.1f} per worker ({args.num_frames}-frame clips, 256 px)")
     bench_record(clips_per_s=total, workers=args.workers)
 
 
@@ -628,7 +670,7 @@ def get_parser():
     mode.add_argument("--convert-pca", nargs=2, metavar=("PICKLE", "DST"), help="DINO-Foresight's PCA pickle -> a "
                       "--pca file of tokenizer.py (Table D)")
     parser.add_argument("--trust-pickle", action="store_true", help="--convert-pca: let it unpickle the file")
-    parser.add_argument("--workers", type=at_least(0), default=1, help="processes, each with one thread")
+    parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")
     parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: height of a landscape copy")
     parser.add_argument("--num-frames", type=at_least(2), default=2, help="--bench: frames per clip")
     return parser

@@ -107,6 +107,16 @@ def predict(kind, model, feats, times, horizon, num_samples, generator):
     return pred.float()
 
 
+def features_file(path, flag="--features"):
+    """A file of predicted features (the docstring's format), its keys and types checked."""
+    f = T.load_checkpoint(path, (), flag, mmap=True)
+    if not (isinstance(f, dict) and {"dataset", "size"} <= f.keys() and
+            all(torch.is_tensor(f[h]) and f[h].ndim == 5 for h in ("short", "mid") if h in f)):
+        raise data.UserError(f"{flag} {path} is not a features file: a dict with dataset, size and the tensors short "
+                             "/ mid (sequences, 2, samples, N, C), as eval.py's docstring says")
+    return f
+
+
 def best_and_mean(samples, target):
     """samples (B, S, N, C), ground truth (B, N, C) -> best sample (lowest smooth-L1, beta 0.1), sample mean, and
     the index of the best."""
@@ -135,26 +145,22 @@ class Crops(torch.utils.data.Dataset):
         return dict(index=i, crops=Hd.two_crops(x, self.size), resized=tuple(x.shape[-2:]), **item)
 
 
-def pick_heads(args, dataset, sequences, device, vfm_name):
+def pick_heads(args, dataset, sequences, device, vfm):
     """The heads of this dataset: --heads PATH (for every dataset) or DATASET=PATH, one per task it has."""
     out, want = {}, ["seg", "depth"] if sequences.task == "both" else [sequences.task]
     for spec in args.heads:
-        name, sep, path = spec.partition("=")
+        name, sep, path = spec.rpartition("=")
         if sep and name != dataset:
             continue
-        path = path if sep else spec
-        head, head_vfm = Hd.load_head(path, want[0] if len(want) == 1 else None, device)
+        head = Hd.load_head(path, want[0] if len(want) == 1 else None, device, vfm)[0]
         if head.task not in want:
             continue
-        if head_vfm and head_vfm != vfm_name:
-            raise data.UserError(f"head {path} was trained on VFM {head_vfm!r}, but features come from {vfm_name!r}")
         if head.task == "seg" and head.head.out_channels != sequences.num_classes:
             raise data.UserError(f"head {path} has {head.head.out_channels} classes, {dataset} has "
                                  f"{sequences.num_classes}")
         out[head.task] = head
     if not out:
-        raise data.UserError(f"no head for {dataset} ({' / '.join(want)}): pass --heads PATH or "
-                             f"{dataset}=PATH")
+        raise data.UserError(f"no head for {dataset} ({' / '.join(want)}): pass --heads PATH or {dataset}=PATH")
     return out
 
 
@@ -396,6 +402,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
                         figures(os.path.join(args.out, f"{dataset}_{item['index']:04d}_{h}"), name, item,
                                 feats[2 * b], rollout[2 * b], CONTEXT[h], {**heads, **(rgb or {})}, args.size)
     if args.save_features:
+        os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
         torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
                    args.save_features)
     return scores
@@ -542,10 +549,17 @@ def main(args):
         raise data.UserError("--video forecasts with --ckpt models (not --features)")
     if args.save_features and (len(args.ckpt) != 1 or world > 1):
         raise data.UserError("--save-features takes one --ckpt and one process (python eval.py, not torchrun)")
+    flags = ("ckpt", "features", "heads", "tokenizer", "rgb_head", "video", "kitti_split", "kitti_raw")
+    read = [(f"--{k.replace('_', '-')}", v.split("=")[-1]) for k in flags for v in np.atleast_1d(vars(args)[k] or "")]
+    read += [("--data", d.partition(":")[2]) for d in args.data]  # --heads DATASET=PATH, --data NAME:ROOT
+    T.check_run(args, None, read, [("--save-features", os.path.dirname(os.path.abspath(args.save_features)))] *
+                bool(args.save_features))
+    if os.path.exists(args.save_features):  # only a features file may be written over
+        features_file(args.save_features, "--save-features")
     clip = video_clip(args) if args.video else None  # before loading any model: a mistake fails at once
     datasets = [] if args.video else [Hd.open_eval(spec, "val", args.kitti_split, args.kitti_raw, args.seed)
                                       for spec in args.data]
-    files = [T.load_checkpoint(path, flag="--features", mmap=True) for path in args.features]
+    files = [features_file(path) for path in args.features]
     for path, features, spec, sequences in zip(args.features, files, args.data, datasets):
         n = min(len(sequences), args.max_sequences or len(sequences))
         if (features.get("dataset"), features.get("size")) != (spec.partition(":")[0], args.size):
@@ -559,16 +573,17 @@ def main(args):
     vfm_name = args.vfm or vfm_name or (files[0].get("vfm") if files else None) or T.DINOV3_B16
     vfm = vfms.get(vfm_name) or T.VFM(vfm_name).to(device)
     rgb = {"rgb": load_rgb_head(args.rgb_head, vfm, device)} if args.rgb_head else {}
+    heads = [pick_heads(args, spec.partition(":")[0], sequences, device, vfm) for spec, sequences in
+             zip(args.data, datasets)] or [{h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device, vfm)[0]
+                                                              for p in args.heads)}]  # --video: any head
     os.makedirs(args.out, exist_ok=True)
     if args.video:
-        heads = {h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device)[0] for p in args.heads)}
-        return forecast(args, *clip, models, vfm, {**heads, **rgb}, device)
+        return forecast(args, *clip, models, vfm, {**heads[0], **rgb}, device)
     results = {}
-    for spec, sequences, features in zip(args.data, datasets, files or [None] * len(args.data)):
+    for spec, sequences, features, tasks in zip(args.data, datasets, files or [None] * len(args.data), heads):
         dataset = spec.partition(":")[0]
-        heads = pick_heads(args, dataset, sequences, device, vfm_name)
-        scores = evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features, rgb)
-        results[dataset] = gather(scores, heads)
+        scores = evaluate(args, dataset, sequences, models, vfm, tasks, device, rank, world, features, rgb)
+        results[dataset] = gather(scores, tasks)
     if rank == 0:
         print(table(results))
         with open(os.path.join(args.out, "results.json"), "w") as f:

@@ -84,13 +84,16 @@ def to_map(feats):
     return feats.reshape(-1, side, side, c).permute(0, 3, 1, 2).float()
 
 
-def load_head(path, task=None, device="cpu"):
+def load_head(path, task=None, device="cpu", vfm=None):
     """A head from a heads.py checkpoint or a released pytorch_model.bin (bare state dict or {"state_dict"}).
-    Released files carry no task: `task` says it, else 256 outputs mean the depth head. Returns (head, vfm name or
-    None for released heads, whose VFM is DINOv3 ViT-B/16)."""
+    Released files carry no task: `task` says it, else 256 outputs mean the depth head. One trained on another VFM
+    than `vfm` (if given) is refused. Returns (head, vfm name or None for released heads: DINOv3 ViT-B/16)."""
     ckpt = T.load_checkpoint(path, ("seghead", "depthhead"), "--heads")
     state = ckpt["model"] if "kind" in ckpt else ckpt.get("state_dict", ckpt)
     out, dim = state["head.weight"].shape[:2]
+    if vfm is not None and (ckpt.get("vfm", vfm.name) != vfm.name or dim != vfm.dim):
+        raise data.UserError(f"head {path} was trained on VFM {ckpt.get('vfm', T.DINOV3_B16)!r} ({dim} wide), but "
+                             f"the features come from {vfm.name!r} ({vfm.dim} wide): check --heads / --vfm")
     task = task if task and "kind" not in ckpt else T.checkpoint_kind(ckpt)[:-4]  # "seghead" -> "seg"
     head = DepthHead(dim, out) if task == "depth" else SegHead(dim, out)
     T.load_state_strict(head, ckpt, f"--heads {path}", f"is it a {task} head?")
@@ -207,15 +210,15 @@ GARG = (0.40810811, 0.99189189, 0.03594771, 0.96405229)          # rows, then co
 
 def _need(path, what):
     if not os.path.exists(path):
-        raise data.UserError(f"{what}: {path} is missing")
+        raise data.UserError(f"{what}: {path} does not exist")
     return path
 
 
 def _read(path, mode=None):
     """An image file as an array (converted to `mode`, e.g. "RGB"); an unreadable file is a UserError naming it."""
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert(mode) if mode else img)
+        with Image.open(path) as img:  # a writable copy: torch warns about read-only arrays
+            return np.array(img.convert(mode) if mode else img)
     except (OSError, SyntaxError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         raise data.UserError(f"cannot read the image {path} ({type(e).__name__}: {e}): replace or remove it") from None
 
@@ -249,7 +252,7 @@ class VSPWSequences(_Sequences):
         for v in videos:
             folder = _need(os.path.join(root, "data", v, "origin"), f"VSPW video {v} listed in {split}.txt")
             frames = sorted(f for f in os.listdir(folder)  # the official download has macOS ._* files beside them
-                            if f.lower().endswith(data.IMAGE_EXTS) and not f.startswith("._"))
+                            if f.lower().endswith(data.IMAGE_EXTS) and not f.startswith("."))
             for k in range(19, len(frames), 20):
                 idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)  # first index k - 18 >= 0
                 stem = os.path.splitext(frames[k])[0]
@@ -276,9 +279,9 @@ class CityscapesSequences(_Sequences):
         frames = _need(os.path.join(root, "leftImg8bit_sequence", split),
                        f"Cityscapes root {root!r} needs leftImg8bit_sequence/{split}")
         self.items = []
-        for city in sorted(os.listdir(labels)):
+        for city in sorted(c for c in os.listdir(labels) if os.path.isdir(os.path.join(labels, c))):  # no .DS_Store
             for f in sorted(os.listdir(os.path.join(labels, city))):
-                if not f.endswith("_gtFine_labelIds.png") or f.startswith("._"):  # macOS metadata files too
+                if not f.endswith("_gtFine_labelIds.png") or f.startswith("."):  # macOS ._ files, hidden files
                     continue
                 _, seq, frame = f[:-len("_gtFine_labelIds.png")].rsplit("_", 2)
                 k = int(frame)
@@ -401,25 +404,22 @@ class SyntheticSequences(_Sequences):
         return dict(classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
 
 
-def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0):
-    """'synthetic', 'vspw:ROOT', 'cityscapes:ROOT' or 'kitti:ROOT' -> the sequences of that split."""
+def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0, task=None):
+    """'synthetic', 'vspw:ROOT', 'cityscapes:ROOT' or 'kitti:ROOT' -> the sequences of that split; a dataset without
+    the labels of `task` (seg or depth, if given) is refused."""
     name, _, root = spec.partition(":")
     if name == "synthetic":
         return SyntheticSequences(split, seed)
-    if not root:
+    reader = {"vspw": VSPWSequences, "cityscapes": CityscapesSequences, "kitti": KITTISequences}.get(name)
+    if not reader or not root:
         raise data.UserError(f"dataset {spec!r}: give it as NAME:ROOT (vspw, cityscapes, kitti) or 'synthetic'")
-    if not os.path.isdir(root):
-        raise data.UserError(f"{name} root {root!r} does not exist (or is not a folder)")
-    if name == "vspw":
-        return VSPWSequences(root, split)
-    if name == "cityscapes":
-        return CityscapesSequences(root, split)
-    if name == "kitti":
-        if not kitti_split and split != "val":  # the default list is the test split: never train on it silently
-            raise data.UserError("KITTI training needs a list of training frames (Eigen format): pass --kitti-split "
-                                 "FILE")
-        return KITTISequences(root, kitti_split or KITTI_EIGEN_TEST, kitti_raw)
-    raise data.UserError(f"unknown dataset {name!r}: one of synthetic, vspw, cityscapes, kitti")
+    if task and reader.task != task:
+        raise data.UserError(f"{name} has {reader.task} labels, not {task}: use --task {reader.task}, or other --data")
+    if name != "kitti":
+        return reader(root, split)
+    if not kitti_split and split != "val":  # the default list is the test split: never train on it silently
+        raise data.UserError("KITTI training needs a list of training frames (Eigen format): pass --kitti-split FILE")
+    return KITTISequences(root, kitti_split or KITTI_EIGEN_TEST, kitti_raw)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,17 +484,18 @@ def present_score(head, vfm, source, size, device, dtype, num):
 def main(args):
     rank, world, device = T.setup_dist()
     master = rank == 0
+    ckpt = T.check_run(args, f"{args.task}head", [("--data", args.data.partition(":")[2]), ("--kitti-split",
+                       args.kitti_split), ("--kitti-val-split", args.kitti_val_split), ("--kitti-raw", args.kitti_raw)])
     train = SyntheticFrames("train", args.seed) if args.data == "synthetic" else \
-        open_eval(args.data, "train", args.kitti_split, args.kitti_raw)  # checked before anything is built
-    val = SyntheticSequences("val", args.seed) if args.data == "synthetic" else \
-        open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw)
+        open_eval(args.data, "train", args.kitti_split, args.kitti_raw, task=args.task)
+    val = open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw, args.seed)
     vfm = T.VFM(args.vfm).to(device)
     num_classes = train.num_classes if args.task == "seg" else DEPTH_BINS
     torch.manual_seed(args.seed)
     head = (SegHead(vfm.dim, num_classes) if args.task == "seg" else DepthHead(vfm.dim)).to(device)
     opt = T.make_optimizer(head, args.lr, args.weight_decay, device)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    step = T.resume(args, f"{args.task}head", head, opt, master)["step"]
+    step = T.resume(args, head, opt, master, ckpt)["step"]
     model = T.ddp(head, world, device)
     batches = _Batches(train, args.task, args.size, args.batch_size, rank, args.seed)
     loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=itertools.count(step),

@@ -239,6 +239,9 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt")
     if released and not tokenizer:
         raise data.UserError(f"{flag} {path} is a bare state dict (released weights): pass the DeltaTok it goes with, "
                              "e.g. --tokenizer Amazon-FAR/deltatok-kinetics")
+    if not (tokenizer or data.hub_id(ckpt["tokenizer"]) or os.path.exists(ckpt["tokenizer"])):
+        raise data.UserError(f"{flag} {path} records its tokenizer at {ckpt['tokenizer']}, which is gone: pass "
+                             "--tokenizer with that file (moved or copied), or with the released DeltaTok it used")
     tok, vfm_name = T.load_deltatok(tokenizer or ckpt["tokenizer"], device)
     vfm = vfm if vfm is not None else T.VFM(vfm_name if released else ckpt["vfm"] or vfm_name).to(device)
     model, bom = ("base", "q_embed.weight" not in ckpt.get("state_dict", ckpt)) if released else \
@@ -412,6 +415,10 @@ def main(args):
     if not (args.tokenizer or args.bench):  # timing needs no trained weights
         raise data.UserError("--tokenizer is required: a tokenizer.py checkpoint or the released DeltaTok weights")
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world_size)
+    cache = ("--cache-tokens", args.cache_tokens)  # read, or made (a folder of its own: not --out)
+    ckpt = T.check_run(args, "deltaworld", [("--tokenizer", args.tokenizer), ("--data", args.data), ("--val-data",
+                       args.val_data), ("--init", args.init), cache], [cache] * bool(args.cache_tokens) +
+                       [("--export-tokens", args.export_tokens)] * bool(args.export_tokens))
     init = T.load_checkpoint(args.init, ("deltaworld",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
                              size=args.size, stride=tuple(args.stride), seed=args.seed)
@@ -470,7 +477,7 @@ def main(args):
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     # the tokenizer the checkpoint records: a file by its absolute path, a hub id as it is
     tokenizer = os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer) else args.tokenizer
-    resumed = T.resume(args, "deltaworld", world, opt, master)
+    resumed = T.resume(args, world, opt, master, ckpt)
     step, skipped = resumed["step"], resumed["skipped"]
     model = T.ddp(world, world_size, device)
     model_c, world_c, vfm_c = ((torch.compile(model), torch.compile(world), torch.compile(vfm)) if args.compile

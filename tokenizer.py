@@ -20,13 +20,13 @@ Run it:
   python tokenizer.py --bench 20 --size 256 --batch-size 64 --compile
 """
 import argparse
+import atexit
 import contextlib
 import fcntl
 import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -361,7 +361,7 @@ def checkpoint_kind(ckpt):
 
 def checkpoint_path(path):
     """A local file as is; a Hugging Face repo id 'org/name' -> its pytorch_model.bin (downloaded once, cached)."""
-    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.endswith((".pt", ".bin")):
+    if not data.hub_id(path):
         return path
     try:
         return hf_hub_download(path, "pytorch_model.bin")
@@ -434,32 +434,55 @@ RESUMABLE = {"steps", "batch_size", "num_workers", "log_every", "eval_every", "c
 _LOCKS = {}  # run folders this process holds, by path
 
 
-def resume(args, kind, model, opt, master):
-    """Lock <out> (one run per folder). With --resume and <out>/ckpt.pt present, restore model and optimizer and return
-    the checkpoint (its step, skipped count, ...), else {"step": 0, "skipped": 0}; log.jsonl is cut back to that
-    step. The data position is the step (data.make_loader)."""
+def check_run(args, kind, read=(), write=()):
+    """Before anything is built, created or locked: the paths a run reads and writes (data.check_paths; --out is its
+    folder), and the checkpoint in --out: none, or this stage's with --resume, its training state and flags checked
+    (RESUMABLE ones may change; others need --allow-changes). Returns it, or None."""
+    bench, path = getattr(args, "bench", 0), os.path.join(args.out, "ckpt.pt")
+    data.check_paths(read, None if bench else ("--out", args.out), write)
+    if bench or not os.path.exists(path):
+        return None
+    ckpt = load_checkpoint(path, (), "--out")
+    found = checkpoint_kind(ckpt) if isinstance(ckpt, dict) else None
+    if found != kind or not getattr(args, "resume", False):
+        raise data.UserError(f"--out {args.out} holds a {found or 'foreign'} checkpoint ({path}): " + (
+            "--resume to continue that run, or give another --out" if kind and found == kind else "give another --out"))
+    if not all(isinstance(ckpt.get(k), dict) for k in ("model", "optimizer", "args")) or "step" not in ckpt:
+        raise data.UserError(f"--resume: {path} holds no training state (model, optimizer, step, args), only weights: "
+                             f"start a new run from them with --init {path} and another --out")
+    old, new = ckpt["args"], vars(args)
+    changed = [k for k in new if k not in RESUMABLE and old.get(k, new[k]) != new[k]]
+    if changed and not args.allow_changes:
+        flags = lambda a: " ".join(f"--{k.replace('_', '-')} {a[k]}" for k in changed)
+        raise data.UserError(f"--resume: {path} was trained with {flags(old)}, not {flags(new)}: pass the same "
+                             "flags, or --allow-changes to go on with the new ones")
+    return ckpt
+
+
+def resume(args, model, opt, master, ckpt=None):
+    """Lock <out> (one run per folder; the lock file goes when the run ends). Restore model and optimizer from
+    `ckpt` (check_run's) and return it, else {"step": 0, "skipped": 0}; log.jsonl is cut back to its step. The data
+    position is the step (data.make_loader)."""
     os.makedirs(args.out, exist_ok=True)
-    path, log, lock = (os.path.join(args.out, f) for f in ("ckpt.pt", "log.jsonl", ".lock"))
-    if master and os.path.abspath(lock) not in _LOCKS:
-        _LOCKS[os.path.abspath(lock)] = f = open(lock, "w")
-        try:
+    log, lock = os.path.join(args.out, "log.jsonl"), os.path.abspath(os.path.join(args.out, ".lock"))
+    if master and lock not in _LOCKS:
+        f = open(lock, "w")
+        try:  # and the file is still there: not the lock of a run that ended (and removed it) meanwhile
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise data.UserError(f"another run is writing to {args.out} (it holds {lock}): give another "
-                                 "--out") from None
-    ckpt = {"step": 0, "skipped": 0}
-    if args.resume and os.path.exists(path):
-        ckpt = load_checkpoint(path, (kind,), "--resume:")
-        old, new = ckpt["args"], vars(args)
-        changed = [k for k in new if k not in RESUMABLE and old.get(k, new[k]) != new[k]]
-        if changed and not args.allow_changes:
-            flags = lambda a: " ".join(f"--{k.replace('_', '-')} {a[k]}" for k in changed)
-            raise data.UserError(f"--resume: {path} was trained with {flags(old)}, not {flags(new)}: pass the same "
-                                 "flags, or --allow-changes to go on with the new ones")
-        model.load_state_dict(ckpt["model"])
+            held = os.stat(lock).st_ino == os.fstat(f.fileno()).st_ino
+        except (BlockingIOError, FileNotFoundError):
+            held = False
+        if not held:
+            raise data.UserError(f"another run is writing to {args.out} (it holds {lock}): give another --out")
+        _LOCKS[lock] = f
+        atexit.register(lambda: os.path.exists(lock) and os.remove(lock))  # removed while still held
+    if ckpt:
+        load_state_strict(model, ckpt, f"--resume {args.out}")
         opt.load_state_dict(ckpt["optimizer"])
-        if master:
-            print(f"resumed from {path} at step {ckpt['step']}")
+    if master and args.resume:
+        print(f"resumed from {args.out} at step {ckpt['step']}" if ckpt else
+              f"--resume: no checkpoint in {args.out} yet: starting from step 0")
+    ckpt = ckpt or {"step": 0, "skipped": 0}
     if master and os.path.exists(log):  # drop what was logged after the checkpoint (and a torn last line)
         lines = [x for x in open(log) if x.endswith("\n") and json.loads(x)["step"] <= ckpt["step"]]
         open(log, "w").writelines(lines)
@@ -557,6 +580,8 @@ def main(args):
     if args.fit_pca and not args.pca:
         raise data.UserError("--fit-pca writes to the file --pca: give one")
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
+    ckpt = check_run(args, "deltatok", [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init),
+                                        ("--pca", "" if args.fit_pca else args.pca)])
     init = load_checkpoint(args.init, ("deltatok",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=2,
                              size=args.size, stride=tuple(args.stride), seed=args.seed)
@@ -591,7 +616,7 @@ def main(args):
                          "512 px batch 64: 511 ms, 88.6 GiB (SPEC section 6)")
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    resumed = resume(args, "deltatok", tok, opt, master)
+    resumed = resume(args, tok, opt, master, ckpt)
     step, skipped = resumed["step"], resumed["skipped"]
     model = ddp(tok, world, device)
     model_c, vfm_c = (torch.compile(model), torch.compile(vfm)) if args.compile else (model, vfm)

@@ -1,9 +1,12 @@
 """A user's mistake (a flag, a path, a file of the wrong kind) is one line on stderr and exit status 2, before
-anything is built or written; the run folder is locked; a resume with other flags is refused unless allowed."""
+anything is built or written; no run writes over another's folder or its own inputs; a command with nothing to do
+says so; the run folder is locked; a resume with other flags is refused unless allowed."""
 import fcntl
 import os
 import subprocess
 import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ import predictor as P
 import tokenizer as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = {"tokenizer": T, "predictor": P, "baseline_dinoworld": D, "heads": H, "eval": E}
+SCRIPTS = {"tokenizer": T, "predictor": P, "baseline_dinoworld": D, "heads": H, "eval": E, "data": data}
 TINY = ["--vfm", "tiny", "--size", "32", "--num-workers", "0", "--steps", "1", "--global-batch", "2", "--batch-size",
         "2", "--val-clips", "1", "--dtype", "fp32"]
 HEADS = ["--vfm", "tiny", "--size", "32", "--num-workers", "0", "--steps", "1", "--batch-size", "2",
@@ -28,12 +31,16 @@ def cli(script, args, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [f"{script}.py", *map(str, args)])
     with pytest.raises(SystemExit) as exit:
         data.cli(SCRIPTS[script].main, SCRIPTS[script].get_parser())
-    return exit.value.code, capsys.readouterr().err.strip().splitlines()
+    return exit.value.code, capsys.readouterr().err.splitlines()  # not stripped: no blank line either
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """Checkpoints of every kind (only what the kind check reads), and files that are no checkpoint at all."""
+    """Checkpoints of every kind (only what the kind check reads), files that are no checkpoint at all, run folders
+    holding a checkpoint, a tiny DeltaTok that loads, heads of other VFMs, a features file, frames, an audio file."""
+    import av
+    import numpy as np
+    from PIL import Image
     d = tmp_path_factory.mktemp("files")
     out = {kind: d / f"{kind}.pt" for kind in ("deltatok", "deltaworld", "dinoworld", "seghead")}
     for kind, path in out.items():
@@ -43,7 +50,26 @@ def files(tmp_path_factory):
     (d / "truncated.pt").write_bytes((d / "released_deltatok.bin").read_bytes()[:200])
     (d / "notes.txt").write_text("not a checkpoint\n")
     torch.save(dict(dataset="synthetic", size=32, vfm="tiny", short=torch.zeros(1, 2, 1, 4, 64)), d / "features.pt")
-    return {**{k: str(v) for k, v in out.items()}, **{p.stem: str(p) for p in d.iterdir()}, "missing": str(d / "nope")}
+    torch.save(torch.zeros(1, 2, 1, 4, 64), d / "tensor.pt")
+    for run, state in (("tokrun", dict(kind="deltatok", model={}, step=5)), ("barerun", T.build_deltatok(
+            "tiny", T.VFM("tiny")).state_dict())):  # a run of another stage; a bare state dict copied in as ckpt.pt
+        (d / run).mkdir()
+        torch.save(state, d / run / "ckpt.pt")
+    tok = T.build_deltatok("tiny", T.VFM("tiny"))
+    torch.save(dict(kind="deltatok", config=asdict(tok.cfg), vfm="tiny", model=tok.state_dict()), d / "tiny_tok.pt")
+    torch.save(dict(kind="deltaworld", tokenizer=str(d / "deleted.pt"), model={}), d / "orphan_world.pt")
+    torch.save(H.SegHead(768, 4).state_dict(), d / "wide_head.bin")  # a released head: DINOv3 ViT-B, 768 wide
+    torch.save(dict(kind="seghead", vfm="other", model=H.SegHead(64, 4).state_dict()), d / "other_head.pt")
+    (d / "frames" / "v").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(d / "frames" / "v" / "000001.png")  # named by number: a frame folder, no video
+    with av.open(str(d / "audio.mp4"), "w") as container:  # a file with no video stream
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    return {**{k: str(v) for k, v in out.items()}, **{p.stem: str(p) for p in d.iterdir()}, "missing": str(d / "nope"),
+            "dir": str(d)}
 
 
 CASES = [  # script, arguments, what the one line must name
@@ -81,33 +107,85 @@ CASES = [  # script, arguments, what the one line must name
     ("eval", ["--features", "{features}", "--size", "64"], "{features} holds synthetic at 32 px, not synthetic at 64"),
     ("eval", ["--features", "{features}", "--data", "kitti:{missing}"], "{missing}"),
     ("eval", ["--ckpt", "{deltatok}", "--samples", "0"], "--samples"),
+    # round 2 (issue 16): a path is checked before anything is built or made, for the role it plays
+    ("tokenizer", ["--out", "{notes}"], "--out {notes} must be a folder you can write, and {notes} is a file"),
+    ("predictor", ["--tokenizer", "{deltatok}", "--cache-tokens", "{notes}"], "--cache-tokens {notes} must be a "
+     "folder"),
+    ("predictor", ["--tokenizer", "{deltatok}", "--val-data", "{missing}"], "--val-data {missing} does not exist"),
+    ("eval", ["--ckpt", "{tiny_tok}", "--save-features", "{notes}/f.pt"], "--save-features {notes} must be a folder"),
+    ("data", ["--bench", "{missing}"], "--bench {missing} does not exist"),
+    ("data", ["--prepare", "{missing}", "{dir}/copy"], "SRC {missing} does not exist"),
+    ("data", ["--prepare", "{frames}", "{notes}"], "DST {notes} must be a folder"),
+    # no run writes over another run's folder, nor into what it reads
+    ("predictor", ["--tokenizer", "{tokrun}/ckpt.pt", "--out", "{tokrun}"], "--out {tokrun} is the folder of "
+     "--tokenizer {tokrun}/ckpt.pt"),
+    ("predictor", ["--tokenizer", "{deltatok}", "--out", "{tokrun}", "--resume"], "--out {tokrun} holds a deltatok "
+     "checkpoint"),
+    ("tokenizer", ["--out", "{tokrun}"], "--out {tokrun} holds a deltatok checkpoint ({tokrun}/ckpt.pt): --resume"),
+    ("tokenizer", ["--data", "{frames}", "--out", "{frames}/run"], "--out {frames}/run is inside the folder of --data"),
+    ("predictor", ["--tokenizer", "{deltatok}", "--cache-tokens", "{frames}", "--out", "{frames}/v"], "--out "
+     "{frames}/v is inside the folder of --cache-tokens"),
+    ("data", ["--prepare", "{frames}", "{frames}"], "DST {frames} is the folder of SRC {frames}"),
+    ("data", ["--prepare", "{frames}", "{frames}/v/copy"], "DST {frames}/v/copy is inside the folder of SRC"),
+    ("eval", ["--ckpt", "{tiny_tok}", "--save-features", "{deltatok}"], "--save-features {deltatok} is not a "
+     "features file"),
+    # a command that would do nothing says so
+    ("data", ["--prepare", "{frames}", "{dir}/copy"], "no video files"),  # frames named by number: no --fps either
+    # a loaded file is checked for what its kind needs
+    ("tokenizer", ["--out", "{barerun}", "--resume"], "--resume: {barerun}/ckpt.pt holds no training state"),
+    ("eval", ["--features", "{tensor}", "--size", "32"], "--features {tensor} is not a features file"),
+    ("eval", ["--video", "synthetic", "--ckpt", "{tiny_tok}", "--heads", "{wide_head}", "--size", "32"],
+     "head {wide_head} was trained on VFM"),
+    ("eval", ["--ckpt", "{tiny_tok}", "--heads", "{other_head}", "--size", "32"], "head {other_head} was trained on "
+     "VFM 'other'"),
+    ("eval", ["--ckpt", "{orphan_world}"], "{orphan_world} records its tokenizer at {dir}/deleted.pt, which is gone"),
+    ("eval", ["--video", "{audio}", "--ckpt", "{tiny_tok}"], "no video stream in {audio}"),
+    # dataset readers: a task the dataset has no labels for
+    ("heads", ["--task", "depth", "--data", "vspw:{dir}"], "vspw has seg labels, not depth"),
+    # flag ranges
+    ("data", ["--prepare", "{frames}", "{dir}/copy", "--workers", "0"], "--workers"),
+    # more of the same kind, beyond the issue's list
+    ("tokenizer", ["--val-data", "{missing}"], "--val-data {missing} does not exist"),
+    ("baseline_dinoworld", ["--out", "{tokrun}", "--resume"], "--out {tokrun} holds a deltatok checkpoint"),
+    ("baseline_dinoworld", ["--init", "{missing}"], "--init {missing} does not exist"),
+    ("heads", ["--task", "seg", "--data", "kitti:{dir}"], "kitti has depth labels, not seg"),
+    ("heads", ["--task", "depth", "--data", "kitti:{dir}", "--kitti-split", "{missing}"], "--kitti-split {missing}"),
+    ("heads", ["--task", "seg", "--out", "{tokrun}"], "--out {tokrun} holds a deltatok checkpoint"),
+    ("eval", ["--ckpt", "{tiny_tok}", "--out", "{tokrun}"], "--out {tokrun} holds a deltatok checkpoint"),
+    ("eval", ["--ckpt", "{tiny_tok}", "--heads", "cityscapes={missing}"], "--heads {missing} does not exist"),
+    ("eval", ["--ckpt", "{tiny_tok}", "--rgb-head", "{missing}"], "--rgb-head {missing} does not exist"),
+    ("eval", ["--ckpt", "{tiny_tok}", "--data", "synthetic", "kitti:{dir}", "--kitti-split", "{missing}"],
+     "--kitti-split {missing} does not exist"),
+    ("data", ["--prepare", "{frames}", "{dir}/copy", "--short-side", "1"], "--short-side"),
 ]
 
 
 @pytest.mark.parametrize("script,args,named", CASES, ids=[f"{c[0]} {' '.join(c[1])}" for c in CASES])
 def test_a_bad_input_is_one_line_exit_2_and_nothing_written(script, args, named, files, tmp_path, monkeypatch,
                                                             capsys):
-    common = {"eval": [], "heads": HEADS, "predictor": TINY[2:] + ["--model", "tiny"]}.get(script,
-                                                                                        TINY + ["--model", "tiny"])
-    status, err = cli(script, common + [a.format(**files) for a in args] + ["--out", tmp_path / "run"], monkeypatch,
-                      capsys)
+    common = {"eval": [], "data": [], "heads": HEADS, "predictor": TINY[2:] + ["--model", "tiny"]}.get(
+        script, TINY + ["--model", "tiny"])
+    out = [] if script == "data" else ["--out", tmp_path / "run"]  # a case may give its own
+    state = lambda: {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in Path(files["dir"]).rglob("*")}
+    before = state()
+    status, err = cli(script, common + out + [a.format(**files) for a in args], monkeypatch, capsys)
     assert status == 2 and len(err) == 1, err
     assert err[0].startswith(f"{script}.py: error: ") and named.format(**files) in err[0], err
-    assert not (tmp_path / "run" / "ckpt.pt").exists()
+    assert not (tmp_path / "run").exists() and state() == before  # no folder made, no file changed
 
 
 def test_the_command_line_prints_no_traceback():
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "tokenizer.py", "--init", "nowhere.pt"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and run.stderr.strip() == "tokenizer.py: error: --init nowhere.pt cannot be read as " \
-        "a checkpoint: FileNotFoundError: [Errno 2] No such file or directory: 'nowhere.pt'", run.stderr
+    assert run.returncode == 2 and run.stderr == "tokenizer.py: error: --init nowhere.pt does not exist (or cannot be " \
+        "read): check the path\n", run.stderr
 
 
 def test_resume_with_other_flags_is_refused_unless_allowed(tmp_path, monkeypatch, capsys):
     args = [*TINY, "--model", "tiny", "--out", tmp_path]
-    T.main(T.get_parser().parse_args(map(str, args)))
-    capsys.readouterr()
+    T.main(T.get_parser().parse_args(map(str, [*args, "--resume"])))  # the first job of a requeue loop: no checkpoint
+    assert f"--resume: no checkpoint in {tmp_path} yet: starting from step 0\n" in capsys.readouterr().out
     status, err = cli("tokenizer", [*args, "--steps", "2", "--resume", "--lr", "2e-3", "--seed", "1"], monkeypatch,
                       capsys)
     assert status == 2 and len(err) == 1 and "--lr 0.001 --seed 0, not --lr 0.002 --seed 1" in err[0], err
@@ -140,18 +218,33 @@ def test_a_data_error_in_a_loader_worker_is_the_last_line_after_the_progress_bar
     """The only video is too short for any clip: the loader's worker fails inside the training loop, after the
     progress bar started. The error is still one line, the worker's message alone, and the last line printed."""
     from PIL import Image
-    (tmp_path / "v").mkdir()
+    (tmp_path / "videos" / "v").mkdir(parents=True)
     for name in ("0.000.png", "0.010.png"):
-        Image.new("RGB", (40, 40)).save(tmp_path / "v" / name)
-    args = [*TINY, "--model", "tiny", "--data", tmp_path, "--val-data", "synthetic", "--num-workers", "1", "--out",
-            tmp_path / "run"]
+        Image.new("RGB", (40, 40)).save(tmp_path / "videos" / "v" / name)
+    args = [*TINY, "--model", "tiny", "--data", tmp_path / "videos", "--val-data", "synthetic", "--num-workers", "1",
+            "--out", tmp_path / "run"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "tokenizer.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     err = run.stderr.strip().splitlines()
     assert run.returncode == 2 and "%|" in "".join(err[:-1]), err  # the bar was drawn ...
     assert err[-1].startswith("tokenizer.py: error: no readable video long enough for 2 frames"), err  # ... before
-    assert "Traceback" not in run.stderr and not (tmp_path / "run" / "ckpt.pt").exists()
+    assert "Traceback" not in run.stderr and "\n\n" not in run.stderr and os.listdir(tmp_path / "run") == []  # no lock
+
+
+
+def test_prepare_with_every_copy_present_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    from videos import make_video
+    (tmp_path / "src").mkdir()
+    make_video(str(tmp_path / "src" / "a.mp4"), height=32, seconds=0.2)
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "a.mp4").write_bytes(b"copied by an earlier run")
+    monkeypatch.setattr(sys, "argv", ["data.py", "--prepare", str(tmp_path / "src"), str(tmp_path / "dst")])
+    data.cli(data.main, data.get_parser())
+    out = capsys.readouterr()
+    assert out.out == f"every video under {tmp_path / 'src'} (1) is already copied to {tmp_path / 'dst'}: nothing " \
+        "to do\n" and out.err == ""
+    assert (tmp_path / "dst" / "a.mp4").read_bytes() == b"copied by an earlier run"
 
 
 def test_released_files_are_recognised_by_their_keys():

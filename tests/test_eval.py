@@ -118,7 +118,7 @@ def test_saved_features_hold_one_model_and_score_as_it(ckpts, tmp_path):
     sequence, in order over several batches: scored from the file, it gives the model's own scores."""
     args = ["--heads", ckpts["seg"], "--size", str(SIZE), "--max-sequences", "6", "--batch-size", "4", "--figures", "0",
             "--num-workers", "0"]
-    path = tmp_path / "pred.pt"
+    path = tmp_path / "new" / "pred.pt"  # its folder is made
     run = lambda *more: E.main(E.get_parser().parse_args([*args, *map(str, more)]))["synthetic"]
     made = run("--ckpt", ckpts["tok"], "--save-features", path, "--out", tmp_path / "a")
     again = run("--features", path, "--out", tmp_path / "b")

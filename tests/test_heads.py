@@ -1,6 +1,7 @@
 """Task heads, evaluation datasets, the two-crop protocol and the metrics: properties checked on small cases."""
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -64,8 +65,12 @@ def test_vspw_sequences(tmp_path):
         mask = np.array([[0, 1, 124, 125, 255, 50]], np.uint8)
         save(f"{root}/data/v1/mask/{k:05d}.png", mask)
     (root / "val.txt").write_text("v1\n")
+    (root / "data" / "v1" / "origin" / ".00001.jpg").write_text("")  # hidden files are skipped
     seq = H.open_eval(f"vspw:{root}")
     assert len(seq) == 2  # labelled frames 19 and 39
+    with warnings.catch_warnings():  # no warning on good data (torch warns about read-only NumPy arrays)
+        warnings.simplefilter("error")
+        H._Batches(seq, "seg", 8, 2, 0, 0)[0]
     item = seq.item(1)
     assert item["frames"].shape == (7, 8, 12, 3)
     assert [round(f.mean() / 5) for f in item["frames"]] == [21, 24, 27, 30, 33, 36, 39]  # stride 3, ends at 39
@@ -84,6 +89,7 @@ def test_cityscapes_sequences(tmp_path):
         save(f"{root}/leftImg8bit_sequence/val/ulm/ulm_000003_{k:06d}_leftImg8bit.png", frame(k))
     save(f"{root}/gtFine/val/ulm/ulm_000003_000019_gtFine_labelIds.png", np.array([[7, 33, 0, 26, 6]], np.uint8))
     save(f"{root}/gtFine/val/ulm/ulm_000003_000019_gtFine_color.png", frame(0))  # other label files are skipped
+    (root / "gtFine" / "val" / ".DS_Store").write_text("")  # and stray files beside the city folders
     seq = H.open_eval(f"cityscapes:{root}")
     item = seq.item(0)
     assert len(seq) == 1 and item["name"] == "ulm_000003_000019"
