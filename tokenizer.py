@@ -438,7 +438,8 @@ def check_run(args, kind, read=(), write=()):
     """Before anything is built, created or locked: the paths a run reads and writes (data.check_paths; --out is its
     folder), and the checkpoint in --out: none, or this stage's with --resume, its training state and flags checked
     (RESUMABLE ones may change; others need --allow-changes). Returns it, or None."""
-    bench, path = getattr(args, "bench", 0), os.path.join(args.out, "ckpt.pt")
+    path = os.path.join(args.out, "ckpt.pt")  # the timing, fitting and export modes write no run folder
+    bench = any(getattr(args, k, None) for k in ("bench", "fit_pca", "export_tokens"))
     data.check_paths(read, None if bench else ("--out", args.out), write)
     if bench or not os.path.exists(path):
         return None
@@ -580,8 +581,9 @@ def main(args):
     if args.fit_pca and not args.pca:
         raise data.UserError("--fit-pca writes to the file --pca: give one")
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
-    ckpt = check_run(args, "deltatok", [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init),
-                                        ("--pca", "" if args.fit_pca else args.pca)])
+    read = [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init), ("--pca", args.pca)]
+    ckpt = check_run(args, "deltatok", read[:3 if args.fit_pca else 4],  # --fit-pca writes --pca, in its folder
+                     [("--pca", os.path.dirname(os.path.abspath(args.pca)))] * bool(args.fit_pca))
     init = load_checkpoint(args.init, ("deltatok",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=2,
                              size=args.size, stride=tuple(args.stride), seed=args.seed)

@@ -186,6 +186,10 @@ def test_tokenizer_and_predictor_over_pca_features_at_28x56_reload_and_roll_out(
     feats = world.vfm(FRAMES[None].expand(1, 2, 3, 28, 56))  # (1, 2, 8, 32)
     out, tokens = world.sample(feats, torch.tensor([[0.0, 0.1, 0.2, 0.3]]), 2, 2)
     assert out.shape == (1, 2, 2, 8, 32) and tokens.shape == (1, 2, 2, 32) and out.isfinite().all()
+    # a PCA fit needs no run folder: not refused by the checkpoint in --out
+    T.main(T.get_parser().parse_args([*common, "--fit-pca", "16", "1", "--pca", str(tmp_path / "pca2.pt"), "--out",
+                                      str(tmp_path / "tok")]))
+    assert T.load_pca(str(tmp_path / "pca2.pt"), 128)[0].shape == (128, 16)
     # another feature source for the same weights is refused in one line
     with pytest.raises(data.UserError, match="was trained on the features"):
         T.main(T.get_parser().parse_args([*common, "--model", "tiny", "--init", tok_ckpt, "--steps", "1",
