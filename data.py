@@ -12,6 +12,7 @@ workers and processes: the union over ranks and micro-steps of step s is always 
 
     python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
     python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
+    python data.py --convert-pca pca.pkl pca.pt --trust-pickle          # DINO-Foresight's PCA (Table D)
 
 What every script's command line shares lives here too: a `UserError` (a mistake in what the user gave: a flag, a
 path, a file) is one line on stderr and exit status 2 (`cli`); flag types check ranges at parsing; the flags of
@@ -25,9 +26,12 @@ import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import re
 import sys
 import time
+import types
+import zipfile
 
 import av
 import numpy as np
@@ -613,14 +617,39 @@ def bench_table(jsonl, markdown):
         f.write(head + "<!-- bench-gpu -->\n" + "\n".join(lines) + "\n<!-- /bench-gpu -->" + tail)
 
 
+def convert_pca(src, dst):
+    """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> a PCA file (tokenizer.load_pca) at
+    dst. Unpickling runs what the file names: only numpy's and torch's array classes are allowed, and sklearn's PCA
+    is read into a plain object that keeps its attributes (components_, mean_), so sklearn is not needed."""
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("sklearn.decomposition") and name == "PCA":
+                return type(name, (), {})
+            if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
+                return super().find_class(module, name)
+            raise UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
+    restricted = types.SimpleNamespace(__name__="restricted", Unpickler=Unpickler)
+    with open(src, "rb") as f:  # torch.save's zip file or a plain pickle
+        p = Unpickler(f).load() if not zipfile.is_zipfile(src) else \
+            torch.load(f, weights_only=False, pickle_module=restricted)
+    t, pca = lambda v: torch.as_tensor(v, dtype=torch.float32), p["pca_model"].__dict__
+    torch.save(dict(mean=t(p["mean"]).flatten(), std=t(p["std"]).flatten(), pca_mean=t(pca["mean_"]),
+                    components=t(pca["components_"]), variance=t(pca["explained_variance_"])), dst)
+
+
 # -----------------------------------------------------------------------------
-# command line: prepare real videos for training, or measure how fast clips are read
+# command line: prepare real videos for training, measure how fast clips are read, or convert a PCA file
 
 
 def main(args):
     if args.prepare:
         check_paths([("SRC", args.prepare[0])], ("DST", args.prepare[1]))
         return prepare(*args.prepare, args.short_side, args.workers)
+    if args.convert_pca:  # unpickling can run code: only on the user's word
+        if not args.trust_pickle:
+            raise UserError("--convert-pca unpickles the file, which can run code: add --trust-pickle if you trust it")
+        check_paths([("--convert-pca", args.convert_pca[0])])
+        return convert_pca(*args.convert_pca)
     check_paths([("--bench", args.bench)])
     loader = make_loader(ClipDataset(VideoFolder(args.bench), args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started
@@ -638,6 +667,9 @@ def get_parser():
     mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR for 20 s as training does "
                       "(make_loader, 8 clips a batch)")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
+    mode.add_argument("--convert-pca", nargs=2, metavar=("PICKLE", "DST"), help="DINO-Foresight's PCA pickle -> a "
+                      "--pca file of tokenizer.py (Table D)")
+    parser.add_argument("--trust-pickle", action="store_true", help="--convert-pca: let it unpickle the file")
     parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")
     parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: height of a landscape copy")
     parser.add_argument("--num-frames", type=at_least(2), default=2, help="--bench: frames per clip")

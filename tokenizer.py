@@ -23,6 +23,7 @@ import argparse
 import atexit
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -36,15 +37,150 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import hf_hub_download
 from tqdm import tqdm
-from transformers import DINOv3ViTConfig
+from transformers import AutoConfig, AutoModel, DINOv3ViTConfig
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTAttention, DINOv3ViTLayer, DINOv3ViTLayerScale, DINOv3ViTRopePositionEmbedding, apply_rotary_pos_emb,
     get_patches_center_coordinates)
 
 import data
-# the feature source (features.py), also read through this module by the later stages
-from features import DINOV3_B16, IMAGENET_MEAN, IMAGENET_STD, VFM, VFM_PRESETS, feature_source, fit_pca, hub_hint, \
-    load_pca  # noqa: F401
+
+# ----------------------------------------------------------------------------------------------------------------
+# The frozen vision foundation model (SPEC section 1), or another feature source (appendix C, Table D)
+
+DINOV3_B16 = "facebook/dinov3-vitb16-pretrain-lvd1689m"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Random-initialised configs so every stage runs offline on a CPU. The weights are drawn from a fixed seed, so every
+# script that builds "tiny" gets the same network. dinov2-tiny: DINOv2 with registers, patch 14, as in Table D.
+_TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=256, num_register_tokens=4)
+VFM_PRESETS = {
+    "tiny": dict(model_type="dinov3_vit", num_hidden_layers=2, patch_size=16, **_TINY),
+    "dinov2-tiny": dict(model_type="dinov2_with_registers", num_hidden_layers=4, patch_size=14, image_size=28, **_TINY),
+    "vitb16-random": dict(model_type="dinov3_vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                          intermediate_size=3072, patch_size=16, num_register_tokens=4),
+}
+
+
+def load_backbone(name):
+    """DINOv3 or DINOv2 by preset name, hub id or local folder, with an error that says how to fix a failed load."""
+    if name in VFM_PRESETS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return AutoModel.from_config(AutoConfig.for_model(**VFM_PRESETS[name]), attn_implementation="sdpa")
+    try:
+        return AutoModel.from_pretrained(name, attn_implementation="sdpa")  # DINOv3, DINOv2 (with registers or not)
+    except Exception as e:
+        hint = (f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
+                if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
+                f"'{name}' is neither a hub id nor a folder (typo?); the paper uses {DINOV3_B16}. For an offline "
+                f"run without weights use a random preset: {', '.join(VFM_PRESETS)}")
+        cause = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise data.UserError(f"could not load the VFM '{name}': {hint} (cause: {cause})") from None
+
+
+def hub_hint(name, e, local):
+    """How to fix a failed Hugging Face download of `name` (gated, offline), or None if the repo seems missing."""
+    text, kinds = f"{e} {e.__cause__}".lower(), {type(e).__name__, type(e.__cause__).__name__}
+    if "RepositoryNotFoundError" in kinds:  # its message mentions gated repos too
+        return None
+    if "gated" in text or "401" in text or "403" in text or "access" in text:
+        return (f"{name} is gated: accept the licence on its Hugging Face page, then run `hf auth login` (or set "
+                f"HF_TOKEN), or pass {local}")
+    if os.environ.get("HF_HUB_OFFLINE") or "offline" in text or "connect" in text:
+        return (f"{name} is not in the local Hugging Face cache and the hub cannot be reached: download it once "
+                f"online (`hf download {name}`), or pass {local}")
+    return None
+
+
+def feature_source(vfm, layers="", pca=""):
+    """The feature source as one string, which checkpoints record as "vfm" and later stages rebuild from and
+    compare: the backbone, then "|layers=2,5,8,11" and "|pca=FILE" when given (VFM adds the file's digest)."""
+    return vfm + (f"|layers={layers}" if layers else "") + (f"|pca={pca}" if pca else "")
+
+
+class VFM(nn.Module):
+    """A frozen feature source: uint8 frames (..., 3, H, W) -> patch tokens (..., N, C). By default the backbone's
+    output (after its final LayerNorm); with layers, those blocks' outputs, each through the final LayerNorm,
+    concatenated per patch (DINO-Foresight's features); with a PCA file, those projected by it (load_pca)."""
+
+    def __init__(self, name=DINOV3_B16):
+        super().__init__()
+        backbone, *options = name.split("|")
+        options = dict(o.partition("=")[::2] for o in options)
+        self.model = load_backbone(backbone).requires_grad_(False).eval()
+        cfg, layers = self.model.config, options.get("layers", "")
+        self.layers = [int(i) for i in layers.split(",") if i.isdigit() and int(i) < cfg.num_hidden_layers] or None
+        if layers and len(self.layers or ()) != len(layers.split(",")):
+            raise data.UserError(f"--vfm-layers {layers}: want blocks of {backbone}, 0 to {cfg.num_hidden_layers - 1}")
+        self.patch_size, self.dim = cfg.patch_size, cfg.hidden_size * len(self.layers or [0])
+        self.num_prefix = 1 + getattr(cfg, "num_register_tokens", 0)  # CLS + registers come before the patches
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        proj, shift, pca = load_pca(options["pca"], self.dim) if "pca" in options else (None, None, "")
+        self.register_buffer("pca_proj", proj, persistent=False)
+        self.register_buffer("pca_shift", shift, persistent=False)
+        self.name = feature_source(backbone, layers, pca)
+        self.dim = self.dim if proj is None else proj.shape[1]
+        head_dim = cfg.hidden_size // cfg.num_attention_heads  # a tokenizer as wide as the features keeps it
+        if self.dim % head_dim:
+            raise data.UserError(f"the PCA's component count {self.dim} is not a multiple of {head_dim} (head width)")
+        self.heads = self.dim // head_dim
+
+    def train(self, mode=True):  # frozen: always eval mode (no RoPE jitter)
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, frames):
+        *lead, c, h, w = frames.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise data.UserError(f"frame size {h}x{w} is not divisible by the VFM patch size {self.patch_size}: "
+                                 f"use --size a multiple of {self.patch_size}")
+        x = (frames.reshape(-1, c, h, w).float() / 255 - self.mean) / self.std
+        out = self.model(pixel_values=x, output_hidden_states=self.layers is not None)
+        norm = getattr(self.model, "layernorm", None) or self.model.norm  # DINOv2's name, DINOv3's
+        tokens = out.last_hidden_state if self.layers is None else \
+            torch.cat([norm(out.hidden_states[i + 1]) for i in self.layers], -1)
+        tokens = tokens[:, self.num_prefix:]
+        if self.pca_proj is not None:
+            tokens = tokens @ self.pca_proj - self.pca_shift
+        return tokens.reshape(*lead, tokens.shape[1], self.dim)  # (..., N, C)
+
+    def black(self, size, device):
+        """Features of an all-black (H, W) frame: the 'previous frame' of a clip's first frame (SPEC section 2)."""
+        return self(torch.zeros(1, 3, *size, dtype=torch.uint8, device=device))  # (1, N, C)
+
+
+def load_pca(spec, width):
+    """A PCA file (fit_pca) "FILE", or "FILE@SHA256" as recorded (a changed file is refused), over `width`-d features
+    -> (proj (C, K), shift (K,), "FILE@SHA256"): ((x - mean) / std - pca_mean) @ components.T = x @ proj - shift."""
+    path, _, recorded = spec.partition("@")
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        p = torch.load(path, map_location="cpu", weights_only=True)
+        proj, shift = (p["components"] / p["std"]).T, (p["mean"] / p["std"] + p["pca_mean"]) @ p["components"].T
+    except Exception as e:
+        raise data.UserError(f"--pca {path}: not a PCA file of --fit-pca ({type(e).__name__}: {e})".splitlines()[0])
+    if recorded not in ("", digest) or len(proj) != width:
+        raise data.UserError(f"the PCA file {path} " + (f"has changed since it was recorded (sha256 {recorded}...)"
+                             if len(proj) == width else f"projects {len(proj)}-d features, not {width}-d ones"))
+    return proj.float(), shift.float(), f"{os.path.abspath(path)}@{digest}"
+
+
+def fit_pca(batches, k):
+    """A PCA file from feature batches (..., C): each dimension standardised with its mean and std over all of them,
+    then the k leading principal components (largest variance first) as DINO-Foresight's pca.py does with sklearn,
+    here from the covariance accumulated in float64 (no features are kept)."""
+    n = s = ss = 0
+    for x in batches:
+        x = x.double().flatten(0, -2)
+        n, s, ss = n + len(x), s + x.sum(0), ss + x.T @ x
+    mean, cov = s / n, ss / n - (s / n)[:, None] * (s / n)
+    std = cov.diagonal().clamp_min(1e-12).sqrt()
+    variance, vectors = (v.flip(-1)[..., :k].float() for v in torch.linalg.eigh(cov / std[:, None] / std))
+    mean, std = mean.float(), std.float()  # eigh's order is ascending, flipped above
+    return dict(mean=mean, std=std, pca_mean=torch.zeros_like(mean), components=vectors.T.contiguous(),
+                variance=variance)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # DeltaTok (SPEC section 2)

@@ -10,7 +10,6 @@ import torch
 from transformers import Dinov2WithRegistersModel
 
 import data
-import features
 import predictor as P
 import tokenizer as T
 
@@ -106,7 +105,7 @@ def test_dino_foresight_pickle_converts_without_sklearn(tmp_path, monkeypatch):
         with open(tmp_path / "pca.pkl", "wb") as f:
             save(dict(pca_model=model, mean=mean, std=std), f)
         monkeypatch.delitem(sys.modules, "sklearn.decomposition._pca")  # reading it needs no sklearn
-        features.convert_pca(str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt"))
+        data.convert_pca(str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt"))
         monkeypatch.setitem(sys.modules, "sklearn.decomposition._pca", types.ModuleType("pca"))
         sys.modules["sklearn.decomposition._pca"].PCA = PCA
         proj, shift, _ = T.load_pca(str(tmp_path / "pca.pt"), 64)
@@ -121,7 +120,7 @@ def test_dino_foresight_pickle_converts_without_sklearn(tmp_path, monkeypatch):
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump(dict(pca_model=Evil()), f)
     with pytest.raises(data.UserError, match="builtins.print"):
-        features.convert_pca(str(tmp_path / "evil.pkl"), str(tmp_path / "out.pt"))
+        data.convert_pca(str(tmp_path / "evil.pkl"), str(tmp_path / "out.pt"))
 
 
 def test_non_square_rope_equals_dinov3s_on_an_h_by_w_image():
@@ -208,8 +207,7 @@ def test_tokenizer_and_predictor_over_pca_features_at_28x56_reload_and_roll_out(
 
 def test_convert_needs_the_trust_flag_and_fit_needs_an_output(tmp_path):
     with pytest.raises(data.UserError, match="--trust-pickle"):
-        features.main(features.get_parser().parse_args(["--convert-pca", str(tmp_path / "pca.pkl"),
-                                                         str(tmp_path / "pca.pt")]))
+        data.main(data.get_parser().parse_args(["--convert-pca", str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt")]))
     with pytest.raises(data.UserError, match="--pca"):
         T.main(T.get_parser().parse_args(["--vfm", "tiny", "--fit-pca", "16", "1"]))
 
