@@ -202,8 +202,8 @@ def main(args):
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
     ckpt = T.check_run(args, "dinoworld", [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init)])
     init = T.load_checkpoint(args.init, ("dinoworld",), "--init") if args.init else None
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
-                             size=args.size, stride=tuple(args.stride), seed=args.seed)
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
+                             num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
     vfm = T.VFM(args.vfm).to(device)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     dw = build_dinoworld(args.model, vfm, args.bom, args.size).to(device)
@@ -211,22 +211,23 @@ def main(args):
     if init:  # weights only: optimizer and step start afresh
         T.load_state_strict(dw, init, f"--init {args.init}", "check --model / --vfm / --bom")
     opt = T.make_optimizer(dw, args.lr, args.weight_decay, device)
+    if args.compile:
+        T.compile_blocks(vfm, dw)
 
     if args.bench:
         B, n = args.batch_size, args.num_frames
         frames = torch.randint(0, 256, (B, n, 3, *args.size), dtype=torch.uint8, device=device)
         times = (torch.arange(n, device=device) * 0.2).expand(B, n)  # (B, T) seconds
-        dw_c, vfm_c = (torch.compile(dw), torch.compile(vfm)) if args.compile else (dw, vfm)
 
-        def step(model=dw_c, features=vfm_c, update=True, b=B):
+        def step(update=True, b=B):
             with T.autocast(device, args.dtype):
                 noise = clip_noise(args.seed, 0, range(b), args.bom, L, C, device) if args.bom else None
-                loss = clip_loss(model, model, features(frames[:b]), times[:b], noise)
+                loss = clip_loss(dw, dw, vfm(frames[:b]), times[:b], noise)
             loss.backward()
             if update:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return data.run_bench(step, lambda: step(dw, vfm, False, 1), B, args.bench, device,
+        return data.run_bench(step, lambda: step(False, 1), B, args.bench, device,
                            "authors' code, H200, bf16 + compile: DINO-world 256 px batch 32 x 8: 166 ms, 24.2 GiB "
                            "(SPEC section 6); Table 2: + BoM 16 needs about the same memory")
 
@@ -234,11 +235,10 @@ def main(args):
     resumed = T.resume(args, dw, opt, master, ckpt)
     step, skipped = resumed["step"], resumed["skipped"]
     model = T.ddp(dw, world, device)
-    model_c, dw_c, vfm_c = map(torch.compile, (model, dw, vfm)) if args.compile else (model, dw, vfm)
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
     num_samples = args.val_samples if args.bom else 1
     if master:  # held-out clips of 7 frames: 4 context, 3 predicted
-        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed)
+        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args)
         val = data.ClipDataset(val_src, num_frames=CONTEXT + HORIZON, size=args.size, stride=tuple(args.stride),
                                seed=args.seed + 1)
         val_frames, val_times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))
@@ -259,8 +259,8 @@ def main(args):
                 if args.bom else None  # a function of (seed, step, clip): the same for any split over processes
             with model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext():
                 with T.autocast(device, args.dtype):
-                    feats = vfm_c(batch["frames"].to(device, non_blocking=True))  # (B, T, N, C)
-                    loss = clip_loss(dw_c, model_c, feats, batch["times"].to(device, non_blocking=True), noise)
+                    feats = vfm(batch["frames"].to(device, non_blocking=True))  # (B, T, N, C)
+                    loss = clip_loss(dw, model, feats, batch["times"].to(device, non_blocking=True), noise)
                 (loss / accum).backward()
             loss_sum += loss.detach() / accum
         if world > 1:
@@ -296,7 +296,7 @@ def main(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train the DINO-world baseline (appendix A recipe as defaults).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/dinoworld", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default=T.DINOV3_B16,
                    help=f"feature source (tokenizer.feature_source): a DINOv3 or DINOv2 hub id, local folder, or a "

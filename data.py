@@ -4,7 +4,8 @@ Video data for every stage: where frames come from, and how training clips are c
 Two sources share one interface (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`):
 - `SyntheticVideos`: procedural moving shapes with class and depth labels, no download. The default
   (`--data synthetic`) of every script, so the whole pipeline runs on a laptop in minutes.
-- `VideoFolder`: real videos, a folder tree of video files or of frame folders (one folder of images = one video).
+- `VideoFolder`: real videos, a folder tree of video files or frame folders (one folder of images = one video), or a
+  list of them; what start-up learns of each is kept in an index file, and later starts only update it.
 
 `ClipDataset.sample(step, j)` cuts clip j of training step `step` (a pure function of seed, step and j), and
 `make_loader` turns that into an infinite, resumable stream of micro-batches that is the same for any number of
@@ -20,6 +21,7 @@ training clips and runs; and `--bench` (`run_bench`): time, memory and FLOPs of 
 """
 
 import argparse
+import fcntl
 import functools
 import gc
 import itertools
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # the command line
@@ -57,6 +60,12 @@ def cli(main, parser):
     gc.collect()  # progress bars close (and end their line) now, not after the message
     sys.stderr.write(f"{parser.prog}: error: {message}\n")
     sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each default once (a help text that says its default keeps its own words), and no empty one."""
+    def _get_help_string(self, a):
+        return a.help if "default" in (a.help or "") or a.default in (None, "", []) else super()._get_help_string(a)
 
 
 def hub_id(path):
@@ -115,7 +124,9 @@ def frame_size(text):
 
 def clip_flags(p):
     """The flags of the training clips, shared by tokenizer.py, predictor.py and baseline_dinoworld.py."""
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder of videos / frame folders")
+    p.add_argument("--data", default="synthetic", help="'synthetic', a folder of videos / frame folders, or a list")
+    p.add_argument("--index", metavar="DIR", help="folder for the video index (default: beside the videos, or --out)")
+    p.add_argument("--trust-index", action="store_true", help="use the index without looking at the files (NFS)")
     p.add_argument("--val-data", default="", help="held-out videos for the check at --eval-every (default: the "
                    "synthetic val split, or --data itself for a folder)")
     p.add_argument("--fps", type=positive, default=None, help="frame rate of frame folders without timestamps")
@@ -124,10 +135,16 @@ def clip_flags(p):
     p.add_argument("--stride", type=positive, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
 
 
+def cpu_workers(most=8):
+    """Loader processes per process: the cores it may use over torchrun's LOCAL_WORLD_SIZE, at most `most`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+    return max(1, min(most, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def run_flags(p, workers, eval_every):
     """The flags of a training run that every stage shares."""
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
-    p.add_argument("--num-workers", type=at_least(0), default=workers, help="data loader processes per GPU")
+    p.add_argument("--num-workers", type=at_least(0), default=cpu_workers(workers), help="loader processes per GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=at_least(1), default=10)
     p.add_argument("--eval-every", type=at_least(1), default=eval_every)
@@ -255,127 +272,204 @@ class SyntheticVideos:
 
 
 # -----------------------------------------------------------------------------
-# real videos: video files decoded with PyAV, or folders of frames
+# real videos: video files decoded with PyAV, or folders of frames, found once and kept in an index file
+
+INDEX_FORMAT = 1  # an index file of another format, or of another root, is rebuilt
 
 
-def _stem_seconds(name):
-    """'12.480.jpg' -> 12.48; None when the stem is not a decimal number (plain '000123' counts as a frame number)."""
-    stem = os.path.splitext(name)[0]
+@functools.lru_cache(maxsize=64)  # frame_times, then read, list the same folder
+def _frame_folder(folder):
+    """(image paths, times in seconds) sorted by the times their names give ('12.480.jpg'), or (paths sorted by
+    name, None) when the names are not all times (a plain '000123' counts as a frame number)."""
+    images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    if not all("." in (s := os.path.splitext(f)[0]) and s.replace(".", "", 1).isdigit() for f in images):
+        return [os.path.join(folder, f) for f in images], None
+    images.sort(key=lambda f: float(os.path.splitext(f)[0]))  # stable: equal times keep their order by name
+    return [os.path.join(folder, f) for f in images], np.array([float(os.path.splitext(f)[0]) for f in images])
+
+
+def _probe(path, strict=False):
+    """(number of frames, frame rate, time of the first frame) from the metadata and the first packets, without
+    decoding (a `prepare` copy: the original's count and rate); a frame folder: (images, 0 if named by time else
+    -1, 0); (0, 0, 0) when it cannot be read (strict: the error)."""
     try:
-        return float(stem) if "." in stem else None
-    except ValueError:
-        return None
+        if os.path.isdir(path):
+            files, seconds = _frame_folder(path)
+            return len(files), 0.0 if seconds is not None else -1.0, 0.0
+        with av.open(path, options={"skip_frame": "all"}) as container:  # decodes nothing (as read): 4x faster
+            if not container.streams.video:
+                raise ValueError(f"no video stream in {path}")
+            tag, stream = container.metadata.get("comment", "").split(), container.streams.video[0]
+            n, rate = (int(tag[1]), float(tag[2])) if tag[:1] == [PREPARED] else (
+                stream.frames, float(stream.average_rate or stream.guessed_rate))
+            if not n:  # webm / mkv store no frame count: derive it from the duration
+                seconds = stream.duration * stream.time_base if stream.duration else container.duration / av.time_base
+                n = round(float(seconds) * rate)
+            # not stream.start_time: an AVI with B-frames says 0 and starts at 1 / rate
+            first = min(p.pts for p in itertools.islice(container.demux(stream), 16) if p.pts is not None and
+                        not p.is_discard) * float(stream.time_base)
+        if n <= 0 or rate <= 0:
+            raise ValueError(f"no frames in {path}")
+        return n, rate, first
+    except Exception:
+        if strict:
+            raise
+        return 0, 0.0, 0.0
 
 
-def _probe(path):
-    """(number of frames, frame rate) from the metadata, without decoding (a `prepare` copy: the original's)."""
-    with av.open(path) as container:
-        tag = container.metadata.get("comment", "").split()
-        if tag[:1] == [PREPARED]:
-            return int(tag[1]), float(tag[2])
-        if not container.streams.video:
-            raise ValueError(f"no video stream in {path}")
-        stream = container.streams.video[0]
-        rate = float(stream.average_rate or stream.guessed_rate)
-        n = stream.frames
-        if not n:  # webm / mkv store no frame count: derive it from the duration
-            seconds = stream.duration * stream.time_base if stream.duration else container.duration / av.time_base
-            n = round(float(seconds) * rate)
-    if n <= 0 or rate <= 0:
-        raise ValueError(f"no frames in {path}")
-    return n, rate
+def _found(root, rel=""):
+    """(path, size, mtime) of every video file and frame folder under the folder `root` (relative to it, in os.walk's
+    order sorted; a frame folder: size -1 and its own mtime, which changes when images come or go), or of every path
+    the list `root` names (one a line, absolute or relative to its folder; a missing file: size -1)."""
+    if os.path.isfile(root):
+        paths = [p for p in map(str.strip, open(root)) if p]
+        stats = [os.stat(q) if os.path.exists(q := os.path.join(os.path.dirname(root), p)) else None for p in paths]
+        return [(p, s.st_size, s.st_mtime_ns) if s else (p, -1, 0) for p, s in zip(paths, stats)]
+    found, images = [], False
+    for entry in sorted(os.scandir(os.path.join(root, rel)), key=lambda e: (e.is_dir(), e.name)):
+        if entry.is_dir():
+            found += _found(root, rel + entry.name + "/")
+        elif entry.name.lower().endswith(VIDEO_EXTS):
+            stat = entry.stat()
+            found.append((rel + entry.name, stat.st_size, stat.st_mtime_ns))
+        images = images or entry.name.lower().endswith(IMAGE_EXTS)
+    return [(rel[:-1], -1, os.stat(os.path.join(root, rel)).st_mtime_ns)] * images + found
+
+
+def _pack(paths):  # one flat buffer, each path ended by a 0 byte: no Python object per video
+    return np.frombuffer("".join(p + "\0" for p in paths).encode(errors="surrogateescape"), np.uint8)
+
+
+def _unpack(buffer):
+    return buffer.tobytes().decode(errors="surrogateescape").split("\0")[:-1]
+
+
+def _index(root, file, trust=False):
+    """The index of `root`, flat arrays: paths, stat (size, mtime) and info (frames, rate, start; 0 frames:
+    unreadable) of each video file and frame folder. Read from `file` and brought up to date: new and changed files
+    are probed on all cores, removed ones dropped. trust: the saved index as it is, without looking at the files."""
+    try:
+        os.makedirs(os.path.dirname(file), exist_ok=True)
+        lock = open(file + ".lock", "w")
+    except OSError as e:
+        raise UserError(f"cannot write the index of {root} at {file} ({e.strerror}): give a folder with --index")
+    with lock:
+        for exclusive in (False, True):  # all processes (ranks, runs) look at once; one at a time probes and writes
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:  # an index of another format or tree, cut short or missing is rebuilt
+                with np.load(file) as saved:
+                    old = dict(saved) if saved["format"] == INDEX_FORMAT and saved["root"] == root else {}
+            except Exception:
+                old = {}
+            if old and trust:
+                return old
+            found = found if exclusive else _found(root)  # [(path, size, mtime)]
+            known = dict(zip(zip(_unpack(old["paths"]), *old["stat"].T.tolist()), old["info"].tolist())) if old else {}
+            info = [known.get(f) for f in found]
+            todo = [k for k, row in enumerate(info) if row is None]  # new or changed
+            if not (todo or len(known) > len(found) or not old):  # up to date: nothing to probe or write
+                break
+        if todo:  # the others wait: when their turn comes, the index is up to date
+            folder = root if os.path.isdir(root) else os.path.dirname(root)
+            with multiprocessing.Pool(min(len(todo), os.cpu_count())) as pool:
+                probed = pool.imap(_probe, [os.path.join(folder, found[k][0]) for k in todo], chunksize=4)
+                bar = tqdm(probed, f"indexing {root}", len(todo), unit="video", disable=None)  # ETA on a terminal
+                for row, k in zip(bar, todo):
+                    info[k] = row
+        index = dict(format=INDEX_FORMAT, root=root, paths=_pack(f[0] for f in found),
+                     stat=np.array([f[1:] for f in found], np.int64), info=np.array(info))
+        if todo or len(known) > len(found) or not old:  # new, changed, removed, or none before
+            with open(file + ".tmp", "wb") as f:  # write, then rename: a reader never sees half an index
+                np.savez(f, **index)
+            os.replace(file + ".tmp", file)
+    return index
 
 
 class VideoFolder:
-    """Every video file under `root`, and every folder of images (one folder = one video, frames sorted by name).
-    Frame folders take their frame times from file names in seconds ('12.480.jpg') or else from `fps`.
-    Video files whose metadata cannot be read are left out, and counted, at start-up."""
+    """Every video file under `root`, and every folder of images (one folder = one video), or the videos the list
+    `root` names. Frame folders take their frame times from file names in seconds ('12.480.jpg') or else from
+    `fps`. Frame counts and rates come from the index (`_index`); unreadable files are left out and named. Flat
+    arrays, no Python object per video: the DataLoader workers share them."""
 
-    def __init__(self, root, fps=None):
-        if os.path.isfile(root):  # one video file (eval.py --video)
-            self.videos = [(root, _probe(root))]
-            return
-        if not os.path.isdir(root):
-            raise UserError(f"video folder {root!r} does not exist (or is not a folder): check --data / --val-data")
-        self.videos, unreadable = [], []  # (frame paths, times) per frame folder, (path, (frames, rate)) per file
-        for folder, subfolders, files in os.walk(root, followlinks=True):
-            subfolders.sort()  # walk in a fixed order so video i is the same on every rank
-            images = sorted(f for f in files if f.lower().endswith(IMAGE_EXTS))
-            if images:
-                self.videos.append(self._frame_folder(folder, images, fps))
-            for f in sorted(f for f in files if f.lower().endswith(VIDEO_EXTS)):
-                path = os.path.join(folder, f)
-                try:  # (frames, rate), not times: a big corpus would hold them all in memory
-                    self.videos.append((path, _probe(path)))
-                except Exception:
-                    unreadable.append(path)
-        if unreadable:
-            print(f"warning: skipped {len(unreadable)} unreadable videos: {', '.join(unreadable[:5])}")
-        if not self.videos:
+    def __init__(self, root, fps=None, index=None, trust=False, out=None):
+        root, self.fps = os.path.abspath(root), fps
+        if not os.path.exists(root):
+            raise UserError(f"video folder or list {root!r} does not exist: check --data / --val-data")
+        file = os.path.join(root, ".deltatok-index.npz") if os.path.isdir(root) else root + ".deltatok-index.npz"
+        if index or out and not os.access(os.path.dirname(file), os.W_OK):  # in --index, else the run folder
+            file = os.path.join(index or out, root.strip("/").replace("/", "_") + ".deltatok-index.npz")
+        single = os.path.isfile(root) and root.lower().endswith(VIDEO_EXTS)  # one video file (eval.py --video)
+        saved = dict(paths=_pack([root]), info=np.array([_probe(root, True)])) if single else _index(root, file, trust)
+        paths, info = _unpack(saved["paths"]), saved["info"].reshape(-1, 3)
+        self.root, usable = root if os.path.isdir(root) else os.path.dirname(root), info[:, 0] > 0
+        self.paths, self.info = _pack(p for p, u in zip(paths, usable) if u), info[usable].astype(np.float32)
+        self.ends = np.flatnonzero(self.paths == 0)  # path i ends at ends[i]; info[i]: frames, rate, start
+        if not usable.all() and not single and os.environ.get("RANK", "0") == "0":
+            bad = [os.path.join(self.root, p) for p, u in zip(paths, usable) if not u]
+            print(f"warning: skipped {len(bad)} unreadable videos: {', '.join(bad[:5])}{' ...' * (len(bad) > 5)} "
+                  f"(remembered in {file} until they change)", file=sys.stderr)
+        if not usable.any():
             raise UserError(
-                f"no usable video under {root!r}: expected video files ({' '.join(VIDEO_EXTS)}) or folders of "
+                f"no usable video in {root!r}: expected video files ({' '.join(VIDEO_EXTS)}) or folders of "
                 f"frames ({' '.join(IMAGE_EXTS)}, named by time in seconds like '12.480.jpg', or by order with --fps)")
-
-    @staticmethod
-    def _frame_folder(folder, images, fps):
-        seconds = [_stem_seconds(f) for f in images]
-        if None not in seconds:
-            order = np.argsort(seconds, kind="stable")
-            return [os.path.join(folder, images[k]) for k in order], np.array(seconds)[order]
-        if fps is None:
-            raise UserError(f"frames in {folder!r} are not named by time in seconds (e.g. '12.480.jpg'): "
-                            "give their frame rate with --fps")
-        return [os.path.join(folder, f) for f in images], np.arange(len(images)) / fps
+        if fps is None and (self.info[:, 1] < 0).any():
+            raise UserError(f"frames in {self.path(np.argmax(self.info[:, 1] < 0))!r} are not named by time in "
+                            "seconds (e.g. '12.480.jpg'): give their frame rate with --fps")
 
     def __len__(self):
-        return len(self.videos)
+        return len(self.ends)
+
+    def path(self, i):
+        """The video file or frame folder of video i."""
+        path = self.paths[self.ends[i - 1] + 1 if i else 0:self.ends[i]].tobytes().decode(errors="surrogateescape")
+        return os.path.join(self.root, path)
 
     def frame_times(self, i):
-        source, info = self.videos[i]
-        return info if isinstance(source, list) else np.arange(info[0]) / info[1]  # (F,) seconds
+        frames, rate, _ = self.info[i]
+        if rate > 0:
+            return np.arange(frames) / rate  # (F,) seconds
+        files, seconds = _frame_folder(self.path(i))
+        return np.arange(len(files)) / self.fps if seconds is None else seconds
 
     def read(self, i, idx):
-        source, info = self.videos[i]
-        idx = list(idx)
-        if isinstance(source, list):
-            return np.stack([np.asarray(Image.open(source[k]).convert("RGB")) for k in idx])
-        want, frames = set(idx), {}
-        # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
-        with av.open(source, options={"skip_frame": "all"}) as container:
-            stream = container.streams.video[0]
-            stream.codec_context.thread_count = 1  # threads add latency; one process per core is faster
-            tb, t0, rate = float(stream.time_base), stream.start_time or 0, info[1]
-            # seek to the key frame at or before the first wanted frame, then decode forward, skipping the frames
-            # that no other frame refers to unless wanted (half the frames of H.264 with B-frames)
-            container.seek(t0 + int(min(idx) / rate / tb), stream=stream)
-            for packet in container.demux(stream):
-                wanted = packet.pts is None or round((packet.pts - t0) * tb * rate) in want  # None: the last packet
-                stream.codec_context.skip_frame = "DEFAULT" if wanted else "NONREF"
-                for frame in packet.decode():
-                    k = round((frame.pts - t0) * tb * rate)
-                    if k in want:
-                        frames[k] = frame.to_ndarray(format="rgb24")
-                if len(frames) == len(want):
-                    break
-        if len(frames) < len(want):
-            raise RuntimeError(f"could not decode frames {sorted(want - set(frames))} of {source}")
-        return np.stack([frames[k] for k in idx])  # (T, H, W, 3) uint8
+        (_, rate, t0), idx, want = self.info[i], list(idx), set(idx)
+        if rate <= 0:
+            files = _frame_folder(self.path(i))[0]
+            return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in idx])
+        for fast in (True, False):  # the fast path misses frames of open GOPs: then a plain decode from the start
+            # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
+            with av.open(self.path(i), options={"skip_frame": "all"}) as container:
+                stream, frames = container.streams.video[0], {}
+                stream.codec_context.thread_count = 1  # threads add latency; one process per core is faster
+                tb = float(stream.time_base)
+                if fast:  # from the key frame before the first wanted frame, skipping the frames that nothing
+                    # refers to unless wanted (half the frames of H.264 with B-frames)
+                    container.seek(round((t0 + min(want) / rate) / tb), stream=stream)
+                for packet in container.demux(stream):
+                    wanted = not fast or packet.pts is None or round((packet.pts * tb - t0) * rate) in want
+                    stream.codec_context.skip_frame = "DEFAULT" if wanted else "NONREF"  # pts None: the last packet
+                    for frame in packet.decode():
+                        if (k := round((frame.pts * tb - t0) * rate)) in want:
+                            frames[k] = frame.to_ndarray(format="rgb24")
+                    if len(frames) == len(want):
+                        return np.stack([frames[k] for k in idx])  # (T, H, W, 3) uint8
+        raise RuntimeError(f"could not decode frames {sorted(want - set(frames))} of {self.path(i)}")
 
 
-def prepare(src, dst, short_side=288, workers=1):
+def prepare(src, dst, short_side=288, workers=1, index=None):
     """Copy the video files under `src` to the same paths under `dst` (as .mp4), made for random access: H.264 at
     short side `short_side`, a key frame every 16 frames, and 3 B-frames between references that nothing refers
     to (read skips them). Frame k stays frame k, with the original's frame count and rate, so that ClipDataset cuts
     the same clips: the same frames, times and (RandomResizedCrop being relative to the frame) crop distribution."""
-    try:  # frame folders are left out (any rate will do)
-        videos = [(path, info) for path, info in VideoFolder(src, fps=1).videos if not isinstance(path, list)]
-    except UserError:  # nothing usable at all
-        videos = []
-    if not videos:
+    if not any(path.lower().endswith(VIDEO_EXTS) for path, _, _ in _found(os.path.abspath(src))):  # before indexing
         raise UserError(f"no video files ({' '.join(VIDEO_EXTS)}) under {src}: nothing to copy (frame folders are read "
                         "fast as they are: train on them directly)")
-    jobs = [(path, os.path.join(dst, os.path.splitext(os.path.relpath(path, src))[0] + ".mp4"), info, short_side)
-            for path, info in videos]
+    source = VideoFolder(src, fps=1, index=index, out=dst)  # the index goes in DST where SRC is read-only
+    names = {i: os.path.relpath(source.path(i), source.root) for i in range(len(source)) if source.info[i, 1] > 0}
+    if any(name.startswith("..") for name in names.values()):
+        raise UserError(f"{src} lists videos outside its folder: their copies would not be under {dst}")
+    jobs = [(source.path(i), os.path.join(dst, os.path.splitext(name)[0] + ".mp4"),
+             (int(source.info[i, 0]), float(source.info[i, 1])), short_side) for i, name in names.items()]
     todo = [job for job in jobs if not os.path.exists(job[1])]  # the rest was copied by an earlier run
     if not todo:
         return print(f"every video under {src} ({len(jobs)}) is already copied to {dst}: nothing to do")
@@ -389,7 +483,7 @@ def _prepare_one(job):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with av.open(path) as src, av.open(out + ".tmp", "w", format="mp4") as dst:
         stream = src.streams.video[0]
-        scale, fps = short_side / min(stream.height, stream.width), stream.average_rate or stream.guessed_rate
+        scale, fps = min(1, short_side / min(stream.height, stream.width)), stream.average_rate or stream.guessed_rate
         copy = dst.add_stream("libx264", fps, width=2 * round(stream.width * scale / 2), pix_fmt="yuv420p",
                               height=2 * round(stream.height * scale / 2), gop_size=16, options=dict(
                                   sc_threshold="0", bf="3", tune="fastdecode", preset="veryfast", crf="20", threads="1",
@@ -406,9 +500,14 @@ def _prepare_one(job):
     return out
 
 
-def open_source(root, split="train", fps=None, seed=0):
-    """'synthetic' -> the built-in videos of that split; anything else is a folder of real videos."""
-    return SyntheticVideos(split, seed) if root == "synthetic" else VideoFolder(root, fps)
+def open_source(root, split="train", fps=None, seed=0, flags=None):
+    """'synthetic' -> the built-in videos of that split; anything else is a folder or a list of real videos, its
+    index where the parsed `flags` say (--index, --trust-index, and --out, the run folder)."""
+    index = (flags.index, flags.trust_index, flags.out) if flags else ()
+    return SyntheticVideos(split, seed) if root == "synthetic" else _video_folder(root, fps, *index)
+
+
+_video_folder = functools.lru_cache(maxsize=2)(VideoFolder)  # the held-out check reopens --data: one index read
 
 
 # -----------------------------------------------------------------------------
@@ -434,8 +533,7 @@ _WARNED = set()  # broken videos this process has named
 
 def _warn_broken(source, i, error):
     """Name a broken video and why, the first time this process meets it; later failures are only counted."""
-    video = source.videos[i][0] if hasattr(source, "videos") else f"video {i}"
-    name = os.path.dirname(video[0]) if isinstance(video, list) else video
+    name = source.path(i) if isinstance(source, VideoFolder) else f"video {i}"
     if name not in _WARNED:
         _WARNED.add(name)
         print(f"\nwarning: skipping broken video {name}: {type(error).__name__}: {error}", file=sys.stderr)
@@ -567,9 +665,11 @@ def timed(fn, device, n):
 def run_bench(step_fn, flops_fn, batch, n, device, reference):
     """Time n training steps (after warm-up), report peak memory, FLOPs per step and the fraction of a matmul.
     flops_fn runs the step eagerly on ONE sample: the counter sees no compiled code, its math attention would
-    materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch."""
-    flops = count_flops(flops_fn) * batch
-    timed(step_fn, device, 3)  # warm-up, compile
+    materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch. compile_s: what
+    the 3 warm-up steps took beyond 3 timed ones (compilation, with --compile)."""
+    with torch.compiler.set_stance("force_eager"):
+        flops = count_flops(flops_fn) * batch
+    warm = sum(timed(step_fn, device, 3))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = 1000 * sorted(timed(step_fn, device, n))[n // 2]
@@ -580,7 +680,8 @@ def run_bench(step_fn, flops_fn, batch, n, device, reference):
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
     peak = matmul_peak(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = dict(device=name, step_ms=round(ms, 2), peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
+    result = dict(device=name, step_ms=round(ms, 2), compile_s=round(max(warm - 3 * ms / 1000, 0), 1),
+                  peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
                   achieved_tflops=round(flops / ms / 1e9, 2), matmul_peak_tflops=round(peak / 1e12, 2),
                   fraction_of_matmul_peak=round(flops / (ms / 1000) / peak, 3), reference=reference)
     print(json.dumps(result, indent=1))
@@ -603,9 +704,12 @@ def bench_table(jsonl, markdown):
     need = max([r["batch"] / r["step_ms"] * 1000 for r in rows if r["row"].startswith("DeltaTok") and "batch" in r],
                default=0)  # clips/s the fastest DeltaTok step eats: what the loader must feed
     for r in rows:
-        if r.get("failed") or "clips_per_s" in r:
+        if r.get("failed") or "batch" not in r:  # a rate: the loader's or the token cache's clips/s, eval's sequences/s
+            rate = f"**{r['clips_per_s']:.0f} clips/s**" if "clips_per_s" in r else \
+                f"**{r.get('sequences_per_s', 0):.1f} sequences/s**"
             lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |" if r.get("failed") else
-                         f"| {r['row']} | | **{r['clips_per_s']:.0f} clips/s** (DeltaTok step: {need:.0f}) | | | cpu |")
+                         f"| {r['row']} | | {rate} (DeltaTok step: {need:.0f} clips/s) | | | cpu |" if "workers" in r
+                         else f"| {r['row']} | | {rate} | | | |")
             continue
         per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
         lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} GiB | "
@@ -644,35 +748,38 @@ def convert_pca(src, dst):
 def main(args):
     if args.prepare:
         check_paths([("SRC", args.prepare[0])], ("DST", args.prepare[1]))
-        return prepare(*args.prepare, args.short_side, args.workers)
+        return prepare(*args.prepare, args.short_side, args.workers, args.index)
     if args.convert_pca:  # unpickling can run code: only on the user's word
         if not args.trust_pickle:
             raise UserError("--convert-pca unpickles the file, which can run code: add --trust-pickle if you trust it")
         check_paths([("--convert-pca", args.convert_pca[0])])
         return convert_pca(*args.convert_pca)
     check_paths([("--bench", args.bench)])
-    loader = make_loader(ClipDataset(VideoFolder(args.bench), args.num_frames), 8, num_workers=args.workers)
+    source = VideoFolder(args.bench, index=args.index)
+    loader = make_loader(ClipDataset(source, args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started
     start, clips = time.perf_counter(), 0
     while time.perf_counter() < start + 20:
         clips += len(next(loader)["frames"])
+        print(f"\r{clips} clips in {time.perf_counter() - start:.0f} of 20 s", end="", flush=True)
     total = clips / (time.perf_counter() - start)
-    print(f"{total:.1f} clips/s, {total / args.workers:.1f} per worker ({args.num_frames}-frame clips, 256 px)")
+    print(f"\n{total:.1f} clips/s, {total / args.workers:.1f} per worker ({args.num_frames}-frame clips, 256 px)")
     bench_record(clips_per_s=total, workers=args.workers)
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Copy real videos for fast reading, or measure reading speed.")
+    parser = argparse.ArgumentParser(description="Prepare videos, time the loader, or convert a PCA file.", formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR for 20 s as training does "
-                      "(make_loader, 8 clips a batch)")
+    mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR (or a list of them) for 20 "
+                      "s as training does (make_loader, 8 clips a batch)")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
     mode.add_argument("--convert-pca", nargs=2, metavar=("PICKLE", "DST"), help="DINO-Foresight's PCA pickle -> a "
                       "--pca file of tokenizer.py (Table D)")
     parser.add_argument("--trust-pickle", action="store_true", help="--convert-pca: let it unpickle the file")
     parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")
-    parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: height of a landscape copy")
+    parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: short side, never upscaled")
     parser.add_argument("--num-frames", type=at_least(2), default=2, help="--bench: frames per clip")
+    parser.add_argument("--index", metavar="DIR", help="folder for the index of the videos (default: beside them)")
     return parser
 
 

@@ -39,13 +39,14 @@ import argparse
 import json
 import math
 import os
+import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import baseline_dinoworld as DW
@@ -276,83 +277,91 @@ def pca_colours(feats, fit):
     return (proj.clamp(0, 1) * 255).byte().view(len(feats), side, side, 3).cpu().numpy()
 
 
-def draw(rows, path, tile=128):
-    """rows: lists of (title, RGB array); tiles resized to tile x tile (nearest), titled, one row per list.
-    Returns the canvas (PIL image)."""
-    width = max(len(r) for r in rows)
-    canvas = Image.new("RGB", (width * tile, len(rows) * (tile + 14)), "white")
+def draw(rows, title, legend, tile=128):
+    """rows: lists of (caption, RGB array or None), one row per list, tiles tile x tile (nearest) under their
+    captions; the title above, the legend below: lines of (key picture or None, text). Returns a PIL image."""
+    font = ImageFont.load_default()
+    span = lambda line: sum(font.getlength(text) + 10 + (0 if k is None else k.shape[1] + 3) for k, text in line)
+    width = max([len(r) * tile for r in rows] + [span(line) for line in [[(None, title)], *legend]])
+    canvas = Image.new("RGB", (math.ceil(width), 24 + len(rows) * (tile + 14) + 14 * len(legend)), "white")
     pen = ImageDraw.Draw(canvas)
+    pen.text((2, 3), title, "black", font)
     for r, row in enumerate(rows):
-        for c, (title, img) in enumerate(row):
-            canvas.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (c * tile, r * (tile + 14) + 14))
-            pen.text((c * tile + 2, r * (tile + 14)), title[:20], fill="black")
-    canvas.save(path)
+        for c, (caption, img) in enumerate(row):
+            pen.text((c * tile + 2, 18 + r * (tile + 14)), caption[:tile // 5], "black", font)
+            if img is not None:
+                canvas.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (c * tile, 32 + r * (tile + 14)))
+    for y, line in enumerate(legend):
+        x, y = 2, 22 + len(rows) * (tile + 14) + 14 * y
+        for key, text in line:
+            if key is not None:
+                canvas.paste(Image.fromarray(key).resize((key.shape[1], 10)), (round(x), y + 2))
+                x += key.shape[1] + 3
+            pen.text((x, y), text, "black", font)
+            x += font.getlength(text) + 10
     return canvas
 
 
-@torch.no_grad()
-def head_maps(head, feats, size):
-    """Features (M, N, C) -> head outputs (M, K, S, S), upsampled (bilinear) to the S x S crop."""
-    return F.interpolate(head(Hd.to_map(feats)), (size, size), mode="bilinear")
-
-
-def figure(path, item, feats, samples, preds, heads, size, max_samples=8):
-    """One sequence, crop 0: context and target frames; then per head (seg, depth, rgb) and as PCA colours: the
-    context frames, the ground truth (labels, or the frame for rgb, where there are), present, copy-last, best and
-    mean, and a row of samples."""
-    frames = item["crops"][0].permute(0, 2, 3, 1).numpy()  # (7, S, S, 3)
-    ctx = preds["context"]
-    names = [f"context {t}" for t in ctx] + ["present", "copy-last", "best", "mean"]
-    shown = torch.cat([feats[ctx], torch.stack([feats[TARGET], feats[ctx[-1]], preds["best"], preds["mean"]]),
-                       samples[:max_samples]])
-    rows = [[(f"context {t}", frames[t]) for t in ctx] + [("target", frames[TARGET])]]
-    for task, head in [*heads.items(), ("PCA", None)]:
-        key = {"seg": "classes", "depth": "depth"}.get(task)
-        if head is None:
-            tiles = pca_colours(shown, feats[TARGET])
-        else:
-            out = head_maps(head, shown, size)
-            lo, hi = map(float, (1 / out[len(ctx)].clamp(min=1e-3)).aminmax())  # inverse depth range of present
-            tiles = [colour(o, task, lo, hi) for o in out]
-        truth = frames[TARGET] if task == "rgb" else None if key not in item else \
-            colour(Hd.label_at(torch.as_tensor(item[key]), item["resized"], 0, 0, size), task, lo, hi)
-        row = [(f"{task} {n}", t) for n, t in zip(names, tiles)]
-        rows.append(row[:len(ctx)] + [(f"{task} ground truth", truth)] * (truth is not None) + row[len(ctx):])
-        if len(samples) > 1:
-            rows.append([(f"{task} sample {s}", t) for s, t in enumerate(tiles[len(names):])])
-    draw(rows, path)
-
-
-def rollout_figure(path, item, feats, rollout, best, ctx, heads, size, num_samples=3):
-    """One sequence, crop 0, frames 0-6 left to right: the frames; per head, the head on the ground-truth features,
-    then the rollout of the best sample and of `num_samples` other samples (their diversity): each predicted step
-    through the head, earlier columns repeating the head on the ground-truth features. Returns the canvas."""
-    frames = item["crops"][0].permute(0, 2, 3, 1).numpy()  # (7, S, S, 3)
-    first = TARGET - rollout.shape[1] + 1  # frame of the first predicted step
-    rows = [[(f"frame {t}" + (" (context)" if t in ctx else ""), frames[t]) for t in range(TARGET + 1)]]
-    others = [s for s in range(len(rollout)) if s != best][:num_samples]
-    for task, head in heads.items():
-        truth = head_maps(head, feats, size)  # (7, K, S, S)
-        lo, hi = map(float, (1 / truth.clamp(min=1e-3)).aminmax())
-        rows.append([(f"{task} on frame {t}", colour(o, task, lo, hi)) for t, o in enumerate(truth)])
-        for name, s in [("best", best)] + [(f"sample {s}", s) for s in others]:
-            pred = head_maps(head, rollout[s], size)
-            rows.append([(f"{task} {name}", colour(pred[t - first], task, lo, hi)) if t >= first else
-                         (f"{task} on frame {t}", colour(truth[t], task, lo, hi)) for t in range(TARGET + 1)])
-    return draw(rows, path)
+def key(task, out, lo, hi):
+    """A head's legend line: the colours of the classes in its outputs (M, K, S, S), or the depth bar, far to near."""
+    if task == "seg":
+        return [(np.tile(PALETTE[k], (1, 10, 1)), f"class {k}") for k in out.argmax(1).unique().tolist()]
+    return [(None, f"depth: far {1 / lo:.1f} m"), (colour(1 / torch.linspace(lo, hi, 120)[None], task, lo, hi),
+                                                 f"{1 / hi:.1f} m near")] if task == "depth" else []
 
 
 def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, gif=False):
-    """Both figures of one crop's rollout (S, steps, N, C) by model `name`: <stem>_<name>.png, the final step, and
-    <stem>_<name>_rollout.png; gif: also <stem>_<name>_rollout.gif, the rollout figure column by column."""
+    """The figures of crop 0's rollout (S, steps, N, C) by model `name`: <stem>_<name>.png, the final step (per head
+    and as PCA colours: context, ground truth, present, copy-last, best, mean, up to 8 samples); _rollout.png, frames
+    0-6 left to right (per head: present, the best and `num_samples` other samples); gif: _rollout.gif."""
     stem += "_" + name.lower().replace(" ", "_").replace("(", "").replace(")", "")
-    best, mean, index = best_and_mean(rollout[None, :, -1], feats[None, TARGET])
-    figure(stem + ".png", item, feats, rollout[:, -1], dict(context=ctx, best=best[0], mean=mean[0]), heads, size)
-    canvas = rollout_figure(stem + "_rollout.png", item, feats, rollout, index.item(), ctx, heads, size, num_samples)
-    if gif:
-        w = canvas.width // (TARGET + 1)
-        cols = [canvas.crop((c * w, 0, (c + 1) * w, canvas.height)) for c in range(TARGET + 1)]
-        cols[0].save(stem + "_rollout.gif", save_all=True, append_images=cols[1:], duration=500, loop=0)
+    frames = item["crops"][0].permute(0, 2, 3, 1).numpy()  # (7, S, S, 3)
+    final, first = rollout[:, -1], TARGET - rollout.shape[1] + 1  # the first predicted frame
+    best = best_and_mean(final[None], feats[None, TARGET])[2].item()
+    tiles, truth, keys = {}, {}, []  # tiles[task][s][t]: sample s (-1: present, -2: the samples' mean) at frame t
+    for task, head in [*heads.items(), ("PCA", None)]:
+        if head is None:  # the final step only
+            pca = list(pca_colours(torch.cat([feats, final, final.mean(0, keepdim=True)]), feats[TARGET]))
+            tiles[task] = {s: [pca[7 + s]] * 7 for s in range(len(final))} | {-1: pca[:7], -2: pca[-1:] * 7}
+        else:
+            maps = lambda x: F.interpolate(head(Hd.to_map(x)), (size, size), mode="bilinear")  # (M, K, S, S)
+            present = maps(feats)
+            lo, hi = map(float, (1 / present.clamp(min=1e-3)).aminmax())  # inverse depth range of present
+            paint = lambda x: [colour(o, task, lo, hi) for o in maps(x)]
+            p, keys = [colour(o, task, lo, hi) for o in present], keys + [key(task, present, lo, hi)]
+            tiles[task] = {s: p[:first] + paint(r) for s, r in enumerate(rollout)} | \
+                {-1: p, -2: paint(final.mean(0, keepdim=True)) * 7}
+        label = {"seg": "classes", "depth": "depth"}.get(task)
+        truth[task] = frames[TARGET] if task == "rgb" else None if label not in item else \
+            colour(Hd.label_at(torch.as_tensor(item[label]), item["resized"], 0, 0, size), task, lo, hi)
+    title = (f"{name}, {'short' if ctx == CONTEXT['short'] else 'mid'} horizon (context: frames {ctx[0]}-{ctx[-1]}, "
+             f"target: frame {TARGET}), {item['name']}, crop 0")
+    sample = lambda s: f"sample {s}" + " best" * (s == best)
+    notes = [[(None, f"best = sample {best}: the lowest smooth-L1 loss of its frame-{TARGET} features to the true "
+               "ones; present = the head on the frame's own features")]]
+    rows = [[(f"context {t}", frames[t]) for t in ctx] + [(f"target (frame {TARGET})", frames[TARGET])]]
+    for task, ts in tiles.items():
+        rows.append([(f"{task} context {t}", ts[-1][t]) for t in ctx] + [(f"{task} ground truth", truth[task])] *
+                    (truth[task] is not None) + [(f"{task} {n}", ts[s][t]) for n, s, t in (
+                        ("present", -1, TARGET), ("copy-last", -1, ctx[-1]), (f"best (sample {best})", best, TARGET),
+                        ("mean", -2, TARGET))])
+        rows += [[(f"{task} {sample(s)}", ts[s][TARGET]) for s in range(min(8, len(final)))]] * (len(final) > 1)
+    draw(rows, title + ", the final step", keys + notes + [[(None, f"ground truth = the dataset's labels; copy-last = "
+         f"the head on frame {ctx[-1]}'s features; mean = the samples' features averaged; PCA = features on the 3 "
+         "principal components of frame 6's, as RGB")]]).save(stem + ".png")
+    shown = [-1, best] + [s for s in range(len(final)) if s != best][:num_samples]
+    rows = [[(f"frame {t}" + " (context)" * (t in ctx), frames[t]) for t in range(TARGET + 1)]]
+    rows += [[(f"{task} present {t}" if s < 0 or t < first else f"{task} {sample(s)}", tiles[task][s][t])
+              for t in range(TARGET + 1)] for task in heads for s in shown]
+    notes += [[(None, f"a sample's columns before frame {first} (the first predicted) show present")]]
+    draw(rows, title, keys + notes).save(stem + "_rollout.png")
+    if gif:  # frame t: per head, present beside every sample's prediction of frame t, at most 1600 px wide
+        rows = lambda t: [[(f"frame {t}" * (i == 0), frames[t] if i == 0 else None), (f"{task} present",
+                           tiles[task][-1][t])] + [(sample(s), tiles[task][s][t]) for s in range(len(final))]
+                          for i, task in enumerate(heads)]
+        pictures = [draw(rows(t), f"{title}, frame {t}", keys + notes, max(48, min(128, 1600 // (len(final) + 2))))
+                    for t in range(TARGET + 1)]
+        pictures[0].save(stem + "_rollout.gif", save_all=True, append_images=pictures[1:], duration=700, loop=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,7 +374,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
     n = min(len(sequences), args.max_sequences or len(sequences))
     loader = torch.utils.data.DataLoader(Crops(sequences, args.size, list(range(rank, n, world))),
                                          batch_size=args.batch_size, collate_fn=list, num_workers=args.num_workers)
-    scores, saved = {}, {h: [] for h in args.horizons}
+    scores, saved, start = {}, {h: [] for h in args.horizons}, time.perf_counter()
 
     def add(key, pred, items):
         tasks = scores.setdefault(key, new_scores(heads))
@@ -405,6 +414,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
         os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
         torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
                    args.save_features)
+    data.bench_record(sequences_per_s=len(loader.dataset) / (time.perf_counter() - start))  # make bench-gpu's row
     return scores
 
 
@@ -466,8 +476,8 @@ def video_clip(args):
     idx = np.abs(times[:, None] - want).argmin(0).tolist()
     x = Hd.resize_frames(source.read(0, idx), args.size)                             # (7, 3, Hr, Wr)
     top, left = (x.shape[-2] - args.size) // 2, (x.shape[-1] - args.size) // 2
-    return dict(crops=x[None, ..., top:top + args.size, left:left + args.size]), \
-        torch.as_tensor(times[idx] - times[idx[0]])[None]                          # (1, 7, 3, S, S), (1, 7)
+    crops = x[None, ..., top:top + args.size, left:left + args.size]                # (1, 7, 3, S, S); times (1, 7):
+    return dict(crops=crops, name=f"{args.video} at {args.start} s"), torch.as_tensor(times[idx] - times[idx[0]])[None]
 
 
 @torch.no_grad()
@@ -496,10 +506,9 @@ def flops(args):
     with torch.device("meta"):
         vfm = T.VFM(args.vfm or vfm_name)
         tok = (model if kind == "deltatok" else model.tokenizer if kind == "deltaworld" else
-               T.build_deltatok("base", vfm, size=args.size))
-        world = model.predictor if kind == "deltaworld" else \
-            P.Predictor(vfm.dim, 12, vfm.dim // P.HEAD_DIM, axes=(P.HEAD_DIM - 4,))
-        dino = model if kind == "dinoworld" else DW.build_dinoworld("base", vfm, size=args.size)
+               T.build_deltatok(args.model, vfm, size=args.size))
+        world = (model if kind == "deltaworld" else P.DeltaWorld(tok, vfm, args.model)).predictor
+        dino = model if kind == "dinoworld" else DW.build_dinoworld(args.model, vfm, size=args.size)
     tok, world, dino = tok.to("meta"), world.to("meta"), dino.to("meta")
     zeros = lambda *s: torch.zeros(*s, device="meta")
     n, c = math.prod(args.size) // vfm.patch_size ** 2, vfm.dim
@@ -517,9 +526,13 @@ def flops(args):
         rows.append((f"DINO-world predictor ({k}-frame context)",
                      g(lambda: dino.predict(zeros(1, k, n, c), zeros(1, k), zeros(1, 1, c), zeros(1, 1))),
                      TABLE_B["dinoworld"][k]))
-    reference = args.size == (256, 256) and vfm.dim == 768
+    reference = args.size == (256, 256) and vfm.dim == 768 and args.model == "base"
     print(f"GFLOPs per {args.size[0]}x{args.size[1]} crop = 2 x multiply-adds of one forward, attention included "
-          f"(appendix Table B; the paper's other tables double these for the two crops). VFM {vfm.name}.")
+          f"(appendix Table B; the paper's other tables double these for the two crops).\nVFM {vfm.name}; models: "
+          f"{f'{kind} from --ckpt, the rest ' if kind else ''}--model {args.model} (blocks: DeltaTok {tok.cfg.depth} + "
+          f"{tok.cfg.depth}, DeltaWorld {len(world.blocks)}, DINO-world {dino.cfg.depth}). At ViT-B 256 px DINO-world's"
+          " rows fall 11-13% below Table B: the fixed part agrees, a context frame costs 9.65 GFLOPs, not 12.08 "
+          "(BENCHMARKS.md).")
     for name, v, ref in rows:
         print(f"  {name:<42} {v:9.3f}" + (f"   Table B {ref:8.3f} ({100 * (v / ref - 1):+.1f}%)" if reference else ""))
     got = {name: v for name, v, _ in rows}
@@ -585,7 +598,7 @@ def main(args):
         scores = evaluate(args, dataset, sequences, models, vfm, tasks, device, rank, world, features, rgb)
         results[dataset] = gather(scores, tasks)
     if rank == 0:
-        print(table(results))
+        print(table(results) + "\nPresent: the heads on frame 6's own features (heads.py's check: other sequences)")
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(dict(ckpt=args.ckpt, kinds=[m[1] for m in models], size=args.size, samples=args.samples,
                            data=args.data,
@@ -598,7 +611,7 @@ def main(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Dense forecasting evaluation: segmentation and depth of predicted "
-                                "features (SPEC section 5).", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                "features (SPEC section 5).", formatter_class=data.HelpFormatter)
     p.add_argument("--ckpt", nargs="+", default=[], help="checkpoints to evaluate (one table): DeltaTok, DeltaWorld, "
                    "DINO-world (files or hub ids such as Amazon-FAR/deltaworld-kinetics)")
     p.add_argument("--kind", default="", choices=["", "deltatok", "deltaworld", "dinoworld"],
@@ -632,9 +645,10 @@ def get_parser():
     p.add_argument("--figures", type=data.at_least(0), default=4, help="draw PNG figures for the first N sequences")
     p.add_argument("--out", default="runs/eval", help="folder for results.json and figures")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
-    p.add_argument("--num-workers", type=data.at_least(0), default=4, help="data loader processes")
+    p.add_argument("--num-workers", type=data.at_least(0), default=data.cpu_workers(4), help="data loader processes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--flops", action="store_true", help="print the compute breakdown of appendix Table B and exit")
+    p.add_argument("--model", default="base", choices=list(P.PREDICTOR_PRESETS), help="--flops: size of the models")
     return p
 
 

@@ -530,7 +530,9 @@ def main(args):
             result = present_score(head, vfm, val, args.size, device, args.dtype, args.val_sequences)
             head.train()
             T.log_jsonl(args.out, dict(step=step, val=result))
-            tqdm.write(f"step {step} held-out labelled frames (two-crop protocol): {result}")
+            tqdm.write(f"step {step} held-out check on the first {args.val_sequences} val sequences' labelled frames "
+                       "(two-crop protocol; eval.py's Present row scores its own --max-sequences): " +
+                       "  ".join(f"{k} {v:.2f}" for k, v in result.items()))
         if step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=num_classes, vfm=args.vfm, size=args.size,
                                    data=args.data, model=head.state_dict(), optimizer=opt.state_dict(), step=step,
@@ -543,7 +545,7 @@ def main(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train a segmentation or depth head on frozen VFM features.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--task", required=True, choices=["seg", "depth"], help="segmentation or depth head")
     p.add_argument("--data", default="synthetic", help="'synthetic', 'vspw:ROOT', 'cityscapes:ROOT' or 'kitti:ROOT' "
                    "(its train split)")

@@ -47,28 +47,30 @@ def rope_angles(pos, axes, head_dim):
     """RoPE tables for positions pos (..., L, A) with one rotated slice of each head per axis (sizes `axes`, in
     order from dim 0); the last head_dim - sum(axes) dims stay unrotated. A slice of size a uses a/2 frequencies
     w_j = 10^(-u_j), u evenly spaced over [-2, 2], angle = 2 pi pos w_j, and rotates the pairs (j, j + a/2)
-    (SPEC section 3). Returns (cos, signed sin, partner index) for apply_rope: cos/sin (..., L, head_dim)."""
-    if len(axes) != pos.shape[-1] or sum(axes) > head_dim or any(a % 2 for a in axes):
+    (SPEC section 3). The axes are of one even size. Returns (cos, signed sin, axes) for apply_rope: cos/sin
+    (..., L, head_dim)."""
+    if len(axes) != pos.shape[-1] or sum(axes) > head_dim or axes[0] % 2 or len(set(axes)) > 1:
         raise ValueError(f"RoPE axes {axes} do not fit {pos.shape[-1]} position axes and head dim {head_dim}")
-    cos, sin, partner, start = [], [], [], 0
+    cos, sin = [], []
     for i, a in enumerate(axes):
         w = 10.0 ** -torch.linspace(-2, 2, a // 2, device=pos.device, dtype=torch.float32)
         angle = 2 * math.pi * pos[..., i:i + 1].float() * w                  # (..., L, a/2)
         cos += [angle.cos(), angle.cos()]
         sin += [-angle.sin(), angle.sin()]                                    # x1' = x1 c - x2 s, x2' = x2 c + x1 s
-        partner.append(torch.arange(a, device=pos.device).roll(a // 2) + start)
-        start += a
-    rest = head_dim - start
+    rest = head_dim - sum(axes)
     cos.append(pos.new_ones(*pos.shape[:-1], rest, dtype=torch.float32))
     sin.append(pos.new_zeros(*pos.shape[:-1], rest, dtype=torch.float32))
-    partner.append(torch.arange(start, head_dim, device=pos.device))
-    return torch.cat(cos, -1), torch.cat(sin, -1), torch.cat(partner)
+    return torch.cat(cos, -1), torch.cat(sin, -1), axes
 
 
 def apply_rope(x, rope):
-    """Rotate x (B, heads, L, head_dim) by the tables of rope_angles (positions (B, L, A))."""
-    cos, sin, partner = rope
-    return (x * cos.unsqueeze(-3) + x[..., partner] * sin.unsqueeze(-3)).to(x.dtype)
+    """Rotate x (B, heads, L, head_dim) by the tables of rope_angles (positions (B, L, A)). The halves of each axis'
+    slice swap places by a flip, not a gather: a gather's backward (an accumulating index_put) sorts every element
+    on a GPU, a cost that grows with DINO-world's thousands of patch queries."""
+    cos, sin, axes = rope
+    n = len(axes) * axes[0]
+    swapped = torch.cat([x[..., :n].unflatten(-1, (len(axes), 2, -1)).flip(-2).flatten(-3), x[..., n:]], -1)
+    return (x * cos.unsqueeze(-3) + swapped * sin.unsqueeze(-3)).to(x.dtype)
 
 
 class LayerScale(nn.Module):
@@ -302,20 +304,24 @@ def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, de
     written by rank k % world_size, and shards already on disk are kept, so an interrupted build resumes."""
     os.makedirs(folder, exist_ok=True)
     n, G = meta["num_clips"], meta["global_batch"]
-    shards = range(rank, math.ceil(n / SHARD), world_size)
-    for k in tqdm(shards, desc="token cache", disable=rank != 0, dynamic_ncols=True):
-        path = os.path.join(folder, f"shard_{k:05d}.pt")
+    shards = [range(k * SHARD, min(n, (k + 1) * SHARD)) for k in range(rank, math.ceil(n / SHARD), world_size)]
+    bar = tqdm(total=sum(map(len, shards)), desc="token cache", unit="clip", disable=rank != 0, dynamic_ncols=True)
+    for ids in shards:
+        path = os.path.join(folder, f"shard_{ids[0] // SHARD:05d}.pt")
         if os.path.exists(path):
+            bar.update(len(ids))
             continue
-        clips = _StreamClips(train, G, range(k * SHARD, min(n, (k + 1) * SHARD)))
         tokens, times, skipped = [], [], 0
-        for frames, t, s in torch.utils.data.DataLoader(clips, batch_size=batch_size, num_workers=num_workers):
+        for frames, t, s in torch.utils.data.DataLoader(_StreamClips(train, G, ids), batch_size=batch_size,
+                                                        num_workers=num_workers):
             with T.autocast(device, dtype):
                 feats = vfm(frames.to(device))                                           # (B, T, N, C)
                 tokens.append(tok.tokenize(feats, black).float().cpu())                  # (B, T, C)
             times.append(t)
             skipped += int(s.sum())
+            bar.update(len(t))
         T.save_checkpoint(dict(tokens=torch.cat(tokens), times=torch.cat(times), skipped=skipped), path)
+    bar.close()
     if world_size > 1:
         dist.barrier()
     T.save_checkpoint(meta, os.path.join(folder, "meta.pt"), rank == 0)
@@ -420,8 +426,8 @@ def main(args):
                        args.val_data), ("--init", args.init), cache], [cache] * bool(args.cache_tokens) +
                        [("--export-tokens", args.export_tokens)] * bool(args.export_tokens))
     init = T.load_checkpoint(args.init, ("deltaworld",), "--init") if args.init else None
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=args.num_frames,
-                             size=args.size, stride=tuple(args.stride), seed=args.seed)
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
+                             num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
     if args.tokenizer:
         tok, vfm_name = T.load_deltatok(args.tokenizer, device)
         vfm = T.VFM(args.vfm or vfm_name).to(device)
@@ -441,6 +447,8 @@ def main(args):
     K = 0 if args.no_bom else args.bom
     black = world.black(math.prod(args.size) // vfm.patch_size ** 2, device)
     C, L = tok.cfg.dim, args.num_frames - 1
+    if args.compile:
+        T.compile_blocks(vfm, tok, world)
 
     if args.bench:
         B = args.batch_size
@@ -448,29 +456,23 @@ def main(args):
         times = torch.linspace(0, 0.2 * L, args.num_frames, device=device).expand(B, -1)
         cached = torch.randn(B, args.num_frames, C, device=device)
         if args.bench_mode == "sample":  # eval's mid horizon: 4 context frames, 20 samples x 3 steps, decoded
-            eager = (world.predictor, tok.decode, vfm)
-            fast = tuple(map(torch.compile, eager)) if args.compile else eager
-
-            def sample(b=B):  # FLOPs are counted on one sequence with the eager modules
-                world.predictor, tok.decode, features = fast if b == B else eager
+            def sample(b=B):
                 with torch.no_grad(), T.autocast(device, args.dtype):
-                    world.sample(features(frames[:b, :4]), times[:b, :7], 20, 3)
-            return data.run_bench(sample, lambda: sample(1), B, args.bench, device, "issue 13's target: at most 50 ms "
-                               "per sequence at 512 px, DeltaTok decoding included")
-        vfm_c, tokenize_c, world_c = ((torch.compile(vfm), torch.compile(tok.tokenize), torch.compile(world))
-                                      if args.compile else (vfm, tok.tokenize, world))
+                    world.sample(vfm(frames[:b, :4]), times[:b, :7], 20, 3)
+            return data.run_bench(sample, lambda: sample(1), B, args.bench, device, "the target: at most 50 ms per "
+                               "sequence at 512 px, DeltaTok decoding included")
 
-        def step(features=vfm_c, tokenize=tokenize_c, model=world_c, update=True, b=B):
+        def step(update=True, b=B):
             with T.autocast(device, args.dtype):
                 with torch.no_grad():  # --cache-tokens: the cached-token step, no backbone, no encoder
-                    tokens = cached[:b] if args.cache_tokens else tokenize(features(frames[:b]), black).float()
+                    tokens = cached[:b] if args.cache_tokens else tok.tokenize(vfm(frames[:b]), black).float()
                 noise = clip_noise(args.seed, 0, range(b), K, L, C, device) if K else None
-                loss, _ = world_loss(model, model, tokens, times[:b], noise, args.bom_chunk)
+                loss, _ = world_loss(world, world, tokens, times[:b], noise, args.bom_chunk)
             loss.backward()
             if update:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return data.run_bench(step, lambda: step(vfm, tok.tokenize, world, False, 1), B, args.bench, device,
+        return data.run_bench(step, lambda: step(False, 1), B, args.bench, device,
                            "authors' code, H200, bf16 + compile, batch 32 x 8 frames, K=256: 256 px 142 ms, 3.8 GiB; "
                            "512 px 585 ms, 9.2 GiB; DINO-world 256 px: 166 ms, 24.2 GiB (SPEC section 6)")
 
@@ -480,8 +482,6 @@ def main(args):
     resumed = T.resume(args, world, opt, master, ckpt)
     step, skipped = resumed["step"], resumed["skipped"]
     model = T.ddp(world, world_size, device)
-    model_c, world_c, vfm_c = ((torch.compile(model), torch.compile(world), torch.compile(vfm)) if args.compile
-                               else (model, world, vfm))
     if args.cache_tokens:
         with open(T.checkpoint_path(args.tokenizer), "rb") as f:  # a retrained tokenizer at the same path: a new cache
             sha1 = hashlib.file_digest(f, "sha1").hexdigest()
@@ -489,8 +489,10 @@ def main(args):
                     tokenizer_sha1=sha1, stride=args.stride, num_frames=args.num_frames, seed=args.seed,
                     global_batch=args.global_batch, num_clips=math.ceil(args.cache_crops * len(train.source)))
         if not os.path.exists(os.path.join(args.cache_tokens, "meta.pt")):
+            start = time.perf_counter()
             build_token_cache(args.cache_tokens, meta, train, vfm, tok, black, rank, world_size, device, args.dtype,
                               args.batch_size, args.num_workers)
+            data.bench_record(clips_per_s=meta["num_clips"] / (time.perf_counter() - start))  # make bench-gpu's row
         cache = TokenCache(args.cache_tokens, args.seed)
         if {k: cache.meta[k] for k in meta} != meta:
             raise data.UserError(f"the token cache {args.cache_tokens} was made with other settings "
@@ -500,7 +502,7 @@ def main(args):
     else:
         loader = data.make_loader(train, args.batch_size, rank, world_size, accum, step, args.num_workers)
     if master:  # held-out clips of 4 context + 3 target frames
-        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed)
+        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args)
         val = data.ClipDataset(val_src, num_frames=7, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
         val_clips, val_times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))
         val_clips, val_times = torch.stack(val_clips), torch.stack(val_times)                # (V, 7, 3, S, S), (V, 7)
@@ -520,13 +522,13 @@ def main(args):
             else:
                 skipped += batch["skipped"]
                 with torch.no_grad(), T.autocast(device, args.dtype):
-                    feats = vfm_c(batch["frames"].to(device, non_blocking=True))         # (B, T, N, C)
+                    feats = vfm(batch["frames"].to(device, non_blocking=True))         # (B, T, N, C)
                     tokens = tok.tokenize(feats, black).float()                           # (B, T, C)
             times = batch["times"].to(device, non_blocking=True)                          # (B, T)
             noise = clip_noise(args.seed, step, range(first, first + args.batch_size), K, L, C, device) if K else None
             with model.no_sync() if world_size > 1 and micro < accum - 1 else contextlib.nullcontext():
                 with T.autocast(device, args.dtype):
-                    loss, _ = world_loss(world_c, model_c, tokens, times, noise, args.bom_chunk)
+                    loss, _ = world_loss(world, model, tokens, times, noise, args.bom_chunk)
                 (loss / accum).backward()
             loss_sum += loss.detach() / accum
         if world_size > 1:
@@ -562,7 +564,7 @@ def main(args):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaWorld (appendix A recipe as defaults).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--tokenizer", default="", help="frozen DeltaTok: a tokenizer.py checkpoint (delta or frame mode) "
                    "or the released weights")
     p.add_argument("--out", default="runs/deltaworld", help="run folder: ckpt.pt, log.jsonl")
@@ -597,7 +599,8 @@ def world_flags(p):
     p.add_argument("--lr", type=data.positive, default=1e-4)
     p.add_argument("--warmup", type=data.at_least(0), default=5_000)
     p.add_argument("--weight-decay", type=float, default=0.4)
-    p.add_argument("--compile", action="store_true", help="torch.compile the VFM and the predictor")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block of the models (regional "
+                   "compilation)")
     p.add_argument("--val-clips", type=data.at_least(1), default=64)
     p.add_argument("--val-samples", type=data.at_least(1), default=8, help="samples per held-out clip of a generative "
                    "model (SPEC section 5)")

@@ -23,6 +23,7 @@ import argparse
 import atexit
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -35,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, get_session, hf_hub_download
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, DINOv3ViTConfig
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
@@ -67,7 +68,8 @@ def load_backbone(name):
             torch.manual_seed(0)
             return AutoModel.from_config(AutoConfig.for_model(**VFM_PRESETS[name]), attn_implementation="sdpa")
     try:
-        return AutoModel.from_pretrained(name, attn_implementation="sdpa")  # DINOv3, DINOv2 (with registers or not)
+        return AutoModel.from_pretrained(name, attn_implementation="sdpa",  # DINOv3, DINOv2 (with registers or not)
+                                         local_files_only=hub_unreachable())
     except Exception as e:
         hint = (f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
                 if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
@@ -75,6 +77,15 @@ def load_backbone(name):
                 f"run without weights use a random preset: {', '.join(VFM_PRESETS)}")
         cause = f"{type(e).__name__}: {e}".splitlines()[0]
         raise data.UserError(f"could not load the VFM '{name}': {hint} (cause: {cause})") from None
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable():
+    """HF_HUB_OFFLINE, or a 3 s probe failed: downloads look in the cache only, failing at once (no 30 s of retries)."""
+    try:
+        return constants.HF_HUB_OFFLINE or get_session().head(constants.ENDPOINT, timeout=3).is_server_error
+    except Exception:  # no network, no name server, a firewall
+        return True
 
 
 def hub_hint(name, e, local):
@@ -85,7 +96,7 @@ def hub_hint(name, e, local):
     if "gated" in text or "401" in text or "403" in text or "access" in text:
         return (f"{name} is gated: accept the licence on its Hugging Face page, then run `hf auth login` (or set "
                 f"HF_TOKEN), or pass {local}")
-    if os.environ.get("HF_HUB_OFFLINE") or "offline" in text or "connect" in text:
+    if hub_unreachable() or "offline" in text or "connect" in text:
         return (f"{name} is not in the local Hugging Face cache and the hub cannot be reached: download it once "
                 f"online (`hf download {name}`), or pass {local}")
     return None
@@ -364,7 +375,7 @@ def checkpoint_path(path):
     if not data.hub_id(path):
         return path
     try:
-        return hf_hub_download(path, "pytorch_model.bin")
+        return hf_hub_download(path, "pytorch_model.bin", local_files_only=hub_unreachable())
     except Exception as e:
         why = hub_hint(path, e, "a local path") or f"no such repo, or no pytorch_model.bin in it ({type(e).__name__})"
         raise data.UserError(f"no file {path}, nor a Hugging Face repo id that could be fetched: {why}") from None
@@ -430,7 +441,8 @@ def cleanup_dist(world):
 
 # flags that may change when a run resumes; any other difference to the checkpoint's needs --allow-changes
 RESUMABLE = {"steps", "batch_size", "num_workers", "log_every", "eval_every", "ckpt_every", "val_clips", "val_samples",
-             "val_sequences", "val_data", "dtype", "compile", "resume", "allow_changes", "out", "init", "bench"}
+             "val_sequences", "val_data", "dtype", "compile", "resume", "allow_changes", "out", "init", "bench",
+             "index", "trust_index"}
 _LOCKS = {}  # run folders this process holds, by path
 
 
@@ -488,6 +500,14 @@ def resume(args, model, opt, master, ckpt=None):
         lines = [x for x in open(log) if x.endswith("\n") and json.loads(x)["step"] <= ckpt["step"]]
         open(log, "w").writelines(lines)
     return ckpt
+
+
+def compile_blocks(*modules):
+    """--compile: torch.compile every block of every nn.ModuleList in place (PyTorch's regional compilation). One
+    graph serves all blocks of a kind, so a start compiles in seconds rather than minutes; the glue between blocks
+    stays eager, and the state dict keeps its keys."""
+    for block in (b for m in modules for blocks in m.modules() if isinstance(blocks, nn.ModuleList) for b in blocks):
+        block.compile()
 
 
 def ddp(model, world, device):
@@ -585,7 +605,7 @@ def main(args):
     ckpt = check_run(args, "deltatok", read[:3 if args.fit_pca else 4],  # --fit-pca writes --pca, in its folder
                      [("--pca", os.path.dirname(os.path.abspath(args.pca)))] * bool(args.fit_pca))
     init = load_checkpoint(args.init, ("deltatok",), "--init") if args.init else None
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed), num_frames=2,
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args), num_frames=2,
                              size=args.size, stride=tuple(args.stride), seed=args.seed)
     vfm = VFM(feature_source(args.vfm, args.vfm_layers, "" if args.fit_pca else args.pca)).to(device)
     if args.fit_pca:  # over all patches of N batches of training clips (2 frames each)
@@ -599,21 +619,22 @@ def main(args):
     if init:  # weights only (a released file or a tokenizer.py checkpoint): optimizer and step start afresh
         load_state_strict(tok, init, f"--init {args.init}")
     opt = make_optimizer(tok, args.lr, args.weight_decay, device)
+    if args.compile:
+        compile_blocks(vfm, tok)
 
     if args.bench:
         frames = torch.randint(0, 256, (args.batch_size, 2, 3, *args.size), dtype=torch.uint8, device=device)
-        vfm_c, tok_c = (torch.compile(vfm), torch.compile(tok)) if args.compile else (vfm, tok)
 
-        def step(model=tok_c, features=vfm_c, update=True, b=args.batch_size):
+        def step(update=True, b=args.batch_size):
             with autocast(device, args.dtype):
-                feats = features(frames[:b])
-                loss = feature_loss(model(feats[:, 0], feats[:, 1]), feats[:, 1], args.loss)
+                feats = vfm(frames[:b])
+                loss = feature_loss(tok(feats[:, 0], feats[:, 1]), feats[:, 1], args.loss)
             loss.backward()
             if update:
                 torch.nn.utils.clip_grad_norm_(tok.parameters(), args.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return data.run_bench(step, lambda: step(tok, vfm, False, 1), args.batch_size, args.bench, device,
+        return data.run_bench(step, lambda: step(False, 1), args.batch_size, args.bench, device,
                          "authors' code, H200, bf16 + compile: 256 px batch 64: 115 ms, 24.2 GiB; "
                          "512 px batch 64: 511 ms, 88.6 GiB (SPEC section 6)")
 
@@ -621,10 +642,9 @@ def main(args):
     resumed = resume(args, tok, opt, master, ckpt)
     step, skipped = resumed["step"], resumed["skipped"]
     model = ddp(tok, world, device)
-    model_c, vfm_c = (torch.compile(model), torch.compile(vfm)) if args.compile else (model, vfm)
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
     if master:  # held-out clips of 4 frames for the reconstruction check
-        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed)
+        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args)
         val = data.ClipDataset(val_src, num_frames=4, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
         val_clips = torch.stack([val.sample(0, j)[0] for j in range(args.val_clips)])
 
@@ -642,8 +662,8 @@ def main(args):
             jitter = tok.jitter(args.seed, step, range(first, first + args.batch_size), device)  # (B, 2) or None
             with model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext():
                 with autocast(device, args.dtype):
-                    feats = vfm_c(batch["frames"].to(device, non_blocking=True))  # (B, 2, N, C)
-                    loss = feature_loss(model_c(feats[:, 0], feats[:, 1], jitter), feats[:, 1], args.loss)
+                    feats = vfm(batch["frames"].to(device, non_blocking=True))  # (B, 2, N, C)
+                    loss = feature_loss(model(feats[:, 0], feats[:, 1], jitter), feats[:, 1], args.loss)
                 (loss / accum).backward()
             loss_sum += loss.detach() / accum
         if world > 1:
@@ -687,7 +707,7 @@ def format_check(step, r):
 
 def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaTok (appendix A recipe as defaults).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/deltatok", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default=DINOV3_B16, help="backbone: DINOv3 or DINOv2 hub id, local folder, or a random "
                    f"preset {list(VFM_PRESETS)}")
@@ -709,7 +729,7 @@ def get_parser():
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--grad-clip", type=data.positive, default=1e-2)
     p.add_argument("--no-rope-jitter", action="store_true", help="no RoPE coordinate jitter while training")
-    p.add_argument("--compile", action="store_true", help="torch.compile the VFM and the tokenizer")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks of the VFM and the tokenizer")
     p.add_argument("--val-clips", type=data.at_least(1), default=64)
     p.add_argument("--bench", type=data.at_least(0), default=0, help="time N training steps on random frames and exit")
     p.add_argument("--fit-pca", type=data.at_least(1), nargs=2, metavar=("K", "N"), help="fit a K-component PCA of "

@@ -1,4 +1,7 @@
 import itertools
+import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -235,7 +238,7 @@ def test_broken_videos_are_left_out_or_skipped_and_counted(tmp_path, capsys):
     (tmp_path / "x.mp4").unlink()
     (tmp_path / "noise.mkv").write_bytes(np.random.default_rng(0).bytes(5000))
     source = data.VideoFolder(str(tmp_path))
-    assert len(source) == 2 and "skipped 2 unreadable videos" in capsys.readouterr().out
+    assert len(source) == 2 and "skipped 2 unreadable videos" in capsys.readouterr().err
     clips = data.ClipDataset(source, num_frames=4, size=16)
     skipped = [clips.sample(0, j)[2] for j in range(30)]  # every sample comes back, from the good video if need be
     assert sum(skipped) > 0
@@ -273,7 +276,7 @@ def test_frame_folders_take_times_from_names_or_fps(tmp_path):
         data.VideoFolder(str(tmp_path))
     source = data.VideoFolder(str(tmp_path), fps=5)
     assert len(source) == 2
-    numbered, timed = (0, 1) if "numbered" in source.videos[0][0][0] else (1, 0)
+    numbered, timed = (0, 1) if "numbered" in source.path(0) else (1, 0)
     assert np.allclose(source.frame_times(timed), [0, 0.2, 0.4, 1.0])
     assert source.read(timed, [0, 1, 2, 3])[:, 0, 0, 0].tolist() == [100, 50, 0, 200]  # sorted by time
     assert np.allclose(source.frame_times(numbered), [0, 0.2, 0.4])
@@ -326,3 +329,183 @@ def test_prepared_copy_gives_the_same_clips_at_a_lower_resolution(tmp_path):
         far.append((x.float() - a.sample(0, j + 100)[0].float()).abs().mean())
     # and nearly the same crop (drawn relative to the frame): far closer to the original clip than another clip is
     assert np.mean(near) < 0.25 * np.mean(far)
+
+
+def test_prepare_never_upscales(tmp_path):
+    """A video smaller than --short-side keeps its size (a copy 6x the pixels reads slower and trains no better)."""
+    write_video(tmp_path / "small.mp4", [40, 120, 200], "libx264", size=(64, 48))
+    out = str(tmp_path / "copy.mp4")
+    data._prepare_one((str(tmp_path / "small.mp4"), out, data._probe(str(tmp_path / "small.mp4"))[:2], 288))
+    with av.open(out) as container:
+        assert (container.streams.video[0].width, container.streams.video[0].height) == (64, 48)
+
+
+# -----------------------------------------------------------------------------
+# the index of real videos
+
+
+@pytest.fixture
+def probed(monkeypatch):
+    """The names of the files that VideoFolder probes (in this process, by a Pool that remembers its jobs)."""
+    class Serial:
+        def __init__(self, processes):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *error):
+            pass
+
+        def imap(self, probe, jobs, chunksize):
+            names.extend(os.path.basename(job) for job in jobs)
+            return map(probe, jobs)
+
+    names = []
+    monkeypatch.setattr(data.multiprocessing, "Pool", Serial)
+    return names
+
+
+def opened(probed, *args, **kwargs):
+    """VideoFolder(*args, **kwargs), and the names of its videos and of the files it probed, sorted."""
+    probed.clear()
+    source = data.VideoFolder(*args, **kwargs)
+    return source, [os.path.basename(source.path(i)) for i in range(len(source))], sorted(probed)
+
+
+def test_index_probes_only_new_and_changed_files_and_remembers_unreadable_ones(tmp_path, probed, capsys):
+    (tmp_path / "class").mkdir()
+    for name, n in [("a.mp4", 6), ("b.mp4", 7), ("gone.mp4", 8), ("sick.mp4", 9)]:
+        write_video(tmp_path / "class" / name, range(0, 10 * n, 10), "libx264", size=(16, 16))
+    write_frames(tmp_path / "frames", ["0.000.png", "0.500.png"], [np.zeros((8, 8, 3), np.uint8)] * 2)
+    first, videos, probes = opened(probed, str(tmp_path))
+    assert probes == ["a.mp4", "b.mp4", "frames", "gone.mp4", "sick.mp4"]
+    assert videos == ["a.mp4", "b.mp4", "gone.mp4", "sick.mp4", "frames"]  # in os.walk's order, sorted
+    assert [len(first.frame_times(i)) for i in range(5)] == [6, 7, 8, 9, 2]
+    again, same, probes = opened(probed, str(tmp_path))
+    assert probes == [] and same == videos  # a later start probes nothing
+    assert [len(again.frame_times(i)) for i in range(5)] == [6, 7, 8, 9, 2]
+
+    write_video(tmp_path / "class" / "a.mp4", range(0, 120, 10), "libx264", size=(16, 16))  # changed: 12 frames
+    write_video(tmp_path / "class" / "new.mp4", range(0, 50, 10), "libx264", size=(16, 16))
+    (tmp_path / "class" / "gone.mp4").unlink()
+    (tmp_path / "class" / "sick.mp4").write_bytes(b"no longer a video")
+    write_frames(tmp_path / "frames" / "more", ["0.000.png"], [np.zeros((8, 8, 3), np.uint8)])
+    capsys.readouterr()
+    updated, videos, probes = opened(probed, str(tmp_path))
+    assert probes == ["a.mp4", "frames", "more", "new.mp4", "sick.mp4"]  # a frame folder with a new subfolder too
+    assert videos == ["a.mp4", "b.mp4", "new.mp4", "frames", "more"]
+    assert [len(updated.frame_times(i)) for i in range(5)] == [12, 7, 5, 2, 1]
+    assert f"skipped 1 unreadable videos: {tmp_path / 'class' / 'sick.mp4'} " in capsys.readouterr().err
+    assert opened(probed, str(tmp_path))[1:] == (videos, [])  # the unreadable file is not probed again,
+    assert "skipped 1 unreadable videos" in capsys.readouterr().err  # but named at each start
+
+    write_video(tmp_path / "class" / "late.mp4", range(0, 50, 10), "libx264", size=(16, 16))
+    assert opened(probed, str(tmp_path), trust=True)[1:] == (videos, [])  # trusted: the files are not looked at
+
+
+def test_an_index_of_another_format_or_tree_is_rebuilt(tmp_path, probed):
+    (tmp_path / "a").mkdir()
+    for name in ("x.mp4", "y.mp4"):
+        write_video(tmp_path / "a" / name, range(0, 60, 10), "libx264", size=(16, 16))
+    assert opened(probed, str(tmp_path / "a"))[2] == ["x.mp4", "y.mp4"]
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # with its index, which names the tree it indexed
+    assert opened(probed, str(tmp_path / "b"))[2] == ["x.mp4", "y.mp4"]
+    file = tmp_path / "b" / ".deltatok-index.npz"
+    saved = dict(np.load(file))  # an older format, whose frame counts would be wrong now
+    np.savez(open(file, "wb"), **dict(saved, format=data.INDEX_FORMAT - 1, info=np.ones_like(saved["info"])))
+    source, _, probes = opened(probed, str(tmp_path / "b"))
+    assert probes == ["x.mp4", "y.mp4"] and len(source.frame_times(0)) == 6
+    open(file, "wb").write(b"cut short")
+    assert opened(probed, str(tmp_path / "b"))[2] == ["x.mp4", "y.mp4"]
+
+
+def test_a_list_of_videos_is_read_in_its_order_with_its_index_beside_it(tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    write_video(tmp_path / "videos" / "a.mp4", range(0, 60, 10), "libx264", size=(16, 16))
+    write_video(tmp_path / "videos" / "b.webm", range(0, 70, 10), "libvpx-vp9", size=(16, 16))
+    write_frames(tmp_path / "videos" / "frames", ["0.000.png", "0.500.png"], [np.zeros((8, 8, 3), np.uint8)] * 2)
+    (tmp_path / "lists").mkdir()
+    listed = tmp_path / "lists" / "train.txt"  # relative to the list's folder, absolute, a frame folder, missing
+    listed.write_text(f"../videos/b.webm\n\n{tmp_path / 'videos' / 'a.mp4'}\n../videos/frames\n../videos/lost.mp4\n")
+    source = data.open_source(str(listed))
+    assert [os.path.realpath(source.path(i)) for i in range(len(source))] == [
+        str(tmp_path / "videos" / name) for name in ("b.webm", "a.mp4", "frames")]
+    assert [len(source.frame_times(i)) for i in range(3)] == [7, 6, 2] and source.read(1, [5]).shape == (1, 16, 16, 3)
+    assert f"skipped 1 unreadable videos: {tmp_path / 'lists' / '../videos/lost.mp4'}" in capsys.readouterr().err
+    assert os.path.exists(str(listed) + ".deltatok-index.npz")
+
+
+def test_the_index_goes_beside_the_videos_else_in_the_run_folder(tmp_path, monkeypatch):
+    (tmp_path / "videos").mkdir()
+    write_video(tmp_path / "videos" / "a.mp4", range(0, 60, 10), "libx264", size=(16, 16))
+    videos, run, mine = (str(tmp_path / name) for name in ("videos", "run", "mine"))
+    data.VideoFolder(videos, out=run)
+    assert sorted(os.listdir(videos)) == [".deltatok-index.npz", ".deltatok-index.npz.lock", "a.mp4"]
+    data.VideoFolder(videos, index=mine, out=run)  # --index
+    assert [f for f in os.listdir(mine) if f.endswith(".npz")] == [videos.strip("/").replace("/", "_") +
+                                                                     ".deltatok-index.npz"]
+    monkeypatch.setattr(data.os, "access", lambda path, mode: False)  # read-only videos
+    assert len(data.VideoFolder(videos, out=run)) == 1 and sorted(os.listdir(run)) == sorted(os.listdir(mine))
+
+
+FALLBACK = [("h264_closed.mp4", "libx264", {"bf": "3"}),
+            ("h264_open_gop.mp4", "libx264", {"bf": "3", "x264-params": "open-gop=1"}),
+            ("mpeg4.avi", "mpeg4", {"bf": "2"}), ("mpeg4.mp4", "mpeg4", {"bf": "2"}),
+            ("vp9.webm", "libvpx-vp9", {}),
+            ("hevc.mp4", "libx265", {"x265-params": "bframes=3:open-gop=1:log-level=none"}),
+            ("av1.mp4", "libsvtav1", {})]
+
+
+@pytest.mark.parametrize("name,codec,options", FALLBACK, ids=[case[0] for case in FALLBACK])
+def test_read_gives_every_frame_of_a_full_decode_and_skips_no_clip(tmp_path, name, codec, options):
+    try:
+        av.codec.Codec(codec, "w")
+    except Exception:
+        pytest.skip(f"this PyAV cannot encode {codec}")
+    make_video(str(tmp_path / name), height=32, gop=8, seconds=1.2, codec=codec, options=options)  # 30 frames
+    with av.open(str(tmp_path / name)) as container:
+        full = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    source, rng = data.VideoFolder(str(tmp_path)), np.random.default_rng(0)
+    assert len(source.frame_times(0)) == len(full) == 30
+    for idx in [[k] for k in range(30)] + [sorted(rng.choice(30, 4, replace=False)) for _ in range(10)]:
+        assert np.array_equal(source.read(0, idx), full[idx]), idx
+    clips = data.ClipDataset(source, num_frames=4, size=16, stride=(0.04, 0.2))
+    assert sum(clips.sample(0, j)[2] for j in range(20)) == 0
+
+
+def test_ranks_under_torchrun_share_one_index_build(tmp_path):
+    """Two gloo processes open one folder at once: one probes, the other waits and reads its index; both see the
+    same videos in the same order."""
+    for c in range(3):
+        (tmp_path / "videos" / f"c{c}").mkdir(parents=True)
+        for v in range(2):
+            write_video(tmp_path / "videos" / f"c{c}" / f"{v}.mp4", range(0, 10 * (4 + c + v), 10), "libx264",
+                        size=(16, 16))
+    script = tmp_path / "open.py"
+    script.write_text(f"""
+import json, os, sys
+import torch.distributed as dist
+sys.path.insert(0, {os.path.dirname(os.path.abspath(data.__file__))!r})
+import multiprocessing.pool
+import data
+dist.init_process_group("gloo")  # as tokenizer.setup_dist does, before the scripts open their data
+probed = []
+class Counting(multiprocessing.pool.Pool):
+    def imap(self, probe, jobs, chunksize):
+        probed.extend(jobs)
+        return super().imap(probe, jobs, chunksize)
+data.multiprocessing.Pool = Counting
+source = data.open_source(sys.argv[1])
+videos = [(source.path(i), len(source.frame_times(i))) for i in range(len(source))]
+json.dump(dict(videos=videos, probed=len(probed)), open(sys.argv[2] + os.environ["RANK"], "w"))
+dist.destroy_process_group()
+""")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path / "videos"), str(tmp_path / "rank")], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{r}")) for r in (0, 1)]
+    assert ranks[0]["videos"] == ranks[1]["videos"] and len(ranks[0]["videos"]) == 6
+    assert [n for _, n in ranks[0]["videos"]] == [4, 5, 5, 6, 6, 7]  # c0/0, c0/1, c1/0, ...: in walk order
+    assert sorted(r["probed"] for r in ranks) == [0, 6]  # one rank probed every video, the other none

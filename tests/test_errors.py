@@ -5,6 +5,7 @@ import fcntl
 import os
 import subprocess
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -256,3 +257,29 @@ def test_released_files_are_recognised_by_their_keys():
         state = module.state_dict()
         assert T.checkpoint_kind(state) == T.checkpoint_kind({"state_dict": state}) == kind
     assert T.checkpoint_kind(dict(kind="dinoworld", model={})) == "dinoworld" and T.checkpoint_kind({"x": 1}) is None
+
+
+def test_help_says_each_default_once():
+    """Every flag's help names its default at most once (argparse adds "(default: X)" unless the text says it)."""
+    for name, script in [*SCRIPTS.items(), ("data", data)]:
+        flags = script.get_parser().format_help().split("\n  -")[1:]  # one entry per flag, its help wrapped
+        for flag in flags:
+            assert " ".join(flag.split()).count("default") <= 1, (name, flag)
+            assert "(default: )" not in flag and "(default: None)" not in flag, (name, flag)
+
+
+def test_worker_default_is_the_cores_per_process_at_most_8(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cores = lambda n: monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)))
+    cores(2)
+    assert T.get_parser().parse_args([]).num_workers == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: 2 processes share the node's cores
+    assert data.cpu_workers() == 1
+    cores(64)
+    assert data.cpu_workers() == 8 and P.get_parser().parse_args([]).num_workers == 8
+    assert H.get_parser().parse_args(["--task", "seg"]).num_workers == 4 == E.get_parser().parse_args([]).num_workers
+    monkeypatch.undo()  # this machine's cores: the default draws no "suggested max number of worker" warning
+    loader = torch.utils.data.DataLoader(range(4), num_workers=D.get_parser().parse_args([]).num_workers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader.check_worker_number_rationality()

@@ -4,8 +4,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import eval as E
@@ -82,14 +84,26 @@ def test_features_file_best_and_mean_through_the_head(ckpts, tmp_path):
     assert results[("Features file", "mid", "best")]["miou"] == pytest.approx(present)
 
 
-def test_flops_match_table_b_for_deltaworld():
+def test_flops_match_table_b_for_deltaworld(capsys):
     got = E.flops(E.get_parser().parse_args(["--flops", "--vfm", "vitb16-random", "--size", "256"]))
+    assert "DINO-world's rows fall 11-13% below Table B" in capsys.readouterr().out  # explained where printed
     ref = E.TABLE_B
     checks = [("Backbone (per frame)", ref["backbone"]), ("DeltaTok encoder (per frame)", ref["encoder"]),
               ("DeltaTok decoder (per step)", ref["decoder"])] + \
         [(f"DeltaWorld predictor ({k}-token context)", ref["predictor"][k]) for k in (4, 5, 6)]
     for name, value in checks:
         assert got[name] == pytest.approx(value, rel=0.02), name
+
+
+def test_flops_count_the_model_size_given_and_say_which(capsys):
+    count = lambda model: E.main(E.get_parser().parse_args(["--flops", "--vfm", "tiny", "--size", "64", "--model",
+                                                             model]))
+    tiny, base = count("tiny"), count("base")
+    out = capsys.readouterr().out
+    assert "--model tiny (blocks: DeltaTok 2 + 2, DeltaWorld 2, DINO-world 2)" in out
+    assert "--model base (blocks: DeltaTok 12 + 12, DeltaWorld 12, DINO-world 12)" in out
+    assert tiny["Backbone (per frame)"] == base["Backbone (per frame)"]  # the VFM is --vfm's
+    assert all(tiny[k] < base[k] for k in tiny if "Backbone" not in k)
 
 
 def test_torchrun_with_fewer_sequences_than_ranks_ends_and_equals_one_process(ckpts, tmp_path):
@@ -126,3 +140,32 @@ def test_saved_features_hold_one_model_and_score_as_it(ckpts, tmp_path):
     for h in ("short", "mid"):  # the file is half precision: a pixel may flip
         assert again[("Features file", h, "best")]["miou"] == pytest.approx(
             made[("DeltaTok reconstruction (sequential)", h, "best")]["miou"], abs=0.5)
+
+
+def test_figures_carry_a_title_and_a_legend_and_the_gif_every_sample(tmp_path):
+    """Each figure has its title line on top and, under the tiles, the legend: the class colours and the depth bar
+    (the ramp from far to near). The GIF: one frame per time step, at most 1600 px wide, every sample side by side
+    (here an RGB 'head' paints sample s in the grey s / S, so each column shows which sample it holds)."""
+    vfm, S = T.VFM("tiny"), 14
+    item = E.Crops(H.SyntheticSequences("val"), SIZE, [0])[0]
+    feats = vfm(item["crops"][0])                                                    # (7, N, C)
+    torch.manual_seed(0)
+    heads = {"seg": H.SegHead(vfm.dim, 4).eval(), "depth": H.DepthHead(vfm.dim).eval()}
+    rollout = feats[None, 4:] + torch.randn(S, 3, *feats.shape[1:])
+    with torch.no_grad():
+        E.figures(str(tmp_path / "a"), "DeltaWorld", item, feats, rollout, E.CONTEXT["mid"], heads, SIZE)
+        E.figures(str(tmp_path / "b"), "DeltaWorld", item, feats, (torch.arange(S) / S).view(S, 1, 1, 1).expand_as(
+            rollout), E.CONTEXT["mid"], {"rgb": lambda x: x[:, :3]}, SIZE, gif=True)
+    for name in ("a_deltaworld.png", "a_deltaworld_rollout.png"):
+        png = np.asarray(Image.open(tmp_path / name).convert("RGB")).astype(int)
+        assert (png[:16] < 100).all(-1).any()  # the title's text
+        legend = png[18 + (png.shape[0] - 24) // (128 + 14) * (128 + 14):]  # under the last row of tiles
+        assert any((legend == c).all(-1).any() for c in E.PALETTE[:4])  # a class colour
+        for c in (E.RAMP[0], E.RAMP[-1]):  # the far and near ends of the depth bar
+            assert (np.abs(legend - c).max(-1) <= 1).any(), (name, c)
+    gif = Image.open(tmp_path / "b_deltaworld_rollout.gif")
+    assert gif.n_frames == 7 and gif.width <= 1600
+    gif.seek(6)  # the last frame: column 0 the frame, 1 present, then samples 0..S-1
+    tile = 1600 // (S + 2)  # shrunk from 128 px to fit
+    pixels = np.asarray(gif.convert("RGB")).astype(int)[32 + tile // 2, [(c + 2) * tile + tile // 2 for c in range(S)]]
+    assert np.abs(pixels - (np.arange(S) / S * 255)[:, None]).max() <= 3

@@ -277,8 +277,10 @@ def test_two_process_ddp_equals_one_process(tok_ckpt, tmp_path):
         torch.testing.assert_close(w2[k], w1[k], atol=2e-6, rtol=1e-4)
 
 
-def test_resume_equals_uninterrupted(tok_ckpt, tmp_path):
+@pytest.mark.parametrize("cache", [False, True])  # the demo's way: from a token cache
+def test_resume_equals_uninterrupted(tok_ckpt, tmp_path, cache):
     common = ["--tokenizer", tok_ckpt, "--global-batch", "4", "--batch-size", "4", "--ckpt-every", "2"]
+    common += ["--cache-tokens", str(tmp_path / "cache"), "--cache-crops", str(8 / 512)] if cache else []
     full = train(tmp_path / "full", *common, "--steps", "4")
     train(tmp_path / "cut", *common, "--steps", "2")
     resumed = train(tmp_path / "cut", *common, "--steps", "4", "--resume")

@@ -3,6 +3,7 @@ section 7, and eval.py --video: a forecast of a video file, with figures and a G
 import math
 import shutil
 import sys
+import time
 from types import SimpleNamespace
 
 import huggingface_hub
@@ -76,6 +77,24 @@ def run_cli(monkeypatch, capsys, *args):
 
 # ----------------------------------------------------------------------------------------------------------------
 # hub ids
+
+
+def test_an_unreachable_hub_fails_at_once_with_one_line_and_the_cache_still_serves(offline_hub, monkeypatch):
+    """Without HF_HUB_OFFLINE, a hub that cannot be reached (the probe fails) sends downloads to the local cache
+    only: a cached id loads, a missing one is the one-line hint at once, not after half a minute of retries."""
+    def no_network(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(T.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(T, "get_session", lambda: SimpleNamespace(head=no_network))
+    T.hub_unreachable.cache_clear()
+    try:
+        assert T.checkpoint_path("Test/seg-head").endswith("pytorch_model.bin")
+        start = time.perf_counter()
+        with pytest.raises(data.UserError, match="the hub cannot be reached"):
+            T.checkpoint_path("Test/missing")
+        assert time.perf_counter() - start < 5  # no retries
+    finally:
+        T.hub_unreachable.cache_clear()
 
 
 def test_deltaworld_trained_on_a_hub_tokenizer_records_the_id(offline_hub, tmp_path):
@@ -234,16 +253,15 @@ def test_video_forecast_from_hub_ids_writes_figures_and_a_gif(offline_hub, tmp_p
     assert status == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["video_deltaworld.png", "video_deltaworld_rollout.gif",
                                                      "video_deltaworld_rollout.png"]
-    # final step: frames, then per view (seg, depth, rgb, PCA) a row and a row of the 8 samples; rgb has the
-    # ground truth (the target frame itself) after the 4 context columns, the unlabelled video has no other
+    # final step: under the title, frames, then per view (seg, depth, rgb, PCA) a row and a row of the 8 samples;
+    # rgb has the ground truth (the target frame itself) after the 4 context columns, the unlabelled video no other
     fig = np.asarray(Image.open(out / "video_deltaworld.png").convert("RGB")).astype(float)
-    assert fig.shape == (9 * 142, 9 * 128, 3)
-    tile = lambda img, r, c: img[r * 142 + 14:(r + 1) * 142, c * 128:(c + 1) * 128]
+    assert fig.shape[1:] == (9 * 128, 3) and (fig.shape[0] - 24) // 142 == 9  # then a few lines of legend
+    tile = lambda img, r, c: img[32 + r * 142:32 + r * 142 + 128, c * 128:(c + 1) * 128]
     assert np.array_equal(tile(fig, 5, 4), tile(fig, 0, 4))
-    # the rollout: frames 0-6, then per head its row on the true frames, the best and the 7 other samples; the GIF
-    # shows it column by column, i.e. frame by frame
+    # the GIF, frame t: per head (seg, depth, rgb), the true frame t (first row only), present, the 8 samples
     gif = Image.open(out / "video_deltaworld_rollout.gif")
-    assert gif.n_frames == 7 and gif.size == (128, 28 * 142)
+    assert gif.n_frames == 7 and gif.width == (2 + 8) * 128 and (gif.height - 24) // 142 == 3
     for t in range(7):  # 0.2 s apart from --start 0.4: video frames 10, 15, ..., 40, grey 50, 75, ..., 200
         gif.seek(t)
         assert abs(tile(np.asarray(gif.convert("RGB")).astype(float), 0, 0).mean() - (50 + 25 * t)) < 4, t

@@ -1,4 +1,5 @@
 """DeltaTok and the frozen VFM: properties of the model, and of its training loop (DDP, resume, broken data)."""
+import functools
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 import data
 import tokenizer as T
@@ -288,6 +290,22 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, 9))  # nothing logged twice
 
 
+def test_a_second_make_demo_resumes_and_more_steps_equal_one_longer_run(tmp_path):
+    """`make demo TOK_STEPS=6000` after `make demo`: every training stage resumes from its checkpoint, and the
+    tokenizer's 2 steps, then 4 with --resume, equal 4 steps in one run."""
+    demo = subprocess.run(["make", "-n", "demo", "SETUP=", "RUN=python"], cwd=ROOT, capture_output=True, text=True)
+    lines = demo.stdout.replace("\\\n", " ").splitlines()
+    stages = [line.split() for line in lines if line.startswith("python") and "eval.py" not in line]
+    assert len(stages) == 5 and all("--resume" in stage for stage in stages)
+    common = [*TINY, "--global-batch", "4", "--batch-size", "4"]
+    train(*common, "--steps", "4", "--out", tmp_path / "long")
+    train(*common, "--steps", "2", "--out", tmp_path / "rerun")
+    train(*common, "--steps", "4", "--out", tmp_path / "rerun", "--resume")
+    a, b = weights(tmp_path / "long"), weights(tmp_path / "rerun")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
+
+
 def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
     common = [*TINY, "--global-batch", "4", "--batch-size", "4", "--out", tmp_path]
     train(*common, "--steps", "2")
@@ -347,3 +365,32 @@ def test_bench_flops_of_one_sample_scale_to_the_batch(vfm):
         feats = vfm(frames[:b])
         F.mse_loss(tok(feats[:, 0], feats[:, 1]), feats[:, 1]).backward()
     assert data.count_flops(lambda: step(3)) == 3 * data.count_flops(lambda: step(1)) > 0
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_blocks_is_regional_and_equals_eager(backend, monkeypatch):
+    """--compile compiles each block in place: one graph per kind of block whatever the depth (VFM layers without
+    autograd; encoder and decoder blocks, which see other lengths), the outputs and gradients of eager, the same
+    state dict keys. aot_eager traces what inductor compiles, in seconds; inductor takes a minute on a CPU."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend=backend))
+    vfm = T.VFM("tiny")  # not the module's fixture, which stays eager
+    torch.manual_seed(0)
+    tok = T.build_deltatok("tiny", vfm, "delta")
+    frames = torch.randint(0, 256, (2, 2, 3, 32, 32), dtype=torch.uint8)
+
+    def step():
+        feats = vfm(frames)
+        out = tok(feats[:, 0], feats[:, 1], torch.tensor([[1.5, 0.7], [0.6, 1.2]]))  # with the RoPE jitter
+        out.pow(2).mean().backward()
+        grads = [p.grad.clone() for p in tok.parameters()]
+        tok.zero_grad()
+        return [out.detach(), *grads]
+    keys, eager = list(tok.state_dict()), step()
+    T.compile_blocks(vfm, tok)
+    counters.clear()
+    compiled = step()
+    assert counters["stats"]["unique_graphs"] == 3  # for 2 + 2 + 2 blocks
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+    assert list(tok.state_dict()) == keys
+    torch._dynamo.reset()
