@@ -768,7 +768,8 @@ def main(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Prepare videos, time the loader, or convert a PCA file.", formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description="Prepare videos, time the loader, or convert a PCA file.",
+                                     formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR (or a list of them) for 20 "
                       "s as training does (make_loader, 8 clips a batch)")
