@@ -208,7 +208,7 @@ def test_sampling_rollout(vfm):
     torch.testing.assert_close(pred[:, 0, 0], tok.decode(tokens[:, 0, :1], feats[:, -1]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pred[:, 0, 1], tok.decode(tokens[:, 0, 1:2], pred[:, 0, 0]), atol=1e-5, rtol=1e-5)
     # the predicted token joins the context as it is (never re-encoded): step 2's query sees z_0..z_3 + token 1
-    context = torch.cat([tok.tokenize(feats, vfm.black(32, "cpu")), tokens[:, 0, :1]], 1)
+    context = torch.cat([tok.tokenize(feats, vfm.black((32, 32), "cpu")), tokens[:, 0, :1]], 1)
     pos = times[..., None]
     gen = torch.Generator().manual_seed(0)
     q = world.queries(10, 1, gen)  # the noise of step 1 for the 2 x 5 samples ...
