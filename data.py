@@ -2,21 +2,19 @@
 Video data for every stage: where frames come from, and how training clips are cut from them.
 
 Two sources share one interface (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`):
-- `SyntheticVideos`: procedural moving shapes with class and depth labels, no download. The default
+- `SyntheticVideos`: procedural moving shapes with class and depth labels, no download: the default
   (`--data synthetic`) of every script, so the whole pipeline runs on a laptop in minutes.
-- `VideoFolder`: real videos, a folder tree of video files or frame folders (one folder of images = one video), or a
-  list of them; what start-up learns of each is kept in an index file, and later starts only update it.
+- `VideoFolder`: real videos (a folder tree of video files or frame folders, or a list of them), known through an
+  index file that later starts only update.
 
-`ClipDataset.sample(step, j)` cuts clip j of training step `step` (a pure function of seed, step and j), and
-`make_loader` turns that into an infinite, resumable stream of micro-batches that is the same for any number of
-workers and processes: the union over ranks and micro-steps of step s is always clips j = 0 .. global_batch - 1.
+`ClipDataset.sample(step, j)` cuts clip j of step `step` (a pure function of seed, step and j); `make_loader` makes
+it an infinite, resumable stream of micro-batches, the same for any number of workers and processes.
 
     python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
     python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
 
-What every script's command line shares lives here too: a `UserError` (a mistake in what the user gave: a flag, a
-path, a file) is one line on stderr and exit status 2 (`cli`); flag types check ranges at parsing; the flags of
-training clips and runs; and `--bench` (`run_bench`): time, memory and FLOPs of one training step.
+Also what every script's command line shares: `UserError` (one line on stderr and exit status 2, by `cli`), flag
+types checked at parsing, the clip and run flags, and `run_bench`: time, memory and FLOPs of one training step.
 """
 
 import argparse
@@ -161,15 +159,6 @@ TURNS = np.deg2rad([0.0, 90.0, -90.0, 180.0])  # keep going, left, right, revers
 TURN_EVERY = 0.75  # mean seconds between turn events (3 in 4 visibly turn): futures 0.6 s ahead fork
 
 
-def _sinusoids(rng, ys, xs, n):
-    """Sum of n random plane waves of small amplitude on the (H, W) grid: a smooth texture around 0."""
-    out = np.zeros(ys.shape, np.float32)
-    for _ in range(n):
-        fy, fx = rng.uniform(-4, 4, 2)  # cycles per frame
-        out += rng.uniform(0.05, 0.15) * np.sin(2 * np.pi * (fy * ys + fx * xs) + rng.uniform(0, 2 * np.pi))
-    return out
-
-
 @functools.lru_cache(maxsize=4)
 def _grid(size):
     grid = ((np.arange(size) + 0.5) / size).astype(np.float32)
@@ -181,7 +170,11 @@ def _scene(seed, split, i, size, fps, seconds):
     """Everything about synthetic video i, drawn from its own seed: background, and per-frame object states."""
     rng = np.random.default_rng([seed, SPLITS.index(split), i])  # train and val draw from disjoint seeds
     ys, xs = _grid(size)
-    bg = (rng.uniform(0.25, 0.75, 3) + _sinusoids(rng, ys, xs, 4)[..., None]).clip(0, 1)  # (H, W, 3) muted texture
+    bg, texture = rng.uniform(0.25, 0.75, 3), np.zeros(ys.shape, np.float32)
+    for _ in range(4):  # random plane waves of small amplitude: a smooth texture around 0
+        fy, fx = rng.uniform(-4, 4, 2)  # cycles per frame
+        texture += rng.uniform(0.05, 0.15) * np.sin(2 * np.pi * (fy * ys + fx * xs) + rng.uniform(0, 2 * np.pi))
+    bg = (bg + texture[..., None]).clip(0, 1)  # (H, W, 3) muted texture
     far, near = rng.uniform(40, 60), rng.uniform(15, 25)
     bg_depth = (far + (near - far) * ys).astype(np.float32)  # ground plane: far at the top, near at the bottom
 
@@ -206,10 +199,9 @@ def _scene(seed, split, i, size, fps, seconds):
 
 
 class SyntheticVideos:
-    """Procedural videos: 1-2 shapes over a textured background, occluding each other by depth. Each moves at
-    constant speed and at random moments keeps going, turns left, turns right or reverses, bouncing off the
-    borders, so a short context has several distinct plausible futures. Frame k of video i is a pure function of
-    (seed, split, i, k)."""
+    """Procedural videos: 1-2 shapes over a textured background, occluding each other by depth, each at constant speed
+    and at random moments going on, turning left or right or reversing (bouncing off the borders): a short context
+    has several plausible futures. Frame k of video i is a pure function of (seed, split, i, k)."""
 
     NUM_CLASSES = 4  # background, circle, square, triangle
 
