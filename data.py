@@ -639,13 +639,6 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def matmul_peak(device):
-    """Measured matmul throughput (FLOP/s): bf16 8192^3 on GPU, fp32 1024^3 on CPU."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / min(timed(lambda: a @ b, device, 6)[1:])
-
-
 def timed(fn, device, n):
     """Seconds of each of n calls of fn(), the device synchronised before and after each."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -660,10 +653,9 @@ def timed(fn, device, n):
 
 
 def run_bench(step_fn, flops_fn, batch, n, device, reference):
-    """Time n training steps (after warm-up), report peak memory, FLOPs per step and the fraction of a matmul.
-    flops_fn runs the step eagerly on ONE sample: the counter sees no compiled code, its math attention would
-    materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch. compile_s: what
-    the 3 warm-up steps took beyond 3 timed ones (compilation, with --compile)."""
+    """Time n training steps (after 3 warm-up ones: compile_s is what they took beyond 3 timed ones), report peak
+    memory, FLOPs per step and the share of the measured matmul peak. flops_fn runs the step eagerly on ONE sample:
+    the counter sees no compiled code, math attention on a whole batch would be huge, and FLOPs grow with the batch."""
     with torch.compiler.set_stance("force_eager"):
         flops = count_flops(flops_fn) * batch
     warm = sum(timed(step_fn, device, 3))
@@ -675,7 +667,9 @@ def run_bench(step_fn, flops_fn, batch, n, device, reference):
     else:  # CPU: the process' peak resident memory (Linux reports KiB)
         import resource
         mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    peak = matmul_peak(device)
+    side, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)  # the matmul peak
+    a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
+    peak = 2 * side ** 3 / min(timed(lambda: a @ b, device, 6)[1:])  # FLOP/s
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = dict(device=name, step_ms=round(ms, 2), compile_s=round(max(warm - 3 * ms / 1000, 0), 1),
                   peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
@@ -701,17 +695,18 @@ def bench_table(jsonl, markdown):
     need = max([r["batch"] / r["step_ms"] * 1000 for r in rows if r["row"].startswith("DeltaTok") and "batch" in r],
                default=0)  # clips/s the fastest DeltaTok step eats: what the loader must feed
     for r in rows:
-        if r.get("failed") or "batch" not in r:  # a rate: the loader's or the token cache's clips/s, eval's sequences/s
-            rate = f"**{r['clips_per_s']:.0f} clips/s**" if "clips_per_s" in r else \
-                f"**{r.get('sequences_per_s', 0):.1f} sequences/s**"
-            lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |" if r.get("failed") else
-                         f"| {r['row']} | | {rate} (DeltaTok step: {need:.0f} clips/s) | | | cpu |" if "workers" in r
-                         else f"| {r['row']} | | {rate} | | | |")
-            continue
-        per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
-        lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} GiB | "
-                     f"{100 * r['fraction_of_matmul_peak']:.0f}% of {r['matmul_peak_tflops']:.0f} TFLOP/s | "
-                     f"{r['device']} |")
+        if r.get("failed"):
+            lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |")
+        elif "batch" in r:
+            per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
+            lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} GiB | "
+                         f"{100 * r['fraction_of_matmul_peak']:.0f}% of {r['matmul_peak_tflops']:.0f} TFLOP/s | "
+                         f"{r['device']} |")
+        elif "clips_per_s" in r:  # the loader's (with workers: beside what it must feed) or the token cache's
+            rest = f" (DeltaTok step: {need:.0f} clips/s) | | | cpu" if "workers" in r else " | | |"
+            lines.append(f"| {r['row']} | | **{r['clips_per_s']:.0f} clips/s**{rest} |")
+        else:  # eval's
+            lines.append(f"| {r['row']} | | **{r.get('sequences_per_s', 0):.1f} sequences/s** | | | |")
     head, _, rest = open(markdown).read().partition("<!-- bench-gpu -->\n")
     tail = rest.partition("<!-- /bench-gpu -->")[2]
     with open(markdown, "w") as f:
