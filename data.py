@@ -303,9 +303,9 @@ def _probe(path, strict=False):
 
 
 def _found(root, rel=""):
-    """(path, size, mtime) of every video file and frame folder under the folder `root` (relative to it, in os.walk's
-    order sorted; a frame folder: size -1 and its own mtime, which changes when images come or go), or of every path
-    the list `root` names (one a line, absolute or relative to its folder; a missing file: size -1)."""
+    """(path, size, mtime) of every video file and frame folder under the folder `root` (relative to it, files before
+    folders, by name; a frame folder: size -1 and its own mtime, which changes when images come or go), or of every
+    path the list `root` names (one a line, absolute or relative to its folder; a missing file: size -1)."""
     if os.path.isfile(root):
         paths = [p for p in map(str.strip, open(root)) if p]
         stats = [os.stat(q) if os.path.exists(q := os.path.join(os.path.dirname(root), p)) else None for p in paths]
