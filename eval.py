@@ -63,7 +63,6 @@ NAMES = {"deltatok": "DeltaTok reconstruction (sequential)", "deltatok_parallel"
 # ----------------------------------------------------------------------------------------------------------------
 # The model under evaluation: final-step features of each horizon, (B, samples, N, C)
 
-
 def load_model(args, path, device, vfms):
     """(kind, model, VFM name) of one --ckpt; the kind is the checkpoint's (released files: by their keys; --kind
     must agree). vfms: {name: VFM} already built, shared by the models so that the backbone is loaded once."""
@@ -128,7 +127,6 @@ def best_and_mean(samples, target):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sequences under the two-crop protocol
-
 
 class Crops(torch.utils.data.Dataset):
     """Item: the two S x S crops of a sequence's frames (2, 7, 3, S, S) uint8, with its times and labels."""
@@ -367,7 +365,6 @@ def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, g
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 
-
 @torch.no_grad()
 def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features=None, rgb=None):
     """Scores {(method, horizon, best|mean|-): {task: Score}} over this rank's share of the sequences."""
@@ -545,7 +542,6 @@ def flops(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-
 
 def main(args):
     if args.flops:
