@@ -366,7 +366,7 @@ def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, g
 # Evaluation
 
 @torch.no_grad()
-def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features=None, rgb=None):
+def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features, rgb):
     """Scores {(method, horizon, best|mean|-): {task: Score}} over this rank's share of the sequences."""
     n = min(len(sequences), args.max_sequences or len(sequences))
     loader = torch.utils.data.DataLoader(Crops(sequences, args.size, list(range(rank, n, world))),
@@ -406,7 +406,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
                 for b, item in enumerate(items):
                     if item["index"] < args.figures:
                         figures(os.path.join(args.out, f"{dataset}_{item['index']:04d}_{h}"), name, item,
-                                feats[2 * b], rollout[2 * b], CONTEXT[h], {**heads, **(rgb or {})}, args.size)
+                                feats[2 * b], rollout[2 * b], CONTEXT[h], heads | rgb, args.size)
     if args.save_features:
         os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
         torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
@@ -480,6 +480,7 @@ def video_clip(args):
 @torch.no_grad()
 def forecast(args, item, t, models, vfm, heads, device):
     """Each model rolls out --samples futures of the video clip for 3 steps (the mid horizon) -> figures and a GIF."""
+    os.makedirs(args.out, exist_ok=True)
     with T.autocast(device, args.dtype):
         feats = vfm(item["crops"][0].to(device)).float()                              # (7, N, C)
     for name, kind, model in models:
@@ -563,14 +564,15 @@ def main(args):
     if os.path.exists(args.save_features):  # only a features file may be written over
         features_file(args.save_features, "--save-features")
     clip = video_clip(args) if args.video else None  # before loading any model: a mistake fails at once
+    names = [spec.partition(":")[0] for spec in args.data]
     datasets = [] if args.video else [Hd.open_eval(spec, "val", args.kitti_split, args.kitti_raw, args.seed)
                                       for spec in args.data]
     files = [features_file(path) for path in args.features]
-    for path, features, spec, sequences in zip(args.features, files, args.data, datasets):
+    for path, features, name, sequences in zip(args.features, files, names, datasets):
         n = min(len(sequences), args.max_sequences or len(sequences))
-        if (features.get("dataset"), features.get("size")) != (spec.partition(":")[0], args.size):
-            raise data.UserError(f"--features {path} holds {features.get('dataset')} at {features.get('size')} px, not "
-                                 f"{spec.partition(':')[0]} at {args.size} px: check --data / --size")
+        if (features["dataset"], features["size"]) != (name, args.size):
+            raise data.UserError(f"--features {path} holds {features['dataset']} at {features['size']} px, not {name} "
+                                 f"at {args.size} px: check --data / --size")
         if any(len(features.get(h, ())) < n for h in args.horizons):
             raise data.UserError(f"--features {path} has fewer than the {n} sequences to evaluate for --horizons "
                                  f"{' '.join(args.horizons)}: check --max-sequences / --horizons")
@@ -579,25 +581,23 @@ def main(args):
     vfm_name = args.vfm or vfm_name or (files[0].get("vfm") if files else None) or T.DINOV3_B16
     vfm = vfms.get(vfm_name) or T.VFM(vfm_name).to(device)
     rgb = {"rgb": load_rgb_head(args.rgb_head, vfm, device)} if args.rgb_head else {}
-    heads = [pick_heads(args, spec.partition(":")[0], sequences, device, vfm) for spec, sequences in
-             zip(args.data, datasets)] or [{h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device, vfm)[0]
-                                                              for p in args.heads)}]  # --video: any head
+    if args.video:  # any head
+        heads = {h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device, vfm)[0] for p in args.heads)}
+        return forecast(args, *clip, models, vfm, heads | rgb, device)
+    heads = [pick_heads(args, name, sequences, device, vfm) for name, sequences in zip(names, datasets)]
     os.makedirs(args.out, exist_ok=True)
-    if args.video:
-        return forecast(args, *clip, models, vfm, {**heads[0], **rgb}, device)
     results = {}
-    for spec, sequences, features, tasks in zip(args.data, datasets, files or [None] * len(args.data), heads):
-        dataset = spec.partition(":")[0]
-        scores = evaluate(args, dataset, sequences, models, vfm, tasks, device, rank, world, features, rgb)
-        results[dataset] = gather(scores, tasks)
+    for name, sequences, features, tasks in zip(names, datasets, files or [None] * len(names), heads):
+        scores = evaluate(args, name, sequences, models, vfm, tasks, device, rank, world, features, rgb)
+        results[name] = gather(scores, tasks)
     if rank == 0:
         print(table(results) + "\nPresent: the heads on frame 6's own features (heads.py's check: other sequences)")
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+        path = os.path.join(args.out, "results.json")
+        rows = {d: [dict(method=m, horizon=h, pick=p, **v) for (m, h, p), v in r.items()] for d, r in results.items()}
+        with open(path, "w") as f:
             json.dump(dict(ckpt=args.ckpt, kinds=[m[1] for m in models], size=args.size, samples=args.samples,
-                           data=args.data,
-                           results={d: [dict(method=k[0], horizon=k[1], pick=k[2], **v) for k, v in r.items()]
-                                    for d, r in results.items()}), f, indent=1)
-        print(f"results in {os.path.join(args.out, 'results.json')}")
+                           data=args.data, results=rows), f, indent=1)
+        print(f"results in {path}")
     T.cleanup_dist(world)
     return results
 
@@ -610,30 +610,24 @@ def get_parser():
     p.add_argument("--kind", default="", choices=["", "deltatok", "deltaworld", "dinoworld"],
                    help="what --ckpt must be (released files and hub ids are recognised by their keys)")
     p.add_argument("--tokenizer", default="", help="DeltaTok checkpoint for a DeltaWorld (default: the recorded one)")
-    p.add_argument("--features", nargs="+", default=[], help="predicted features files, one per --data entry "
-                   "(format in the docstring) instead of --ckpt")
-    p.add_argument("--save-features", default="", help="write this run's predictions in the --features format "
-                   "(one dataset, one process)")
-    p.add_argument("--data", nargs="+", default=["synthetic"], help="datasets: synthetic, vspw:ROOT, "
-                   "cityscapes:ROOT, kitti:ROOT")
+    p.add_argument("--features", nargs="+", default=[], help="instead of --ckpt: predicted features, a file per "
+                   "--data entry (format in the docstring)")
+    p.add_argument("--save-features", default="", help="write the predictions as a --features file (one dataset)")
+    p.add_argument("--data", nargs="+", default=["synthetic"], help="synthetic, vspw:ROOT, cityscapes:ROOT, kitti:ROOT")
     p.add_argument("--kitti-split", default="", help="KITTI list (default: the release's Eigen test list, "
                    "splits/kitti_eigen_test.txt: 603 sequences)")
     p.add_argument("--kitti-raw", default=None, help="root of the raw KITTI drives (<date>/<drive>/image_02/data; "
                    "default: the KITTI ROOT itself)")
-    p.add_argument("--heads", nargs="+", default=[], help="head checkpoints: PATH (any dataset whose task it "
-                   "fits) or DATASET=PATH")
-    p.add_argument("--rgb-head", default="", help="RGB head (Amazon-FAR/rgb-head-imagenet or a file): an RGB row in "
-                   "every figure")
-    p.add_argument("--video", default="", help="forecast a video file (or 'synthetic', a built-in one): figures "
-                   "and a GIF in --out")
+    p.add_argument("--heads", nargs="+", default=[], help="head files: PATH (any dataset of its task) or DATASET=PATH")
+    p.add_argument("--rgb-head", default="", help="RGB head (Amazon-FAR/rgb-head-imagenet): an RGB row in each figure")
+    p.add_argument("--video", default="", help="forecast a video file (or 'synthetic'): figures and a GIF in --out")
     p.add_argument("--start", type=float, default=0.0, help="--video: seconds to its first context frame")
     p.add_argument("--vfm", default="", help="VFM override (default: the one the checkpoint records)")
     p.add_argument("--size", type=data.at_least(16, 16), default=512, help="crop side S: 512 main, 256 ablations")
     p.add_argument("--horizons", nargs="+", default=["short", "mid"], choices=["short", "mid"])
     p.add_argument("--samples", type=data.at_least(1), default=20, help="samples per crop for generative models")
     p.add_argument("--batch-size", type=data.at_least(1), default=4, help="sequences per forward (x2 crops)")
-    p.add_argument("--max-sequences", type=data.at_least(0), default=0, help="evaluate only the first N sequences "
-                   "(0: all)")
+    p.add_argument("--max-sequences", type=data.at_least(0), default=0, help="only the first N sequences (0: all)")
     p.add_argument("--figures", type=data.at_least(0), default=4, help="draw PNG figures for the first N sequences")
     p.add_argument("--out", default="runs/eval", help="folder for results.json and figures")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
