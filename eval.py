@@ -436,23 +436,20 @@ def gather(scores, heads):
 
 def table(results):
     """The paper's table: one row per method and horizon, best (mean) for generative models."""
+    labels = dict(miou="mIoU", rmse="RMSE", absrel="AbsRel", delta1="d1")  # in the paper's column order
     cols, rows = [], {}
     for dataset, res in results.items():
-        metrics = sorted({m for r in res.values() for m in r}, key=["miou", "rmse", "absrel", "delta1"].index)
-        cols += [(dataset, m) for m in metrics]
+        cols += [(dataset, m) for m in labels if any(m in r for r in res.values())]
         for (method, horizon, pick), r in res.items():
-            rows.setdefault((method, horizon), {}).setdefault(pick, {})[dataset] = r
-    order = sorted(rows, key=lambda k: (k[0] != "Present", k[0] == "Copy last", ["-", "short", "mid"].index(k[1])))
-    lines = [["Method", "Horizon"] + [f"{d} {dict(miou='mIoU', rmse='RMSE', absrel='AbsRel', delta1='d1')[m]}"
-                                      for d, m in cols]]
-    for method, horizon in order:
-        picks = rows[(method, horizon)]
-        cells = []
+            rows.setdefault((method, horizon), {}).update({(dataset, m, pick): v for m, v in r.items()})
+    lines = [["Method", "Horizon"] + [f"{d} {labels[m]}" for d, m in cols]]
+    for method, horizon in sorted(rows, key=lambda k: (k[0] != "Present", k[0] == "Copy last",
+                                                      ["-", "short", "mid"].index(k[1]))):
+        row, cells = rows[method, horizon], []
         for d, m in cols:
-            v = picks.get("best", picks.get("-", {})).get(d, {}).get(m)
-            mean = picks.get("mean", {}).get(d, {}).get(m)
-            cells.append("" if v is None else f"{v:.2f}" + (f" ({mean:.2f})" if mean is not None else ""))
-        lines.append([method + (" best (mean)" if "mean" in picks else ""), horizon] + cells)
+            v, mean = row.get((d, m, "best"), row.get((d, m, "-"))), row.get((d, m, "mean"))
+            cells.append("" if v is None else f"{v:.2f}" + ("" if mean is None else f" ({mean:.2f})"))
+        lines.append([method + " best (mean)" * any(k[2] == "mean" for k in row), horizon] + cells)
     widths = [max(map(len, col)) for col in zip(*lines)]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines[1:]])
