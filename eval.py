@@ -317,21 +317,20 @@ def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, g
     final, first = rollout[:, -1], TARGET - rollout.shape[1] + 1  # the first predicted frame
     best = best_and_mean(final[None], feats[None, TARGET])[2].item()
     tiles, truth, keys = {}, {}, []  # tiles[task][s][t]: sample s (-1: present, -2: the samples' mean) at frame t
-    for task, head in [*heads.items(), ("PCA", None)]:
-        if head is None:  # the final step only
-            pca = list(pca_colours(torch.cat([feats, final, final.mean(0, keepdim=True)]), feats[TARGET]))
-            tiles[task] = {s: [pca[7 + s]] * 7 for s in range(len(final))} | {-1: pca[:7], -2: pca[-1:] * 7}
-        else:
-            maps = lambda x: F.interpolate(head(Hd.to_map(x)), (size, size), mode="bilinear")  # (M, K, S, S)
-            present = maps(feats)
-            lo, hi = map(float, (1 / present.clamp(min=1e-3)).aminmax())  # inverse depth range of present
-            paint = lambda x: [colour(o, task, lo, hi) for o in maps(x)]
-            p, keys = [colour(o, task, lo, hi) for o in present], keys + [key(task, present, lo, hi)]
-            tiles[task] = {s: p[:first] + paint(r) for s, r in enumerate(rollout)} | \
-                {-1: p, -2: paint(final.mean(0, keepdim=True)) * 7}
+    for task, head in heads.items():
+        maps = lambda x: F.interpolate(head(Hd.to_map(x)), (size, size), mode="bilinear")  # (M, K, S, S)
+        present = maps(feats)
+        lo, hi = map(float, (1 / present.clamp(min=1e-3)).aminmax())  # inverse depth range of present
+        paint = lambda x: [colour(o, task, lo, hi) for o in maps(x)]
+        p, keys = [colour(o, task, lo, hi) for o in present], keys + [key(task, present, lo, hi)]
+        tiles[task] = {s: p[:first] + paint(r) for s, r in enumerate(rollout)} | \
+            {-1: p, -2: paint(final.mean(0, keepdim=True)) * 7}
         label = {"seg": "classes", "depth": "depth"}.get(task)
         truth[task] = frames[TARGET] if task == "rgb" else None if label not in item else \
             colour(Hd.label_at(torch.as_tensor(item[label]), item["resized"], 0, 0, size), task, lo, hi)
+    pca = list(pca_colours(torch.cat([feats, final, final.mean(0, keepdim=True)]), feats[TARGET]))  # final step only
+    tiles["PCA"] = {s: [pca[7 + s]] * 7 for s in range(len(final))} | {-1: pca[:7], -2: pca[-1:] * 7}
+    truth["PCA"] = None
     title = (f"{name}, {'short' if ctx == CONTEXT['short'] else 'mid'} horizon (context: frames {ctx[0]}-{ctx[-1]}, "
              f"target: frame {TARGET}), {item['name']}, crop 0")
     sample = lambda s: f"sample {s}" + " best" * (s == best)
