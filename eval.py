@@ -89,8 +89,7 @@ def load_models(args, device, vfms):
             models.append((name, kind, model))
         names.add(vfm)
     if len(names) > 1:
-        raise data.UserError(f"the checkpoints were trained on different VFMs {sorted(names)}: evaluate them "
-                             "separately")
+        raise data.UserError(f"checkpoints trained on different VFMs {sorted(names)}: evaluate them separately")
     return models, names.pop() if names else None
 
 
@@ -98,12 +97,11 @@ def load_models(args, device, vfms):
 def predict(kind, model, feats, times, horizon, num_samples, generator):
     """The predicted rollout up to frame 6, (B, S, steps, N, C), from the ground-truth features feats (B, 7, N, C)."""
     ctx = CONTEXT[horizon]
-    steps = TARGET - ctx[-1]
     if kind.startswith("deltatok"):  # reconstruction of frames ctx[-1] + 1 .. 6 from the last context frame
         return model.reconstruct(feats[:, ctx[-1] + 1:], feats[:, ctx[-1]], kind == "deltatok")[:, None].float()
     t = times[:, ctx[0]:] - times[:, ctx[0]:ctx[0] + 1]  # seconds from the first context frame
     bom = model.config["bom"] if kind == "deltaworld" else model.cfg.bom  # generative: num_samples samples
-    pred, _ = model.sample(feats[:, ctx], t, num_samples if bom else 1, steps, generator)
+    pred, _ = model.sample(feats[:, ctx], t, num_samples if bom else 1, TARGET - ctx[-1], generator)
     return pred.float()
 
 
@@ -118,8 +116,7 @@ def features_file(path, flag="--features"):
 
 
 def best_and_mean(samples, target):
-    """samples (B, S, N, C), ground truth (B, N, C) -> best sample (lowest smooth-L1, beta 0.1), sample mean, and
-    the index of the best."""
+    """samples (B, S, N, C), truth (B, N, C) -> best sample (lowest smooth-L1, beta 0.1), their mean, best's index."""
     loss = F.smooth_l1_loss(samples, target[:, None].expand_as(samples), beta=0.1, reduction="none").mean((-2, -1))
     best = loss.argmin(1)
     return samples[torch.arange(len(samples)), best], samples.mean(1), best
