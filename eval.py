@@ -505,18 +505,16 @@ def flops(args):
     n, c = (args.size // vfm.patch_size) ** 2, vfm.dim
     x = zeros(1, n, c)
     g = lambda fn: data.count_flops(fn) / 1e9
-    rows = [("Backbone (per frame)", g(lambda: vfm(torch.zeros(1, 3, args.size, args.size, dtype=torch.uint8,
-                                                               device="meta"))), TABLE_B["backbone"]),
-            ("DeltaTok encoder (per frame)", g(lambda: tok.encode(x, x)), TABLE_B["encoder"])]
-    for k in (4, 5, 6):
-        rows.append((f"DeltaWorld predictor ({k}-token context)",
-                     g(lambda: world(zeros(1, 1, c), zeros(1, k, c), zeros(1, 1, 1), zeros(1, k, 1))),
-                     TABLE_B["predictor"][k]))
-    rows.append(("DeltaTok decoder (per step)", g(lambda: tok.decode(zeros(1, 1, c), x)), TABLE_B["decoder"]))
-    for k in (4, 5, 6):
-        rows.append((f"DINO-world predictor ({k}-frame context)",
-                     g(lambda: dino.predict(zeros(1, k, n, c), zeros(1, k), zeros(1, 1, c), zeros(1, 1))),
-                     TABLE_B["dinoworld"][k]))
+    backbone = g(lambda: vfm(torch.zeros(1, 3, args.size, args.size, dtype=torch.uint8, device="meta")))
+    encoder, decoder = g(lambda: tok.encode(x, x)), g(lambda: tok.decode(zeros(1, 1, c), x))
+    predictor = {k: g(lambda: world(zeros(1, 1, c), zeros(1, k, c), zeros(1, 1, 1), zeros(1, k, 1))) for k in (4, 5, 6)}
+    dinoworld = {k: g(lambda: dino.predict(zeros(1, k, n, c), zeros(1, k), zeros(1, 1, c), zeros(1, 1)))
+                 for k in (4, 5, 6)}
+    rows = [("Backbone (per frame)", backbone, TABLE_B["backbone"]),
+            ("DeltaTok encoder (per frame)", encoder, TABLE_B["encoder"])]
+    rows += [(f"DeltaWorld predictor ({k}-token context)", predictor[k], TABLE_B["predictor"][k]) for k in predictor]
+    rows += [("DeltaTok decoder (per step)", decoder, TABLE_B["decoder"])]
+    rows += [(f"DINO-world predictor ({k}-frame context)", dinoworld[k], TABLE_B["dinoworld"][k]) for k in dinoworld]
     reference = args.size == 256 and vfm.dim == 768 and args.model == "base"
     print(f"GFLOPs per {args.size}x{args.size} crop = 2 x multiply-adds of one forward, attention included "
           f"(appendix Table B; the paper's other tables double these for the two crops).\nVFM {vfm.name}; models: "
@@ -526,13 +524,10 @@ def flops(args):
           "(BENCHMARKS.md).")
     for name, v, ref in rows:
         print(f"  {name:<42} {v:9.3f}" + (f"   Table B {ref:8.3f} ({100 * (v / ref - 1):+.1f}%)" if reference else ""))
-    got = {name: v for name, v, _ in rows}
-    per_sample = sum(got[f"DeltaWorld predictor ({k}-token context)"] for k in (4, 5, 6)) + \
-        3 * got["DeltaTok decoder (per step)"]
-    shared = 4 * (got["Backbone (per frame)"] + got["DeltaTok encoder (per frame)"])
-    dino = 4 * got["Backbone (per frame)"] + sum(got[f"DINO-world predictor ({k}-frame context)"] for k in (4, 5, 6))
+    shared, per_sample = 4 * (backbone + encoder), sum(predictor.values()) + 3 * decoder
+    dino = 4 * backbone + sum(dinoworld.values())
     print(f"  mid horizon, DeltaWorld: shared {shared:.2f} + {per_sample:.2f} per sample; DINO-world: {dino:.2f}")
-    return got
+    return {name: v for name, v, _ in rows}
 
 
 # ----------------------------------------------------------------------------------------------------------------
