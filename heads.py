@@ -437,11 +437,11 @@ class _Batches(torch.utils.data.Dataset):
         return torch.stack(frames), torch.stack(targets), torch.stack(valids)
 
 
-def head_loss(head, feats, target, valid):
+def head_loss(head, task, feats, target, valid):
     """Segmentation: cross-entropy ignoring 255. Depth: the scale-invariant log loss (SILog: Eigen et al., lambda
     0.85, x10 as in BTS / AdaBins) over the valid pixels."""
     out = F.interpolate(head(to_map(feats)), target.shape[-2:], mode="bilinear", align_corners=False)
-    if head.task == "seg":
+    if task == "seg":
         return F.cross_entropy(out, target, ignore_index=IGNORE)
     d = torch.log(out[:, 0][valid].clamp(min=1e-3)) - torch.log(target[valid])
     return 10 * torch.sqrt((d ** 2).mean() - 0.85 * d.mean() ** 2 + 1e-8)
@@ -489,7 +489,7 @@ def main(args):
         frames, target, valid = (t.to(device, non_blocking=True) for t in next(loader))
         with T.autocast(device, args.dtype):
             feats = vfm(frames)  # (B, N, C), frozen
-        loss = head_loss(model, feats.float(), target, valid)
+        loss = head_loss(model, args.task, feats.float(), target, valid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         loss = loss.detach()
