@@ -178,8 +178,7 @@ class Score:
     def result(self):
         if self.task == "seg":
             inter, gt, pred = self.sums.diag(), self.sums.sum(1), self.sums.sum(0)
-            seen = gt + pred > 0
-            return dict(miou=100 * (inter[seen] / (gt + pred - inter)[seen]).mean().item())
+            return dict(miou=100 * (inter / (gt + pred - inter))[gt + pred > 0].mean().item())  # classes seen
         n, sq, absrel, d1 = self.sums.tolist()
         return dict(rmse=math.sqrt(sq / n), absrel=absrel / n, delta1=100 * d1 / n)
 
@@ -276,9 +275,8 @@ class CityscapesSequences(_Sequences):
                        f"Cityscapes root {root!r} needs leftImg8bit_sequence/{split}")
         self.items = []
         for city in sorted(c for c in os.listdir(labels) if os.path.isdir(os.path.join(labels, c))):  # no .DS_Store
-            for f in sorted(os.listdir(os.path.join(labels, city))):
-                if not f.endswith("_gtFine_labelIds.png") or f.startswith("."):  # macOS ._ files, hidden files
-                    continue
+            for f in sorted(f for f in os.listdir(os.path.join(labels, city))  # not macOS ._ files, hidden files
+                            if f.endswith("_gtFine_labelIds.png") and not f.startswith(".")):
                 _, seq, frame = f[:-len("_gtFine_labelIds.png")].rsplit("_", 2)
                 paths = [_need(os.path.join(frames, city, f"{city}_{seq}_{j:06d}_leftImg8bit.png"),
                                f"Cityscapes sequence frame of {f}") for j in self._indices(int(frame))]
