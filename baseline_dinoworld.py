@@ -18,7 +18,6 @@ Run it:
 """
 import argparse
 import contextlib
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -45,18 +44,17 @@ class DinoWorldConfig:
     mlp_ratio: float = 4.0
     axes: tuple = (20, 20, 20)  # RoPE slices of each head for (timestamp, x, y); the last 4 of 64 unrotated
     bom: int = 0                # K noise candidates per frame; 0: discriminative, one learned query
+    aspect: float = 1.0         # width / height of the patch grid (of the training frames)
 
 
-def patch_positions(times, n):
+def patch_positions(times, n, aspect=1.0):
     """3D RoPE positions (timestamp, x, y) of the n patches of frames at `times` (B, T) -> (B, T * n, 3); x and y
-    evenly spaced over [-1, 1] across the square patch grid, row-major like the VFM's tokens."""
-    side = math.isqrt(n)
-    if side * side != n:
-        raise ValueError(f"DINO-world expects a square patch grid, got {n} patches")
-    coords = torch.linspace(-1, 1, side, device=times.device)
-    xy = torch.cartesian_prod(coords, coords).flip(-1)  # (n, 2): (x, y) pairs, row-major
-    B, T = times.shape
-    return torch.cat([times[:, :, None, None].float().expand(B, T, n, 1), xy.expand(B, T, n, 2)], -1).flatten(1, 2)
+    evenly spaced over [-1, 1] across the patch grid (tokenizer.patch_grid), row-major like the VFM's tokens."""
+    h, w = T.patch_grid(n, aspect)
+    y, x = torch.meshgrid(*(torch.linspace(-1, 1, s, device=times.device) for s in (h, w)), indexing="ij")
+    xy = torch.stack([x.flatten(), y.flatten()], -1)  # (n, 2)
+    B, L = times.shape
+    return torch.cat([times[:, :, None, None].float().expand(B, L, n, 1), xy.expand(B, L, n, 2)], -1).flatten(1, 2)
 
 
 def frame_loss(pred, target):
@@ -84,8 +82,8 @@ class DinoWorld(nn.Module):
         B, Tc, N, C = context.shape
         q = queries[:, :, None].expand(-1, -1, N, -1).flatten(1, 2)  # (B, Tq * N, C)
         mask = None if frame_mask is None else frame_mask.repeat_interleave(N, 0).repeat_interleave(N, 1)[None]
-        return self.predictor(q, context.reshape(B, Tc * N, C), patch_positions(q_times, N),
-                              patch_positions(ctx_times, N), mask).view(B, -1, N, C)
+        return self.predictor(q, context.reshape(B, Tc * N, C), patch_positions(q_times, N, self.cfg.aspect),
+                              patch_positions(ctx_times, N, self.cfg.aspect), mask).view(B, -1, N, C)
 
     def forward(self, feats, times, noise=None):
         """Teacher-forced prediction of frames 1..T-1 of clips feats (B, T, N, C) at times (B, T), in parallel under
@@ -118,12 +116,12 @@ class DinoWorld(nn.Module):
         return context[:, Tc:].view(B, S, horizon, N, C).expand(B, num_samples, horizon, N, C), None
 
 
-def build_dinoworld(model, vfm, bom=0):
+def build_dinoworld(model, vfm, bom=0, size=(1, 1)):
     """A DINO-world as wide as the VFM. RoPE: three equal even slices of each head for (timestamp, x, y) and the
     rest unrotated, 20 + 20 + 20 + 4 at head dim 64 (appendix A)."""
     heads = max(1, vfm.dim // HEAD_DIM)
     a = (vfm.dim // heads - 4) // 6 * 2
-    return DinoWorld(DinoWorldConfig(dim=vfm.dim, heads=heads, axes=(a, a, a), bom=bom,
+    return DinoWorld(DinoWorldConfig(dim=vfm.dim, heads=heads, axes=(a, a, a), bom=bom, aspect=size[1] / size[0],
                                      **PREDICTOR_PRESETS[model]), vfm)
 
 
@@ -195,7 +193,7 @@ def main(args):
                              num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
     vfm = T.VFM(args.vfm).to(device)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    dw = build_dinoworld(args.model, vfm, args.bom).to(device)
+    dw = build_dinoworld(args.model, vfm, args.bom, args.size).to(device)
     C, L = vfm.dim, args.num_frames - 1
     if init:  # weights only: optimizer and step start afresh
         T.load_state_strict(dw, init, f"--init {args.init}", "check --model / --vfm / --bom")
@@ -205,7 +203,7 @@ def main(args):
 
     if args.bench:
         B, n = args.batch_size, args.num_frames
-        frames = torch.randint(0, 256, (B, n, 3, args.size, args.size), dtype=torch.uint8, device=device)
+        frames = torch.randint(0, 256, (B, n, 3, *args.size), dtype=torch.uint8, device=device)
         times = (torch.arange(n, device=device) * 0.2).expand(B, n)  # (B, T) seconds
 
         def step(update=True, b=B):
@@ -273,8 +271,8 @@ def main(args):
             dw.train()
             T.log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(format_check(step, result, num_samples))
-        if step % args.ckpt_every == 0 or step == args.steps:
-            T.save_checkpoint(dict(kind="dinoworld", config=asdict(dw.cfg), vfm=args.vfm, size=args.size,
+        if T.stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
+            T.save_checkpoint(dict(kind="dinoworld", config=asdict(dw.cfg), vfm=vfm.name, size=args.size,
                                    model=dw.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
                                    args=vars(args)), ckpt_path, master)
     bar.close()
@@ -288,7 +286,8 @@ def get_parser():
                                 formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/dinoworld", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default=T.DINOV3_B16,
-                   help=f"DINOv3 hub id, local folder, or a random preset {list(T.VFM_PRESETS)}")
+                   help=f"feature source (tokenizer.feature_source): a DINOv3 or DINOv2 hub id, local folder, or a "
+                   f"random preset {list(T.VFM_PRESETS)}, then optionally |layers=2,5,8,11|pca=FILE")
     p.add_argument("--bom", type=data.at_least(0), default=0, help="best-of-many over K noise queries per frame "
                    "(generative variant; Table 2 step 1: 16); 0: discriminative, one learned query")
     p.add_argument("--init", default="", help="start from the weights of a checkpoint of this script, with a fresh "

@@ -13,6 +13,7 @@ workers and processes: the union over ranks and micro-steps of step s is always 
 
     python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
     python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
+    python data.py --convert-pca pca.pkl pca.pt --trust-pickle          # DINO-Foresight's PCA (Table D)
 
 What every script's command line shares lives here too: a `UserError` (a mistake in what the user gave: a flag, a
 path, a file) is one line on stderr and exit status 2 (`cli`); flag types check ranges at parsing; the flags of
@@ -27,9 +28,14 @@ import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import re
+import signal
 import sys
+import threading
 import time
+import types
+import zipfile
 
 import av
 import numpy as np
@@ -53,6 +59,11 @@ def cli(main, parser):
         return main(parser.parse_args())
     except UserError as e:  # from a DataLoader worker, the message ends with the worker's "data.UserError: ..."
         message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
+    except KeyboardInterrupt:  # before a stage catches signals, or a second Ctrl-C (tokenizer.catch_signals)
+        sys.exit(130)
+    if torch.distributed.is_initialized():  # the other ranks stop naming it (tokenizer._fail_together)
+        torch.distributed.distributed_c10d._get_default_store().set("failed", f"rank {torch.distributed.get_rank()} "
+                                                                    f"failed with {message}")
     gc.collect()  # progress bars close (and end their line) now, not after the message
     sys.stderr.write(f"{parser.prog}: error: {message}\n")
     sys.exit(2)
@@ -110,6 +121,14 @@ def positive(text):
     return float(text)
 
 
+def frame_size(text):
+    """An argparse type: "S" (square) or "HxW" pixels -> (H, W), multiples of a patch size (16, or DINOv2's 14)."""
+    size = tuple(int(v) if v.isdigit() else 0 for v in text.split("x"))
+    if len(size) > 2 or any(v < 14 or v % 14 and v % 16 for v in size):
+        raise argparse.ArgumentTypeError(f"{text}: want S or HxW pixels, multiples of the VFM's patch size (16 or 14)")
+    return size if len(size) == 2 else size * 2
+
+
 def clip_flags(p):
     """The flags of the training clips, shared by tokenizer.py, predictor.py and baseline_dinoworld.py."""
     p.add_argument("--data", default="synthetic", help="'synthetic', a folder of videos / frame folders, or a list")
@@ -118,7 +137,8 @@ def clip_flags(p):
     p.add_argument("--val-data", default="", help="held-out videos for the check at --eval-every (default: the "
                    "synthetic val split, or --data itself for a folder)")
     p.add_argument("--fps", type=positive, default=None, help="frame rate of frame folders without timestamps")
-    p.add_argument("--size", type=at_least(16, 16), default=256, help="square crop side in pixels")
+    p.add_argument("--size", type=frame_size, default=(256, 256), help="crop size in pixels: S, or HxW (Table D: "
+                   "448x896)")
     p.add_argument("--stride", type=positive, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
 
 
@@ -531,7 +551,8 @@ class ClipDataset:
 
     def __init__(self, source, num_frames=2, size=256, stride=(1 / 25, 1 / 3), scale=(0.6, 1.0),
                  ratio=(3 / 4, 4 / 3), seed=0):
-        self.source, self.num_frames, self.size, self.seed = source, num_frames, size, seed
+        self.source, self.num_frames, self.seed = source, num_frames, seed
+        self.size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
         self.stride, self.scale, self.ratio = stride, scale, ratio  # appendix A: crop scale 0.6-1, ratio 3:4-4:3
 
     def _frame_indices(self, rng, times):
@@ -548,7 +569,7 @@ class ClipDataset:
         return idx.tolist() if idx[-1] < len(times) else None
 
     def sample(self, step, j):
-        """Clip j of `step`: frames (T, 3, S, S) uint8, times (T,) float32 seconds from the first frame, and the
+        """Clip j of `step`: frames (T, 3, H, W) uint8, times (T,) float32 seconds from the first frame, and the
         number of broken videos skipped on the way."""
         skipped = 0
         for attempt in range(1000):
@@ -564,11 +585,12 @@ class ClipDataset:
                 skipped += 1
                 _warn_broken(self.source, i, e)
                 continue
-            top, left, h, w = _crop_box(rng, frames.shape[1], frames.shape[2], self.scale, self.ratio)
-            # one crop for the whole clip, resized to a square (a small aspect distortion, appendix A); resizing the
+            aspect = self.size[1] / self.size[0]  # the crop's width / height ranges around the output's
+            top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, [r * aspect for r in self.ratio])
+            # one crop for the whole clip, resized to (H, W) (a small aspect distortion, appendix A); resizing the
             # uint8 frames directly is 6x faster than through float
             crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
-            crop = F.interpolate(crop, (self.size, self.size), mode="bilinear", antialias=True)
+            crop = F.interpolate(crop, self.size, mode="bilinear", antialias=True)
             return crop, torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32), skipped
         raise UserError(f"no readable video long enough for {self.num_frames} frames at stride {self.stride} s "
                         f"after 1000 draws ({skipped} broken)")
@@ -595,7 +617,20 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
     rank r holds clips j = (m * world_size + r) * batch_size + b, so one process at batch 2B equals two at B."""
     micro = _MicroBatches(dataset, batch_size, rank, world_size, accum, start_step)
     # batch_size=None: each item already is a micro-batch; an endless sequential sampler keeps the order fixed
-    return iter(torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(), num_workers=num_workers))
+    return iter(torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(), num_workers=num_workers,
+                                            worker_init_fn=quiet_worker))
+
+
+def quiet_worker(_):
+    """A DataLoader worker leaves the SIGTERM a scheduler sends every process to the main one, which finishes its step
+    and saves (tokenizer.catch_signals); it still exits on its parent's SIGTERM, as PyTorch's own handler does."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # and in the thread below, which takes it
+
+    def wait():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
+            pass
+        os._exit(0)
+    threading.Thread(target=wait, daemon=True).start()
 
 
 def accumulation(global_batch, batch_size, world):
@@ -706,14 +741,39 @@ def bench_table(jsonl, markdown):
         f.write(head + "<!-- bench-gpu -->\n" + "\n".join(lines) + "\n<!-- /bench-gpu -->" + tail)
 
 
+def convert_pca(src, dst):
+    """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> a PCA file (tokenizer.load_pca) at
+    dst. Unpickling runs what the file names: only numpy's and torch's array classes are allowed, and sklearn's PCA
+    is read into a plain object that keeps its attributes (components_, mean_), so sklearn is not needed."""
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("sklearn.decomposition") and name == "PCA":
+                return type(name, (), {})
+            if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
+                return super().find_class(module, name)
+            raise UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
+    restricted = types.SimpleNamespace(__name__="restricted", Unpickler=Unpickler)
+    with open(src, "rb") as f:  # torch.save's zip file or a plain pickle
+        p = Unpickler(f).load() if not zipfile.is_zipfile(src) else \
+            torch.load(f, weights_only=False, pickle_module=restricted)
+    t, pca = lambda v: torch.as_tensor(v, dtype=torch.float32), p["pca_model"].__dict__
+    torch.save(dict(mean=t(p["mean"]).flatten(), std=t(p["std"]).flatten(), pca_mean=t(pca["mean_"]),
+                    components=t(pca["components_"]), variance=t(pca["explained_variance_"])), dst)
+
+
 # -----------------------------------------------------------------------------
-# command line: prepare real videos for training, or measure how fast clips are read
+# command line: prepare real videos for training, measure how fast clips are read, or convert a PCA file
 
 
 def main(args):
     if args.prepare:
         check_paths([("SRC", args.prepare[0])], ("DST", args.prepare[1]))
         return prepare(*args.prepare, args.short_side, args.workers, args.index)
+    if args.convert_pca:  # unpickling can run code: only on the user's word
+        if not args.trust_pickle:
+            raise UserError("--convert-pca unpickles the file, which can run code: add --trust-pickle if you trust it")
+        check_paths([("--convert-pca", args.convert_pca[0])])
+        return convert_pca(*args.convert_pca)
     check_paths([("--bench", args.bench)])
     source = VideoFolder(args.bench, index=args.index)
     loader = make_loader(ClipDataset(source, args.num_frames), 8, num_workers=args.workers)
@@ -728,11 +788,15 @@ def main(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Prepare videos, or time the loader.", formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description="Prepare videos, time the loader, or convert a PCA file.",
+                                     formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR (or a list of them) for 20 "
                       "s as training does (make_loader, 8 clips a batch)")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
+    mode.add_argument("--convert-pca", nargs=2, metavar=("PICKLE", "DST"), help="DINO-Foresight's PCA pickle -> a "
+                      "--pca file of tokenizer.py (Table D)")
+    parser.add_argument("--trust-pickle", action="store_true", help="--convert-pca: let it unpickle the file")
     parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")
     parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: short side, never upscaled")
     parser.add_argument("--num-frames", type=at_least(2), default=2, help="--bench: frames per clip")

@@ -501,21 +501,21 @@ TABLE_B = dict(backbone=47.185, encoder=96.930, predictor={4: 0.26, 5: 0.28, 6: 
 
 
 def flops(args):
-    """GFLOPs per S x S crop of each part, on the meta device (no weights needed, nothing computed)."""
+    """GFLOPs per H x W crop of each part, on the meta device (no weights needed, nothing computed)."""
     kind, model, vfm_name = load_model(args, args.ckpt[0], "cpu", {}) if args.ckpt else (None, None, T.DINOV3_B16)
     with torch.device("meta"):
         vfm = T.VFM(args.vfm or vfm_name)
         tok = (model if kind == "deltatok" else model.tokenizer if kind == "deltaworld" else
-               T.build_deltatok(args.model, vfm))
+               T.build_deltatok(args.model, vfm, size=args.size))
         world = (model if kind == "deltaworld" else P.DeltaWorld(tok, vfm, args.model)).predictor
-        dino = model if kind == "dinoworld" else DW.build_dinoworld(args.model, vfm)
+        dino = model if kind == "dinoworld" else DW.build_dinoworld(args.model, vfm, size=args.size)
     tok, world, dino = tok.to("meta"), world.to("meta"), dino.to("meta")
     zeros = lambda *s: torch.zeros(*s, device="meta")
-    n, c = (args.size // vfm.patch_size) ** 2, vfm.dim
+    n, c = math.prod(args.size) // vfm.patch_size ** 2, vfm.dim
     x = zeros(1, n, c)
     g = lambda fn: data.count_flops(fn) / 1e9
-    rows = [("Backbone (per frame)", g(lambda: vfm(torch.zeros(1, 3, args.size, args.size, dtype=torch.uint8,
-                                                               device="meta"))), TABLE_B["backbone"]),
+    rows = [("Backbone (per frame)", g(lambda: vfm(torch.zeros(1, 3, *args.size, dtype=torch.uint8, device="meta"))),
+             TABLE_B["backbone"]),
             ("DeltaTok encoder (per frame)", g(lambda: tok.encode(x, x)), TABLE_B["encoder"])]
     for k in (4, 5, 6):
         rows.append((f"DeltaWorld predictor ({k}-token context)",
@@ -526,8 +526,8 @@ def flops(args):
         rows.append((f"DINO-world predictor ({k}-frame context)",
                      g(lambda: dino.predict(zeros(1, k, n, c), zeros(1, k), zeros(1, 1, c), zeros(1, 1))),
                      TABLE_B["dinoworld"][k]))
-    reference = args.size == 256 and vfm.dim == 768 and args.model == "base"
-    print(f"GFLOPs per {args.size}x{args.size} crop = 2 x multiply-adds of one forward, attention included "
+    reference = args.size == (256, 256) and vfm.dim == 768 and args.model == "base"
+    print(f"GFLOPs per {args.size[0]}x{args.size[1]} crop = 2 x multiply-adds of one forward, attention included "
           f"(appendix Table B; the paper's other tables double these for the two crops).\nVFM {vfm.name}; models: "
           f"{f'{kind} from --ckpt, the rest ' if kind else ''}--model {args.model} (blocks: DeltaTok {tok.cfg.depth} + "
           f"{tok.cfg.depth}, DeltaWorld {len(world.blocks)}, DINO-world {dino.cfg.depth}). At ViT-B 256 px DINO-world's"
@@ -550,6 +550,9 @@ def flops(args):
 def main(args):
     if args.flops:
         return flops(args)
+    if args.size[0] != args.size[1]:
+        raise data.UserError(f"--size {args.size[0]}x{args.size[1]}: the evaluation's crops are square; HxW: --flops")
+    args.size = args.size[0]
     rank, world, device = T.setup_dist()
     if bool(args.ckpt) == bool(args.features):
         raise data.UserError("give either --ckpt (a model to run) or --features (predictions made elsewhere)")
@@ -632,7 +635,8 @@ def get_parser():
                    "and a GIF in --out")
     p.add_argument("--start", type=float, default=0.0, help="--video: seconds to its first context frame")
     p.add_argument("--vfm", default="", help="VFM override (default: the one the checkpoint records)")
-    p.add_argument("--size", type=data.at_least(16, 16), default=512, help="crop side S: 512 main, 256 ablations")
+    p.add_argument("--size", type=data.frame_size, default=(512, 512), help="crop side S: 512 main, 256 ablations "
+                   "(--flops: HxW too)")
     p.add_argument("--horizons", nargs="+", default=["short", "mid"], choices=["short", "mid"])
     p.add_argument("--samples", type=data.at_least(1), default=20, help="samples per crop for generative models")
     p.add_argument("--batch-size", type=data.at_least(1), default=4, help="sequences per forward (x2 crops)")

@@ -476,7 +476,7 @@ def main(args):
     model = T.ddp(head, world, device)
     batches = _Batches(train, args.task, args.size, args.batch_size, rank, args.seed)
     loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, sampler=itertools.count(step),
-                                              num_workers=args.num_workers))
+                                              num_workers=args.num_workers, worker_init_fn=data.quiet_worker))
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -510,7 +510,7 @@ def main(args):
             tqdm.write(f"step {step} held-out check on the first {args.val_sequences} val sequences' labelled frames "
                        "(two-crop protocol; eval.py's Present row scores its own --max-sequences): " +
                        "  ".join(f"{k} {v:.2f}" for k, v in result.items()))
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if T.stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=num_classes, vfm=args.vfm, size=args.size,
                                    data=args.data, model=head.state_dict(), optimizer=opt.state_dict(), step=step,
                                    args=vars(args)), ckpt_path, master)

@@ -14,6 +14,8 @@ Run it:
       --compile --out runs/deltaworld
   # encode the training clips once, then train without the backbone and the tokenizer encoder
   python predictor.py --tokenizer runs/deltatok/ckpt.pt --data /path/to/videos --cache-tokens runs/cache --compile
+  # delta tokens of every frame of your videos, for another world model (README, "Other feature sources")
+  python predictor.py --tokenizer runs/deltatok/ckpt.pt --data /path/to/videos --size 448x896 --export-tokens runs/tok
   # speed and memory of one training step (SPEC section 6: 142 ms, 3.8 GiB at 256 px, batch 32 x 8, K=256, H200)
   python predictor.py --bench 20 --size 256 --batch-size 32 --compile
 """
@@ -189,11 +191,12 @@ class DeltaWorld(nn.Module):
         return out.view(B, M, T - 1, C)
 
     def black(self, num_patches, device):
-        """The black frame's VFM features (1, N, C) for a square grid of N patches (computed once per N)."""
+        """The black frame's VFM features (1, N, C) for a grid of N patches (computed once per N)."""
         if num_patches not in self._black:
             if self.vfm is None:
                 raise RuntimeError("DeltaWorld needs the VFM for the black frame: pass vfm= when building it")
-            self._black[num_patches] = self.vfm.black(math.isqrt(num_patches) * self.vfm.patch_size, device).float()
+            grid = T.patch_grid(num_patches, self.tokenizer.cfg.aspect)
+            self._black[num_patches] = self.vfm.black([n * self.vfm.patch_size for n in grid], device).float()
         return self._black[num_patches].to(device)
 
     def queries(self, n, length, generator=None, device="cpu"):
@@ -310,7 +313,7 @@ def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, de
             continue
         tokens, times, skipped = [], [], 0
         for frames, t, s in torch.utils.data.DataLoader(_StreamClips(train, G, ids), batch_size=batch_size,
-                                                        num_workers=num_workers):
+                                                        num_workers=num_workers, worker_init_fn=data.quiet_worker):
             with T.autocast(device, dtype):
                 feats = vfm(frames.to(device))                                           # (B, T, N, C)
                 tokens.append(tok.tokenize(feats, black).float().cpu())                  # (B, T, C)
@@ -318,6 +321,8 @@ def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, de
             skipped += int(s.sum())
             bar.update(len(t))
         T.save_checkpoint(dict(tokens=torch.cat(tokens), times=torch.cat(times), skipped=skipped), path)
+        if T.stop_requested(1):  # a signal: each rank stops after its shard (they write different numbers of them)
+            T.stopped(f"the token cache keeps the shards written in {folder}", rank == 0)
     bar.close()
     if world_size > 1:
         dist.barrier()
@@ -356,6 +361,28 @@ def cache_loader(cache, batch_size, rank, world_size, accum, start_step, global_
             first = (m * world_size + rank) * batch_size
             tokens, times = zip(*(cache.clip(step * global_batch + j) for j in range(first, first + batch_size)))
             yield {"tokens": torch.stack(tokens), "times": torch.stack(times), "step": step}
+
+
+@torch.no_grad()
+def export_tokens(tok, vfm, source, folder, size, device, dtype, shard=1000):
+    """Delta tokens of every frame of every video of `source`, each frame resized whole to size (H, W), for another
+    world model: folder/shard_KKKKK.pt holds videos k * shard onwards as {"video": [index in the source], "tokens":
+    [(T, C) float32], "times": [(T,) seconds]}; broken videos are skipped (README, Table D)."""
+    os.makedirs(folder, exist_ok=True)
+    for k in tqdm(range(0, len(source), shard), desc="export", dynamic_ncols=True):
+        out = dict(video=[], tokens=[], times=[])
+        for i in range(k, min(k + shard, len(source))):
+            times = source.frame_times(i)
+            try:
+                x = torch.from_numpy(source.read(i, list(range(len(times))))).permute(0, 3, 1, 2)  # (T, 3, H, W)
+            except Exception as e:
+                data._warn_broken(source, i, e)
+                continue
+            with T.autocast(device, dtype):
+                feats = vfm(F.interpolate(x, size, mode="bilinear", antialias=True).to(device))[None]  # (1, T, N, C)
+                out["tokens"].append(tok.tokenize(feats, vfm.black(size, device))[0].float().cpu())
+            out["video"].append(i), out["times"].append(torch.tensor(times))
+        T.save_checkpoint(out, os.path.join(folder, f"shard_{k // shard:05d}.pt"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,7 +425,8 @@ def main(args):
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world_size)
     cache = ("--cache-tokens", args.cache_tokens)  # read, or made (a folder of its own: not --out)
     ckpt = T.check_run(args, "deltaworld", [("--tokenizer", args.tokenizer), ("--data", args.data), ("--val-data",
-                       args.val_data), ("--init", args.init), cache], [cache] * bool(args.cache_tokens))
+                       args.val_data), ("--init", args.init), cache], [cache] * bool(args.cache_tokens) +
+                       [("--export-tokens", args.export_tokens)] * bool(args.export_tokens))
     init = T.load_checkpoint(args.init, ("deltaworld",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
                              num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
@@ -411,20 +439,22 @@ def main(args):
     if (tok.cfg.dim, tok.cfg.patch_size) != (vfm.dim, vfm.patch_size):
         raise data.UserError(f"the tokenizer (dim {tok.cfg.dim}, patch {tok.cfg.patch_size}) does not fit the VFM "
                              f"{vfm.name} (dim {vfm.dim}, patch {vfm.patch_size}): check --vfm")
+    if args.export_tokens:  # for another world model, instead of training (README, Table D)
+        return export_tokens(tok, vfm, train.source, args.export_tokens, args.size, device, args.dtype)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     world = DeltaWorld(tok, vfm, args.model, bom=not args.no_bom).to(device)
     if init:  # weights only (the released layout or a predictor.py checkpoint): optimizer and step start afresh
         T.load_state_strict(world, init, f"--init {args.init}", "check --model / --no-bom")
     opt = T.make_optimizer(world, args.lr, args.weight_decay, device)
     K = 0 if args.no_bom else args.bom
-    black = world.black((args.size // vfm.patch_size) ** 2, device)
+    black = world.black(math.prod(args.size) // vfm.patch_size ** 2, device)
     C, L = tok.cfg.dim, args.num_frames - 1
     if args.compile:
         T.compile_blocks(vfm, tok, world)
 
     if args.bench:
         B = args.batch_size
-        frames = torch.randint(0, 256, (B, args.num_frames, 3, args.size, args.size), dtype=torch.uint8, device=device)
+        frames = torch.randint(0, 256, (B, args.num_frames, 3, *args.size), dtype=torch.uint8, device=device)
         times = torch.linspace(0, 0.2 * L, args.num_frames, device=device).expand(B, -1)
         cached = torch.randn(B, args.num_frames, C, device=device)
         if args.bench_mode == "sample":  # eval's mid horizon: 4 context frames, 20 samples x 3 steps, decoded
@@ -523,9 +553,9 @@ def main(args):
             world.train()
             T.log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(format_check(step, result, args.val_samples))
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if T.stop_requested(world_size) or step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=tokenizer,
-                                   tokenizer_config=asdict(tok.cfg), vfm=args.vfm or vfm.name, size=args.size,
+                                   tokenizer_config=asdict(tok.cfg), vfm=vfm.name, size=args.size,
                                    model=world.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
                                    args=vars(args)), ckpt_path, master)
     bar.close()
@@ -553,6 +583,8 @@ def get_parser():
                    "(if not yet done), then train from it")
     p.add_argument("--cache-crops", type=data.positive, default=4, help="clips (augmented crops) per training video "
                    "in the cache")
+    p.add_argument("--export-tokens", default="", metavar="DIR", help="write the tokenizer's delta tokens of every "
+                   "frame of every --data video, resized whole to --size, to DIR/shard_*.pt and exit")
     p.add_argument("--bench-mode", default="delta", choices=["delta", "frame", "sample"], help="delta / frame: the "
                    "random tokenizer of --bench without --tokenizer (Table 2, step 2); sample: time sampling instead "
                    "of training (20 samples x 3 steps from 4 context frames, --batch-size sequences at once)")

@@ -24,9 +24,12 @@ import atexit
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from huggingface_hub import constants, get_session, hf_hub_download
 from tqdm import tqdm
-from transformers import DINOv3ViTConfig, DINOv3ViTModel
+from transformers import AutoConfig, AutoModel, DINOv3ViTConfig
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTAttention, DINOv3ViTLayer, DINOv3ViTLayerScale, DINOv3ViTRopePositionEmbedding, apply_rotary_pos_emb,
     get_patches_center_coordinates)
@@ -45,35 +48,37 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
 import data
 
 # ----------------------------------------------------------------------------------------------------------------
-# The frozen vision foundation model (SPEC section 1)
+# The frozen vision foundation model (SPEC section 1), or another feature source (appendix C, Table D)
 
 DINOV3_B16 = "facebook/dinov3-vitb16-pretrain-lvd1689m"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# Random-initialised DINOv3 configs so every stage runs offline on a CPU. The weights are drawn from a fixed seed,
-# so every script that builds "tiny" gets the same network.
+# Random-initialised configs so every stage runs offline on a CPU. The weights are drawn from a fixed seed, so every
+# script that builds "tiny" gets the same network. dinov2-tiny: DINOv2 with registers, patch 14, as in Table D.
+_TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=256, num_register_tokens=4)
 VFM_PRESETS = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, patch_size=16,
-                 num_register_tokens=4),
-    "vitb16-random": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                          patch_size=16, num_register_tokens=4),
+    "tiny": dict(model_type="dinov3_vit", num_hidden_layers=2, patch_size=16, **_TINY),
+    "dinov2-tiny": dict(model_type="dinov2_with_registers", num_hidden_layers=4, patch_size=14, image_size=28, **_TINY),
+    "vitb16-random": dict(model_type="dinov3_vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                          intermediate_size=3072, patch_size=16, num_register_tokens=4),
 }
 
 
-def load_dinov3(name):
-    """DINOv3 by preset name, hub id or local folder, with an error that says how to fix a failed load."""
+def load_backbone(name):
+    """DINOv3 or DINOv2 by preset name, hub id or local folder, with an error that says how to fix a failed load."""
     if name in VFM_PRESETS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return DINOv3ViTModel(DINOv3ViTConfig(**VFM_PRESETS[name], attn_implementation="sdpa"))
+            return AutoModel.from_config(AutoConfig.for_model(**VFM_PRESETS[name]), attn_implementation="sdpa")
     try:
-        return DINOv3ViTModel.from_pretrained(name, attn_implementation="sdpa", local_files_only=hub_unreachable())
+        return AutoModel.from_pretrained(name, attn_implementation="sdpa",  # DINOv3, DINOv2 (with registers or not)
+                                         local_files_only=hub_unreachable())
     except Exception as e:
         hint = (f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
                 if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
                 f"'{name}' is neither a hub id nor a folder (typo?); the paper uses {DINOV3_B16}. For an offline "
                 f"run without weights use a random preset: {', '.join(VFM_PRESETS)}")
         cause = f"{type(e).__name__}: {e}".splitlines()[0]
-        raise data.UserError(f"could not load DINOv3 '{name}': {hint} (cause: {cause})") from None
+        raise data.UserError(f"could not load the VFM '{name}': {hint} (cause: {cause})") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -99,18 +104,39 @@ def hub_hint(name, e, local):
     return None
 
 
+def feature_source(vfm, layers="", pca=""):
+    """The feature source as one string, which checkpoints record as "vfm" and later stages rebuild from and
+    compare: the backbone, then "|layers=2,5,8,11" and "|pca=FILE" when given (VFM adds the file's digest)."""
+    return vfm + (f"|layers={layers}" if layers else "") + (f"|pca={pca}" if pca else "")
+
+
 class VFM(nn.Module):
-    """Frozen DINOv3: uint8 frames (..., 3, H, W) -> patch tokens (..., N, C) after the final LayerNorm."""
+    """A frozen feature source: uint8 frames (..., 3, H, W) -> patch tokens (..., N, C). By default the backbone's
+    output (after its final LayerNorm); with layers, those blocks' outputs, each through the final LayerNorm,
+    concatenated per patch (DINO-Foresight's features); with a PCA file, those projected by it (load_pca)."""
 
     def __init__(self, name=DINOV3_B16):
         super().__init__()
-        self.name = name
-        self.model = load_dinov3(name).requires_grad_(False).eval()
-        cfg = self.model.config
-        self.patch_size, self.dim, self.heads = cfg.patch_size, cfg.hidden_size, cfg.num_attention_heads
-        self.num_prefix = 1 + cfg.num_register_tokens  # CLS + registers come before the patches
+        backbone, *options = name.split("|")
+        options = dict(o.partition("=")[::2] for o in options)
+        self.model = load_backbone(backbone).requires_grad_(False).eval()
+        cfg, layers = self.model.config, options.get("layers", "")
+        self.layers = [int(i) for i in layers.split(",") if i.isdigit() and int(i) < cfg.num_hidden_layers] or None
+        if layers and len(self.layers or ()) != len(layers.split(",")):
+            raise data.UserError(f"--vfm-layers {layers}: want blocks of {backbone}, 0 to {cfg.num_hidden_layers - 1}")
+        self.patch_size, self.dim = cfg.patch_size, cfg.hidden_size * len(self.layers or [0])
+        self.num_prefix = 1 + getattr(cfg, "num_register_tokens", 0)  # CLS + registers come before the patches
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        proj, shift, pca = load_pca(options["pca"], self.dim) if "pca" in options else (None, None, "")
+        self.register_buffer("pca_proj", proj, persistent=False)
+        self.register_buffer("pca_shift", shift, persistent=False)
+        self.name = feature_source(backbone, layers, pca)
+        self.dim = self.dim if proj is None else proj.shape[1]
+        head_dim = cfg.hidden_size // cfg.num_attention_heads  # a tokenizer as wide as the features keeps it
+        if self.dim % head_dim:
+            raise data.UserError(f"the PCA's component count {self.dim} is not a multiple of {head_dim} (head width)")
+        self.heads = self.dim // head_dim
 
     def train(self, mode=True):  # frozen: always eval mode (no RoPE jitter)
         return super().train(False)
@@ -122,12 +148,51 @@ class VFM(nn.Module):
             raise data.UserError(f"frame size {h}x{w} is not divisible by the VFM patch size {self.patch_size}: "
                                  f"use --size a multiple of {self.patch_size}")
         x = (frames.reshape(-1, c, h, w).float() / 255 - self.mean) / self.std
-        tokens = self.model(pixel_values=x).last_hidden_state[:, self.num_prefix:]
+        out = self.model(pixel_values=x, output_hidden_states=self.layers is not None)
+        norm = getattr(self.model, "layernorm", None) or self.model.norm  # DINOv2's name, DINOv3's
+        tokens = out.last_hidden_state if self.layers is None else \
+            torch.cat([norm(out.hidden_states[i + 1]) for i in self.layers], -1)
+        tokens = tokens[:, self.num_prefix:]
+        if self.pca_proj is not None:
+            tokens = tokens @ self.pca_proj - self.pca_shift
         return tokens.reshape(*lead, tokens.shape[1], self.dim)  # (..., N, C)
 
     def black(self, size, device):
-        """Features of an all-black frame: the 'previous frame' of a clip's first frame (SPEC section 2)."""
-        return self(torch.zeros(1, 3, size, size, dtype=torch.uint8, device=device))  # (1, N, C)
+        """Features of an all-black (H, W) frame: the 'previous frame' of a clip's first frame (SPEC section 2)."""
+        return self(torch.zeros(1, 3, *size, dtype=torch.uint8, device=device))  # (1, N, C)
+
+
+def load_pca(spec, width):
+    """A PCA file (fit_pca) "FILE", or "FILE@SHA256" as recorded (a changed file is refused), over `width`-d features
+    -> (proj (C, K), shift (K,), "FILE@SHA256"): ((x - mean) / std - pca_mean) @ components.T = x @ proj - shift."""
+    path, _, recorded = spec.partition("@")
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        p = torch.load(path, map_location="cpu", weights_only=True)
+        proj, shift = (p["components"] / p["std"]).T, (p["mean"] / p["std"] + p["pca_mean"]) @ p["components"].T
+    except Exception as e:
+        raise data.UserError(f"--pca {path}: not a PCA file of --fit-pca ({type(e).__name__}: {e})".splitlines()[0])
+    if recorded not in ("", digest) or len(proj) != width:
+        raise data.UserError(f"the PCA file {path} " + (f"has changed since it was recorded (sha256 {recorded}...)"
+                             if len(proj) == width else f"projects {len(proj)}-d features, not {width}-d ones"))
+    return proj.float(), shift.float(), f"{os.path.abspath(path)}@{digest}"
+
+
+def fit_pca(batches, k):
+    """A PCA file from feature batches (..., C): each dimension standardised with its mean and std over all of them,
+    then the k leading principal components (largest variance first) as DINO-Foresight's pca.py does with sklearn,
+    here from the covariance accumulated in float64 (no features are kept)."""
+    n = s = ss = 0
+    for x in batches:
+        x = x.double().flatten(0, -2)
+        n, s, ss = n + len(x), s + x.sum(0), ss + x.T @ x
+    mean, cov = s / n, ss / n - (s / n)[:, None] * (s / n)
+    std = cov.diagonal().clamp_min(1e-12).sqrt()
+    variance, vectors = (v.flip(-1)[..., :k].float() for v in torch.linalg.eigh(cov / std[:, None] / std))
+    mean, std = mean.float(), std.float()  # eigh's order is ascending, flipped above
+    return dict(mean=mean, std=std, pca_mean=torch.zeros_like(mean), components=vectors.T.contiguous(),
+                variance=variance)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,6 +205,7 @@ class DeltaTokConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     patch_size: int = 16     # of the VFM; only sets RoPE's patch grid
+    aspect: float = 1.0      # width / height of the patch grid (of the training frames: --size); sets RoPE's grid
     mode: str = "delta"      # "delta" or "frame" (Table 2, step 2: no previous-frame information)
     qk_norm: bool = False    # the released variant: QK-norm, gated attention, SwiGLU MLP
     gated_attn: bool = False
@@ -215,12 +281,10 @@ class DeltaTok(nn.Module):
         return block
 
     def _rope(self, n, ref, repeat=1, scale=None):
-        """(cos, sin) of DINOv3's 2D RoPE for a square grid of n patches, tiled `repeat` times: (L, hd), or
+        """(cos, sin) of DINOv3's 2D RoPE for a grid of n patches (patch_grid), tiled `repeat` times: (L, hd), or
         (B, 1, L, hd) with clip b's patch coordinates scaled by scale[b] (the RoPE jitter while training)."""
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"DeltaTok expects a square patch grid, got {n} patches")
-        coords = get_patches_center_coordinates(side, side, torch.float32, ref.device).repeat(repeat, 1)  # (L, 2)
+        coords = get_patches_center_coordinates(*patch_grid(n, self.cfg.aspect), torch.float32, ref.device)
+        coords = coords.repeat(repeat, 1)                                                       # (L, 2)
         if scale is not None:
             coords = coords * scale.float().view(-1, 1, 1, 1)                                    # (B, 1, L, 2)
         angles = (2 * math.pi * coords[..., None] * self.rope.inv_freq).flatten(-2).tile(2)     # (..., L, hd)
@@ -284,9 +348,18 @@ class DeltaTok(nn.Module):
         return torch.stack(out, 1)
 
 
-def build_deltatok(model, vfm, mode="delta", rope_rescale=2.0):
+def build_deltatok(model, vfm, mode="delta", rope_rescale=2.0, size=(1, 1)):
     return DeltaTok(DeltaTokConfig(dim=vfm.dim, heads=vfm.heads, patch_size=vfm.patch_size, mode=mode,
-                                   rope_rescale=rope_rescale, **MODEL_PRESETS[model]))
+                                   rope_rescale=rope_rescale, aspect=size[1] / size[0], **MODEL_PRESETS[model]))
+
+
+def patch_grid(n, aspect=1.0):
+    """(h, w) of a row-major grid of n patches whose width is `aspect` times its height."""
+    h = math.isqrt(round(n / aspect))
+    if h * round(h * aspect) != n:
+        raise data.UserError(f"{n} patches do not form a grid of width / height {aspect:g} (the tokenizer's "
+                             "training frames'): use a --size of that aspect")
+    return h, round(h * aspect)
 
 
 def checkpoint_kind(ckpt):
@@ -357,7 +430,19 @@ def setup_dist():
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+    sys.excepthook = _fail_together
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _fail_together(kind, e, tb):
+    """A rank's error (its own or a DataLoader worker's) goes to the process group's store first; the others, whose
+    collective with it then fails (gloo at once; NCCL hangs, but torchrun stops every rank, SIGKILL 30 s after
+    SIGTERM), name it in one line instead of a traceback."""
+    store, prog = dist.distributed_c10d._get_default_store(), os.path.basename(sys.argv[0])
+    if store.check(["failed"]):  # another rank failed first: this error follows from it
+        return print(f"{prog}: error: stopping: {store.get('failed').decode()}", file=sys.stderr)
+    store.set("failed", f"rank {dist.get_rank()} failed with " + f"{kind.__name__}: {e}".strip().splitlines()[-1])
+    sys.__excepthook__(kind, e, tb)
 
 
 def cleanup_dist(world):
@@ -379,7 +464,8 @@ def check_run(args, kind, read=(), write=()):
     """Before anything is built, created or locked: the paths a run reads and writes (data.check_paths; --out is its
     folder), and the checkpoint in --out: none, or this stage's with --resume, its training state and flags checked
     (RESUMABLE ones may change; others need --allow-changes). Returns it, or None."""
-    bench, path = getattr(args, "bench", 0), os.path.join(args.out, "ckpt.pt")
+    path = os.path.join(args.out, "ckpt.pt")  # the timing, fitting and export modes write no run folder
+    bench = any(getattr(args, k, None) for k in ("bench", "fit_pca", "export_tokens"))
     data.check_paths(read, None if bench else ("--out", args.out), write)
     if bench or not os.path.exists(path):
         return None
@@ -404,6 +490,7 @@ def resume(args, model, opt, master, ckpt=None):
     """Lock <out> (one run per folder; the lock file goes when the run ends). Restore model and optimizer from
     `ckpt` (check_run's) and return it, else {"step": 0, "skipped": 0}; log.jsonl is cut back to its step. The data
     position is the step (data.make_loader)."""
+    catch_signals()
     os.makedirs(args.out, exist_ok=True)
     log, lock = os.path.join(args.out, "log.jsonl"), os.path.abspath(os.path.join(args.out, ".lock"))
     if master and lock not in _LOCKS:
@@ -458,14 +545,63 @@ def stop_if_nonfinite(values, step, ckpt_path, master, what="loss or gradient no
 
 
 def save_checkpoint(obj, path, master=True):
-    """Never non-finite weights (every rank checks, all stop alike); written by `master` atomically (a crash while
-    writing leaves the previous checkpoint intact) through a temporary file of its own."""
+    """Never non-finite weights (every rank checks, all stop alike); written by `master` atomically (a crash or a full
+    disk while writing leaves the previous checkpoint intact) through a temporary file of its own. After a signal
+    (stop_requested) every rank exits PREEMPTED once it is written."""
     stop_if_nonfinite([v for v in obj.get("model", {}).values() if v.is_floating_point()], obj.get("step"), path,
                       master, "weights")
     if master:
         tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        try:  # to a Python file: a full disk is an OSError (to a file name, a torn zip and a RuntimeError)
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            raise data.UserError(f"cannot write {path} ({e.strerror or e}): the previous checkpoint is kept; free "
+                                 "space, then --resume") from None
+        finally:  # after a full disk, a second Ctrl-C
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if _stop["agreed"]:  # rank 0 has written before any rank exits (torchrun stops the others when one exits)
+        if dist.is_initialized():
+            dist.barrier()
+        stopped(f"step {obj['step']} is saved in {path}", master)
+
+
+PREEMPTED = 3  # exit status after a signal: the step in flight is saved; the same command with --resume goes on
+_stop = {"signal": 0, "agreed": 0}  # the signal this process got, the one every rank agreed to stop on
+os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))  # a forked helper (a Pool
+# worker) still ends on SIGTERM; DataLoader workers: data.quiet_worker
+
+
+def catch_signals():
+    """SIGTERM, SIGUSR1 (SLURM) and SIGINT (Ctrl-C) ask the run to stop: the ranks agree at the end of the step
+    (stop_requested), rank 0 saves it, all exit PREEMPTED (save_checkpoint). A second Ctrl-C stops at once."""
+    def ask(signum, frame):
+        if signum == _stop["signal"] == signal.SIGINT:
+            raise KeyboardInterrupt  # data.cli: exit 130, no traceback
+        _stop["signal"] = signum
+    _stop.update(signal=0, agreed=0)
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(s, ask)
+
+
+def stop_requested(world):
+    """The signal any rank got (0: none), on every rank alike: one all-reduce of one number per step."""
+    flag = torch.tensor(_stop["signal"], device="cuda" if world > 1 and dist.get_backend() == "nccl" else "cpu")
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    _stop["agreed"] = int(flag)
+    return _stop["agreed"]
+
+
+def stopped(what, master):
+    """Exit PREEMPTED; rank 0 says what is saved and how to go on."""
+    if master:
+        again = shlex.join(sys.argv + ["--resume"] * ("--resume" not in sys.argv))
+        print(f"\nstopped by {signal.Signals(_stop['agreed']).name}: {what}; to go on: "
+              f"{'torchrun [its options]' if dist.is_initialized() else 'python'} {again}", file=sys.stderr)
+    sys.exit(PREEMPTED)
 
 
 def make_optimizer(model, lr, weight_decay, device):
@@ -526,14 +662,24 @@ def main(args):
     rank, world, device = setup_dist()
     master = rank == 0
     # what the user gave is checked on every rank before anything is built (flag ranges: get_parser)
+    if args.fit_pca and not args.pca:
+        raise data.UserError("--fit-pca writes to the file --pca: give one")
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
-    ckpt = check_run(args, "deltatok", [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init)])
+    read = [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init), ("--pca", args.pca)]
+    ckpt = check_run(args, "deltatok", read[:3 if args.fit_pca else 4],  # --fit-pca writes --pca, in its folder
+                     [("--pca", os.path.dirname(os.path.abspath(args.pca)))] * bool(args.fit_pca))
     init = load_checkpoint(args.init, ("deltatok",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args), num_frames=2,
                              size=args.size, stride=tuple(args.stride), seed=args.seed)
-    vfm = VFM(args.vfm).to(device)
+    vfm = VFM(feature_source(args.vfm, args.vfm_layers, "" if args.fit_pca else args.pca)).to(device)
+    if args.fit_pca:  # over all patches of N batches of training clips (2 frames each)
+        loader = data.make_loader(train, args.batch_size, num_workers=args.num_workers)
+        feats = (vfm(next(loader)["frames"].to(device)) for _ in tqdm(range(args.fit_pca[1]), "fit PCA"))
+        return save_checkpoint(fit_pca(feats, args.fit_pca[0]), args.pca, master)
+    if init and (trained := init.get("vfm", DINOV3_B16)) != vfm.name:  # released files: DINOv3 ViT-B/16
+        raise data.UserError(f"--init {args.init} was trained on the features {trained}, not {vfm.name}")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    tok = build_deltatok(args.model, vfm, args.mode, None if args.no_rope_jitter else 2.0).to(device)
+    tok = build_deltatok(args.model, vfm, args.mode, None if args.no_rope_jitter else 2.0, args.size).to(device)
     if init:  # weights only (a released file or a tokenizer.py checkpoint): optimizer and step start afresh
         load_state_strict(tok, init, f"--init {args.init}")
     opt = make_optimizer(tok, args.lr, args.weight_decay, device)
@@ -541,7 +687,7 @@ def main(args):
         compile_blocks(vfm, tok)
 
     if args.bench:
-        frames = torch.randint(0, 256, (args.batch_size, 2, 3, args.size, args.size), dtype=torch.uint8, device=device)
+        frames = torch.randint(0, 256, (args.batch_size, 2, 3, *args.size), dtype=torch.uint8, device=device)
 
         def step(update=True, b=args.batch_size):
             with autocast(device, args.dtype):
@@ -604,8 +750,8 @@ def main(args):
             tok.train()
             log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(format_check(step, result))
-        if step % args.ckpt_every == 0 or step == args.steps:
-            save_checkpoint(dict(kind="deltatok", config=asdict(tok.cfg), vfm=args.vfm, size=args.size,
+        if stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
+            save_checkpoint(dict(kind="deltatok", config=asdict(tok.cfg), vfm=vfm.name, size=args.size,
                                  model=tok.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
                                  args=vars(args)), ckpt_path, master)
     bar.close()
@@ -627,8 +773,11 @@ def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaTok (appendix A recipe as defaults).",
                                 formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/deltatok", help="run folder: ckpt.pt, log.jsonl")
-    p.add_argument("--vfm", default=DINOV3_B16, help="DINOv3 hub id, local folder, or a random preset "
-                   f"{list(VFM_PRESETS)}")
+    p.add_argument("--vfm", default=DINOV3_B16, help="backbone: DINOv3 or DINOv2 hub id, local folder, or a random "
+                   f"preset {list(VFM_PRESETS)}")
+    p.add_argument("--vfm-layers", default="", help="concatenate these blocks' outputs, each through the final "
+                   "LayerNorm (Table D: 2,5,8,11); default: the last")
+    p.add_argument("--pca", default="", help="PCA file that projects the features (see --fit-pca)")
     p.add_argument("--model", default="base", choices=list(MODEL_PRESETS), help="tokenizer size / variant")
     p.add_argument("--mode", default="delta", choices=["delta", "frame"], help="delta tokens or frame tokens")
     p.add_argument("--init", default="", help="start from these DeltaTok weights (a tokenizer.py ckpt.pt or the "
@@ -647,6 +796,8 @@ def get_parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks of the VFM and the tokenizer")
     p.add_argument("--val-clips", type=data.at_least(1), default=64)
     p.add_argument("--bench", type=data.at_least(0), default=0, help="time N training steps on random frames and exit")
+    p.add_argument("--fit-pca", type=data.at_least(1), nargs=2, metavar=("K", "N"), help="fit a K-component PCA of "
+                   "the features of N batches of training clips, write it to --pca and exit")
     data.clip_flags(p)
     data.run_flags(p, workers=8, eval_every=1000)
     return p

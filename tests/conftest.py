@@ -20,3 +20,14 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "slow" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers():
+    """A training stage run in this process catches SIGINT/SIGTERM/SIGUSR1 (tokenizer.catch_signals); a run that
+    raises leaves them caught: pytest gets its own back after every test."""
+    import signal
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

@@ -206,7 +206,7 @@ def test_a_run_folder_is_written_by_one_run_at_a_time(tmp_path, monkeypatch, cap
 def test_checkpoints_are_written_through_a_temporary_file_of_their_own_and_never_non_finite(tmp_path, monkeypatch):
     names = []
     save = torch.save
-    monkeypatch.setattr(torch, "save", lambda obj, path: names.append(str(path)) or save(obj, path))
+    monkeypatch.setattr(torch, "save", lambda obj, f: names.append(f.name) or save(obj, f))
     path = str(tmp_path / "ckpt.pt")
     T.save_checkpoint(dict(model={"w": torch.ones(2)}, step=1), path)
     assert names == [f"{path}.{os.getpid()}.tmp"] and os.listdir(tmp_path) == ["ckpt.pt"]

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -207,7 +208,7 @@ def test_sampling_rollout(vfm):
     torch.testing.assert_close(pred[:, 0, 0], tok.decode(tokens[:, 0, :1], feats[:, -1]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pred[:, 0, 1], tok.decode(tokens[:, 0, 1:2], pred[:, 0, 0]), atol=1e-5, rtol=1e-5)
     # the predicted token joins the context as it is (never re-encoded): step 2's query sees z_0..z_3 + token 1
-    context = torch.cat([tok.tokenize(feats, vfm.black(32, "cpu")), tokens[:, 0, :1]], 1)
+    context = torch.cat([tok.tokenize(feats, vfm.black((32, 32), "cpu")), tokens[:, 0, :1]], 1)
     pos = times[..., None]
     gen = torch.Generator().manual_seed(0)
     q = world.queries(10, 1, gen)  # the noise of step 1 for the 2 x 5 samples ...
@@ -250,6 +251,26 @@ def test_token_cache_matches_on_the_fly(tok_ckpt, tmp_path):
     losses = [[json.loads(line)["loss"] for line in open(tmp_path / d / "log.jsonl") if "loss" in line]
               for d in ("fly", "cached")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_signal_stops_the_token_cache_build_after_its_shard_and_the_next_run_goes_on(tok_ckpt, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """SIGUSR1 while the first of three shards is encoded: that shard is written, the run exits 3 and says so; the
+    next run keeps it, encodes the other two and trains from the whole cache."""
+    monkeypatch.setattr(P, "SHARD", 8)
+    cache, save = tmp_path / "cache", T.save_checkpoint
+    common = ["--tokenizer", tok_ckpt, "--steps", "1", "--global-batch", "8", "--batch-size", "4", "--cache-tokens",
+              str(cache), "--cache-crops", str(24 / 512)]
+    monkeypatch.setattr(T, "save_checkpoint", lambda *a: (os.kill(os.getpid(), signal.SIGUSR1), save(*a))[1])
+    with pytest.raises(SystemExit) as stop:
+        train(tmp_path / "run", *common)
+    assert stop.value.code == T.PREEMPTED and "stopped by SIGUSR1: the token cache keeps" in capsys.readouterr().err
+    assert sorted(os.listdir(cache)) == ["shard_00000.pt"]
+    first = (cache / "shard_00000.pt").stat().st_mtime_ns
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    train(tmp_path / "run", *common, "--resume")
+    assert sorted(os.listdir(cache)) == ["meta.pt", "shard_00000.pt", "shard_00001.pt", "shard_00002.pt"]
+    assert (cache / "shard_00000.pt").stat().st_mtime_ns == first  # kept, not encoded again
 
 
 def test_token_cache_is_refused_after_the_tokenizer_changes(tok_ckpt, tmp_path):

@@ -90,7 +90,7 @@ def test_clip_tokens_do_not_depend_on_other_clips(vfm, feats):
     tok = T.build_deltatok("tiny", vfm).eval()
     for p in tok.parameters():
         p.data += 0.05 * torch.randn_like(p)
-    black = vfm.black(32, "cpu")
+    black = vfm.black((32, 32), "cpu")
     tokens = tok.tokenize(feats, black)
     other = feats.clone()
     other[1:] = torch.randn_like(other[1:])
