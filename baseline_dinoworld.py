@@ -1,10 +1,9 @@
 """
-DINO-world, the paper's re-implementation of the baseline (SPEC section 4, appendix A): the predictor of
-predictor.py over the VFM's patch tokens instead of delta tokens. Every patch of every next frame is a query; it
-reads the patch tokens of all earlier frames under a block-causal mask, with 3D RoPE over (timestamp, x, y). All 7
-next frames of an 8-frame clip are predicted in parallel; the VFM features themselves are the targets.
-The default is the discriminative model (one learned query); --bom K makes it generative with best-of-many over K
-noise queries per frame (Table 2, step 1 uses K = 16).
+DINO-world, the paper's re-implementation of the baseline (SPEC section 4, appendix A): predictor.py's predictor
+over the VFM's patch tokens instead of delta tokens. Every patch of every next frame is a query that reads the patch
+tokens of all earlier frames (block-causal mask, 3D RoPE over timestamp, x, y); all 7 next frames of an 8-frame clip
+are predicted in parallel, the VFM features themselves the targets. Default: discriminative (one learned query);
+--bom K: generative, best-of-many over K noise queries per frame (Table 2, step 1: K = 16).
 
 Run it:
   # CPU, a couple of minutes: a tiny DINO-world on the built-in synthetic videos
@@ -14,8 +13,7 @@ Run it:
   python baseline_dinoworld.py --data /path/to/videos --compile --out runs/dinoworld
   # 8 GPUs on one node
   torchrun --standalone --nproc_per_node=8 baseline_dinoworld.py --data /path/to/videos --compile --out runs/dinoworld
-  # speed and memory of one training step (SPEC section 6: 166 ms, 24.2 GiB at 256 px, batch 32 x 8, H200), the
-  # Table 2 / Table C reference; add --bom 16 for DINO-world + BoM
+  # one training step's speed and memory, the Table 2 / C reference (SPEC section 6); DINO-world + BoM: --bom 16
   python baseline_dinoworld.py --bench 20 --size 256 --batch-size 32 --compile
 """
 import argparse
@@ -84,44 +82,38 @@ class DinoWorld(nn.Module):
         B, Tc, N, C = context.shape
         q = queries[:, :, None].expand(-1, -1, N, -1).flatten(1, 2)  # (B, Tq * N, C)
         mask = None if frame_mask is None else frame_mask.repeat_interleave(N, 0).repeat_interleave(N, 1)[None]
-        out = self.predictor(q, context.reshape(B, Tc * N, C), patch_positions(q_times, N, self.cfg.aspect),
-                             patch_positions(ctx_times, N, self.cfg.aspect), mask)
-        return out.view(B, -1, N, C)
+        return self.predictor(q, context.reshape(B, Tc * N, C), patch_positions(q_times, N, self.cfg.aspect),
+                              patch_positions(ctx_times, N, self.cfg.aspect), mask).view(B, -1, N, C)
 
     def forward(self, feats, times, noise=None):
-        """Teacher-forced prediction of frames 1..T-1 of clips feats (B, T, N, C) at times (B, T), all in parallel
-        under the block-causal mask (frame t reads frames < t). Queries: the learned one, or noise (B, K, T-1, C),
+        """Teacher-forced prediction of frames 1..T-1 of clips feats (B, T, N, C) at times (B, T), in parallel under
+        the block-causal mask (frame t reads frames < t). Queries: the learned one (K = 1), or noise (B, K, T-1, C),
         K candidates per frame, run as one batch of K (T-1) N queries (queries never attend to each other).
-        -> (B, K, T-1, N, C), K = 1 for the learned query."""
+        -> (B, K, T-1, N, C)."""
         B, T, N, C = feats.shape
         if noise is None:
             noise = self.q_embed.weight.to(feats.dtype).expand(B, 1, T - 1, C)
         K = noise.shape[1]
         frame_mask = torch.ones(T - 1, T - 1, dtype=torch.bool, device=feats.device).tril().repeat(K, 1)
-        out = self.predict(feats[:, :-1], times[:, :-1], noise.reshape(B, K * (T - 1), C),
-                           times[:, 1:].repeat(1, K), frame_mask)
-        return out.view(B, K, T - 1, N, C)
+        return self.predict(feats[:, :-1], times[:, :-1], noise.reshape(B, K * (T - 1), C),
+                            times[:, 1:].repeat(1, K), frame_mask).view(B, K, T - 1, N, C)
 
     @torch.no_grad()
     def sample(self, feats, times, num_samples, horizon, generator=None):
-        """Rollout from context features feats (B, Tc, N, C); times (B, Tc + horizon) of context and targets.
-        Each step predicts one frame from all earlier ones and appends it to the context as patch tokens.
-        -> (predicted features (B, num_samples, horizon, N, C), None): no tokens. The learned query is
-        deterministic: it runs once and all samples are that one prediction."""
+        """Rollout from context features feats (B, Tc, N, C); times (B, Tc + horizon) of context and targets. Each
+        step predicts one frame from all earlier ones and appends it to the context. -> (predicted features
+        (B, num_samples, horizon, N, C), None: no tokens). The learned query runs once: every sample is the same."""
         B, Tc, N, C = feats.shape
         S = num_samples if self.cfg.bom else 1
         context = feats[:, None].expand(B, S, Tc, N, C).flatten(0, 1)  # (B S, Tc, N, C)
         times = times.to(feats.device)[:, None].expand(B, S, -1).flatten(0, 1)
-        for h in range(horizon):
-            if self.cfg.bom:  # a fresh noise query per sample and step, shared by the frame's patches
-                gen_device = generator.device if generator is not None else feats.device
-                q = (NOISE_STD * torch.randn(B * S, 1, C, generator=generator, device=gen_device)).to(feats.device)
-            else:
-                q = self.q_embed.weight.expand(B * S, 1, C)
-            pred = self.predict(context, times[:, :Tc + h], q.to(context.dtype), times[:, Tc + h:Tc + h + 1])
+        gen_device = feats.device if generator is None else generator.device
+        for h in range(horizon):  # BoM: a fresh noise query per sample and step, shared by the frame's patches
+            q = (NOISE_STD * torch.randn(B * S, 1, C, generator=generator, device=gen_device) if self.cfg.bom
+                 else self.q_embed.weight.expand(B * S, 1, C)).to(feats.device, context.dtype)
+            pred = self.predict(context, times[:, :Tc + h], q, times[:, Tc + h:Tc + h + 1])
             context = torch.cat([context, pred.to(context.dtype)], 1)
-        out = context[:, Tc:].view(B, S, horizon, N, C)
-        return out.expand(B, num_samples, horizon, N, C), None
+        return context[:, Tc:].view(B, S, horizon, N, C).expand(B, num_samples, horizon, N, C), None
 
 
 def build_dinoworld(model, vfm, bom=0, size=(1, 1)):
@@ -134,8 +126,7 @@ def build_dinoworld(model, vfm, bom=0, size=(1, 1)):
 
 
 def load_dinoworld(path, device="cpu", vfm=None, flag="--ckpt"):
-    """A trained DINO-world in eval mode, from a baseline_dinoworld.py checkpoint, with its VFM (a VFM module to
-    share, else built from the recorded name) as `.vfm`."""
+    """A trained DINO-world in eval mode, with its VFM (`vfm` to share, else built from the recorded name) as `.vfm`."""
     ckpt = T.load_checkpoint(path, ("dinoworld",), flag)
     model = DinoWorld(DinoWorldConfig(**ckpt["config"]), vfm if vfm is not None else T.VFM(ckpt["vfm"]).to(device))
     T.load_state_strict(model, ckpt, f"DINO-world checkpoint {path}")
@@ -144,9 +135,8 @@ def load_dinoworld(path, device="cpu", vfm=None, flag="--ckpt"):
 
 def clip_loss(world, model, feats, times, noise=None):
     """Training loss of clips feats (B, T, N, C) at times (B, T): smooth L1 of frames 1..T-1. BoM (noise
-    (B, K, T-1, C), K candidates per clip and frame): a candidate pass through `world` without autograd keeps,
-    per clip and frame, the noise with the lowest loss averaged over the frame's patches; only that one then runs
-    with gradients through `model` (world, or its DDP/compiled wrapper). noise None: the learned query."""
+    (B, K, T-1, C)): a pass through `world` without autograd picks, per clip and frame, the noise of lowest loss;
+    only that one runs with gradients through `model` (world or its DDP/compiled wrapper)."""
     target = feats[:, None, 1:]  # (B, 1, T-1, N, C)
     if noise is not None:
         with torch.no_grad():  # no graph, no stored activations
@@ -163,19 +153,16 @@ CONTEXT, HORIZON = 4, 3  # the held-out check: the mid-horizon protocol of SPEC 
 
 @torch.no_grad()
 def prediction_check(model, vfm, clips, times, device, dtype, num_samples, seed, batch_size=16):
-    """Feature smooth L1 ("h1/best", as predictor.py logs it) and MSE ("h1/best/mse") of the rollout from 4
-    context frames at horizons 1 and 3: best of the samples (per clip and horizon), their mean features, and
-    copy-last (the last context frame) beside them."""
+    """Feature smooth L1 ("h1/best", as predictor.py logs it) and MSE ("h1/best/mse") at horizons 1 and 3 of the
+    rollout from 4 context frames: the best sample (per clip and horizon), the samples' mean, and copy-last."""
     generator = torch.Generator(device).manual_seed(seed)
     sums = {}
     for i in range(0, len(clips), batch_size):
-        frames, t = clips[i:i + batch_size].to(device), times[i:i + batch_size].to(device)
         with T.autocast(device, dtype):
-            feats = vfm(frames).float()                                                    # (B, 7, N, C)
-            pred = model.sample(feats[:, :CONTEXT], t, num_samples, HORIZON, generator)[0].float()  # (B, S, 3, N, C)
+            feats = vfm(clips[i:i + batch_size].to(device)).float()  # (B, 7, N, C)
+            pred = model.sample(feats[:, :CONTEXT], times[i:i + batch_size], num_samples, HORIZON, generator)[0]
         for h in (1, 3):
-            target = feats[:, CONTEXT + h - 1]
-            samples = pred[:, :, h - 1]
+            target, samples = feats[:, CONTEXT + h - 1], pred[:, :, h - 1].float()  # (B, N, C), (B, S, N, C)
             for metric, fn in (("", frame_loss), ("/mse", lambda p, y: (p - y).pow(2).mean((-2, -1)))):
                 for name, v in (("best", fn(samples, target[:, None]).min(1).values),
                                 ("mean", fn(samples.mean(1), target)),

@@ -1,20 +1,14 @@
 """
-Task heads on frozen VFM features, the labelled datasets they are trained and scored on (VSPW, Cityscapes, KITTI and
-the synthetic videos, read in their on-disk layouts), and how their outputs are scored (SPEC section 5, appendix A
-and B).
+Task heads on frozen VFM features, the labelled datasets they are trained and scored on (VSPW, Cityscapes, KITTI
+and the synthetic videos, in their on-disk layouts), and how their outputs are scored: the two-crop protocol and
+the dataset-wide metrics, used by eval.py and the head training below (SPEC section 5, appendix A and B).
 
-SegHead: BatchNorm2d -> 1x1 conv to the classes. DepthHead: BatchNorm2d -> 1x1 conv to 256 logits -> ReLU + 0.1
--> normalised over the bins -> expected depth over 256 bins evenly spaced in [1e-3, 80] m (DINOv3's depth head).
-Both read features laid out as (B, C, h, w) and give a map at patch resolution that is upsampled bilinearly to the
-labels. The two-crop protocol (resize the shorter side to S, longer capped at 2S; two S x S crops; labels split
-into two halves at the midpoint, each half scored from its own crop) and the dataset-wide metrics live here too:
-eval.py and the head training below both use them.
+SegHead: BatchNorm2d -> 1x1 conv to the classes. DepthHead (DINOv3's): the same to 256 logits -> ReLU + 0.1 ->
+normalised -> expected depth over 256 bins evenly spaced in [1e-3, 80] m. Both give outputs at patch resolution.
 
-Training (our recipe; the paper gives none): frozen VFM features of random S x S crops of a dataset's labelled
-train frames, labels sampled at the crop's pixels; segmentation: cross-entropy ignoring 255; depth:
-scale-invariant log loss (SILog, lambda 0.85, x10 as in BTS / AdaBins) on valid pixels; AdamW with linear warm-up
-and cosine decay to 0 (as linear probes usually are: with a constant rate the final head is as noisy as the last
-steps, e.g. 58 or 70 present mIoU on the synthetic videos depending on where a short run stops).
+Training (our recipe; the paper gives none): frozen VFM features of random S x S crops of labelled train frames,
+labels sampled at the crop's pixels, losses in head_loss; AdamW, linear warm-up, cosine decay to 0 (with a constant
+rate the final head is as noisy as the last steps: 58 or 70 present mIoU on the synthetic videos by where it stops).
 
 Run it:
   # CPU, a minute: heads on the tiny random VFM and the synthetic videos
@@ -62,26 +56,23 @@ class SegHead(nn.Module):
         return self.head(self.bn(x))  # (B, classes, h, w) logits
 
 
-class DepthHead(nn.Module):
+class DepthHead(SegHead):  # the same layers, to logits over the depth bins
     task = "depth"
 
-    def __init__(self, dim, bins=DEPTH_BINS, min_depth=DEPTH_RANGE[0], max_depth=DEPTH_RANGE[1]):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(dim)
-        self.head = nn.Conv2d(dim, bins, 1)
-        self.register_buffer("centres", torch.linspace(min_depth, max_depth, bins), persistent=False)
+    def __init__(self, dim, bins=DEPTH_BINS):
+        super().__init__(dim, bins)
+        self.register_buffer("centres", torch.linspace(*DEPTH_RANGE, bins), persistent=False)
 
     def forward(self, x):
-        p = F.relu(self.head(self.bn(x))) + 0.1       # rectified and shifted by 0.1 (appendix A)
+        p = F.relu(super().forward(x)) + 0.1          # rectified and shifted by 0.1 (appendix A)
         p = p / p.sum(1, keepdim=True)                # a distribution over the bins
         return torch.einsum("bkhw,k->bhw", p, self.centres)[:, None]  # (B, 1, h, w) expected depth in metres
 
 
 def to_map(feats):
     """Patch tokens (..., N, C) of a square grid -> (B, C, h, w) for the heads."""
-    n, c = feats.shape[-2:]
-    side = math.isqrt(n)
-    return feats.reshape(-1, side, side, c).permute(0, 3, 1, 2).float()
+    side = math.isqrt(feats.shape[-2])
+    return feats.reshape(-1, side, side, feats.shape[-1]).permute(0, 3, 1, 2).float()
 
 
 def load_head(path, task=None, device="cpu", vfm=None):
@@ -171,9 +162,8 @@ class Score:
             valid = torch.as_tensor(label["valid"]).flatten()
             gt = torch.as_tensor(label["depth"]).double().flatten()[valid]
             pred = out[0].double().cpu().flatten()[valid]
-            ratio = torch.maximum(pred / gt, gt / pred)
             self.sums += torch.stack([valid.sum().double(), ((pred - gt) ** 2).sum(), ((pred - gt).abs() / gt).sum(),
-                                      (ratio < 1.25).sum().double()])
+                                      (torch.maximum(pred / gt, gt / pred) < 1.25).sum().double()])
 
     def update_crops(self, maps, label, resized_hw, size):
         """One sequence: the head's outputs on its two crops (2, K, h, w), pasted onto its labels."""
@@ -188,8 +178,7 @@ class Score:
     def result(self):
         if self.task == "seg":
             inter, gt, pred = self.sums.diag(), self.sums.sum(1), self.sums.sum(0)
-            seen = gt + pred > 0
-            return dict(miou=100 * (inter[seen] / (gt + pred - inter)[seen]).mean().item())
+            return dict(miou=100 * (inter / (gt + pred - inter))[gt + pred > 0].mean().item())  # classes seen
         n, sq, absrel, d1 = self.sums.tolist()
         return dict(rmse=math.sqrt(sq / n), absrel=absrel / n, delta1=100 * d1 / n)
 
@@ -202,8 +191,8 @@ class Score:
 
 SEQ_LEN = 7
 IGNORE = 255
-CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CITYSCAPES_TRAIN_IDS = np.full(256, IGNORE, np.uint8)  # labelIds -> the 19 train ids, everything else 255
+CITYSCAPES_TRAIN_IDS[[7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]] = np.arange(19)
 KITTI_CROP = (352, 1216)                                         # Eigen crop: bottom rows, centred columns
 GARG = (0.40810811, 0.99189189, 0.03594771, 0.96405229)          # rows, then columns, as fractions of the crop
 
@@ -224,19 +213,27 @@ def _read(path, mode=None):
 
 
 class _Sequences:
+    """Items: (frame paths, label path, name) of sequences `stride` frames apart at `fps`."""
+
     task = "seg"
 
     def __len__(self):
         return len(self.items)
 
+    def _indices(self, k):  # the frame indices of the sequence that ends at frame k
+        return range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)
+
+    def _frame(self, path):
+        return _read(path, "RGB")
+
     def item(self, i):
-        frames, times, label_path, name = self.items[i]
-        return dict(frames=np.stack([_read(f, "RGB") for f in frames]), times=np.asarray(times, np.float64), name=name,
-                    **self._label(label_path))
+        paths, label, name = self.items[i]
+        times = np.arange(SEQ_LEN) * self.stride / self.fps  # seconds from the first frame
+        return dict(frames=np.stack([self._frame(p) for p in paths]), times=times, name=name, **self._label(label))
 
     def labelled(self, i):
-        frames, _, label_path, _ = self.items[i]
-        return _read(frames[-1], "RGB"), self._label(label_path)
+        paths, label, _ = self.items[i]
+        return self._frame(paths[-1]), self._label(label)
 
 
 class VSPWSequences(_Sequences):
@@ -253,12 +250,10 @@ class VSPWSequences(_Sequences):
             folder = _need(os.path.join(root, "data", v, "origin"), f"VSPW video {v} listed in {split}.txt")
             frames = sorted(f for f in os.listdir(folder)  # the official download has macOS ._* files beside them
                             if f.lower().endswith(data.IMAGE_EXTS) and not f.startswith("."))
-            for k in range(19, len(frames), 20):
-                idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)  # first index k - 18 >= 0
+            for k in range(19, len(frames), 20):  # the sequence's first frame, k - 18, is >= 0
                 stem = os.path.splitext(frames[k])[0]
                 label = _need(os.path.join(root, "data", v, "mask", stem + ".png"), f"VSPW label of {v}/{frames[k]}")
-                self.items.append(([os.path.join(folder, frames[j]) for j in idx],
-                                   [(j - idx[0]) / self.fps for j in idx], label, f"{v}/{stem}"))
+                self.items.append(([os.path.join(folder, frames[j]) for j in self._indices(k)], label, f"{v}/{stem}"))
         if not self.items:
             raise data.UserError(f"no VSPW sequence under {root!r}: videos need >= 20 frames in data/<video>/origin")
 
@@ -280,23 +275,17 @@ class CityscapesSequences(_Sequences):
                        f"Cityscapes root {root!r} needs leftImg8bit_sequence/{split}")
         self.items = []
         for city in sorted(c for c in os.listdir(labels) if os.path.isdir(os.path.join(labels, c))):  # no .DS_Store
-            for f in sorted(os.listdir(os.path.join(labels, city))):
-                if not f.endswith("_gtFine_labelIds.png") or f.startswith("."):  # macOS ._ files, hidden files
-                    continue
+            for f in sorted(f for f in os.listdir(os.path.join(labels, city))  # not macOS ._ files, hidden files
+                            if f.endswith("_gtFine_labelIds.png") and not f.startswith(".")):
                 _, seq, frame = f[:-len("_gtFine_labelIds.png")].rsplit("_", 2)
-                k = int(frame)
-                idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)
                 paths = [_need(os.path.join(frames, city, f"{city}_{seq}_{j:06d}_leftImg8bit.png"),
-                               f"Cityscapes sequence frame of {f}") for j in idx]
-                self.items.append((paths, [(j - idx[0]) / self.fps for j in idx], os.path.join(labels, city, f),
-                                   f"{city}_{seq}_{frame}"))
+                               f"Cityscapes sequence frame of {f}") for j in self._indices(int(frame))]
+                self.items.append((paths, os.path.join(labels, city, f), f"{city}_{seq}_{frame}"))
         if not self.items:
             raise data.UserError(f"no *_gtFine_labelIds.png under {labels!r}")
-        self.lut = np.full(256, IGNORE, np.uint8)
-        self.lut[list(CITYSCAPES_TRAIN_IDS)] = list(CITYSCAPES_TRAIN_IDS.values())
 
     def _label(self, path):
-        return dict(classes=self.lut[_read(path)])
+        return dict(classes=CITYSCAPES_TRAIN_IDS[_read(path)])
 
 
 def kitti_crop(x):
@@ -332,11 +321,10 @@ def kitti_targets(split_file):
 
 
 class KITTISequences(_Sequences):
-    """KITTI depth on an Eigen-format list (kitti_targets). Frames from the raw drives, <raw_root>/<date>/<drive>/
-    image_02/data/<idx:010d>.png (default raw_root: root itself, the raw drives and data_depth_annotated unzipped
-    into one folder as the release's README says); ground truth <root>/[{train,val}/]<depth path> (uint16 / 256 m,
-    0 = none), looked up by drive and index when a line has no depth path. 10 fps, stride 2 frames (0.2 s).
-    Frames and depth are cut to the 352x1216 Eigen crop; valid = Garg region and 1e-3 < d < 80."""
+    """KITTI depth on an Eigen-format list (kitti_targets). Frames <raw_root>/<date>/<drive>/image_02/data/<idx:010d>
+    .png (raw_root defaults to root: raw drives and data_depth_annotated unzipped into one folder, as the release's
+    README says); ground truth <root>/[{train,val}/]<depth path, or by drive and index> (uint16 / 256 m, 0 = none).
+    10 fps, stride 2 frames (0.2 s); cut to the 352x1216 Eigen crop; valid = Garg region and 1e-3 < d < 80."""
 
     task, fps, stride = "depth", 10.0, 2
 
@@ -345,27 +333,20 @@ class KITTISequences(_Sequences):
         raw_root = raw_root or root
         self.items = []
         for line, date, drive, k, depth in kitti_targets(split_file):
-            rel = os.path.join(drive, "proj_depth", "groundtruth", "image_02", f"{k:010d}.png")
-            tries = [p for d in [depth or rel] for p in (d, os.path.join("train", d), os.path.join("val", d))]
-            gt = next((os.path.join(root, t) for t in tries if os.path.exists(os.path.join(root, t))), None)
+            depth = depth or os.path.join(drive, "proj_depth", "groundtruth", "image_02", f"{k:010d}.png")
+            tries = [os.path.join(root, folder, depth) for folder in ("", "train", "val")]
+            gt = next((t for t in tries if os.path.exists(t)), None)
             if gt is None:
-                raise data.UserError(f"KITTI ground truth for {line} is missing: looked for "
-                                     f"{', '.join(os.path.join(root, t) for t in tries)}")
-            idx = range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride)
+                raise data.UserError(f"KITTI ground truth for {line} is missing: looked for {', '.join(tries)}")
             paths = [_need(os.path.join(raw_root, date, drive, "image_02", "data", f"{j:010d}.png"),
-                           f"KITTI raw frame for {line} (raw drives under --kitti-raw, default the root)") for j in idx]
-            self.items.append((paths, [(j - idx[0]) / self.fps for j in idx], gt, f"{drive}/{k:010d}"))
+                           f"KITTI raw frame for {line} (raw drives under --kitti-raw, default the root)")
+                     for j in self._indices(k)]
+            self.items.append((paths, gt, f"{drive}/{k:010d}"))
         if not self.items:
             raise data.UserError(f"no usable KITTI sequence in {split_file}")
 
-    def item(self, i):
-        out = super().item(i)
-        out["frames"] = np.stack([kitti_crop(f) for f in out["frames"]])
-        return out
-
-    def labelled(self, i):
-        frame, label = super().labelled(i)
-        return kitti_crop(frame), label
+    def _frame(self, path):
+        return kitti_crop(_read(path, "RGB"))
 
     def _label(self, path):
         depth = kitti_crop(_read(path).astype(np.float32) / 256)
@@ -377,20 +358,19 @@ class KITTISequences(_Sequences):
 
 class SyntheticSequences(_Sequences):
     """The synthetic source's sequences: 7 frames at 0.2 s (3 frames at 15 fps) ending at a labelled frame (every
-    synthetic frame has labels); non-overlapping, `per_video` per video. Both tasks: classes and depth."""
+    synthetic frame has labels); non-overlapping, 5 per video. Both tasks: classes and depth."""
 
-    task, stride = "both", 3
+    task, stride, num_classes = "both", 3, data.SyntheticVideos.NUM_CLASSES
 
-    def __init__(self, split="val", seed=0, num_videos=None, size=128, per_video=5):
+    def __init__(self, split="val", seed=0, num_videos=None, size=128):
         self.source = data.SyntheticVideos(split, seed, num_videos, size)
-        self.num_classes = data.SyntheticVideos.NUM_CLASSES
         span = (SEQ_LEN - 1) * self.stride + 1
-        ends = range(span - 1, len(self.source.frame_times(0)), span + 2)[:per_video]
+        ends = range(span - 1, len(self.source.frame_times(0)), span + 2)[:5]
         self.items = [(i, k) for i in range(len(self.source)) for k in ends]
 
     def item(self, i):
         v, k = self.items[i]
-        idx = list(range(k - (SEQ_LEN - 1) * self.stride, k + 1, self.stride))
+        idx = list(self._indices(k))
         times = self.source.frame_times(v)[idx]
         return dict(frames=self.source.read(v, idx), times=times - times[0], name=f"{self.source.split}{v}/{k}",
                     **self._label(v, k))
@@ -455,17 +435,14 @@ class _Batches(torch.utils.data.Dataset):
         return torch.stack(frames), torch.stack(targets), torch.stack(valids)
 
 
-def silog_loss(pred, target, valid, lam=0.85):
-    """Scale-invariant log loss over the valid pixels (Eigen et al.; x10 as BTS / AdaBins)."""
-    d = torch.log(pred[valid].clamp(min=1e-3)) - torch.log(target[valid])
-    return 10 * torch.sqrt((d ** 2).mean() - lam * d.mean() ** 2 + 1e-8)
-
-
-def head_loss(head, feats, target, valid):
+def head_loss(head, task, feats, target, valid):
+    """Segmentation: cross-entropy ignoring 255. Depth: the scale-invariant log loss (SILog: Eigen et al., lambda
+    0.85, x10 as in BTS / AdaBins) over the valid pixels."""
     out = F.interpolate(head(to_map(feats)), target.shape[-2:], mode="bilinear", align_corners=False)
-    if head.task == "seg":
+    if task == "seg":
         return F.cross_entropy(out, target, ignore_index=IGNORE)
-    return silog_loss(out[:, 0], target, valid)
+    d = torch.log(out[:, 0][valid].clamp(min=1e-3)) - torch.log(target[valid])
+    return 10 * torch.sqrt((d ** 2).mean() - 0.85 * d.mean() ** 2 + 1e-8)
 
 
 @torch.no_grad()
@@ -510,7 +487,7 @@ def main(args):
         frames, target, valid = (t.to(device, non_blocking=True) for t in next(loader))
         with T.autocast(device, args.dtype):
             feats = vfm(frames)  # (B, N, C), frozen
-        loss = head_loss(model, feats.float(), target, valid)
+        loss = head_loss(model, args.task, feats.float(), target, valid)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         loss = loss.detach()

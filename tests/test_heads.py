@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
@@ -275,3 +276,17 @@ def test_nonfinite_head_training_stops_without_writing_a_checkpoint(tmp_path, ca
     assert stop.value.code == 1 and "at step 1" in err and "no checkpoint was written" in err, err
     assert ("non-finite weights" in err) == (ckpt_every == 1)
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_head_loss_is_the_same_through_the_ddp_wrapper(tmp_path):
+    """Under torchrun the loss gets the DDP wrapper (which has no .task), not the head: same loss as the bare head."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for task, head, target in [("seg", H.SegHead(8, 3), torch.randint(0, 3, (2, 8, 8))),
+                                   ("depth", H.DepthHead(8), torch.rand(2, 8, 8) + 1)]:
+            feats, valid = torch.randn(2, 16, 8), torch.ones(2, 8, 8, dtype=torch.bool)
+            wrapped = torch.nn.parallel.DistributedDataParallel(head)
+            loss = H.head_loss(wrapped, task, feats, target, valid)
+            assert torch.equal(loss, H.head_loss(head, task, feats, target, valid))
+    finally:
+        dist.destroy_process_group()
