@@ -1,23 +1,19 @@
 """
 Video data for every stage: where frames come from, and how training clips are cut from them.
 
-Two sources share one interface (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`):
-- `SyntheticVideos`: procedural moving shapes with class and depth labels, no download. The default
-  (`--data synthetic`) of every script, so the whole pipeline runs on a laptop in minutes.
-- `VideoFolder`: real videos, a folder tree of video files or frame folders (one folder of images = one video), or a
-  list of them; what start-up learns of each is kept in an index file, and later starts only update it.
-
-`ClipDataset.sample(step, j)` cuts clip j of training step `step` (a pure function of seed, step and j), and
-`make_loader` turns that into an infinite, resumable stream of micro-batches that is the same for any number of
-workers and processes: the union over ranks and micro-steps of step s is always clips j = 0 .. global_batch - 1.
+Sources share one interface (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`): `SyntheticVideos`,
+moving shapes with class and depth labels that need no download (`--data synthetic`, every script's default), and
+`VideoFolder`, real video files or frame folders under a folder or in a list, what start-up learns of each kept in an
+index file. `ClipDataset.sample(step, j)` cuts clip j of a step, a pure function of seed, step and j; `make_loader`
+streams micro-batches whose union over ranks and micro-steps of step s is clips 0 .. global_batch - 1, for any number
+of workers and processes.
 
     python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
     python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
     python data.py --convert-pca pca.pkl pca.pt --trust-pickle          # DINO-Foresight's PCA (Table D)
 
-What every script's command line shares lives here too: a `UserError` (a mistake in what the user gave: a flag, a
-path, a file) is one line on stderr and exit status 2 (`cli`); flag types check ranges at parsing; the flags of
-training clips and runs; and `--bench` (`run_bench`): time, memory and FLOPs of one training step.
+Also what every script's command line shares: `UserError`, one line on stderr and exit status 2 (`cli`); flag types
+that check ranges; the clip and run flags; `--bench` (`run_bench`): time, memory and FLOPs of a training step.
 """
 
 import argparse
@@ -134,11 +130,9 @@ def clip_flags(p):
     p.add_argument("--data", default="synthetic", help="'synthetic', a folder of videos / frame folders, or a list")
     p.add_argument("--index", metavar="DIR", help="folder for the video index (default: beside the videos, or --out)")
     p.add_argument("--trust-index", action="store_true", help="use the index without looking at the files (NFS)")
-    p.add_argument("--val-data", default="", help="held-out videos for the check at --eval-every (default: the "
-                   "synthetic val split, or --data itself for a folder)")
+    p.add_argument("--val-data", default="", help="videos of the held-out check (default: synthetic val, or --data)")
     p.add_argument("--fps", type=positive, default=None, help="frame rate of frame folders without timestamps")
-    p.add_argument("--size", type=frame_size, default=(256, 256), help="crop size in pixels: S, or HxW (Table D: "
-                   "448x896)")
+    p.add_argument("--size", type=frame_size, default=(256, 256), help="crop size: S or HxW pixels (Table D: 448x896)")
     p.add_argument("--stride", type=positive, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
 
 
