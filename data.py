@@ -545,22 +545,10 @@ class ClipDataset:
 
     def __init__(self, source, num_frames=2, size=256, stride=(1 / 25, 1 / 3), scale=(0.6, 1.0),
                  ratio=(3 / 4, 4 / 3), seed=0):
-        self.source, self.num_frames, self.seed = source, num_frames, seed
+        self.source, self.num_frames, self.seed, self.stride, self.scale = source, num_frames, seed, stride, scale
         self.size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
-        self.stride, self.scale, self.ratio = stride, scale, ratio  # appendix A: crop scale 0.6-1, ratio 3:4-4:3
-
-    def _frame_indices(self, rng, times):
-        """Indices of a clip with gaps uniform in `stride` seconds, snapped to the video's frames; None if too short."""
-        offsets = np.concatenate([[0.0], np.cumsum(rng.uniform(*self.stride, self.num_frames - 1))])  # (T,)
-        starts = np.flatnonzero(times <= times[-1] - offsets[-1])
-        if len(starts) == 0:
-            return None
-        target = times[rng.choice(starts)] + offsets
-        idx = np.searchsorted(times, target).clip(1, len(times) - 1)
-        idx -= target - times[idx - 1] < times[idx] - target  # nearest frame
-        for t in range(1, len(idx)):  # a gap shorter than the frame interval still moves on by one frame
-            idx[t] = max(idx[t], idx[t - 1] + 1)
-        return idx.tolist() if idx[-1] < len(times) else None
+        aspect = self.size[1] / self.size[0]  # appendix A: crop scale 0.6-1, width / height 3:4-4:3 of the output's
+        self.ratio = [r * aspect for r in ratio]
 
     def sample(self, step, j):
         """Clip j of `step`: frames (T, 3, H, W) uint8, times (T,) float32 seconds from the first frame, and the
@@ -570,19 +558,27 @@ class ClipDataset:
             rng = np.random.default_rng([self.seed, step, j, attempt])
             i = int(rng.integers(len(self.source)))
             times = self.source.frame_times(i)
-            idx = self._frame_indices(rng, times)
-            if idx is None:  # too short for this clip: draw another video
+            # gaps uniform in `stride` seconds, snapped to the video's frames; a video too short: draw another
+            offsets = np.concatenate([[0.0], np.cumsum(rng.uniform(*self.stride, self.num_frames - 1))])  # (T,)
+            starts = np.flatnonzero(times <= times[-1] - offsets[-1])
+            if len(starts) == 0:
+                continue
+            target = times[rng.choice(starts)] + offsets
+            idx = np.searchsorted(times, target).clip(1, len(times) - 1)
+            idx -= target - times[idx - 1] < times[idx] - target  # nearest frame
+            for t in range(1, len(idx)):  # a gap shorter than the frame interval still moves on by one frame
+                idx[t] = max(idx[t], idx[t - 1] + 1)
+            if idx[-1] >= len(times):
                 continue
             try:
-                frames = self.source.read(i, idx)  # (T, H, W, 3)
+                frames = self.source.read(i, idx.tolist())  # (T, H, W, 3)
             except Exception as e:
                 skipped += 1
                 _warn_broken(self.source, i, e)
                 continue
-            aspect = self.size[1] / self.size[0]  # the crop's width / height ranges around the output's
-            top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, [r * aspect for r in self.ratio])
             # one crop for the whole clip, resized to (H, W) (a small aspect distortion, appendix A); resizing the
             # uint8 frames directly is 6x faster than through float
+            top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, self.ratio)
             crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
             crop = F.interpolate(crop, self.size, mode="bilinear", antialias=True)
             return crop, torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32), skipped
