@@ -30,13 +30,11 @@ import signal
 import sys
 import threading
 import time
-import types
 import zipfile
 
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -580,7 +578,7 @@ class ClipDataset:
             # uint8 frames directly is 6x faster than through float
             top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, self.ratio)
             crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
-            crop = F.interpolate(crop, self.size, mode="bilinear", antialias=True)
+            crop = torch.nn.functional.interpolate(crop, self.size, mode="bilinear", antialias=True)
             return crop, torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32), skipped
         raise UserError(f"no readable video long enough for {self.num_frames} frames at stride {self.stride} s "
                         f"after 1000 draws ({skipped} broken)")
@@ -732,19 +730,19 @@ def bench_table(jsonl, markdown):
 
 
 def convert_pca(src, dst):
-    """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> a PCA file (tokenizer.load_pca) at
-    dst. Unpickling runs what the file names: only numpy's and torch's array classes are allowed, and sklearn's PCA
-    is read into a plain object that keeps its attributes (components_, mean_), so sklearn is not needed."""
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module.startswith("sklearn.decomposition") and name == "PCA":
-                return type(name, (), {})
-            if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
-                return super().find_class(module, name)
-            raise UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
-    restricted = types.SimpleNamespace(__name__="restricted", Unpickler=Unpickler)
+    """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> tokenizer.load_pca's file at dst.
+    Unpickling runs what the file names: only numpy's and torch's classes are allowed, and sklearn's PCA is read
+    into a plain object that keeps its attributes (components_, mean_), so sklearn is not needed."""
+    class restricted:  # a pickle module for torch.load
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module.startswith("sklearn.decomposition") and name == "PCA":
+                    return type(name, (), {})
+                if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
+                    return super().find_class(module, name)
+                raise UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
     with open(src, "rb") as f:  # torch.save's zip file or a plain pickle
-        p = Unpickler(f).load() if not zipfile.is_zipfile(src) else \
+        p = restricted.Unpickler(f).load() if not zipfile.is_zipfile(src) else \
             torch.load(f, weights_only=False, pickle_module=restricted)
     t, pca = lambda v: torch.as_tensor(v, dtype=torch.float32), p["pca_model"].__dict__
     torch.save(dict(mean=t(p["mean"]).flatten(), std=t(p["std"]).flatten(), pca_mean=t(pca["mean_"]),
