@@ -752,7 +752,6 @@ def convert_pca(src, dst):
 # -----------------------------------------------------------------------------
 # command line: prepare real videos for training, measure how fast clips are read, or convert a PCA file
 
-
 def main(args):
     if args.prepare:
         check_paths([("SRC", args.prepare[0])], ("DST", args.prepare[1]))
@@ -779,11 +778,9 @@ def get_parser():
     parser = argparse.ArgumentParser(description="Prepare videos, time the loader, or convert a PCA file.",
                                      formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR (or a list of them) for 20 "
-                      "s as training does (make_loader, 8 clips a batch)")
+    mode.add_argument("--bench", metavar="DIR", help="clips/s of the training loader over DIR (or a list), for 20 s")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
-    mode.add_argument("--convert-pca", nargs=2, metavar=("PICKLE", "DST"), help="DINO-Foresight's PCA pickle -> a "
-                      "--pca file of tokenizer.py (Table D)")
+    mode.add_argument("--convert-pca", nargs=2, metavar=("PICKLE", "DST"), help="DINO-Foresight's PCA -> a --pca file")
     parser.add_argument("--trust-pickle", action="store_true", help="--convert-pca: let it unpickle the file")
     parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")
     parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: short side, never upscaled")
