@@ -1,19 +1,16 @@
 """
-Video data for every stage: where frames come from, and how training clips are cut from them.
+Video data for every stage, and the command line every script shares.
 
-Sources share one interface (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`): `SyntheticVideos`,
-moving shapes with class and depth labels that need no download (`--data synthetic`, every script's default), and
-`VideoFolder`, real video files or frame folders under a folder or in a list, what start-up learns of each kept in an
-index file. `ClipDataset.sample(step, j)` cuts clip j of a step, a pure function of seed, step and j; `make_loader`
-streams micro-batches whose union over ranks and micro-steps of step s is clips 0 .. global_batch - 1, for any number
-of workers and processes.
+Sources (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`): `SyntheticVideos`, moving shapes with class
+and depth labels, no download (`--data synthetic`, every script's default), and `VideoFolder`, real video files or
+frame folders under a folder or in a list, what start-up learns of each kept in an index file.
+`ClipDataset.sample(step, j)` cuts clip j of a step, a pure function of (seed, step, j); `make_loader` streams them so
+that step s is clips 0 .. global_batch - 1 for any number of ranks, micro-steps and workers. A `UserError` (bad
+input) is one line on stderr and exit status 2 (`cli`); flag types check ranges; `run_bench` is each stage's `--bench`.
 
     python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
     python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
     python data.py --convert-pca pca.pkl pca.pt --trust-pickle          # DINO-Foresight's PCA (Table D)
-
-Also what every script's command line shares: `UserError`, one line on stderr and exit status 2 (`cli`); flag types
-that check ranges; the clip and run flags; `--bench` (`run_bench`): time, memory and FLOPs of a training step.
 """
 
 import argparse
@@ -731,8 +728,8 @@ def bench_table(jsonl, markdown):
 
 def convert_pca(src, dst):
     """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> tokenizer.load_pca's file at dst.
-    Unpickling runs what the file names: only numpy's and torch's classes are allowed, and sklearn's PCA is read
-    into a plain object that keeps its attributes (components_, mean_), so sklearn is not needed."""
+    Unpickling runs what the file names: only numpy's and torch's classes pass; sklearn's PCA (no sklearn needed)
+    is read into a plain object that keeps its attributes (components_, mean_)."""
     class restricted:  # a pickle module for torch.load
         class Unpickler(pickle.Unpickler):
             def find_class(self, module, name):
