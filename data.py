@@ -728,13 +728,12 @@ def bench_table(jsonl, markdown):
 
 def convert_pca(src, dst):
     """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> tokenizer.load_pca's file at dst.
-    Unpickling runs what the file names: only numpy's and torch's classes pass; sklearn's PCA (no sklearn needed)
-    is read into a plain object that keeps its attributes (components_, mean_)."""
+    Unpickling runs what the file names: only numpy's and torch's classes pass."""
     class restricted:  # a pickle module for torch.load
         class Unpickler(pickle.Unpickler):
             def find_class(self, module, name):
                 if module.startswith("sklearn.decomposition") and name == "PCA":
-                    return type(name, (), {})
+                    return type(name, (), {})  # a bare object keeps its attributes: no sklearn needed
                 if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
                     return super().find_class(module, name)
                 raise UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
