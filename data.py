@@ -571,8 +571,7 @@ class ClipDataset:
                 skipped += 1
                 _warn_broken(self.source, i, e)
                 continue
-            # one crop for the whole clip, resized to (H, W) (a small aspect distortion, appendix A); resizing the
-            # uint8 frames directly is 6x faster than through float
+            # one crop per clip, resized to (H, W) as uint8 (6x faster than float), aspect a little off (appendix A)
             top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, self.ratio)
             crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
             crop = torch.nn.functional.interpolate(crop, self.size, mode="bilinear", antialias=True)
