@@ -4,9 +4,9 @@ Video data for every stage, and the command line every script shares.
 Sources (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`): `SyntheticVideos`, moving shapes with class
 and depth labels, no download (`--data synthetic`, every script's default), and `VideoFolder`, real video files or
 frame folders under a folder or in a list, what start-up learns of each kept in an index file.
-`ClipDataset.sample(step, j)` cuts clip j of a step, a pure function of (seed, step, j); `make_loader` streams them so
-that step s is clips 0 .. global_batch - 1 for any number of ranks, micro-steps and workers. A `UserError` (bad
-input) is one line on stderr and exit status 2 (`cli`); flag types check ranges; `run_bench` is each stage's `--bench`.
+`ClipDataset.sample(step, j)` cuts clip j of a step, a pure function of (seed, step, j); `make_loader` makes them a
+resumable stream in which step s is clips 0 .. global_batch - 1 for any number of ranks, micro-steps and workers. A
+`UserError` (bad input) is one line on stderr and exit status 2 (`cli`); `run_bench` times each stage's `--bench`.
 
     python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
     python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
@@ -53,8 +53,8 @@ def cli(main, parser):
     except KeyboardInterrupt:  # before a stage catches signals, or a second Ctrl-C (tokenizer.catch_signals)
         sys.exit(130)
     if torch.distributed.is_initialized():  # the other ranks stop naming it (tokenizer._fail_together)
-        torch.distributed.distributed_c10d._get_default_store().set("failed", f"rank {torch.distributed.get_rank()} "
-                                                                    f"failed with {message}")
+        store = torch.distributed.distributed_c10d._get_default_store()
+        store.set("failed", f"rank {torch.distributed.get_rank()} failed with {message}")
     gc.collect()  # progress bars close (and end their line) now, not after the message
     sys.stderr.write(f"{parser.prog}: error: {message}\n")
     sys.exit(2)
@@ -163,15 +163,6 @@ TURNS = np.deg2rad([0.0, 90.0, -90.0, 180.0])  # keep going, left, right, revers
 TURN_EVERY = 0.75  # mean seconds between turn events (3 in 4 visibly turn): futures 0.6 s ahead fork
 
 
-def _sinusoids(rng, ys, xs, n):
-    """Sum of n random plane waves of small amplitude on the (H, W) grid: a smooth texture around 0."""
-    out = np.zeros(ys.shape, np.float32)
-    for _ in range(n):
-        fy, fx = rng.uniform(-4, 4, 2)  # cycles per frame
-        out += rng.uniform(0.05, 0.15) * np.sin(2 * np.pi * (fy * ys + fx * xs) + rng.uniform(0, 2 * np.pi))
-    return out
-
-
 @functools.lru_cache(maxsize=4)
 def _grid(size):
     grid = ((np.arange(size) + 0.5) / size).astype(np.float32)
@@ -183,7 +174,11 @@ def _scene(seed, split, i, size, fps, seconds):
     """Everything about synthetic video i, drawn from its own seed: background, and per-frame object states."""
     rng = np.random.default_rng([seed, SPLITS.index(split), i])  # train and val draw from disjoint seeds
     ys, xs = _grid(size)
-    bg = (rng.uniform(0.25, 0.75, 3) + _sinusoids(rng, ys, xs, 4)[..., None]).clip(0, 1)  # (H, W, 3) muted texture
+    bg, texture = rng.uniform(0.25, 0.75, 3), np.zeros(ys.shape, np.float32)
+    for _ in range(4):  # random plane waves of small amplitude: a smooth texture around 0
+        fy, fx = rng.uniform(-4, 4, 2)  # cycles per frame
+        texture += rng.uniform(0.05, 0.15) * np.sin(2 * np.pi * (fy * ys + fx * xs) + rng.uniform(0, 2 * np.pi))
+    bg = (bg + texture[..., None]).clip(0, 1)  # (H, W, 3) muted texture
     far, near = rng.uniform(40, 60), rng.uniform(15, 25)
     bg_depth = (far + (near - far) * ys).astype(np.float32)  # ground plane: far at the top, near at the bottom
 
@@ -208,10 +203,9 @@ def _scene(seed, split, i, size, fps, seconds):
 
 
 class SyntheticVideos:
-    """Procedural videos: 1-2 shapes over a textured background, occluding each other by depth. Each moves at
-    constant speed and at random moments keeps going, turns left, turns right or reverses, bouncing off the
-    borders, so a short context has several distinct plausible futures. Frame k of video i is a pure function of
-    (seed, split, i, k)."""
+    """Procedural videos: 1-2 shapes over a textured background, occluding each other by depth, each at constant speed
+    and at random moments going on, turning left or right or reversing (bouncing off the borders): a short context
+    has several plausible futures. Frame k of video i is a pure function of (seed, split, i, k)."""
 
     NUM_CLASSES = 4  # background, circle, square, triangle
 
@@ -285,9 +279,8 @@ def _frame_folder(folder):
 
 
 def _probe(path, strict=False):
-    """(number of frames, frame rate, time of the first frame) from the metadata and the first packets, without
-    decoding (a `prepare` copy: the original's count and rate); a frame folder: (images, 0 if named by time else
-    -1, 0); (0, 0, 0) when it cannot be read (strict: the error)."""
+    """(frames, rate, first frame's time) from the metadata and first packets (a `prepare` copy: the original's count
+    and rate); a frame folder: (images, 0 if named by time else -1, 0); unreadable: (0, 0, 0), or strict, the error."""
     try:
         if os.path.isdir(path):
             files, seconds = _frame_folder(path)
@@ -314,9 +307,9 @@ def _probe(path, strict=False):
 
 
 def _found(root, rel=""):
-    """(path, size, mtime) of every video file and frame folder under the folder `root` (relative to it, in os.walk's
-    order sorted; a frame folder: size -1 and its own mtime, which changes when images come or go), or of every path
-    the list `root` names (one a line, absolute or relative to its folder; a missing file: size -1)."""
+    """(path, size, mtime) of every video file and frame folder under the folder `root` (relative to it, files before
+    folders, by name; a frame folder: size -1 and its own mtime, which changes when images come or go), or of every
+    path the list `root` names (one a line, absolute or relative to its folder; a missing file: size -1)."""
     if os.path.isfile(root):
         paths = [p for p in map(str.strip, open(root)) if p]
         stats = [os.stat(q) if os.path.exists(q := os.path.join(os.path.dirname(root), p)) else None for p in paths]
@@ -341,9 +334,9 @@ def _unpack(buffer):
 
 
 def _index(root, file, trust=False):
-    """The index of `root`, flat arrays: paths, stat (size, mtime) and info (frames, rate, start; 0 frames:
-    unreadable) of each video file and frame folder. Read from `file` and brought up to date: new and changed files
-    are probed on all cores, removed ones dropped. trust: the saved index as it is, without looking at the files."""
+    """The index of `root` in flat arrays: paths, stat (size, mtime) and info (frames, rate, start; 0 frames:
+    unreadable) of each video file and frame folder, read from `file` and brought up to date (new and changed files
+    probed on all cores, removed ones dropped); trust: the saved index as it is, the files unseen."""
     try:
         os.makedirs(os.path.dirname(file), exist_ok=True)
         lock = open(file + ".lock", "w")
@@ -363,7 +356,8 @@ def _index(root, file, trust=False):
             known = dict(zip(zip(_unpack(old["paths"]), *old["stat"].T.tolist()), old["info"].tolist())) if old else {}
             info = [known.get(f) for f in found]
             todo = [k for k, row in enumerate(info) if row is None]  # new or changed
-            if not (todo or len(known) > len(found) or not old):  # up to date: nothing to probe or write
+            stale = todo or len(known) > len(found) or not old  # new, changed, removed, or none before
+            if not stale:  # nothing to probe or write
                 break
         if todo:  # the others wait: when their turn comes, the index is up to date
             folder = root if os.path.isdir(root) else os.path.dirname(root)
@@ -374,7 +368,7 @@ def _index(root, file, trust=False):
                     info[k] = row
         index = dict(format=INDEX_FORMAT, root=root, paths=_pack(f[0] for f in found),
                      stat=np.array([f[1:] for f in found], np.int64), info=np.array(info))
-        if todo or len(known) > len(found) or not old:  # new, changed, removed, or none before
+        if stale:
             with open(file + ".tmp", "wb") as f:  # write, then rename: a reader never sees half an index
                 np.savez(f, **index)
             os.replace(file + ".tmp", file)
@@ -382,10 +376,9 @@ def _index(root, file, trust=False):
 
 
 class VideoFolder:
-    """Every video file under `root`, and every folder of images (one folder = one video), or the videos the list
-    `root` names. Frame folders take their frame times from file names in seconds ('12.480.jpg') or else from
-    `fps`. Frame counts and rates come from the index (`_index`); unreadable files are left out and named. Flat
-    arrays, no Python object per video: the DataLoader workers share them."""
+    """Every video file and folder of images (one folder = one video) under `root`, or the videos the list `root`
+    names. Frame counts and rates come from the index (`_index`), frame folders' times from names in seconds
+    ('12.480.jpg') or `fps`; unreadable files are left out and named. Flat arrays, shared by the DataLoader workers."""
 
     def __init__(self, root, fps=None, index=None, trust=False, out=None):
         root, self.fps = os.path.abspath(root), fps
@@ -400,7 +393,7 @@ class VideoFolder:
         self.root, usable = root if os.path.isdir(root) else os.path.dirname(root), info[:, 0] > 0
         self.paths, self.info = _pack(p for p, u in zip(paths, usable) if u), info[usable].astype(np.float32)
         self.ends = np.flatnonzero(self.paths == 0)  # path i ends at ends[i]; info[i]: frames, rate, start
-        if not usable.all() and not single and os.environ.get("RANK", "0") == "0":
+        if not usable.all() and os.environ.get("RANK", "0") == "0":  # (a single video is probed strictly)
             bad = [os.path.join(self.root, p) for p, u in zip(paths, usable) if not u]
             print(f"warning: skipped {len(bad)} unreadable videos: {', '.join(bad[:5])}{' ...' * (len(bad) > 5)} "
                   f"(remembered in {file} until they change)", file=sys.stderr)
@@ -438,8 +431,7 @@ class VideoFolder:
                 stream, frames = container.streams.video[0], {}
                 stream.codec_context.thread_count = 1  # threads add latency; one process per core is faster
                 tb = float(stream.time_base)
-                if fast:  # from the key frame before the first wanted frame, skipping the frames that nothing
-                    # refers to unless wanted (half the frames of H.264 with B-frames)
+                if fast:  # from the key frame before the first wanted frame; unwanted unreferenced ones are skipped
                     container.seek(round((t0 + min(want) / rate) / tb), stream=stream)
                 for packet in container.demux(stream):
                     wanted = not fast or packet.pts is None or round((packet.pts * tb - t0) * rate) in want
@@ -453,10 +445,9 @@ class VideoFolder:
 
 
 def prepare(src, dst, short_side=288, workers=1, index=None):
-    """Copy the video files under `src` to the same paths under `dst` (as .mp4), made for random access: H.264 at
-    short side `short_side`, a key frame every 16 frames, and 3 B-frames between references that nothing refers
-    to (read skips them). Frame k stays frame k, with the original's frame count and rate, so that ClipDataset cuts
-    the same clips: the same frames, times and (RandomResizedCrop being relative to the frame) crop distribution."""
+    """Copy the video files under `src` to the same paths under `dst` (.mp4) for random access: H.264 at short side
+    `short_side`, a key frame every 16 frames, 3 unreferenced B-frames between references (read skips them). Frame k
+    stays frame k at the original's count and rate, so ClipDataset cuts the same clips (crops are relative)."""
     if not any(path.lower().endswith(VIDEO_EXTS) for path, _, _ in _found(os.path.abspath(src))):  # before indexing
         raise UserError(f"no video files ({' '.join(VIDEO_EXTS)}) under {src}: nothing to copy (frame folders are read "
                         "fast as they are: train on them directly)")
@@ -581,8 +572,7 @@ class ClipDataset:
 
 
 class _MicroBatches(torch.utils.data.Dataset):
-    """Item n is micro-batch n of this rank, counted from `start_step`: a pure function of n, so workers can
-    compute items in any order and the DataLoader still yields them in order."""
+    """Item n: micro-batch n of this rank from `start_step`, a pure function of n (workers compute it in any order)."""
 
     def __init__(self, dataset, batch_size, rank, world_size, accum, start_step):
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
@@ -646,13 +636,6 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def matmul_peak(device):
-    """Measured matmul throughput (FLOP/s): bf16 8192^3 on GPU, fp32 1024^3 on CPU."""
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    return 2 * n ** 3 / min(timed(lambda: a @ b, device, 6)[1:])
-
-
 def timed(fn, device, n):
     """Seconds of each of n calls of fn(), the device synchronised before and after each."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -667,10 +650,9 @@ def timed(fn, device, n):
 
 
 def run_bench(step_fn, flops_fn, batch, n, device, reference):
-    """Time n training steps (after warm-up), report peak memory, FLOPs per step and the fraction of a matmul.
-    flops_fn runs the step eagerly on ONE sample: the counter sees no compiled code, its math attention would
-    materialise the full attention matrix of a whole batch, and FLOPs grow linearly with the batch. compile_s: what
-    the 3 warm-up steps took beyond 3 timed ones (compilation, with --compile)."""
+    """Time n training steps (after 3 warm-up ones: compile_s is what they took beyond 3 timed ones), report peak
+    memory, FLOPs per step and the share of the measured matmul peak. flops_fn runs the step eagerly on ONE sample:
+    the counter sees no compiled code, math attention on a whole batch would be huge, and FLOPs grow with the batch."""
     with torch.compiler.set_stance("force_eager"):
         flops = count_flops(flops_fn) * batch
     warm = sum(timed(step_fn, device, 3))
@@ -678,12 +660,13 @@ def run_bench(step_fn, flops_fn, batch, n, device, reference):
         torch.cuda.reset_peak_memory_stats(device)
     ms = 1000 * sorted(timed(step_fn, device, n))[n // 2]
     if device.type == "cuda":
-        mem = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        name, mem = torch.cuda.get_device_name(device), torch.cuda.max_memory_allocated(device) / 2 ** 30
     else:  # CPU: the process' peak resident memory (Linux reports KiB)
         import resource
-        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    peak = matmul_peak(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        name, mem = "cpu", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    side, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)  # the matmul peak
+    a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
+    peak = 2 * side ** 3 / min(timed(lambda: a @ b, device, 6)[1:])  # FLOP/s
     result = dict(device=name, step_ms=round(ms, 2), compile_s=round(max(warm - 3 * ms / 1000, 0), 1),
                   peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
                   achieved_tflops=round(flops / ms / 1e9, 2), matmul_peak_tflops=round(peak / 1e12, 2),
@@ -708,17 +691,18 @@ def bench_table(jsonl, markdown):
     need = max([r["batch"] / r["step_ms"] * 1000 for r in rows if r["row"].startswith("DeltaTok") and "batch" in r],
                default=0)  # clips/s the fastest DeltaTok step eats: what the loader must feed
     for r in rows:
-        if r.get("failed") or "batch" not in r:  # a rate: the loader's or the token cache's clips/s, eval's sequences/s
-            rate = f"**{r['clips_per_s']:.0f} clips/s**" if "clips_per_s" in r else \
-                f"**{r.get('sequences_per_s', 0):.1f} sequences/s**"
-            lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |" if r.get("failed") else
-                         f"| {r['row']} | | {rate} (DeltaTok step: {need:.0f} clips/s) | | | cpu |" if "workers" in r
-                         else f"| {r['row']} | | {rate} | | | |")
-            continue
-        per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
-        lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} GiB | "
-                     f"{100 * r['fraction_of_matmul_peak']:.0f}% of {r['matmul_peak_tflops']:.0f} TFLOP/s | "
-                     f"{r['device']} |")
+        if r.get("failed"):
+            lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |")
+        elif "batch" in r:
+            per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
+            lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} "
+                         f"GiB | {100 * r['fraction_of_matmul_peak']:.0f}% of {r['matmul_peak_tflops']:.0f} TFLOP/s | "
+                         f"{r['device']} |")
+        elif "clips_per_s" in r:  # the loader's (with workers: beside what it must feed) or the token cache's
+            cells = f" (DeltaTok step: {need:.0f} clips/s) | | | cpu" if "workers" in r else " | | |"
+            lines.append(f"| {r['row']} | | **{r['clips_per_s']:.0f} clips/s**{cells} |")
+        else:  # eval's
+            lines.append(f"| {r['row']} | | **{r.get('sequences_per_s', 0):.1f} sequences/s** | | | |")
     head, _, rest = open(markdown).read().partition("<!-- bench-gpu -->\n")
     tail = rest.partition("<!-- /bench-gpu -->")[2]
     with open(markdown, "w") as f:

@@ -63,7 +63,6 @@ NAMES = {"deltatok": "DeltaTok reconstruction (sequential)", "deltatok_parallel"
 # ----------------------------------------------------------------------------------------------------------------
 # The model under evaluation: final-step features of each horizon, (B, samples, N, C)
 
-
 def load_model(args, path, device, vfms):
     """(kind, model, VFM name) of one --ckpt; the kind is the checkpoint's (released files: by their keys; --kind
     must agree). vfms: {name: VFM} already built, shared by the models so that the backbone is loaded once."""
@@ -90,8 +89,7 @@ def load_models(args, device, vfms):
             models.append((name, kind, model))
         names.add(vfm)
     if len(names) > 1:
-        raise data.UserError(f"the checkpoints were trained on different VFMs {sorted(names)}: evaluate them "
-                             "separately")
+        raise data.UserError(f"checkpoints trained on different VFMs {sorted(names)}: evaluate them separately")
     return models, names.pop() if names else None
 
 
@@ -99,12 +97,11 @@ def load_models(args, device, vfms):
 def predict(kind, model, feats, times, horizon, num_samples, generator):
     """The predicted rollout up to frame 6, (B, S, steps, N, C), from the ground-truth features feats (B, 7, N, C)."""
     ctx = CONTEXT[horizon]
-    steps = TARGET - ctx[-1]
     if kind.startswith("deltatok"):  # reconstruction of frames ctx[-1] + 1 .. 6 from the last context frame
         return model.reconstruct(feats[:, ctx[-1] + 1:], feats[:, ctx[-1]], kind == "deltatok")[:, None].float()
     t = times[:, ctx[0]:] - times[:, ctx[0]:ctx[0] + 1]  # seconds from the first context frame
     bom = model.config["bom"] if kind == "deltaworld" else model.cfg.bom  # generative: num_samples samples
-    pred, _ = model.sample(feats[:, ctx], t, num_samples if bom else 1, steps, generator)
+    pred, _ = model.sample(feats[:, ctx], t, num_samples if bom else 1, TARGET - ctx[-1], generator)
     return pred.float()
 
 
@@ -119,8 +116,7 @@ def features_file(path, flag="--features"):
 
 
 def best_and_mean(samples, target):
-    """samples (B, S, N, C), ground truth (B, N, C) -> best sample (lowest smooth-L1, beta 0.1), sample mean, and
-    the index of the best."""
+    """samples (B, S, N, C), truth (B, N, C) -> best sample (lowest smooth-L1, beta 0.1), their mean, best's index."""
     loss = F.smooth_l1_loss(samples, target[:, None].expand_as(samples), beta=0.1, reduction="none").mean((-2, -1))
     best = loss.argmin(1)
     return samples[torch.arange(len(samples)), best], samples.mean(1), best
@@ -128,7 +124,6 @@ def best_and_mean(samples, target):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sequences under the two-crop protocol
-
 
 class Crops(torch.utils.data.Dataset):
     """Item: the two S x S crops of a sequence's frames (2, 7, 3, S, S) uint8, with its times and labels."""
@@ -319,21 +314,20 @@ def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, g
     final, first = rollout[:, -1], TARGET - rollout.shape[1] + 1  # the first predicted frame
     best = best_and_mean(final[None], feats[None, TARGET])[2].item()
     tiles, truth, keys = {}, {}, []  # tiles[task][s][t]: sample s (-1: present, -2: the samples' mean) at frame t
-    for task, head in [*heads.items(), ("PCA", None)]:
-        if head is None:  # the final step only
-            pca = list(pca_colours(torch.cat([feats, final, final.mean(0, keepdim=True)]), feats[TARGET]))
-            tiles[task] = {s: [pca[7 + s]] * 7 for s in range(len(final))} | {-1: pca[:7], -2: pca[-1:] * 7}
-        else:
-            maps = lambda x: F.interpolate(head(Hd.to_map(x)), (size, size), mode="bilinear")  # (M, K, S, S)
-            present = maps(feats)
-            lo, hi = map(float, (1 / present.clamp(min=1e-3)).aminmax())  # inverse depth range of present
-            paint = lambda x: [colour(o, task, lo, hi) for o in maps(x)]
-            p, keys = [colour(o, task, lo, hi) for o in present], keys + [key(task, present, lo, hi)]
-            tiles[task] = {s: p[:first] + paint(r) for s, r in enumerate(rollout)} | \
-                {-1: p, -2: paint(final.mean(0, keepdim=True)) * 7}
+    for task, head in heads.items():
+        maps = lambda x: F.interpolate(head(Hd.to_map(x)), (size, size), mode="bilinear")  # (M, K, S, S)
+        present = maps(feats)
+        lo, hi = map(float, (1 / present.clamp(min=1e-3)).aminmax())  # inverse depth range of present
+        paint = lambda x: [colour(o, task, lo, hi) for o in maps(x)]
+        p, keys = [colour(o, task, lo, hi) for o in present], keys + [key(task, present, lo, hi)]
+        tiles[task] = {s: p[:first] + paint(r) for s, r in enumerate(rollout)} | \
+            {-1: p, -2: paint(final.mean(0, keepdim=True)) * 7}
         label = {"seg": "classes", "depth": "depth"}.get(task)
         truth[task] = frames[TARGET] if task == "rgb" else None if label not in item else \
             colour(Hd.label_at(torch.as_tensor(item[label]), item["resized"], 0, 0, size), task, lo, hi)
+    pca = list(pca_colours(torch.cat([feats, final, final.mean(0, keepdim=True)]), feats[TARGET]))  # final step only
+    tiles["PCA"] = {s: [pca[7 + s]] * 7 for s in range(len(final))} | {-1: pca[:7], -2: pca[-1:] * 7}
+    truth["PCA"] = None
     title = (f"{name}, {'short' if ctx == CONTEXT['short'] else 'mid'} horizon (context: frames {ctx[0]}-{ctx[-1]}, "
              f"target: frame {TARGET}), {item['name']}, crop 0")
     sample = lambda s: f"sample {s}" + " best" * (s == best)
@@ -367,9 +361,8 @@ def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, g
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 
-
 @torch.no_grad()
-def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features=None, rgb=None):
+def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features, rgb):
     """Scores {(method, horizon, best|mean|-): {task: Score}} over this rank's share of the sequences."""
     n = min(len(sequences), args.max_sequences or len(sequences))
     loader = torch.utils.data.DataLoader(Crops(sequences, args.size, list(range(rank, n, world))),
@@ -409,7 +402,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
                 for b, item in enumerate(items):
                     if item["index"] < args.figures:
                         figures(os.path.join(args.out, f"{dataset}_{item['index']:04d}_{h}"), name, item,
-                                feats[2 * b], rollout[2 * b], CONTEXT[h], {**heads, **(rgb or {})}, args.size)
+                                feats[2 * b], rollout[2 * b], CONTEXT[h], heads | rgb, args.size)
     if args.save_features:
         os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
         torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
@@ -439,23 +432,20 @@ def gather(scores, heads):
 
 def table(results):
     """The paper's table: one row per method and horizon, best (mean) for generative models."""
+    labels = dict(miou="mIoU", rmse="RMSE", absrel="AbsRel", delta1="d1")  # in the paper's column order
     cols, rows = [], {}
     for dataset, res in results.items():
-        metrics = sorted({m for r in res.values() for m in r}, key=["miou", "rmse", "absrel", "delta1"].index)
-        cols += [(dataset, m) for m in metrics]
+        cols += [(dataset, m) for m in labels if any(m in r for r in res.values())]
         for (method, horizon, pick), r in res.items():
-            rows.setdefault((method, horizon), {}).setdefault(pick, {})[dataset] = r
-    order = sorted(rows, key=lambda k: (k[0] != "Present", k[0] == "Copy last", ["-", "short", "mid"].index(k[1])))
-    lines = [["Method", "Horizon"] + [f"{d} {dict(miou='mIoU', rmse='RMSE', absrel='AbsRel', delta1='d1')[m]}"
-                                      for d, m in cols]]
-    for method, horizon in order:
-        picks = rows[(method, horizon)]
-        cells = []
+            rows.setdefault((method, horizon), {}).update({(dataset, m, pick): v for m, v in r.items()})
+    lines = [["Method", "Horizon"] + [f"{d} {labels[m]}" for d, m in cols]]
+    for method, horizon in sorted(rows, key=lambda k: (k[0] != "Present", k[0] == "Copy last",
+                                                      ["-", "short", "mid"].index(k[1]))):
+        row, cells = rows[method, horizon], []
         for d, m in cols:
-            v = picks.get("best", picks.get("-", {})).get(d, {}).get(m)
-            mean = picks.get("mean", {}).get(d, {}).get(m)
-            cells.append("" if v is None else f"{v:.2f}" + (f" ({mean:.2f})" if mean is not None else ""))
-        lines.append([method + (" best (mean)" if "mean" in picks else ""), horizon] + cells)
+            v, mean = row.get((d, m, "best"), row.get((d, m, "-"))), row.get((d, m, "mean"))
+            cells.append("" if v is None else f"{v:.2f}" + ("" if mean is None else f" ({mean:.2f})"))
+        lines.append([method + " best (mean)" * any(k[2] == "mean" for k in row), horizon] + cells)
     widths = [max(map(len, col)) for col in zip(*lines)]
     fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     return "\n".join([fmt(lines[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in lines[1:]])
@@ -483,6 +473,7 @@ def video_clip(args):
 @torch.no_grad()
 def forecast(args, item, t, models, vfm, heads, device):
     """Each model rolls out --samples futures of the video clip for 3 steps (the mid horizon) -> figures and a GIF."""
+    os.makedirs(args.out, exist_ok=True)
     with T.autocast(device, args.dtype):
         feats = vfm(item["crops"][0].to(device)).float()                              # (7, N, C)
     for name, kind, model in models:
@@ -514,18 +505,16 @@ def flops(args):
     n, c = math.prod(args.size) // vfm.patch_size ** 2, vfm.dim
     x = zeros(1, n, c)
     g = lambda fn: data.count_flops(fn) / 1e9
-    rows = [("Backbone (per frame)", g(lambda: vfm(torch.zeros(1, 3, *args.size, dtype=torch.uint8, device="meta"))),
-             TABLE_B["backbone"]),
-            ("DeltaTok encoder (per frame)", g(lambda: tok.encode(x, x)), TABLE_B["encoder"])]
-    for k in (4, 5, 6):
-        rows.append((f"DeltaWorld predictor ({k}-token context)",
-                     g(lambda: world(zeros(1, 1, c), zeros(1, k, c), zeros(1, 1, 1), zeros(1, k, 1))),
-                     TABLE_B["predictor"][k]))
-    rows.append(("DeltaTok decoder (per step)", g(lambda: tok.decode(zeros(1, 1, c), x)), TABLE_B["decoder"]))
-    for k in (4, 5, 6):
-        rows.append((f"DINO-world predictor ({k}-frame context)",
-                     g(lambda: dino.predict(zeros(1, k, n, c), zeros(1, k), zeros(1, 1, c), zeros(1, 1))),
-                     TABLE_B["dinoworld"][k]))
+    backbone = g(lambda: vfm(torch.zeros(1, 3, *args.size, dtype=torch.uint8, device="meta")))
+    encoder, decoder = g(lambda: tok.encode(x, x)), g(lambda: tok.decode(zeros(1, 1, c), x))
+    predictor = {k: g(lambda: world(zeros(1, 1, c), zeros(1, k, c), zeros(1, 1, 1), zeros(1, k, 1))) for k in (4, 5, 6)}
+    dinoworld = {k: g(lambda: dino.predict(zeros(1, k, n, c), zeros(1, k), zeros(1, 1, c), zeros(1, 1)))
+                 for k in (4, 5, 6)}
+    rows = [("Backbone (per frame)", backbone, TABLE_B["backbone"]),
+            ("DeltaTok encoder (per frame)", encoder, TABLE_B["encoder"])]
+    rows += [(f"DeltaWorld predictor ({k}-token context)", predictor[k], TABLE_B["predictor"][k]) for k in predictor]
+    rows += [("DeltaTok decoder (per step)", decoder, TABLE_B["decoder"])]
+    rows += [(f"DINO-world predictor ({k}-frame context)", dinoworld[k], TABLE_B["dinoworld"][k]) for k in dinoworld]
     reference = args.size == (256, 256) and vfm.dim == 768 and args.model == "base"
     print(f"GFLOPs per {args.size[0]}x{args.size[1]} crop = 2 x multiply-adds of one forward, attention included "
           f"(appendix Table B; the paper's other tables double these for the two crops).\nVFM {vfm.name}; models: "
@@ -535,17 +524,13 @@ def flops(args):
           "(BENCHMARKS.md).")
     for name, v, ref in rows:
         print(f"  {name:<42} {v:9.3f}" + (f"   Table B {ref:8.3f} ({100 * (v / ref - 1):+.1f}%)" if reference else ""))
-    got = {name: v for name, v, _ in rows}
-    per_sample = sum(got[f"DeltaWorld predictor ({k}-token context)"] for k in (4, 5, 6)) + \
-        3 * got["DeltaTok decoder (per step)"]
-    shared = 4 * (got["Backbone (per frame)"] + got["DeltaTok encoder (per frame)"])
-    dino = 4 * got["Backbone (per frame)"] + sum(got[f"DINO-world predictor ({k}-frame context)"] for k in (4, 5, 6))
+    shared, per_sample = 4 * (backbone + encoder), sum(predictor.values()) + 3 * decoder
+    dino = 4 * backbone + sum(dinoworld.values())
     print(f"  mid horizon, DeltaWorld: shared {shared:.2f} + {per_sample:.2f} per sample; DINO-world: {dino:.2f}")
-    return got
+    return {name: v for name, v, _ in rows}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-
 
 def main(args):
     if args.flops:
@@ -570,14 +555,15 @@ def main(args):
     if os.path.exists(args.save_features):  # only a features file may be written over
         features_file(args.save_features, "--save-features")
     clip = video_clip(args) if args.video else None  # before loading any model: a mistake fails at once
+    names = [spec.partition(":")[0] for spec in args.data]
     datasets = [] if args.video else [Hd.open_eval(spec, "val", args.kitti_split, args.kitti_raw, args.seed)
                                       for spec in args.data]
     files = [features_file(path) for path in args.features]
-    for path, features, spec, sequences in zip(args.features, files, args.data, datasets):
+    for path, features, name, sequences in zip(args.features, files, names, datasets):
         n = min(len(sequences), args.max_sequences or len(sequences))
-        if (features.get("dataset"), features.get("size")) != (spec.partition(":")[0], args.size):
-            raise data.UserError(f"--features {path} holds {features.get('dataset')} at {features.get('size')} px, not "
-                                 f"{spec.partition(':')[0]} at {args.size} px: check --data / --size")
+        if (features["dataset"], features["size"]) != (name, args.size):
+            raise data.UserError(f"--features {path} holds {features['dataset']} at {features['size']} px, not {name} "
+                                 f"at {args.size} px: check --data / --size")
         if any(len(features.get(h, ())) < n for h in args.horizons):
             raise data.UserError(f"--features {path} has fewer than the {n} sequences to evaluate for --horizons "
                                  f"{' '.join(args.horizons)}: check --max-sequences / --horizons")
@@ -586,25 +572,23 @@ def main(args):
     vfm_name = args.vfm or vfm_name or (files[0].get("vfm") if files else None) or T.DINOV3_B16
     vfm = vfms.get(vfm_name) or T.VFM(vfm_name).to(device)
     rgb = {"rgb": load_rgb_head(args.rgb_head, vfm, device)} if args.rgb_head else {}
-    heads = [pick_heads(args, spec.partition(":")[0], sequences, device, vfm) for spec, sequences in
-             zip(args.data, datasets)] or [{h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device, vfm)[0]
-                                                              for p in args.heads)}]  # --video: any head
+    if args.video:  # any head
+        heads = {h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device, vfm)[0] for p in args.heads)}
+        return forecast(args, *clip, models, vfm, heads | rgb, device)
+    heads = [pick_heads(args, name, sequences, device, vfm) for name, sequences in zip(names, datasets)]
     os.makedirs(args.out, exist_ok=True)
-    if args.video:
-        return forecast(args, *clip, models, vfm, {**heads[0], **rgb}, device)
     results = {}
-    for spec, sequences, features, tasks in zip(args.data, datasets, files or [None] * len(args.data), heads):
-        dataset = spec.partition(":")[0]
-        scores = evaluate(args, dataset, sequences, models, vfm, tasks, device, rank, world, features, rgb)
-        results[dataset] = gather(scores, tasks)
+    for name, sequences, features, tasks in zip(names, datasets, files or [None] * len(names), heads):
+        scores = evaluate(args, name, sequences, models, vfm, tasks, device, rank, world, features, rgb)
+        results[name] = gather(scores, tasks)
     if rank == 0:
         print(table(results) + "\nPresent: the heads on frame 6's own features (heads.py's check: other sequences)")
-        with open(os.path.join(args.out, "results.json"), "w") as f:
+        path = os.path.join(args.out, "results.json")
+        rows = {d: [dict(method=m, horizon=h, pick=p, **v) for (m, h, p), v in r.items()] for d, r in results.items()}
+        with open(path, "w") as f:
             json.dump(dict(ckpt=args.ckpt, kinds=[m[1] for m in models], size=args.size, samples=args.samples,
-                           data=args.data,
-                           results={d: [dict(method=k[0], horizon=k[1], pick=k[2], **v) for k, v in r.items()]
-                                    for d, r in results.items()}), f, indent=1)
-        print(f"results in {os.path.join(args.out, 'results.json')}")
+                           data=args.data, results=rows), f, indent=1)
+        print(f"results in {path}")
     T.cleanup_dist(world)
     return results
 
@@ -617,22 +601,17 @@ def get_parser():
     p.add_argument("--kind", default="", choices=["", "deltatok", "deltaworld", "dinoworld"],
                    help="what --ckpt must be (released files and hub ids are recognised by their keys)")
     p.add_argument("--tokenizer", default="", help="DeltaTok checkpoint for a DeltaWorld (default: the recorded one)")
-    p.add_argument("--features", nargs="+", default=[], help="predicted features files, one per --data entry "
-                   "(format in the docstring) instead of --ckpt")
-    p.add_argument("--save-features", default="", help="write this run's predictions in the --features format "
-                   "(one dataset, one process)")
-    p.add_argument("--data", nargs="+", default=["synthetic"], help="datasets: synthetic, vspw:ROOT, "
-                   "cityscapes:ROOT, kitti:ROOT")
+    p.add_argument("--features", nargs="+", default=[], help="instead of --ckpt: predicted features, a file per "
+                   "--data entry (format in the docstring)")
+    p.add_argument("--save-features", default="", help="write the predictions as a --features file (one dataset)")
+    p.add_argument("--data", nargs="+", default=["synthetic"], help="synthetic, vspw:ROOT, cityscapes:ROOT, kitti:ROOT")
     p.add_argument("--kitti-split", default="", help="KITTI list (default: the release's Eigen test list, "
                    "splits/kitti_eigen_test.txt: 603 sequences)")
     p.add_argument("--kitti-raw", default=None, help="root of the raw KITTI drives (<date>/<drive>/image_02/data; "
                    "default: the KITTI ROOT itself)")
-    p.add_argument("--heads", nargs="+", default=[], help="head checkpoints: PATH (any dataset whose task it "
-                   "fits) or DATASET=PATH")
-    p.add_argument("--rgb-head", default="", help="RGB head (Amazon-FAR/rgb-head-imagenet or a file): an RGB row in "
-                   "every figure")
-    p.add_argument("--video", default="", help="forecast a video file (or 'synthetic', a built-in one): figures "
-                   "and a GIF in --out")
+    p.add_argument("--heads", nargs="+", default=[], help="head files: PATH (any dataset of its task) or DATASET=PATH")
+    p.add_argument("--rgb-head", default="", help="RGB head (Amazon-FAR/rgb-head-imagenet): an RGB row in each figure")
+    p.add_argument("--video", default="", help="forecast a video file (or 'synthetic'): figures and a GIF in --out")
     p.add_argument("--start", type=float, default=0.0, help="--video: seconds to its first context frame")
     p.add_argument("--vfm", default="", help="VFM override (default: the one the checkpoint records)")
     p.add_argument("--size", type=data.frame_size, default=(512, 512), help="crop side S: 512 main, 256 ablations "
@@ -640,8 +619,7 @@ def get_parser():
     p.add_argument("--horizons", nargs="+", default=["short", "mid"], choices=["short", "mid"])
     p.add_argument("--samples", type=data.at_least(1), default=20, help="samples per crop for generative models")
     p.add_argument("--batch-size", type=data.at_least(1), default=4, help="sequences per forward (x2 crops)")
-    p.add_argument("--max-sequences", type=data.at_least(0), default=0, help="evaluate only the first N sequences "
-                   "(0: all)")
+    p.add_argument("--max-sequences", type=data.at_least(0), default=0, help="only the first N sequences (0: all)")
     p.add_argument("--figures", type=data.at_least(0), default=4, help="draw PNG figures for the first N sequences")
     p.add_argument("--out", default="runs/eval", help="folder for results.json and figures")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
