@@ -500,13 +500,11 @@ _video_folder = functools.lru_cache(maxsize=2)(VideoFolder)  # the held-out chec
 # -----------------------------------------------------------------------------
 # training clips
 
-
 def _crop_box(rng, height, width, scale, ratio):
     """torchvision's RandomResizedCrop.get_params with a given rng: (top, left, h, w)."""
     area, log_ratio = height * width, np.log(ratio)
     for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = np.exp(rng.uniform(*log_ratio))
+        target, aspect = area * rng.uniform(*scale), np.exp(rng.uniform(*log_ratio))
         w, h = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
