@@ -535,8 +535,7 @@ class ClipDataset:
         self.ratio = [r * aspect for r in ratio]
 
     def sample(self, step, j):
-        """Clip j of `step`: frames (T, 3, H, W) uint8, times (T,) float32 seconds from the first frame, and the
-        number of broken videos skipped on the way."""
+        """Clip j of `step`: frames (T, 3, H, W) uint8, times (T,) float32 s from the first, broken videos skipped."""
         skipped = 0
         for attempt in range(1000):
             rng = np.random.default_rng([self.seed, step, j, attempt])
