@@ -1,21 +1,16 @@
 """
-Video data for every stage: where frames come from, and how training clips are cut from them.
+Video data for every stage, and the command line every script shares.
 
-Two sources share one interface (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`):
-- `SyntheticVideos`: procedural moving shapes with class and depth labels, no download: the default
-  (`--data synthetic`) of every script, so the whole pipeline runs on a laptop in minutes.
-- `VideoFolder`: real videos (a folder tree of video files or frame folders, or a list of them), known through an
-  index file that later starts only update.
-
-`ClipDataset.sample(step, j)` cuts clip j of step `step` (a pure function of seed, step and j); `make_loader` makes
-it an infinite, resumable stream of micro-batches, the same for any number of workers and processes.
+Sources (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`): `SyntheticVideos`, moving shapes with class
+and depth labels, no download (`--data synthetic`, every script's default), and `VideoFolder`, real video files or
+frame folders under a folder or in a list, what start-up learns of each kept in an index file.
+`ClipDataset.sample(step, j)` cuts clip j of a step, a pure function of (seed, step, j); `make_loader` makes them a
+resumable stream in which step s is clips 0 .. global_batch - 1 for any number of ranks, micro-steps and workers. A
+`UserError` (bad input) is one line on stderr and exit status 2 (`cli`); `run_bench` times each stage's `--bench`.
 
     python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
     python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
     python data.py --convert-pca pca.pkl pca.pt --trust-pickle          # DINO-Foresight's PCA (Table D)
-
-Also what every script's command line shares: `UserError` (one line on stderr and exit status 2, by `cli`), flag
-types checked at parsing, the clip and run flags, and `run_bench`: time, memory and FLOPs of one training step.
 """
 
 import argparse
@@ -32,13 +27,11 @@ import signal
 import sys
 import threading
 import time
-import types
 import zipfile
 
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -132,11 +125,9 @@ def clip_flags(p):
     p.add_argument("--data", default="synthetic", help="'synthetic', a folder of videos / frame folders, or a list")
     p.add_argument("--index", metavar="DIR", help="folder for the video index (default: beside the videos, or --out)")
     p.add_argument("--trust-index", action="store_true", help="use the index without looking at the files (NFS)")
-    p.add_argument("--val-data", default="", help="held-out videos for the check at --eval-every (default: the "
-                   "synthetic val split, or --data itself for a folder)")
+    p.add_argument("--val-data", default="", help="videos of the held-out check (default: synthetic val, or --data)")
     p.add_argument("--fps", type=positive, default=None, help="frame rate of frame folders without timestamps")
-    p.add_argument("--size", type=frame_size, default=(256, 256), help="crop size in pixels: S, or HxW (Table D: "
-                   "448x896)")
+    p.add_argument("--size", type=frame_size, default=(256, 256), help="crop size: S or HxW pixels (Table D: 448x896)")
     p.add_argument("--stride", type=positive, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
 
 
@@ -509,13 +500,11 @@ _video_folder = functools.lru_cache(maxsize=2)(VideoFolder)  # the held-out chec
 # -----------------------------------------------------------------------------
 # training clips
 
-
 def _crop_box(rng, height, width, scale, ratio):
     """torchvision's RandomResizedCrop.get_params with a given rng: (top, left, h, w)."""
     area, log_ratio = height * width, np.log(ratio)
     for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = np.exp(rng.uniform(*log_ratio))
+        target, aspect = area * rng.uniform(*scale), np.exp(rng.uniform(*log_ratio))
         w, h = round(np.sqrt(target * aspect)), round(np.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             return rng.integers(0, height - h + 1), rng.integers(0, width - w + 1), h, w
@@ -540,46 +529,40 @@ class ClipDataset:
 
     def __init__(self, source, num_frames=2, size=256, stride=(1 / 25, 1 / 3), scale=(0.6, 1.0),
                  ratio=(3 / 4, 4 / 3), seed=0):
-        self.source, self.num_frames, self.seed = source, num_frames, seed
+        self.source, self.num_frames, self.seed, self.stride, self.scale = source, num_frames, seed, stride, scale
         self.size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
-        self.stride, self.scale, self.ratio = stride, scale, ratio  # appendix A: crop scale 0.6-1, ratio 3:4-4:3
-
-    def _frame_indices(self, rng, times):
-        """Indices of a clip with gaps uniform in `stride` seconds, snapped to the video's frames; None if too short."""
-        offsets = np.concatenate([[0.0], np.cumsum(rng.uniform(*self.stride, self.num_frames - 1))])  # (T,)
-        starts = np.flatnonzero(times <= times[-1] - offsets[-1])
-        if len(starts) == 0:
-            return None
-        target = times[rng.choice(starts)] + offsets
-        idx = np.searchsorted(times, target).clip(1, len(times) - 1)
-        idx -= target - times[idx - 1] < times[idx] - target  # nearest frame
-        for t in range(1, len(idx)):  # a gap shorter than the frame interval still moves on by one frame
-            idx[t] = max(idx[t], idx[t - 1] + 1)
-        return idx.tolist() if idx[-1] < len(times) else None
+        aspect = self.size[1] / self.size[0]  # appendix A: crop scale 0.6-1, width / height 3:4-4:3 of the output's
+        self.ratio = [r * aspect for r in ratio]
 
     def sample(self, step, j):
-        """Clip j of `step`: frames (T, 3, H, W) uint8, times (T,) float32 seconds from the first frame, and the
-        number of broken videos skipped on the way."""
+        """Clip j of `step`: frames (T, 3, H, W) uint8, times (T,) float32 s from the first, broken videos skipped."""
         skipped = 0
         for attempt in range(1000):
             rng = np.random.default_rng([self.seed, step, j, attempt])
             i = int(rng.integers(len(self.source)))
             times = self.source.frame_times(i)
-            idx = self._frame_indices(rng, times)
-            if idx is None:  # too short for this clip: draw another video
+            # gaps uniform in `stride` seconds, snapped to the video's frames; a video too short: draw another
+            offsets = np.concatenate([[0.0], np.cumsum(rng.uniform(*self.stride, self.num_frames - 1))])  # (T,)
+            starts = np.flatnonzero(times <= times[-1] - offsets[-1])
+            if len(starts) == 0:
+                continue
+            target = times[rng.choice(starts)] + offsets
+            idx = np.searchsorted(times, target).clip(1, len(times) - 1)
+            idx -= target - times[idx - 1] < times[idx] - target  # nearest frame
+            for t in range(1, len(idx)):  # a gap shorter than the frame interval still moves on by one frame
+                idx[t] = max(idx[t], idx[t - 1] + 1)
+            if idx[-1] >= len(times):
                 continue
             try:
-                frames = self.source.read(i, idx)  # (T, H, W, 3)
+                frames = self.source.read(i, idx.tolist())  # (T, H, W, 3)
             except Exception as e:
                 skipped += 1
                 _warn_broken(self.source, i, e)
                 continue
-            aspect = self.size[1] / self.size[0]  # the crop's width / height ranges around the output's
-            top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, [r * aspect for r in self.ratio])
-            # one crop for the whole clip, resized to (H, W) (a small aspect distortion, appendix A); resizing the
-            # uint8 frames directly is 6x faster than through float
+            # one crop per clip, resized to (H, W) as uint8 (6x faster than float), aspect a little off (appendix A)
+            top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, self.ratio)
             crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
-            crop = F.interpolate(crop, self.size, mode="bilinear", antialias=True)
+            crop = torch.nn.functional.interpolate(crop, self.size, mode="bilinear", antialias=True)
             return crop, torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32), skipped
         raise UserError(f"no readable video long enough for {self.num_frames} frames at stride {self.stride} s "
                         f"after 1000 draws ({skipped} broken)")
@@ -724,19 +707,18 @@ def bench_table(jsonl, markdown):
 
 
 def convert_pca(src, dst):
-    """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> a PCA file (tokenizer.load_pca) at
-    dst. Unpickling runs what the file names: only numpy's and torch's array classes are allowed, and sklearn's PCA
-    is read into a plain object that keeps its attributes (components_, mean_), so sklearn is not needed."""
-    class Unpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module.startswith("sklearn.decomposition") and name == "PCA":
-                return type(name, (), {})
-            if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
-                return super().find_class(module, name)
-            raise UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
-    restricted = types.SimpleNamespace(__name__="restricted", Unpickler=Unpickler)
+    """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> tokenizer.load_pca's file at dst.
+    Unpickling runs what the file names: only numpy's and torch's classes pass."""
+    class restricted:  # a pickle module for torch.load
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module.startswith("sklearn.decomposition") and name == "PCA":
+                    return type(name, (), {})  # a bare object keeps its attributes: no sklearn needed
+                if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
+                    return super().find_class(module, name)
+                raise UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
     with open(src, "rb") as f:  # torch.save's zip file or a plain pickle
-        p = Unpickler(f).load() if not zipfile.is_zipfile(src) else \
+        p = restricted.Unpickler(f).load() if not zipfile.is_zipfile(src) else \
             torch.load(f, weights_only=False, pickle_module=restricted)
     t, pca = lambda v: torch.as_tensor(v, dtype=torch.float32), p["pca_model"].__dict__
     torch.save(dict(mean=t(p["mean"]).flatten(), std=t(p["std"]).flatten(), pca_mean=t(pca["mean_"]),
@@ -745,7 +727,6 @@ def convert_pca(src, dst):
 
 # -----------------------------------------------------------------------------
 # command line: prepare real videos for training, measure how fast clips are read, or convert a PCA file
-
 
 def main(args):
     if args.prepare:
@@ -773,11 +754,9 @@ def get_parser():
     parser = argparse.ArgumentParser(description="Prepare videos, time the loader, or convert a PCA file.",
                                      formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--bench", metavar="DIR", help="read clips from the videos under DIR (or a list of them) for 20 "
-                      "s as training does (make_loader, 8 clips a batch)")
+    mode.add_argument("--bench", metavar="DIR", help="clips/s of the training loader over DIR (or a list), for 20 s")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
-    mode.add_argument("--convert-pca", nargs=2, metavar=("PICKLE", "DST"), help="DINO-Foresight's PCA pickle -> a "
-                      "--pca file of tokenizer.py (Table D)")
+    mode.add_argument("--convert-pca", nargs=2, metavar=("PICKLE", "DST"), help="DINO-Foresight's PCA -> a --pca file")
     parser.add_argument("--trust-pickle", action="store_true", help="--convert-pca: let it unpickle the file")
     parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")
     parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: short side, never upscaled")
