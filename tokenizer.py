@@ -228,8 +228,8 @@ class DeltaTok(nn.Module):
         return angles.cos().to(ref.dtype), angles.sin().to(ref.dtype)
 
     def jitter(self, seed, step, clip_ids, device):
-        """RoPE jitter (B, 2): factors of the encoder's and decoder's coordinates, log-uniform in [1/r, r] (r =
-        rope_rescale) like DINOv3's, drawn per clip from (seed, step, clip) so any split over processes agrees."""
+        """RoPE jitter (B, 2): factors of the encoder's and decoder's coordinates, log-uniform in [1/r, r] with r =
+        rope_rescale (like DINOv3's), drawn per clip from (seed, step, clip) so any split over processes agrees."""
         if self.cfg.rope_rescale is None:
             return None
         u = data.clip_random(seed, step, clip_ids, (2,), device, torch.rand)  # uniform in [0, 1)
@@ -241,8 +241,7 @@ class DeltaTok(nn.Module):
         return h
 
     def encode(self, x_prev, y, scale=None):
-        """(B, N, C) previous and current frame features -> (B, 1, C) delta token (frame mode ignores x_prev);
-        scale (B,): RoPE jitter."""
+        """(B, N, C) features of the previous and current frame -> (B, 1, C) delta token; scale (B,): RoPE jitter."""
         B, N, C = y.shape
         z = self.z_embed.weight.expand(B, 1, C)
         e0, e1 = self.xy_embed.weight
@@ -449,8 +448,7 @@ def ddp(model, world, device):
 
 
 def stop_if_nonfinite(values, step, ckpt_path, master, what="loss or gradient norm"):
-    """Exit 1 on every rank alike (the values are the same on all: the loss averaged, the gradients or weights
-    synchronised) before a non-finite value reaches the weights or a checkpoint; the checkpoint on disk stays."""
+    """Exit 1 on every rank alike (the values are synchronised) before a non-finite value reaches weights or disk."""
     if all(v.isfinite().all() for v in values):
         return
     if master:
