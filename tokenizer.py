@@ -159,9 +159,8 @@ MODEL_PRESETS = {
 
 
 class GatedAttention(DINOv3ViTAttention):
-    """DINOv3 attention with the released options (SPEC section 2): a bias-free LayerNorm on each head's q and k,
-    AFTER RoPE as in the release (before it is another function of the same weights), and a per-head sigmoid gate,
-    computed from the attention's input, on each head's output before o_proj."""
+    """DINOv3 attention with the released options (SPEC section 2): bias-free LayerNorm of each head's q and k AFTER
+    RoPE, as the release does (before it is another function), and a per-head sigmoid gate on each head's output."""
 
     def __init__(self, config, qk_norm, gated):
         super().__init__(config)
