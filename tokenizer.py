@@ -223,10 +223,8 @@ MODEL_PRESETS = {
 
 
 class GatedAttention(DINOv3ViTAttention):
-    """DINOv3 attention with the released options: LayerNorm on each head's q and k (no bias, the config's eps),
-    applied AFTER the RoPE rotation as the release does (normalising first computes another function with the same
-    weights), and a per-head sigmoid gate, computed from the attention's input, on each head's output before o_proj
-    (SPEC section 2)."""
+    """DINOv3 attention with the released options (SPEC section 2): bias-free LayerNorm of each head's q and k AFTER
+    RoPE, as the release does (before it is another function), and a per-head sigmoid gate on each head's output."""
 
     def __init__(self, config, qk_norm, gated):
         super().__init__(config)
@@ -291,9 +289,8 @@ class DeltaTok(nn.Module):
         return angles.cos().to(ref.dtype), angles.sin().to(ref.dtype)
 
     def jitter(self, seed, step, clip_ids, device):
-        """The RoPE jitter of training clips (B, 2): factors of the encoder's and the decoder's patch coordinates,
-        log-uniform in [1 / r, r] (r = rope_rescale, None: no jitter) like DINOv3's, but drawn per clip from
-        (seed, step, clip) (data.clip_random), so that any split of a step over processes draws the same."""
+        """RoPE jitter (B, 2): factors of the encoder's and decoder's coordinates, log-uniform in [1/r, r] with r =
+        rope_rescale (like DINOv3's), drawn per clip from (seed, step, clip) so any split over processes agrees."""
         if self.cfg.rope_rescale is None:
             return None
         u = data.clip_random(seed, step, clip_ids, (2,), device, torch.rand)  # uniform in [0, 1)
@@ -305,8 +302,7 @@ class DeltaTok(nn.Module):
         return h
 
     def encode(self, x_prev, y, scale=None):
-        """(B, N, C) previous and current frame features -> (B, 1, C) delta token (frame mode ignores x_prev);
-        scale (B,): RoPE jitter."""
+        """(B, N, C) features of the previous and current frame -> (B, 1, C) delta token; scale (B,): RoPE jitter."""
         B, N, C = y.shape
         z = self.z_embed.weight.expand(B, 1, C)
         e0, e1 = self.xy_embed.weight
@@ -334,11 +330,10 @@ class DeltaTok(nn.Module):
         return self.encode(prev.flatten(0, 1), feats.flatten(0, 1)).view(B, T, C)
 
     def reconstruct(self, targets, x0, sequential=True):
-        """Reconstruction rollout of the features targets (B, T, N, C) from x0 (B, N, C), the ground-truth frame
-        before them; each step decodes from the previous step's reconstruction (SPEC section 2, "DeltaTok mid").
-        sequential (the release): step t encodes targets[:, t] against the previous reconstruction, so errors do not
-        accumulate (appendix D's mitigation); parallel (appendix D's wording): all tokens are encoded at once from
-        ground-truth pairs, and errors accumulate. The two are identical for T = 1. Returns (B, T, N, C)."""
+        """Rollout (B, T, N, C) of targets (B, T, N, C) from x0 (B, N, C), the true frame before them, each step
+        decoding from the last reconstruction (SPEC section 2, "DeltaTok mid"). sequential (the release, appendix D's
+        mitigation) encodes targets[:, t] against the last reconstruction, so errors do not accumulate; parallel
+        (appendix D's wording) encodes all tokens from ground-truth pairs at once. The same for T = 1."""
         B, T, N, C = targets.shape
         tokens = None if sequential else self.tokenize(targets, x0)[:, :, None]  # (B, T, 1, C)
         out, x = [], x0
@@ -384,8 +379,7 @@ def checkpoint_path(path):
 
 
 def load_checkpoint(path, expect=(), flag="checkpoint", mmap=False):
-    """The dict saved at `path` (weights_only). A missing or unreadable file, or one whose kind (checkpoint_kind) is
-    not in `expect` (when given), is a UserError naming `flag`, the file, the kind found and the kinds expected."""
+    """The dict saved at `path` (weights_only); unreadable, or of a kind not in `expect`: a UserError naming `flag`."""
     local = checkpoint_path(path)
     try:
         ckpt = torch.load(local, map_location="cpu", weights_only=True, mmap=mmap)
@@ -399,8 +393,7 @@ def load_checkpoint(path, expect=(), flag="checkpoint", mmap=False):
 
 
 def load_state_strict(module, ckpt, what, fix="check --model / --vfm / --mode"):
-    """Load a checkpoint's weights (its "model"; for a released file, the possibly {"state_dict": ...}-nested state
-    dict) strictly, saying in one line what does not fit."""
+    """Load a checkpoint's "model" (a released file: its state dict) strictly; one line says what does not fit."""
     try:
         module.load_state_dict(ckpt["model"] if "kind" in ckpt else ckpt.get("state_dict", ckpt), strict=True)
     except RuntimeError as e:
@@ -408,8 +401,7 @@ def load_state_strict(module, ckpt, what, fix="check --model / --vfm / --mode"):
 
 
 def load_deltatok(path, device="cpu", flag="--tokenizer"):
-    """A frozen DeltaTok for later stages, from a tokenizer.py checkpoint or a released pytorch_model.bin.
-    Returns (model, vfm name)."""
+    """A frozen DeltaTok from a tokenizer.py checkpoint or a released pytorch_model.bin -> (model, vfm name)."""
     ckpt = load_checkpoint(path, ("deltatok",), flag)
     released = "kind" not in ckpt  # a bare state dict of the ViT-B "released" variant
     model = DeltaTok(DeltaTokConfig(**(MODEL_PRESETS["released"] if released else ckpt["config"])))
@@ -435,9 +427,8 @@ def setup_dist():
 
 
 def _fail_together(kind, e, tb):
-    """A rank's error (its own or a DataLoader worker's) goes to the process group's store first; the others, whose
-    collective with it then fails (gloo at once; NCCL hangs, but torchrun stops every rank, SIGKILL 30 s after
-    SIGTERM), name it in one line instead of a traceback."""
+    """A rank's error (its own or a DataLoader worker's) goes to the group's store first; the others, whose collective
+    with it then fails (gloo at once; under NCCL torchrun stops them), name it in one line, not a traceback."""
     store, prog = dist.distributed_c10d._get_default_store(), os.path.basename(sys.argv[0])
     if store.check(["failed"]):  # another rank failed first: this error follows from it
         return print(f"{prog}: error: stopping: {store.get('failed').decode()}", file=sys.stderr)
@@ -446,8 +437,7 @@ def _fail_together(kind, e, tb):
 
 
 def cleanup_dist(world):
-    """Every rank waits for the slowest (rank 0 runs the checks and writes checkpoints), then the group is torn
-    down: a rank that tears down while another still works can leave that one hanging."""
+    """Wait for the slowest rank (rank 0 checks and saves), then tear down: an early teardown can hang the others."""
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -461,9 +451,8 @@ _LOCKS = {}  # run folders this process holds, by path
 
 
 def check_run(args, kind, read=(), write=()):
-    """Before anything is built, created or locked: the paths a run reads and writes (data.check_paths; --out is its
-    folder), and the checkpoint in --out: none, or this stage's with --resume, its training state and flags checked
-    (RESUMABLE ones may change; others need --allow-changes). Returns it, or None."""
+    """Before anything is built: the paths read and written (data.check_paths), and the checkpoint in --out: none (->
+    None), or this stage's with --resume, training state and the same flags (but RESUMABLE; else --allow-changes)."""
     path = os.path.join(args.out, "ckpt.pt")  # the timing, fitting and export modes write no run folder
     bench = any(getattr(args, k, None) for k in ("bench", "fit_pca", "export_tokens"))
     data.check_paths(read, None if bench else ("--out", args.out), write)
@@ -487,9 +476,8 @@ def check_run(args, kind, read=(), write=()):
 
 
 def resume(args, model, opt, master, ckpt=None):
-    """Lock <out> (one run per folder; the lock file goes when the run ends). Restore model and optimizer from
-    `ckpt` (check_run's) and return it, else {"step": 0, "skipped": 0}; log.jsonl is cut back to its step. The data
-    position is the step (data.make_loader)."""
+    """Lock --out (one run per folder, until the run ends), restore model and optimizer from check_run's `ckpt` and
+    return it (else step 0), and cut log.jsonl back to its step. The data position is the step (data.make_loader)."""
     catch_signals()
     os.makedirs(args.out, exist_ok=True)
     log, lock = os.path.join(args.out, "log.jsonl"), os.path.abspath(os.path.join(args.out, ".lock"))
@@ -518,23 +506,20 @@ def resume(args, model, opt, master, ckpt=None):
 
 
 def compile_blocks(*modules):
-    """--compile: torch.compile every block of every nn.ModuleList in place (PyTorch's regional compilation). One
-    graph serves all blocks of a kind, so a start compiles in seconds rather than minutes; the glue between blocks
-    stays eager, and the state dict keeps its keys."""
+    """--compile: torch.compile each block of every nn.ModuleList in place (regional compilation): one graph serves
+    all blocks of a kind, so a start takes seconds, not minutes; the glue stays eager, the state dict keeps its keys."""
     for block in (b for m in modules for blocks in m.modules() if isinstance(blocks, nn.ModuleList) for b in blocks):
         block.compile()
 
 
 def ddp(model, world, device):
     """DistributedDataParallel under torchrun, the module itself in one process."""
-    if world == 1:
-        return model
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    ids = [device] if device.type == "cuda" else None
+    return model if world == 1 else nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def stop_if_nonfinite(values, step, ckpt_path, master, what="loss or gradient norm"):
-    """Exit 1 on every rank alike (the values are the same on all: the loss averaged, the gradients or weights
-    synchronised) before a non-finite value reaches the weights or a checkpoint; the checkpoint on disk stays."""
+    """Exit 1 on every rank alike (the values are synchronised) before a non-finite value reaches weights or disk."""
     if all(v.isfinite().all() for v in values):
         return
     if master:
@@ -545,9 +530,8 @@ def stop_if_nonfinite(values, step, ckpt_path, master, what="loss or gradient no
 
 
 def save_checkpoint(obj, path, master=True):
-    """Never non-finite weights (every rank checks, all stop alike); written by `master` atomically (a crash or a full
-    disk while writing leaves the previous checkpoint intact) through a temporary file of its own. After a signal
-    (stop_requested) every rank exits PREEMPTED once it is written."""
+    """Never non-finite weights (every rank checks); `master` writes atomically through its own temporary file (a crash
+    or full disk keeps the previous checkpoint). After a signal (stop_requested) all ranks exit PREEMPTED once saved."""
     stop_if_nonfinite([v for v in obj.get("model", {}).values() if v.is_floating_point()], obj.get("step"), path,
                       master, "weights")
     if master:
@@ -570,8 +554,8 @@ def save_checkpoint(obj, path, master=True):
 
 PREEMPTED = 3  # exit status after a signal: the step in flight is saved; the same command with --resume goes on
 _stop = {"signal": 0, "agreed": 0}  # the signal this process got, the one every rank agreed to stop on
-os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))  # a forked helper (a Pool
-# worker) still ends on SIGTERM; DataLoader workers: data.quiet_worker
+# a forked helper (a Pool worker) still ends on SIGTERM; DataLoader workers: data.quiet_worker
+os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
 
 def catch_signals():
@@ -633,9 +617,7 @@ def feature_loss(pred, target, kind="mse"):
     """Reconstruction loss averaged over all elements: MSE (appendix A) or log-cosh (the release's recipe), computed
     stably as |d| + softplus(-2|d|) - log 2 with d = pred - target (SPEC section 2)."""
     d = pred.float() - target.float()
-    if kind == "mse":
-        return d.pow(2).mean()
-    return (d.abs() + F.softplus(-2 * d.abs()) - math.log(2)).mean()
+    return d.pow(2).mean() if kind == "mse" else (d.abs() + F.softplus(-2 * d.abs()) - math.log(2)).mean()
 
 
 @torch.no_grad()
