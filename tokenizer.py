@@ -767,7 +767,8 @@ def format_check(step, r):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Train DeltaTok (defaults: appendix A)", formatter_class=data.HelpFormatter)
+    p = argparse.ArgumentParser(description="Train DeltaTok (appendix A recipe as defaults).",
+                                formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/deltatok", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default=DINOV3_B16, help=f"DINOv3/DINOv2 hub id or folder, or a preset {list(VFM_PRESETS)}")
     p.add_argument("--vfm-layers", default="", help="concatenate these blocks' outputs, each through the final "
