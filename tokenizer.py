@@ -1,10 +1,9 @@
 """
 DeltaTok: compress the change between the frozen DINOv3 features of two consecutive frames into ONE token.
 
-The encoder reads [z] + (x_prev + e0) + (y + e1) and keeps the output at z (through a LayerNorm): the delta
-token. The decoder reads [delta] + x_prev and rebuilds y. Both are stacks of DINOv3 blocks from Hugging Face
-transformers with DINOv3's 2D RoPE; the decoder has no final LayerNorm, so with LayerScale 1e-5 it starts out as
-the identity on x_prev (appendix A).
+The encoder reads [z] + (x_prev + e0) + (y + e1) and keeps the output at z (through a LayerNorm): the delta token.
+The decoder reads [delta] + x_prev and rebuilds y. Both are stacks of transformers' DINOv3 blocks with its 2D RoPE;
+the decoder has no final LayerNorm, so with LayerScale 1e-5 it starts out as the identity on x_prev (appendix A).
 
 Run it:
   # CPU, a few minutes: a tiny random DINOv3 and a tiny tokenizer on the built-in synthetic videos
@@ -12,10 +11,8 @@ Run it:
       --warmup 30 --out runs/tok_tiny
   # one GPU, the paper's recipe (appendix A) on your videos (global batch 1024 by gradient accumulation)
   python tokenizer.py --data /path/to/videos --compile --out runs/deltatok
-  # 8 GPUs on one node
+  # 8 GPUs (2 nodes: run it on each with --nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500, not --standalone)
   torchrun --standalone --nproc_per_node=8 tokenizer.py --data /path/to/videos --compile --out runs/deltatok
-  # 2 nodes x 8 GPUs (run on each node)
-  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 tokenizer.py ...
   # speed and memory of one training step (SPEC section 6: 115 ms, 24.2 GiB at 256 px, batch 64, H200)
   python tokenizer.py --bench 20 --size 256 --batch-size 64 --compile
 """
@@ -52,8 +49,8 @@ import data
 
 DINOV3_B16 = "facebook/dinov3-vitb16-pretrain-lvd1689m"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# Random-initialised configs so every stage runs offline on a CPU. The weights are drawn from a fixed seed, so every
-# script that builds "tiny" gets the same network. dinov2-tiny: DINOv2 with registers, patch 14, as in Table D.
+# Random configs (weights from a fixed seed: every script builds the same network) so every stage runs offline on a
+# CPU. dinov2-tiny: DINOv2 with registers, patch 14, as in Table D.
 _TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=256, num_register_tokens=4)
 VFM_PRESETS = {
     "tiny": dict(model_type="dinov3_vit", num_hidden_layers=2, patch_size=16, **_TINY),
@@ -64,14 +61,13 @@ VFM_PRESETS = {
 
 
 def load_backbone(name):
-    """DINOv3 or DINOv2 by preset name, hub id or local folder, with an error that says how to fix a failed load."""
+    """DINOv3 or DINOv2 (with registers or not) by preset, hub id or folder; a failed load says how to fix it."""
     if name in VFM_PRESETS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return AutoModel.from_config(AutoConfig.for_model(**VFM_PRESETS[name]), attn_implementation="sdpa")
     try:
-        return AutoModel.from_pretrained(name, attn_implementation="sdpa",  # DINOv3, DINOv2 (with registers or not)
-                                         local_files_only=hub_unreachable())
+        return AutoModel.from_pretrained(name, attn_implementation="sdpa", local_files_only=hub_unreachable())
     except Exception as e:
         hint = (f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
                 if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
@@ -92,10 +88,10 @@ def hub_unreachable():
 
 def hub_hint(name, e, local):
     """How to fix a failed Hugging Face download of `name` (gated, offline), or None if the repo seems missing."""
-    text, kinds = f"{e} {e.__cause__}".lower(), {type(e).__name__, type(e.__cause__).__name__}
-    if "RepositoryNotFoundError" in kinds:  # its message mentions gated repos too
+    text = f"{e} {e.__cause__}".lower()
+    if "RepositoryNotFoundError" in {type(e).__name__, type(e.__cause__).__name__}:  # its message mentions gated too
         return None
-    if "gated" in text or "401" in text or "403" in text or "access" in text:
+    if any(word in text for word in ("gated", "401", "403", "access")):
         return (f"{name} is gated: accept the licence on its Hugging Face page, then run `hf auth login` (or set "
                 f"HF_TOKEN), or pass {local}")
     if hub_unreachable() or "offline" in text or "connect" in text:
@@ -105,15 +101,15 @@ def hub_hint(name, e, local):
 
 
 def feature_source(vfm, layers="", pca=""):
-    """The feature source as one string, which checkpoints record as "vfm" and later stages rebuild from and
-    compare: the backbone, then "|layers=2,5,8,11" and "|pca=FILE" when given (VFM adds the file's digest)."""
+    """The feature source as the one string that checkpoints record as "vfm": the backbone, then "|layers=2,5,8,11"
+    and "|pca=FILE" when given (VFM records the file's digest too)."""
     return vfm + (f"|layers={layers}" if layers else "") + (f"|pca={pca}" if pca else "")
 
 
 class VFM(nn.Module):
-    """A frozen feature source: uint8 frames (..., 3, H, W) -> patch tokens (..., N, C). By default the backbone's
-    output (after its final LayerNorm); with layers, those blocks' outputs, each through the final LayerNorm,
-    concatenated per patch (DINO-Foresight's features); with a PCA file, those projected by it (load_pca)."""
+    """A frozen feature source (feature_source's string): uint8 frames (..., 3, H, W) -> patch tokens (..., N, C).
+    The backbone's output (after its final LayerNorm); with layers, those blocks' outputs through the final LayerNorm,
+    concatenated per patch (DINO-Foresight's features); with a PCA file, projected by it (load_pca)."""
 
     def __init__(self, name=DINOV3_B16):
         super().__init__()
@@ -124,15 +120,15 @@ class VFM(nn.Module):
         self.layers = [int(i) for i in layers.split(",") if i.isdigit() and int(i) < cfg.num_hidden_layers] or None
         if layers and len(self.layers or ()) != len(layers.split(",")):
             raise data.UserError(f"--vfm-layers {layers}: want blocks of {backbone}, 0 to {cfg.num_hidden_layers - 1}")
-        self.patch_size, self.dim = cfg.patch_size, cfg.hidden_size * len(self.layers or [0])
-        self.num_prefix = 1 + getattr(cfg, "num_register_tokens", 0)  # CLS + registers come before the patches
+        self.patch_size, self.num_prefix = cfg.patch_size, 1 + getattr(cfg, "num_register_tokens", 0)  # CLS, registers
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
-        proj, shift, pca = load_pca(options["pca"], self.dim) if "pca" in options else (None, None, "")
+        width = cfg.hidden_size * len(self.layers or [0])
+        proj, shift, pca = load_pca(options["pca"], width) if "pca" in options else (None, None, "")
         self.register_buffer("pca_proj", proj, persistent=False)
         self.register_buffer("pca_shift", shift, persistent=False)
         self.name = feature_source(backbone, layers, pca)
-        self.dim = self.dim if proj is None else proj.shape[1]
+        self.dim = width if proj is None else proj.shape[1]
         head_dim = cfg.hidden_size // cfg.num_attention_heads  # a tokenizer as wide as the features keeps it
         if self.dim % head_dim:
             raise data.UserError(f"the PCA's component count {self.dim} is not a multiple of {head_dim} (head width)")
@@ -173,26 +169,27 @@ def load_pca(spec, width):
         proj, shift = (p["components"] / p["std"]).T, (p["mean"] / p["std"] + p["pca_mean"]) @ p["components"].T
     except Exception as e:
         raise data.UserError(f"--pca {path}: not a PCA file of --fit-pca ({type(e).__name__}: {e})".splitlines()[0])
-    if recorded not in ("", digest) or len(proj) != width:
-        raise data.UserError(f"the PCA file {path} " + (f"has changed since it was recorded (sha256 {recorded}...)"
-                             if len(proj) == width else f"projects {len(proj)}-d features, not {width}-d ones"))
+    if len(proj) != width:
+        raise data.UserError(f"the PCA file {path} projects {len(proj)}-d features, not {width}-d ones")
+    if recorded not in ("", digest):
+        raise data.UserError(f"the PCA file {path} has changed since it was recorded (sha256 {recorded}...)")
     return proj.float(), shift.float(), f"{os.path.abspath(path)}@{digest}"
 
 
 def fit_pca(batches, k):
-    """A PCA file from feature batches (..., C): each dimension standardised with its mean and std over all of them,
-    then the k leading principal components (largest variance first) as DINO-Foresight's pca.py does with sklearn,
-    here from the covariance accumulated in float64 (no features are kept)."""
-    n = s = ss = 0
+    """A PCA file from feature batches (..., C), as DINO-Foresight's pca.py fits one with sklearn: each dimension
+    standardised (mean, std over all batches), then the k leading principal components, largest variance first.
+    From the covariance accumulated in float64: no features are kept."""
+    n = total = products = 0
     for x in batches:
         x = x.double().flatten(0, -2)
-        n, s, ss = n + len(x), s + x.sum(0), ss + x.T @ x
-    mean, cov = s / n, ss / n - (s / n)[:, None] * (s / n)
+        n, total, products = n + len(x), total + x.sum(0), products + x.T @ x
+    mean = total / n
+    cov = products / n - mean[:, None] * mean
     std = cov.diagonal().clamp_min(1e-12).sqrt()
-    variance, vectors = (v.flip(-1)[..., :k].float() for v in torch.linalg.eigh(cov / std[:, None] / std))
-    mean, std = mean.float(), std.float()  # eigh's order is ascending, flipped above
-    return dict(mean=mean, std=std, pca_mean=torch.zeros_like(mean), components=vectors.T.contiguous(),
-                variance=variance)
+    variance, vectors = torch.linalg.eigh(cov / std[:, None] / std)  # ascending
+    return dict(mean=mean.float(), std=std.float(), pca_mean=torch.zeros(len(mean)),
+                components=vectors.flip(-1)[:, :k].T.float().contiguous(), variance=variance.flip(-1)[:k].float())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -755,8 +752,7 @@ def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaTok (appendix A recipe as defaults).",
                                 formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/deltatok", help="run folder: ckpt.pt, log.jsonl")
-    p.add_argument("--vfm", default=DINOV3_B16, help="backbone: DINOv3 or DINOv2 hub id, local folder, or a random "
-                   f"preset {list(VFM_PRESETS)}")
+    p.add_argument("--vfm", default=DINOV3_B16, help=f"DINOv3/DINOv2 hub id or folder, or a preset {list(VFM_PRESETS)}")
     p.add_argument("--vfm-layers", default="", help="concatenate these blocks' outputs, each through the final "
                    "LayerNorm (Table D: 2,5,8,11); default: the last")
     p.add_argument("--pca", default="", help="PCA file that projects the features (see --fit-pca)")
@@ -764,11 +760,9 @@ def get_parser():
     p.add_argument("--mode", default="delta", choices=["delta", "frame"], help="delta tokens or frame tokens")
     p.add_argument("--init", default="", help="start from these DeltaTok weights (a tokenizer.py ckpt.pt or the "
                    "released pytorch_model.bin); optimizer and step start fresh")
-    p.add_argument("--loss", default="mse", choices=["mse", "log-cosh"],
-                   help="mse (the paper) or log-cosh (the release)")
+    p.add_argument("--loss", default="mse", choices=["mse", "log-cosh"], help="mse (the paper), log-cosh (the release)")
     p.add_argument("--steps", type=data.at_least(1), default=50_000)
-    p.add_argument("--global-batch", type=data.at_least(1), default=1024,
-                   help="frame pairs per optimizer step, all GPUs")
+    p.add_argument("--global-batch", type=data.at_least(1), default=1024, help="frame pairs per step, all GPUs")
     p.add_argument("--batch-size", type=data.at_least(1), default=64, help="frame pairs per GPU per micro-step")
     p.add_argument("--lr", type=data.positive, default=1e-3)
     p.add_argument("--warmup", type=data.at_least(0), default=5_000)
