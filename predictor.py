@@ -567,27 +567,21 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaWorld (appendix A recipe as defaults).",
                                 formatter_class=data.HelpFormatter)
-    p.add_argument("--tokenizer", default="", help="frozen DeltaTok: a tokenizer.py checkpoint (delta or frame mode) "
-                   "or the released weights")
+    p.add_argument("--tokenizer", default="", help="tokenizer.py checkpoint (delta or frame mode) or released DeltaTok")
     p.add_argument("--out", default="runs/deltaworld", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default="", help="DINOv3 hub id or local folder (default: the one the tokenizer "
                    f"records; in --bench without --tokenizer {T.DINOV3_B16}); random presets {list(T.VFM_PRESETS)}")
-    p.add_argument("--no-bom", action="store_true", help="discriminative: one learned query, no best-of-many "
-                   "(appendix Table C)")
+    p.add_argument("--no-bom", action="store_true", help="discriminative: a learned query, no best-of-many (Table C)")
     p.add_argument("--bom", type=data.at_least(1), default=256, help="best-of-many candidates K per clip and position")
-    p.add_argument("--bom-chunk", type=data.at_least(1), default=256, help="candidates per forward of the candidate "
-                   "pass (lower it to save memory)")
+    p.add_argument("--bom-chunk", type=data.at_least(1), default=256, help="candidates per forward; lower saves memory")
     p.add_argument("--init", default="", help="start from these predictor weights (the released DeltaWorld layout or "
                    "a predictor.py checkpoint), with a fresh optimizer and step")
-    p.add_argument("--cache-tokens", default="", help="token cache folder: encode the training clips once there "
-                   "(if not yet done), then train from it")
-    p.add_argument("--cache-crops", type=data.positive, default=4, help="clips (augmented crops) per training video "
-                   "in the cache")
+    p.add_argument("--cache-tokens", default="", help="train from the clips' tokens, encoded once into this folder")
+    p.add_argument("--cache-crops", type=data.positive, default=4, help="cached clips (augmented crops) per video")
     p.add_argument("--export-tokens", default="", metavar="DIR", help="write the tokenizer's delta tokens of every "
                    "frame of every --data video, resized whole to --size, to DIR/shard_*.pt and exit")
-    p.add_argument("--bench-mode", default="delta", choices=["delta", "frame", "sample"], help="delta / frame: the "
-                   "random tokenizer of --bench without --tokenizer (Table 2, step 2); sample: time sampling instead "
-                   "of training (20 samples x 3 steps from 4 context frames, --batch-size sequences at once)")
+    p.add_argument("--bench-mode", default="delta", choices=["delta", "frame", "sample"], help="delta / frame: "
+                   "--bench's random tokenizer (Table 2); sample: time 20 samples x 3 steps from 4 context frames")
     return world_flags(p)
 
 
@@ -601,8 +595,7 @@ def world_flags(p):
     p.add_argument("--lr", type=data.positive, default=1e-4)
     p.add_argument("--warmup", type=data.at_least(0), default=5_000)
     p.add_argument("--weight-decay", type=float, default=0.4)
-    p.add_argument("--compile", action="store_true", help="torch.compile each block of the models (regional "
-                   "compilation)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model block (regional compilation)")
     p.add_argument("--val-clips", type=data.at_least(1), default=64)
     p.add_argument("--val-samples", type=data.at_least(1), default=8, help="samples per held-out clip of a generative "
                    "model (SPEC section 5)")
