@@ -408,14 +408,6 @@ def heldout_check(world, vfm, clips, times, num_samples, device, dtype, seed, ba
     return {k: v / len(clips) for k, v in sums.items()}
 
 
-def format_check(step, r, n):
-    lines = [f"step {step} held-out feature loss (smooth L1), {n} samples:"]
-    for h in (1, 3):
-        lines.append(f"  horizon {h}: best {r[f'h{h}/best']:.4f}   mean {r[f'h{h}/mean']:.4f}   "
-                     f"copy-last {r[f'h{h}/copy_last']:.4f}")
-    return "\n".join(lines)
-
-
 def main(args):
     rank, world_size, device = T.setup_dist()
     master = rank == 0
@@ -552,7 +544,9 @@ def main(args):
             result = heldout_check(world, vfm, val_clips, val_times, args.val_samples, device, args.dtype, args.seed)
             world.train()
             T.log_jsonl(args.out, dict(step=step, eval=result))
-            tqdm.write(format_check(step, result, args.val_samples))
+            tqdm.write(f"step {step} held-out feature loss (smooth L1), {args.val_samples} samples:" + "".join(
+                f"\n  horizon {h}: best {result[f'h{h}/best']:.4f}   mean {result[f'h{h}/mean']:.4f}   "
+                f"copy-last {result[f'h{h}/copy_last']:.4f}" for h in (1, 3)))
         if T.stop_requested(world_size) or step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=tokenizer,
                                    tokenizer_config=asdict(tok.cfg), vfm=vfm.name, size=args.size,
