@@ -25,7 +25,6 @@ import glob
 import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 
@@ -294,14 +293,13 @@ class _StreamClips(torch.utils.data.Dataset):
         return len(self.ids)
 
     def __getitem__(self, i):
-        c = self.ids[i]
-        return self.dataset.sample(c // self.global_batch, c % self.global_batch)
+        return self.dataset.sample(*divmod(self.ids[i], self.global_batch))
 
 
 @torch.no_grad()
-def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, device, dtype, batch_size, num_workers):
-    """Encode meta["num_clips"] clips into folder/shard_*.pt (tokens (n, T, C) float32, times (n, T)); shard k is
-    written by rank k % world_size, and shards already on disk are kept, so an interrupted build resumes."""
+def build_token_cache(folder, meta, train, encode, rank, world_size, batch_size, num_workers):
+    """Encode meta["num_clips"] clips by `encode` into folder/shard_*.pt (tokens (n, T, C) float32, times (n, T));
+    shard k is written by rank k % world_size, and shards already on disk are kept, so an interrupted build resumes."""
     os.makedirs(folder, exist_ok=True)
     n, G = meta["num_clips"], meta["global_batch"]
     shards = [range(k * SHARD, min(n, (k + 1) * SHARD)) for k in range(rank, math.ceil(n / SHARD), world_size)]
@@ -314,9 +312,7 @@ def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, de
         tokens, times, skipped = [], [], 0
         for frames, t, s in torch.utils.data.DataLoader(_StreamClips(train, G, ids), batch_size=batch_size,
                                                         num_workers=num_workers, worker_init_fn=data.quiet_worker):
-            with T.autocast(device, dtype):
-                feats = vfm(frames.to(device))                                           # (B, T, N, C)
-                tokens.append(tok.tokenize(feats, black).float().cpu())                  # (B, T, C)
+            tokens.append(encode(frames).cpu())                                          # (B, T, C)
             times.append(t)
             skipped += int(s.sum())
             bar.update(len(t))
@@ -332,7 +328,8 @@ def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, de
 
 
 class TokenCache:
-    """The shards, memory-mapped; clip(c) is clip c of the training stream."""
+    """The shards, memory-mapped. sample(step, j) is ClipDataset.sample's clip as tokens (T, C), so data.make_loader
+    batches the cache as it batches the clips (its "frames" then are tokens (B, T, C))."""
 
     def __init__(self, folder, seed):
         self.meta = T.load_checkpoint(os.path.join(folder, "meta.pt"), ("token_cache",), "--cache-tokens")
@@ -343,24 +340,15 @@ class TokenCache:
             raise data.UserError(f"token cache {folder} is incomplete: delete it and run again")
         self.skipped = sum(s["skipped"] for s in self.shards)
 
-    def clip(self, c):
-        epoch, r = divmod(c, self.n)
+    def sample(self, step, j):  # cache clip step G + j: tokens, times and no broken video
+        epoch, r = divmod(step * self.meta["global_batch"] + j, self.n)
         if epoch:  # later epochs: a fresh order, the same on every rank
             if self.perm[0] != epoch:
                 self.perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(
                     self.seed * 1_000_003 + epoch)))
             r = int(self.perm[1][r])
         shard = self.shards[r // SHARD]
-        return shard["tokens"][r % SHARD], shard["times"][r % SHARD]
-
-
-def cache_loader(cache, batch_size, rank, world_size, accum, start_step, global_batch):
-    """Micro-batches from the cache in the layout of data.make_loader (clip j of step s: cache clip s G + j)."""
-    for step in range(start_step, sys.maxsize):
-        for m in range(accum):
-            first = (m * world_size + rank) * batch_size
-            tokens, times = zip(*(cache.clip(step * global_batch + j) for j in range(first, first + batch_size)))
-            yield {"tokens": torch.stack(tokens), "times": torch.stack(times), "step": step}
+        return shard["tokens"][r % SHARD], shard["times"][r % SHARD], 0
 
 
 @torch.no_grad()
@@ -444,6 +432,10 @@ def main(args):
     if args.compile:
         T.compile_blocks(vfm, tok, world)
 
+    def encode(frames):  # (B, T, 3, H, W) uint8 -> tokens (B, T, C) through the frozen VFM and DeltaTok encoder
+        with torch.no_grad(), T.autocast(device, args.dtype):
+            return tok.tokenize(vfm(frames.to(device, non_blocking=True)), black).float()
+
     if args.bench:
         B = args.batch_size
         frames = torch.randint(0, 256, (B, args.num_frames, 3, *args.size), dtype=torch.uint8, device=device)
@@ -457,10 +449,9 @@ def main(args):
                                "sequence at 512 px, DeltaTok decoding included")
 
         def step(update=True, b=B):
+            tokens = cached[:b] if args.cache_tokens else encode(frames[:b])  # --cache-tokens: no VFM, no encoder
+            noise = clip_noise(args.seed, 0, range(b), K, L, C, device) if K else None
             with T.autocast(device, args.dtype):
-                with torch.no_grad():  # --cache-tokens: the cached-token step, no backbone, no encoder
-                    tokens = cached[:b] if args.cache_tokens else tok.tokenize(vfm(frames[:b]), black).float()
-                noise = clip_noise(args.seed, 0, range(b), K, L, C, device) if K else None
                 loss, _ = world_loss(world, world, tokens, times[:b], noise, args.bom_chunk)
             loss.backward()
             if update:
@@ -484,14 +475,14 @@ def main(args):
                     global_batch=args.global_batch, num_clips=math.ceil(args.cache_crops * len(train.source)))
         if not os.path.exists(os.path.join(args.cache_tokens, "meta.pt")):
             start = time.perf_counter()
-            build_token_cache(args.cache_tokens, meta, train, vfm, tok, black, rank, world_size, device, args.dtype,
-                              args.batch_size, args.num_workers)
+            build_token_cache(args.cache_tokens, meta, train, encode, rank, world_size, args.batch_size,
+                              args.num_workers)
             data.bench_record(clips_per_s=meta["num_clips"] / (time.perf_counter() - start))  # make bench-gpu's row
         cache = TokenCache(args.cache_tokens, args.seed)
         if {k: cache.meta[k] for k in meta} != meta:
             raise data.UserError(f"the token cache {args.cache_tokens} was made with other settings "
                                  f"({ {k: v for k, v in cache.meta.items() if meta.get(k) != v} }): use another folder")
-        loader = cache_loader(cache, args.batch_size, rank, world_size, accum, step, args.global_batch)
+        loader = data.make_loader(cache, args.batch_size, rank, world_size, accum, step, num_workers=0)  # memory-mapped
         skipped = cache.skipped
     else:
         loader = data.make_loader(train, args.batch_size, rank, world_size, accum, step, args.num_workers)
@@ -511,13 +502,8 @@ def main(args):
         for micro in range(accum):
             batch = next(loader)
             first = (micro * world_size + rank) * args.batch_size  # global index of this micro-batch's first clip
-            if args.cache_tokens:
-                tokens = batch["tokens"].to(device, non_blocking=True)                    # (B, T, C)
-            else:
-                skipped += batch["skipped"]
-                with torch.no_grad(), T.autocast(device, args.dtype):
-                    feats = vfm(batch["frames"].to(device, non_blocking=True))         # (B, T, N, C)
-                    tokens = tok.tokenize(feats, black).float()                           # (B, T, C)
+            skipped += batch["skipped"]
+            tokens = batch["frames"].to(device) if args.cache_tokens else encode(batch["frames"])  # (B, T, C)
             times = batch["times"].to(device, non_blocking=True)                          # (B, T)
             noise = clip_noise(args.seed, step, range(first, first + args.batch_size), K, L, C, device) if K else None
             with model.no_sync() if world_size > 1 and micro < accum - 1 else contextlib.nullcontext():
