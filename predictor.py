@@ -25,7 +25,6 @@ import glob
 import hashlib
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 
@@ -39,16 +38,14 @@ import data
 import tokenizer as T
 
 # ----------------------------------------------------------------------------------------------------------------
-# The predictor (SPEC section 3): cross-attention blocks, RoPE over any number of axes. baseline_dinoworld.py
-# imports it too.
+# The predictor (SPEC section 3), DINO-world's too: cross-attention blocks, RoPE over any number of axes.
 
 
 def rope_angles(pos, axes, head_dim):
-    """RoPE tables for positions pos (..., L, A) with one rotated slice of each head per axis (sizes `axes`, in
-    order from dim 0); the last head_dim - sum(axes) dims stay unrotated. A slice of size a uses a/2 frequencies
-    w_j = 10^(-u_j), u evenly spaced over [-2, 2], angle = 2 pi pos w_j, and rotates the pairs (j, j + a/2)
-    (SPEC section 3). The axes are of one even size. Returns (cos, signed sin, axes) for apply_rope: cos/sin
-    (..., L, head_dim)."""
+    """RoPE tables for positions pos (..., L, A): each head rotates one slice per axis (sizes `axes`, all one even
+    size, in order from dim 0) and leaves its last head_dim - sum(axes) dims as they are. A slice of size a uses a/2
+    frequencies w_j = 10^(-u_j), u evenly spaced over [-2, 2], angle = 2 pi pos w_j, and rotates the pairs
+    (j, j + a/2) (SPEC section 3). Returns (cos, signed sin, axes) for apply_rope, cos/sin (..., L, head_dim)."""
     if len(axes) != pos.shape[-1] or sum(axes) > head_dim or axes[0] % 2 or len(set(axes)) > 1:
         raise ValueError(f"RoPE axes {axes} do not fit {pos.shape[-1]} position axes and head dim {head_dim}")
     cos, sin = [], []
@@ -160,9 +157,8 @@ NOISE_STD = 0.02  # generative queries: N(0, 0.02^2 I) per predicted token and s
 
 
 class DeltaWorld(nn.Module):
-    """The predictor over a frozen DeltaTok. The tokenizer and the VFM are kept aside (not submodules): they are
-    not trained, not in the state dict, not wrapped by DDP. The VFM is only needed for the black frame's features
-    (the 'previous frame' of a clip's first frame) when sampling from raw features."""
+    """The predictor over a frozen DeltaTok. The tokenizer and the VFM are no submodules (not trained, saved or
+    wrapped by DDP); the VFM only gives sample() the black frame (the 'previous frame' of a clip's first frame)."""
 
     def __init__(self, tokenizer, vfm=None, model="base", bom=True):
         super().__init__()
@@ -209,11 +205,10 @@ class DeltaWorld(nn.Module):
 
     @torch.no_grad()
     def sample(self, feats, times, num_samples, horizon, generator=None):
-        """Roll out `horizon` steps, `num_samples` times, from context features feats (B, Tc, N, C) with
-        timestamps times (B, Tc + horizon) of the context and target frames. One batched forward per step for all
-        samples; each step's token is decoded from the previous features (first: the last context frame's) and
-        appended to the context, never re-encoded. Returns predicted features (B, S, H, N, C) and tokens
-        (B, S, H, C). The noise comes from `generator` (seeded: same samples)."""
+        """Roll out `horizon` steps, `num_samples` times, from context features feats (B, Tc, N, C) with timestamps
+        times (B, Tc + horizon) of context and target frames: one forward per step for all samples; each token is
+        decoded from the previous features (first: the last context frame's) and appended to the context, never
+        re-encoded. Returns features (B, S, H, N, C) and tokens (B, S, H, C); the noise comes from `generator`."""
         B, Tc, N, C = feats.shape
         S = num_samples
         feats = feats.float()
@@ -246,9 +241,8 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt")
                              "--tokenizer with that file (moved or copied), or with the released DeltaTok it used")
     tok, vfm_name = T.load_deltatok(tokenizer or ckpt["tokenizer"], device)
     vfm = vfm if vfm is not None else T.VFM(vfm_name if released else ckpt["vfm"] or vfm_name).to(device)
-    model, bom = ("base", "q_embed.weight" not in ckpt.get("state_dict", ckpt)) if released else \
-        (ckpt["config"]["model"], ckpt["config"]["bom"])
-    world = DeltaWorld(tok, vfm, model, bom)
+    cfg = dict(model="base", bom="q_embed.weight" not in ckpt.get("state_dict", ckpt)) if released else ckpt["config"]
+    world = DeltaWorld(tok, vfm, cfg["model"], cfg["bom"])
     T.load_state_strict(world, ckpt, f"DeltaWorld checkpoint {path}", "check --tokenizer")
     return world.to(device).eval().requires_grad_(False)
 
@@ -277,31 +271,25 @@ def world_loss(world, model, tokens, times, noise=None, chunk=256):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Token cache: encode the training clips once (backbone + DeltaTok encoder, about 144 GFLOPs per frame, Table B),
-# then train the predictor (about 0.3 GFLOPs per token) from disk.
-#
-# Cache clip c is clip c of the on-the-fly stream, ClipDataset.sample(c // global_batch, c % global_batch), so
-# training from a cache of n clips sees exactly the on-the-fly clips (and BoM noise) for its first n / global_batch
-# steps; after that it goes over the cache again in a fresh order per epoch.
+# then train the predictor (about 0.3 GFLOPs per token) from disk. Cache clip c is clip c of the on-the-fly stream,
+# ClipDataset.sample(c // global_batch, c % global_batch), so training from n cached clips sees exactly the on-the-fly
+# clips (and BoM noise) for its first n / global_batch steps, then the cache again in a fresh order per epoch.
 
 SHARD = 4096  # clips per shard file
 
 
 class _StreamClips(torch.utils.data.Dataset):
-    def __init__(self, dataset, global_batch, ids):
-        self.dataset, self.global_batch, self.ids = dataset, global_batch, ids
+    def __init__(self, dataset, global_batch):
+        self.dataset, self.global_batch = dataset, global_batch
 
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        c = self.ids[i]
-        return self.dataset.sample(c // self.global_batch, c % self.global_batch)
+    def __getitem__(self, c):
+        return self.dataset.sample(*divmod(c, self.global_batch))
 
 
 @torch.no_grad()
-def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, device, dtype, batch_size, num_workers):
-    """Encode meta["num_clips"] clips into folder/shard_*.pt (tokens (n, T, C) float32, times (n, T)); shard k is
-    written by rank k % world_size, and shards already on disk are kept, so an interrupted build resumes."""
+def build_token_cache(folder, meta, train, encode, rank, world_size, batch_size, num_workers):
+    """Encode meta["num_clips"] clips by `encode` into folder/shard_*.pt (tokens (n, T, C) float32, times (n, T));
+    shard k is written by rank k % world_size, and shards already on disk are kept, so an interrupted build resumes."""
     os.makedirs(folder, exist_ok=True)
     n, G = meta["num_clips"], meta["global_batch"]
     shards = [range(k * SHARD, min(n, (k + 1) * SHARD)) for k in range(rank, math.ceil(n / SHARD), world_size)]
@@ -312,11 +300,9 @@ def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, de
             bar.update(len(ids))
             continue
         tokens, times, skipped = [], [], 0
-        for frames, t, s in torch.utils.data.DataLoader(_StreamClips(train, G, ids), batch_size=batch_size,
+        for frames, t, s in torch.utils.data.DataLoader(_StreamClips(train, G), batch_size, sampler=ids,
                                                         num_workers=num_workers, worker_init_fn=data.quiet_worker):
-            with T.autocast(device, dtype):
-                feats = vfm(frames.to(device))                                           # (B, T, N, C)
-                tokens.append(tok.tokenize(feats, black).float().cpu())                  # (B, T, C)
+            tokens.append(encode(frames).cpu())                                          # (B, T, C)
             times.append(t)
             skipped += int(s.sum())
             bar.update(len(t))
@@ -332,35 +318,30 @@ def build_token_cache(folder, meta, train, vfm, tok, black, rank, world_size, de
 
 
 class TokenCache:
-    """The shards, memory-mapped; clip(c) is clip c of the training stream."""
+    """The shards, memory-mapped. sample(step, j) is ClipDataset.sample's clip as tokens (T, C), so data.make_loader
+    batches the cache as it batches the clips (its "frames" then are tokens (B, T, C))."""
 
-    def __init__(self, folder, seed):
+    def __init__(self, folder, meta):
         self.meta = T.load_checkpoint(os.path.join(folder, "meta.pt"), ("token_cache",), "--cache-tokens")
         paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
         self.shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
-        self.n, self.seed, self.perm = self.meta["num_clips"], seed, (0, None)
+        self.n, self.perm = self.meta["num_clips"], (0, None)
         if sum(len(s["tokens"]) for s in self.shards) != self.n:
             raise data.UserError(f"token cache {folder} is incomplete: delete it and run again")
+        if {k: self.meta[k] for k in meta} != meta:  # `meta`: the settings of this run
+            raise data.UserError(f"the token cache {folder} was made with other settings "
+                                 f"({ {k: v for k, v in self.meta.items() if meta.get(k) != v} }): use another folder")
         self.skipped = sum(s["skipped"] for s in self.shards)
 
-    def clip(self, c):
-        epoch, r = divmod(c, self.n)
+    def sample(self, step, j):  # cache clip step G + j: tokens, times and no broken video
+        epoch, r = divmod(step * self.meta["global_batch"] + j, self.n)
         if epoch:  # later epochs: a fresh order, the same on every rank
             if self.perm[0] != epoch:
                 self.perm = (epoch, torch.randperm(self.n, generator=torch.Generator().manual_seed(
-                    self.seed * 1_000_003 + epoch)))
+                    self.meta["seed"] * 1_000_003 + epoch)))
             r = int(self.perm[1][r])
         shard = self.shards[r // SHARD]
-        return shard["tokens"][r % SHARD], shard["times"][r % SHARD]
-
-
-def cache_loader(cache, batch_size, rank, world_size, accum, start_step, global_batch):
-    """Micro-batches from the cache in the layout of data.make_loader (clip j of step s: cache clip s G + j)."""
-    for step in range(start_step, sys.maxsize):
-        for m in range(accum):
-            first = (m * world_size + rank) * batch_size
-            tokens, times = zip(*(cache.clip(step * global_batch + j) for j in range(first, first + batch_size)))
-            yield {"tokens": torch.stack(tokens), "times": torch.stack(times), "step": step}
+        return shard["tokens"][r % SHARD], shard["times"][r % SHARD], 0
 
 
 @torch.no_grad()
@@ -408,14 +389,6 @@ def heldout_check(world, vfm, clips, times, num_samples, device, dtype, seed, ba
     return {k: v / len(clips) for k, v in sums.items()}
 
 
-def format_check(step, r, n):
-    lines = [f"step {step} held-out feature loss (smooth L1), {n} samples:"]
-    for h in (1, 3):
-        lines.append(f"  horizon {h}: best {r[f'h{h}/best']:.4f}   mean {r[f'h{h}/mean']:.4f}   "
-                     f"copy-last {r[f'h{h}/copy_last']:.4f}")
-    return "\n".join(lines)
-
-
 def main(args):
     rank, world_size, device = T.setup_dist()
     master = rank == 0
@@ -424,9 +397,9 @@ def main(args):
         raise data.UserError("--tokenizer is required: a tokenizer.py checkpoint or the released DeltaTok weights")
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world_size)
     cache = ("--cache-tokens", args.cache_tokens)  # read, or made (a folder of its own: not --out)
-    ckpt = T.check_run(args, "deltaworld", [("--tokenizer", args.tokenizer), ("--data", args.data), ("--val-data",
-                       args.val_data), ("--init", args.init), cache], [cache] * bool(args.cache_tokens) +
-                       [("--export-tokens", args.export_tokens)] * bool(args.export_tokens))
+    write = [w for w in (cache, ("--export-tokens", args.export_tokens)) if w[1]]
+    ckpt = T.check_run(args, "deltaworld", [("--tokenizer", args.tokenizer), ("--data", args.data),
+                       ("--val-data", args.val_data), ("--init", args.init), cache], write)
     init = T.load_checkpoint(args.init, ("deltaworld",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
                              num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
@@ -446,11 +419,14 @@ def main(args):
     if init:  # weights only (the released layout or a predictor.py checkpoint): optimizer and step start afresh
         T.load_state_strict(world, init, f"--init {args.init}", "check --model / --no-bom")
     opt = T.make_optimizer(world, args.lr, args.weight_decay, device)
-    K = 0 if args.no_bom else args.bom
     black = world.black(math.prod(args.size) // vfm.patch_size ** 2, device)
-    C, L = tok.cfg.dim, args.num_frames - 1
+    K, L, C = 0 if args.no_bom else args.bom, args.num_frames - 1, tok.cfg.dim  # BoM noise (B, K, L, C)
     if args.compile:
         T.compile_blocks(vfm, tok, world)
+
+    def encode(frames):  # (B, T, 3, H, W) uint8 -> tokens (B, T, C) through the frozen VFM and DeltaTok encoder
+        with torch.no_grad(), T.autocast(device, args.dtype):
+            return tok.tokenize(vfm(frames.to(device, non_blocking=True)), black).float()
 
     if args.bench:
         B = args.batch_size
@@ -465,10 +441,9 @@ def main(args):
                                "sequence at 512 px, DeltaTok decoding included")
 
         def step(update=True, b=B):
+            tokens = cached[:b] if args.cache_tokens else encode(frames[:b])  # --cache-tokens: no VFM, no encoder
+            noise = clip_noise(args.seed, 0, range(b), K, L, C, device) if K else None
             with T.autocast(device, args.dtype):
-                with torch.no_grad():  # --cache-tokens: the cached-token step, no backbone, no encoder
-                    tokens = cached[:b] if args.cache_tokens else tok.tokenize(vfm(frames[:b]), black).float()
-                noise = clip_noise(args.seed, 0, range(b), K, L, C, device) if K else None
                 loss, _ = world_loss(world, world, tokens, times[:b], noise, args.bom_chunk)
             loss.backward()
             if update:
@@ -492,14 +467,11 @@ def main(args):
                     global_batch=args.global_batch, num_clips=math.ceil(args.cache_crops * len(train.source)))
         if not os.path.exists(os.path.join(args.cache_tokens, "meta.pt")):
             start = time.perf_counter()
-            build_token_cache(args.cache_tokens, meta, train, vfm, tok, black, rank, world_size, device, args.dtype,
-                              args.batch_size, args.num_workers)
+            build_token_cache(args.cache_tokens, meta, train, encode, rank, world_size, args.batch_size,
+                              args.num_workers)
             data.bench_record(clips_per_s=meta["num_clips"] / (time.perf_counter() - start))  # make bench-gpu's row
-        cache = TokenCache(args.cache_tokens, args.seed)
-        if {k: cache.meta[k] for k in meta} != meta:
-            raise data.UserError(f"the token cache {args.cache_tokens} was made with other settings "
-                                 f"({ {k: v for k, v in cache.meta.items() if meta.get(k) != v} }): use another folder")
-        loader = cache_loader(cache, args.batch_size, rank, world_size, accum, step, args.global_batch)
+        cache = TokenCache(args.cache_tokens, meta)
+        loader = data.make_loader(cache, args.batch_size, rank, world_size, accum, step, num_workers=0)  # memory-mapped
         skipped = cache.skipped
     else:
         loader = data.make_loader(train, args.batch_size, rank, world_size, accum, step, args.num_workers)
@@ -519,13 +491,8 @@ def main(args):
         for micro in range(accum):
             batch = next(loader)
             first = (micro * world_size + rank) * args.batch_size  # global index of this micro-batch's first clip
-            if args.cache_tokens:
-                tokens = batch["tokens"].to(device, non_blocking=True)                    # (B, T, C)
-            else:
-                skipped += batch["skipped"]
-                with torch.no_grad(), T.autocast(device, args.dtype):
-                    feats = vfm(batch["frames"].to(device, non_blocking=True))         # (B, T, N, C)
-                    tokens = tok.tokenize(feats, black).float()                           # (B, T, C)
+            skipped += batch["skipped"]
+            tokens = batch["frames"].to(device) if args.cache_tokens else encode(batch["frames"])  # (B, T, C)
             times = batch["times"].to(device, non_blocking=True)                          # (B, T)
             noise = clip_noise(args.seed, step, range(first, first + args.batch_size), K, L, C, device) if K else None
             with model.no_sync() if world_size > 1 and micro < accum - 1 else contextlib.nullcontext():
@@ -552,7 +519,9 @@ def main(args):
             result = heldout_check(world, vfm, val_clips, val_times, args.val_samples, device, args.dtype, args.seed)
             world.train()
             T.log_jsonl(args.out, dict(step=step, eval=result))
-            tqdm.write(format_check(step, result, args.val_samples))
+            tqdm.write(f"step {step} held-out feature loss (smooth L1), {args.val_samples} samples:" + "".join(
+                f"\n  horizon {h}: best {result[f'h{h}/best']:.4f}   mean {result[f'h{h}/mean']:.4f}   "
+                f"copy-last {result[f'h{h}/copy_last']:.4f}" for h in (1, 3)))
         if T.stop_requested(world_size) or step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=tokenizer,
                                    tokenizer_config=asdict(tok.cfg), vfm=vfm.name, size=args.size,
@@ -567,27 +536,20 @@ def main(args):
 def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaWorld (appendix A recipe as defaults).",
                                 formatter_class=data.HelpFormatter)
-    p.add_argument("--tokenizer", default="", help="frozen DeltaTok: a tokenizer.py checkpoint (delta or frame mode) "
-                   "or the released weights")
+    p.add_argument("--tokenizer", default="", help="tokenizer.py checkpoint (delta or frame mode) or released DeltaTok")
     p.add_argument("--out", default="runs/deltaworld", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default="", help="DINOv3 hub id or local folder (default: the one the tokenizer "
                    f"records; in --bench without --tokenizer {T.DINOV3_B16}); random presets {list(T.VFM_PRESETS)}")
-    p.add_argument("--no-bom", action="store_true", help="discriminative: one learned query, no best-of-many "
-                   "(appendix Table C)")
+    p.add_argument("--no-bom", action="store_true", help="discriminative: a learned query, no best-of-many (Table C)")
     p.add_argument("--bom", type=data.at_least(1), default=256, help="best-of-many candidates K per clip and position")
-    p.add_argument("--bom-chunk", type=data.at_least(1), default=256, help="candidates per forward of the candidate "
-                   "pass (lower it to save memory)")
-    p.add_argument("--init", default="", help="start from these predictor weights (the released DeltaWorld layout or "
-                   "a predictor.py checkpoint), with a fresh optimizer and step")
-    p.add_argument("--cache-tokens", default="", help="token cache folder: encode the training clips once there "
-                   "(if not yet done), then train from it")
-    p.add_argument("--cache-crops", type=data.positive, default=4, help="clips (augmented crops) per training video "
-                   "in the cache")
+    p.add_argument("--bom-chunk", type=data.at_least(1), default=256, help="candidates per forward; lower saves memory")
+    p.add_argument("--init", default="", help="start from these weights (released/predictor.py): new optimizer, step 0")
+    p.add_argument("--cache-tokens", default="", help="train from the clips' tokens, encoded once into this folder")
+    p.add_argument("--cache-crops", type=data.positive, default=4, help="cached clips (augmented crops) per video")
     p.add_argument("--export-tokens", default="", metavar="DIR", help="write the tokenizer's delta tokens of every "
                    "frame of every --data video, resized whole to --size, to DIR/shard_*.pt and exit")
-    p.add_argument("--bench-mode", default="delta", choices=["delta", "frame", "sample"], help="delta / frame: the "
-                   "random tokenizer of --bench without --tokenizer (Table 2, step 2); sample: time sampling instead "
-                   "of training (20 samples x 3 steps from 4 context frames, --batch-size sequences at once)")
+    p.add_argument("--bench-mode", default="delta", choices=["delta", "frame", "sample"], help="delta / frame: "
+                   "--bench's random tokenizer (Table 2); sample: time 20 samples x 3 steps from 4 context frames")
     return world_flags(p)
 
 
@@ -601,11 +563,9 @@ def world_flags(p):
     p.add_argument("--lr", type=data.positive, default=1e-4)
     p.add_argument("--warmup", type=data.at_least(0), default=5_000)
     p.add_argument("--weight-decay", type=float, default=0.4)
-    p.add_argument("--compile", action="store_true", help="torch.compile each block of the models (regional "
-                   "compilation)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model block (regional compilation)")
     p.add_argument("--val-clips", type=data.at_least(1), default=64)
-    p.add_argument("--val-samples", type=data.at_least(1), default=8, help="samples per held-out clip of a generative "
-                   "model (SPEC section 5)")
+    p.add_argument("--val-samples", type=data.at_least(1), default=8, help="samples per held-out clip (SPEC section 5)")
     p.add_argument("--bench", type=data.at_least(0), default=0, help="time N training steps on random frames and exit")
     data.clip_flags(p)
     data.run_flags(p, workers=8, eval_every=1000)
