@@ -708,18 +708,18 @@ def bench_table(jsonl, markdown):
 
 def convert_pca(src, dst):
     """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> tokenizer.load_pca's file at dst.
-    Unpickling runs what the file names: only numpy's and torch's classes pass."""
-    class restricted:  # a pickle module for torch.load
-        class Unpickler(pickle.Unpickler):
-            def find_class(self, module, name):
-                if module.startswith("sklearn.decomposition") and name == "PCA":
-                    return type(name, (), {})  # a bare object keeps its attributes: no sklearn needed
-                if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
-                    return super().find_class(module, name)
-                raise UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
-    with open(src, "rb") as f:  # torch.save's zip file or a plain pickle
-        p = restricted.Unpickler(f).load() if not zipfile.is_zipfile(src) else \
-            torch.load(f, weights_only=False, pickle_module=restricted)
+    Unpickling runs what the file names: only numpy's and torch's classes pass (never torch.load's full unpickler)."""
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("sklearn.decomposition") and name == "PCA":
+                return type(name, (), {})  # a bare object keeps its attributes: no sklearn needed
+            if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
+                return super().find_class(module, name)
+            raise UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
+    if zipfile.is_zipfile(src):
+        raise UserError(f"--convert-pca {src} is a torch.save file, not DINO-Foresight's pickle (pickle.dump)")
+    with open(src, "rb") as f:
+        p = Restricted(f).load()
     t, pca = lambda v: torch.as_tensor(v, dtype=torch.float32), p["pca_model"].__dict__
     torch.save(dict(mean=t(p["mean"]).flatten(), std=t(p["std"]).flatten(), pca_mean=t(pca["mean_"]),
                     components=t(pca["components_"]), variance=t(pca["explained_variance_"])), dst)

@@ -101,18 +101,18 @@ def test_dino_foresight_pickle_converts_without_sklearn(tmp_path, monkeypatch):
     model.components_, model.mean_ = rng.standard_normal((16, 64)), rng.standard_normal(64)
     model.explained_variance_, model.n_components = np.arange(16.0, 0, -1), 16
     mean, std = torch.randn(1, 64), torch.rand(1, 64) + 0.5
-    for save in (lambda obj, f: pickle.dump(obj, f), torch.save):  # a plain pickle or torch.save's zip file
-        with open(tmp_path / "pca.pkl", "wb") as f:
-            save(dict(pca_model=model, mean=mean, std=std), f)
-        monkeypatch.delitem(sys.modules, "sklearn.decomposition._pca")  # reading it needs no sklearn
-        data.convert_pca(str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt"))
-        monkeypatch.setitem(sys.modules, "sklearn.decomposition._pca", types.ModuleType("pca"))
-        sys.modules["sklearn.decomposition._pca"].PCA = PCA
-        proj, shift, _ = T.load_pca(str(tmp_path / "pca.pt"), 64)
-        x = torch.randn(5, 64)
-        want = ((x - mean) / std - torch.tensor(model.mean_, dtype=torch.float32)) @ \
-            torch.tensor(model.components_, dtype=torch.float32).T
-        torch.testing.assert_close(x @ proj - shift, want, atol=1e-4, rtol=1e-4)
+    # DINO-Foresight's pca.py writes a plain pickle
+    with open(tmp_path / "pca.pkl", "wb") as f:
+        pickle.dump(dict(pca_model=model, mean=mean, std=std), f)
+    monkeypatch.delitem(sys.modules, "sklearn.decomposition._pca")  # reading it needs no sklearn
+    data.convert_pca(str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt"))
+    monkeypatch.setitem(sys.modules, "sklearn.decomposition._pca", types.ModuleType("pca"))
+    sys.modules["sklearn.decomposition._pca"].PCA = PCA
+    proj, shift, _ = T.load_pca(str(tmp_path / "pca.pt"), 64)
+    x = torch.randn(5, 64)
+    want = ((x - mean) / std - torch.tensor(model.mean_, dtype=torch.float32)) @ \
+        torch.tensor(model.components_, dtype=torch.float32).T
+    torch.testing.assert_close(x @ proj - shift, want, atol=1e-4, rtol=1e-4)
 
     class Evil:
         def __reduce__(self):
@@ -121,6 +121,9 @@ def test_dino_foresight_pickle_converts_without_sklearn(tmp_path, monkeypatch):
         pickle.dump(dict(pca_model=Evil()), f)
     with pytest.raises(data.UserError, match="builtins.print"):
         data.convert_pca(str(tmp_path / "evil.pkl"), str(tmp_path / "out.pt"))
+    torch.save(dict(pca_model={}), tmp_path / "zip.pt")  # torch.load would need its unsafe unpickler: refused
+    with pytest.raises(data.UserError, match="torch.save file"):
+        data.convert_pca(str(tmp_path / "zip.pt"), str(tmp_path / "out.pt"))
 
 
 def test_non_square_rope_equals_dinov3s_on_an_h_by_w_image():
