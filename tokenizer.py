@@ -67,7 +67,8 @@ def load_backbone(name):
             torch.manual_seed(0)
             return AutoModel.from_config(AutoConfig.for_model(**VFM_PRESETS[name]), attn_implementation="sdpa")
     try:
-        return AutoModel.from_pretrained(name, attn_implementation="sdpa", local_files_only=hub_unreachable())
+        offline = not os.path.isdir(name) and hub_unreachable()  # a local folder needs no probe of the hub
+        return AutoModel.from_pretrained(name, attn_implementation="sdpa", local_files_only=offline)
     except Exception as e:
         hint = (f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
                 if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
