@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import bench
 import data
 import tokenizer as T
 from predictor import HEAD_DIM, NOISE_STD, PREDICTOR_PRESETS, Predictor, clip_noise, world_flags
@@ -214,7 +215,7 @@ def main(args):
             if update:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return data.run_bench(step, lambda: step(False, 1), B, args.bench, device,
+        return bench.run_bench(step, lambda: step(False, 1), B, args.bench, device,
                            "authors' code, H200, bf16 + compile: DINO-world 256 px batch 32 x 8: 166 ms, 24.2 GiB "
                            "(SPEC section 6); Table 2: + BoM 16 needs about the same memory")
 

@@ -50,6 +50,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import baseline_dinoworld as DW
+import bench
 import data
 import heads as Hd
 import predictor as P
@@ -407,7 +408,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
         os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
         torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
                    args.save_features)
-    data.bench_record(sequences_per_s=len(loader.dataset) / (time.perf_counter() - start))  # make bench-gpu's row
+    bench.bench_record(sequences_per_s=len(loader.dataset) / (time.perf_counter() - start))  # make bench-gpu's row
     return scores
 
 
@@ -504,7 +505,7 @@ def flops(args):
     zeros = lambda *s: torch.zeros(*s, device="meta")
     n, c = math.prod(args.size) // vfm.patch_size ** 2, vfm.dim
     x = zeros(1, n, c)
-    g = lambda fn: data.count_flops(fn) / 1e9
+    g = lambda fn: bench.count_flops(fn) / 1e9
     backbone = g(lambda: vfm(torch.zeros(1, 3, *args.size, dtype=torch.uint8, device="meta")))
     encoder, decoder = g(lambda: tok.encode(x, x)), g(lambda: tok.decode(zeros(1, 1, c), x))
     predictor = {k: g(lambda: world(zeros(1, 1, c), zeros(1, k, c), zeros(1, 1, 1), zeros(1, k, 1))) for k in (4, 5, 6)}

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import bench
 import data
 import tokenizer as T
 
@@ -437,7 +438,7 @@ def main(args):
             def sample(b=B):
                 with torch.no_grad(), T.autocast(device, args.dtype):
                     world.sample(vfm(frames[:b, :4]), times[:b, :7], 20, 3)
-            return data.run_bench(sample, lambda: sample(1), B, args.bench, device, "the target: at most 50 ms per "
+            return bench.run_bench(sample, lambda: sample(1), B, args.bench, device, "the target: at most 50 ms per "
                                "sequence at 512 px, DeltaTok decoding included")
 
         def step(update=True, b=B):
@@ -449,7 +450,7 @@ def main(args):
             if update:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return data.run_bench(step, lambda: step(False, 1), B, args.bench, device,
+        return bench.run_bench(step, lambda: step(False, 1), B, args.bench, device,
                            "authors' code, H200, bf16 + compile, batch 32 x 8 frames, K=256: 256 px 142 ms, 3.8 GiB; "
                            "512 px 585 ms, 9.2 GiB; DINO-world 256 px: 166 ms, 24.2 GiB (SPEC section 6)")
 
@@ -469,7 +470,7 @@ def main(args):
             start = time.perf_counter()
             build_token_cache(args.cache_tokens, meta, train, encode, rank, world_size, args.batch_size,
                               args.num_workers)
-            data.bench_record(clips_per_s=meta["num_clips"] / (time.perf_counter() - start))  # make bench-gpu's row
+            bench.bench_record(clips_per_s=meta["num_clips"] / (time.perf_counter() - start))  # make bench-gpu's row
         cache = TokenCache(args.cache_tokens, meta)
         loader = data.make_loader(cache, args.batch_size, rank, world_size, accum, step, num_workers=0)  # memory-mapped
         skipped = cache.skipped

@@ -42,6 +42,7 @@ from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTAttention, DINOv3ViTLayer, DINOv3ViTLayerScale, DINOv3ViTRopePositionEmbedding, apply_rotary_pos_emb,
     get_patches_center_coordinates)
 
+import bench
 import data
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -409,7 +410,7 @@ def load_deltatok(path, device="cpu", flag="--tokenizer"):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run helpers shared by every stage: DDP, checkpoints, the run folder, optimizer, logging (data.py: the command
-# line, the split of a step over processes, the bench)
+# line, the split of a step over processes; bench.py: --bench)
 
 def setup_dist():
     """(rank, world size, device) from torchrun's environment; one plain process otherwise."""
@@ -678,7 +679,7 @@ def main(args):
                 torch.nn.utils.clip_grad_norm_(tok.parameters(), args.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return data.run_bench(step, lambda: step(False, 1), args.batch_size, args.bench, device,
+        return bench.run_bench(step, lambda: step(False, 1), args.batch_size, args.bench, device,
                          "authors' code, H200, bf16 + compile: 256 px batch 64: 115 ms, 24.2 GiB; "
                          "512 px batch 64: 511 ms, 88.6 GiB (SPEC section 6)")
 
