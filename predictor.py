@@ -346,25 +346,32 @@ class TokenCache:
 
 
 @torch.no_grad()
-def export_tokens(tok, vfm, source, folder, size, device, dtype, shard=1000):
+def export_tokens(tok, vfm, source, folder, size, device, dtype, rank=0, world_size=1, shard=1000, chunk=64):
     """Delta tokens of every frame of every video of `source`, each frame resized whole to size (H, W), for another
     world model: folder/shard_KKKKK.pt holds videos k * shard onwards as {"video": [index in the source], "tokens":
-    [(T, C) float32], "times": [(T,) seconds]}; broken videos are skipped (README, Table D)."""
+    [(T, C) float32], "times": [(T,) seconds]}. Shard k is written by rank k % world_size, shards on disk are kept
+    (a rerun goes on), frames are read and encoded `chunk` at a time, broken videos skipped (README, Table D)."""
     os.makedirs(folder, exist_ok=True)
-    for k in tqdm(range(0, len(source), shard), desc="export", dynamic_ncols=True):
-        out = dict(video=[], tokens=[], times=[])
+    for k in tqdm(range(rank * shard, len(source), world_size * shard), "export", unit="shard", disable=rank != 0):
+        path, out = os.path.join(folder, f"shard_{k // shard:05d}.pt"), dict(video=[], tokens=[], times=[])
+        if os.path.exists(path):
+            continue
         for i in range(k, min(k + shard, len(source))):
-            times = source.frame_times(i)
-            try:
-                x = torch.from_numpy(source.read(i, list(range(len(times))))).permute(0, 3, 1, 2)  # (T, 3, H, W)
-            except Exception as e:
-                data._warn_broken(source, i, e)
-                continue
-            with T.autocast(device, dtype):
-                feats = vfm(F.interpolate(x, size, mode="bilinear", antialias=True).to(device))[None]  # (1, T, N, C)
-                out["tokens"].append(tok.tokenize(feats, vfm.black(size, device))[0].float().cpu())
-            out["video"].append(i), out["times"].append(torch.tensor(times))
-        T.save_checkpoint(out, os.path.join(folder, f"shard_{k // shard:05d}.pt"))
+            times, tokens, prev = source.frame_times(i), [], vfm.black(size, device)  # (1, N, C) before frame 0
+            for t in range(0, len(times), chunk):
+                try:
+                    x = torch.from_numpy(source.read(i, range(t, min(t + chunk, len(times))))).permute(0, 3, 1, 2)
+                except Exception as e:
+                    data._warn_broken(source, i, e)
+                    break
+                with T.autocast(device, dtype):
+                    feats = vfm(F.interpolate(x, size, mode="bilinear", antialias=True).to(device))  # (t, N, C)
+                    tokens.append(tok.tokenize(feats[None], prev)[0].float().cpu())              # (t, C)
+                prev = feats[-1:]
+            else:  # every frame read
+                out["video"].append(i), out["times"].append(torch.tensor(times))
+                out["tokens"].append(torch.cat(tokens))
+        T.save_checkpoint(out, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,7 +421,8 @@ def main(args):
         raise data.UserError(f"the tokenizer (dim {tok.cfg.dim}, patch {tok.cfg.patch_size}) does not fit the VFM "
                              f"{vfm.name} (dim {vfm.dim}, patch {vfm.patch_size}): check --vfm")
     if args.export_tokens:  # for another world model, instead of training (README, Table D)
-        return export_tokens(tok, vfm, train.source, args.export_tokens, args.size, device, args.dtype)
+        return export_tokens(tok, vfm, train.source, args.export_tokens, args.size, device, args.dtype, rank,
+                             world_size)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     world = DeltaWorld(tok, vfm, args.model, bom=not args.no_bom).to(device)
     if init:  # weights only (the released layout or a predictor.py checkpoint): optimizer and step start afresh
