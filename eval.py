@@ -4,10 +4,10 @@ from its context, put them through a segmentation / depth head, and score them o
 copy-last (the last context frame's features) and present (the target frame's own features) beside them.
 
 Short horizon: context frames 2..5, predict frame 6 (one step). Mid horizon: context 0..3, predict 4, 5, 6
-autoregressively, score frame 6. Every frame is cut into two S x S crops (heads.py: the two-crop protocol); each
-crop is predicted and scored on its half of the labels. Generative models draw N samples per crop: *best* is the
-sample whose final features have the lowest smooth-L1 (beta 0.1) loss to the ground truth, *mean* averages the
-samples' features and applies the head once.
+autoregressively, score frame 6. Every frame is cut into two crops of --size, S x S or H x W (heads.py: the two-crop
+protocol); each crop is predicted and scored on its half of the labels. Generative models draw N samples per crop:
+*best* is the sample whose final features have the lowest smooth-L1 (beta 0.1) loss to the ground truth, *mean*
+averages the samples' features and applies the head once.
 
 What --ckpt can be (its "kind"; released files are recognised by their keys; every checkpoint flag takes a hub id):
   deltatok    reconstruction from the last context frame, two rows (SPEC section 2, "DeltaTok mid"): sequential
@@ -15,7 +15,7 @@ What --ckpt can be (its "kind"; released files are recognised by their keys; eve
               ground-truth pairs; errors accumulate); the same at the short horizon
   deltaworld  DeltaWorld (predictor.py); dinoworld: the DINO-world baseline (baseline_dinoworld.py)
 --features FILE instead scores predictions made elsewhere: a torch file (torch.save) holding a dict
-  {"dataset": "vspw" | "cityscapes" | "kitti" | "synthetic", "size": S, "vfm": name (optional),
+  {"dataset": "vspw" | "cityscapes" | "kitti" | "synthetic", "size": (H, W) or S, "vfm": name (optional),
    "short": (num_sequences, 2, num_samples, N, C) tensor, "mid": the same (either may be missing)}
   = the predicted VFM patch features (row-major, after DINOv3's final LayerNorm) of each sequence's labelled
   frame, sequences in this script's order (--save-features writes the same format from any --ckpt, which also
@@ -83,6 +83,10 @@ def load_models(args, device, vfms):
     models, names = [], set()
     for path in args.ckpt:
         kind, model, vfm = load_model(args, path, device, vfms)
+        aspect = (model.tokenizer if kind == "deltaworld" else model).cfg.aspect  # RoPE's patch grid
+        if aspect != args.size[1] / args.size[0]:
+            raise data.UserError(f"--ckpt {path} was trained on frames of width / height {aspect:g}, --size "
+                                 f"{args.size[0]}x{args.size[1]} is not: use a --size of that aspect")
         for kind in [kind, "deltatok_parallel"] if kind == "deltatok" else [kind]:  # both protocols
             name = NAMES[kind]
             if any(m[0] == name for m in models):
@@ -127,7 +131,7 @@ def best_and_mean(samples, target):
 # Sequences under the two-crop protocol
 
 class Crops(torch.utils.data.Dataset):
-    """Item: the two S x S crops of a sequence's frames (2, 7, 3, S, S) uint8, with its times and labels."""
+    """Item: the two crops of a sequence's frames (2, 7, 3, H, W) uint8, with its times and labels."""
 
     def __init__(self, sequences, size, indices):
         self.sequences, self.size, self.indices = sequences, size, indices
@@ -262,33 +266,32 @@ def colour(out, task, lo=None, hi=None):
     return (RAMP[i] + (RAMP[i + 1] - RAMP[i]) * (v - i)[..., None]).astype(np.uint8)
 
 
-def pca_colours(feats, fit):
-    """Features (M, N, C) -> RGB (M, h, w, 3) from the 3 principal components of `fit` (n, C)."""
+def pca_colours(feats, fit, size):
+    """Features (M, N, C) of (H, W) crops -> RGB (M, h, w, 3) from the 3 principal components of `fit` (n, C)."""
     mean = fit.mean(0)
     v = torch.linalg.svd(fit - mean, full_matrices=False)[2][:3].T  # exact (pca_lowrank is random: figures varied)
     ref = (fit - mean) @ v
     lo, hi = ref.quantile(0.01, 0), ref.quantile(0.99, 0)
     proj = ((feats - mean) @ v - lo) / (hi - lo + 1e-9)
-    side = math.isqrt(feats.shape[1])
-    return (proj.clamp(0, 1) * 255).byte().view(len(feats), side, side, 3).cpu().numpy()
+    return Hd.to_map(proj.clamp(0, 1) * 255, size).byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def draw(rows, title, legend, tile=128):
-    """rows: lists of (caption, RGB array or None), one row per list, tiles tile x tile (nearest) under their
-    captions; the title above, the legend below: lines of (key picture or None, text). Returns a PIL image."""
-    font = ImageFont.load_default()
+def draw(rows, title, legend, tile=(128, 128)):
+    """rows: lists of (caption, RGB array or None), one row per list, tiles of tile = (height, width) (nearest) under
+    their captions; the title above, the legend below: lines of (key picture or None, text). Returns a PIL image."""
+    font, (th, tw) = ImageFont.load_default(), tile
     span = lambda line: sum(font.getlength(text) + 10 + (0 if k is None else k.shape[1] + 3) for k, text in line)
-    width = max([len(r) * tile for r in rows] + [span(line) for line in [[(None, title)], *legend]])
-    canvas = Image.new("RGB", (math.ceil(width), 24 + len(rows) * (tile + 14) + 14 * len(legend)), "white")
+    width = max([len(r) * tw for r in rows] + [span(line) for line in [[(None, title)], *legend]])
+    canvas = Image.new("RGB", (math.ceil(width), 24 + len(rows) * (th + 14) + 14 * len(legend)), "white")
     pen = ImageDraw.Draw(canvas)
     pen.text((2, 3), title, "black", font)
     for r, row in enumerate(rows):
         for c, (caption, img) in enumerate(row):
-            pen.text((c * tile + 2, 18 + r * (tile + 14)), caption[:tile // 5], "black", font)
+            pen.text((c * tw + 2, 18 + r * (th + 14)), caption[:tw // 5], "black", font)
             if img is not None:
-                canvas.paste(Image.fromarray(img).resize((tile, tile), Image.NEAREST), (c * tile, 32 + r * (tile + 14)))
+                canvas.paste(Image.fromarray(img).resize((tw, th), Image.NEAREST), (c * tw, 32 + r * (th + 14)))
     for y, line in enumerate(legend):
-        x, y = 2, 22 + len(rows) * (tile + 14) + 14 * y
+        x, y = 2, 22 + len(rows) * (th + 14) + 14 * y
         for key, text in line:
             if key is not None:
                 canvas.paste(Image.fromarray(key).resize((key.shape[1], 10)), (round(x), y + 2))
@@ -299,7 +302,7 @@ def draw(rows, title, legend, tile=128):
 
 
 def key(task, out, lo, hi):
-    """A head's legend line: the colours of the classes in its outputs (M, K, S, S), or the depth bar, far to near."""
+    """A head's legend line: the colours of the classes in its outputs (M, K, H, W), or the depth bar, far to near."""
     if task == "seg":
         return [(np.tile(PALETTE[k], (1, 10, 1)), f"class {k}") for k in out.argmax(1).unique().tolist()]
     return [(None, f"depth: far {1 / lo:.1f} m"), (colour(1 / torch.linspace(lo, hi, 120)[None], task, lo, hi),
@@ -311,12 +314,14 @@ def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, g
     and as PCA colours: context, ground truth, present, copy-last, best, mean, up to 8 samples); _rollout.png, frames
     0-6 left to right (per head: present, the best and `num_samples` other samples); gif: _rollout.gif."""
     stem += "_" + name.lower().replace(" ", "_").replace("(", "").replace(")", "")
-    frames = item["crops"][0].permute(0, 2, 3, 1).numpy()  # (7, S, S, 3)
+    size = Hd.crop_hw(size)
+    tile = lambda width=128: (round(width * size[0] / size[1]), width)  # (height, width) of the crops' aspect
+    frames = item["crops"][0].permute(0, 2, 3, 1).numpy()  # (7, H, W, 3)
     final, first = rollout[:, -1], TARGET - rollout.shape[1] + 1  # the first predicted frame
     best = best_and_mean(final[None], feats[None, TARGET])[2].item()
     tiles, truth, keys = {}, {}, []  # tiles[task][s][t]: sample s (-1: present, -2: the samples' mean) at frame t
     for task, head in heads.items():
-        maps = lambda x: F.interpolate(head(Hd.to_map(x)), (size, size), mode="bilinear")  # (M, K, S, S)
+        maps = lambda x: F.interpolate(head(Hd.to_map(x, size)), size, mode="bilinear")  # (M, K, H, W)
         present = maps(feats)
         lo, hi = map(float, (1 / present.clamp(min=1e-3)).aminmax())  # inverse depth range of present
         paint = lambda x: [colour(o, task, lo, hi) for o in maps(x)]
@@ -326,7 +331,7 @@ def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, g
         label = {"seg": "classes", "depth": "depth"}.get(task)
         truth[task] = frames[TARGET] if task == "rgb" else None if label not in item else \
             colour(Hd.label_at(torch.as_tensor(item[label]), item["resized"], 0, 0, size), task, lo, hi)
-    pca = list(pca_colours(torch.cat([feats, final, final.mean(0, keepdim=True)]), feats[TARGET]))  # final step only
+    pca = list(pca_colours(torch.cat([feats, final, final.mean(0, keepdim=True)]), feats[TARGET], size))  # final step
     tiles["PCA"] = {s: [pca[7 + s]] * 7 for s in range(len(final))} | {-1: pca[:7], -2: pca[-1:] * 7}
     truth["PCA"] = None
     title = (f"{name}, {'short' if ctx == CONTEXT['short'] else 'mid'} horizon (context: frames {ctx[0]}-{ctx[-1]}, "
@@ -343,19 +348,19 @@ def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, g
         rows += [[(f"{task} {sample(s)}", ts[s][TARGET]) for s in range(min(8, len(final)))]] * (len(final) > 1)
     draw(rows, title + ", the final step", keys + notes + [[(None, f"ground truth = the dataset's labels; copy-last = "
          f"the head on frame {ctx[-1]}'s features; mean = the samples' features averaged; PCA = features on the 3 "
-         "principal components of frame 6's, as RGB")]]).save(stem + ".png")
+         "principal components of frame 6's, as RGB")]], tile()).save(stem + ".png")
     shown = [-1, best] + [s for s in range(len(final)) if s != best][:num_samples]
     rows = [[(f"frame {t}" + " (context)" * (t in ctx), frames[t]) for t in range(TARGET + 1)]]
     rows += [[(f"{task} present {t}" if s < 0 or t < first else f"{task} {sample(s)}", tiles[task][s][t])
               for t in range(TARGET + 1)] for task in heads for s in shown]
     notes += [[(None, f"a sample's columns before frame {first} (the first predicted) show present")]]
-    draw(rows, title, keys + notes).save(stem + "_rollout.png")
+    draw(rows, title, keys + notes, tile()).save(stem + "_rollout.png")
     if gif:  # frame t: per head, present beside every sample's prediction of frame t, at most 1600 px wide
         rows = lambda t: [[(f"frame {t}" * (i == 0), frames[t] if i == 0 else None), (f"{task} present",
                            tiles[task][-1][t])] + [(sample(s), tiles[task][s][t]) for s in range(len(final))]
                           for i, task in enumerate(heads)]
-        pictures = [draw(rows(t), f"{title}, frame {t}", keys + notes, max(48, min(128, 1600 // (len(final) + 2))))
-                    for t in range(TARGET + 1)]
+        gif_tile = tile(max(48, min(128, 1600 // (len(final) + 2))))
+        pictures = [draw(rows(t), f"{title}, frame {t}", keys + notes, gif_tile) for t in range(TARGET + 1)]
         pictures[0].save(stem + "_rollout.gif", save_all=True, append_images=pictures[1:], duration=700, loop=0)
 
 
@@ -373,12 +378,12 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
     def add(key, pred, items):
         tasks = scores.setdefault(key, new_scores(heads))
         for task, head in heads.items():
-            maps = head(Hd.to_map(pred))  # (2B, K, h, w)
+            maps = head(Hd.to_map(pred, args.size))  # (2B, K, h, w)
             for b, item in enumerate(items):
                 tasks[task].update_crops(maps[2 * b:2 * b + 2], item, item["resized"], args.size)
 
     for items in tqdm(loader, disable=rank != 0, desc=dataset, dynamic_ncols=True):
-        crops = torch.stack([it["crops"] for it in items]).flatten(0, 1).to(device)    # (2B, 7, 3, S, S)
+        crops = torch.stack([it["crops"] for it in items]).flatten(0, 1).to(device)    # (2B, 7, 3, H, W)
         times = torch.stack([torch.as_tensor(it["times"]) for it in items]).repeat_interleave(2, 0).to(device)
         with T.autocast(device, args.dtype):
             feats = vfm(crops).float()                                                  # (2B, 7, N, C)
@@ -453,8 +458,8 @@ def table(results):
 
 
 def video_clip(args):
-    """--video: 7 frames 0.2 s apart from --start (4 context frames, then the 3 that followed), one centre S x S
-    crop -> (item for the figures, times (1, 7) in seconds from the first)."""
+    """--video: 7 frames 0.2 s apart from --start (4 context frames, then the 3 that followed), one centre crop of
+    --size -> (item for the figures, times (1, 7) in seconds from the first)."""
     try:
         source = data.open_source(args.video, "val", seed=args.seed)
         times = source.frame_times(0)
@@ -466,8 +471,8 @@ def video_clip(args):
                              f"and the 3 to compare with), and {args.video} is {times[-1]:.2f} s long")
     idx = np.abs(times[:, None] - want).argmin(0).tolist()
     x = Hd.resize_frames(source.read(0, idx), args.size)                             # (7, 3, Hr, Wr)
-    top, left = (x.shape[-2] - args.size) // 2, (x.shape[-1] - args.size) // 2
-    crops = x[None, ..., top:top + args.size, left:left + args.size]                # (1, 7, 3, S, S); times (1, 7):
+    (H, W), (hr, wr) = args.size, x.shape[-2:]
+    crops = x[None, ..., (hr - H) // 2:(hr + H) // 2, (wr - W) // 2:(wr + W) // 2]  # (1, 7, 3, H, W); times (1, 7):
     return dict(crops=crops, name=f"{args.video} at {args.start} s"), torch.as_tensor(times[idx] - times[idx[0]])[None]
 
 
@@ -536,9 +541,6 @@ def flops(args):
 def main(args):
     if args.flops:
         return flops(args)
-    if args.size[0] != args.size[1]:
-        raise data.UserError(f"--size {args.size[0]}x{args.size[1]}: the evaluation's crops are square; HxW: --flops")
-    args.size = args.size[0]
     rank, world, device = T.setup_dist()
     if bool(args.ckpt) == bool(args.features):
         raise data.UserError("give either --ckpt (a model to run) or --features (predictions made elsewhere)")
@@ -562,9 +564,10 @@ def main(args):
     files = [features_file(path) for path in args.features]
     for path, features, name, sequences in zip(args.features, files, names, datasets):
         n = min(len(sequences), args.max_sequences or len(sequences))
-        if (features["dataset"], features["size"]) != (name, args.size):
-            raise data.UserError(f"--features {path} holds {features['dataset']} at {features['size']} px, not {name} "
-                                 f"at {args.size} px: check --data / --size")
+        if (features["dataset"], Hd.crop_hw(features["size"])) != (name, args.size):
+            px = lambda s: f"{s[0]}" + f"x{s[1]}" * (s[0] != s[1])
+            raise data.UserError(f"--features {path} holds {features['dataset']} at {px(Hd.crop_hw(features['size']))} "
+                                 f"px, not {name} at {px(args.size)} px: check --data / --size")
         if any(len(features.get(h, ())) < n for h in args.horizons):
             raise data.UserError(f"--features {path} has fewer than the {n} sequences to evaluate for --horizons "
                                  f"{' '.join(args.horizons)}: check --max-sequences / --horizons")
@@ -615,8 +618,8 @@ def get_parser():
     p.add_argument("--video", default="", help="forecast a video file (or 'synthetic'): figures and a GIF in --out")
     p.add_argument("--start", type=float, default=0.0, help="--video: seconds to its first context frame")
     p.add_argument("--vfm", default="", help="VFM override (default: the one the checkpoint records)")
-    p.add_argument("--size", type=data.frame_size, default=(512, 512), help="crop side S: 512 main, 256 ablations "
-                   "(--flops: HxW too)")
+    p.add_argument("--size", type=data.frame_size, default=(512, 512), help="crop size, S or HxW: 512 main, 256 "
+                   "ablations, 448x896 Table D (Cityscapes)")
     p.add_argument("--horizons", nargs="+", default=["short", "mid"], choices=["short", "mid"])
     p.add_argument("--samples", type=data.at_least(1), default=20, help="samples per crop for generative models")
     p.add_argument("--batch-size", type=data.at_least(1), default=4, help="sequences per forward (x2 crops)")

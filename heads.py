@@ -69,10 +69,10 @@ class DepthHead(SegHead):  # the same layers, to logits over the depth bins
         return torch.einsum("bkhw,k->bhw", p, self.centres)[:, None]  # (B, 1, h, w) expected depth in metres
 
 
-def to_map(feats):
-    """Patch tokens (..., N, C) of a square grid -> (B, C, h, w) for the heads."""
-    side = math.isqrt(feats.shape[-2])
-    return feats.reshape(-1, side, side, feats.shape[-1]).permute(0, 3, 1, 2).float()
+def to_map(feats, size):
+    """Patch tokens (..., N, C) of a crop of size (H, W) (or any of its aspect) -> (B, C, h, w) for the heads."""
+    h, w = T.patch_grid(feats.shape[-2], size[1] / size[0])
+    return feats.reshape(-1, h, w, feats.shape[-1]).permute(0, 3, 1, 2).float()
 
 
 def load_head(path, task=None, device="cpu", vfm=None):
@@ -92,17 +92,23 @@ def load_head(path, task=None, device="cpu", vfm=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The two-crop protocol (SPEC section 5, appendix B)
+# The two-crop protocol (SPEC section 5, appendix B), for crops of size S (S x S) or (H, W)
+
+def crop_hw(size):  # S -> (S, S)
+    return (size, size) if isinstance(size, int) else tuple(size)
+
 
 def resized_size(h, w, size):
-    """Shorter side -> size, longer side scaled alike but capped at 2 x size (KITTI: aspect clamped to 1:2)."""
-    if h <= w:
-        return size, min(round(w * size / h), 2 * size)
-    return min(round(h * size / w), 2 * size), size
+    """An h x w frame scaled, aspect kept, to cover the crop (square crops: the shorter side -> S); the axis with
+    excess is capped at twice the crop's extent on it (KITTI at S x S: the aspect clamped to 1:2)."""
+    H, W = crop_hw(size)
+    if H * w >= W * h:  # as wide as the crop or wider: excess in width
+        return H, min(round(w * H / h), 2 * W)
+    return min(round(h * W / w), 2 * H), W
 
 
 def resize_frames(frames, size):
-    """uint8 (T, H, W, 3) -> uint8 (T, 3, Hr, Wr) with the shorter side at `size`: plain bilinear with half-pixel
+    """uint8 (T, H, W, 3) -> uint8 (T, 3, Hr, Wr) covering the crop (resized_size): plain bilinear with half-pixel
     centres and NO antialiasing, as OpenCV's INTER_LINEAR in the release, which the released heads were trained on
     (an antialiased 0.5x downscale differs by about 5 grey levels on average; SPEC section 5)."""
     x = torch.as_tensor(frames).permute(0, 3, 1, 2)
@@ -111,32 +117,31 @@ def resize_frames(frames, size):
 
 
 def two_crops(x, size):
-    """(..., Hr, Wr) -> (2, ..., S, S): left and right crops (top and bottom for tall frames); they overlap when the
-    longer side is under 2S, and are the same crop for square frames."""
-    if x.shape[-1] >= x.shape[-2]:
-        return torch.stack([x[..., :size], x[..., -size:]])
-    return torch.stack([x[..., :size, :], x[..., -size:, :]])
+    """(..., Hr, Wr) -> (2, ..., H, W): the crops at either end of the axis with excess, left and right (top and
+    bottom); they overlap when it is under twice the crop's, and coincide for frames of the crop's aspect."""
+    H, W = crop_hw(size)
+    return torch.stack([x[..., :H, :W], x[..., -H:, -W:]])
 
 
 def paste(maps, label_hw, resized_hw, size):
     """Head outputs of the two crops (2, K, h, w) -> (K, Hl, Wl) at the labels' resolution. Each crop's output is
     upsampled (bilinear) to the size its crop covers in label pixels, anchored at its side of the frame, and cut to
-    its label half (split at the midpoint): every label pixel comes from exactly one crop."""
-    if resized_hw[0] > resized_hw[1]:  # tall frames: the same protocol on the transposed frame
-        return paste(maps.transpose(-1, -2), label_hw[::-1], resized_hw[::-1], size).transpose(-1, -2)
-    hl, wl = label_hw
-    # label columns one crop covers: >= wl / 2, as the longer side is <= 2S (rounding must not drop below it)
-    cover = max(round(size * wl / resized_hw[1]), wl - wl // 2)
+    its label half (split at the midpoint of the axis with excess): every label pixel comes from exactly one crop."""
+    (H, W), (hl, wl) = crop_hw(size), label_hw
+    if resized_hw[0] - H > resized_hw[1] - W:  # excess in height: the same protocol on the transposed frame
+        return paste(maps.transpose(-1, -2), label_hw[::-1], resized_hw[::-1], (W, H)).transpose(-1, -2)
+    # label columns one crop covers: >= wl / 2, as the resized width is <= 2W (rounding must not drop below it)
+    cover = max(round(W * wl / resized_hw[1]), wl - wl // 2)
     up = F.interpolate(maps.float(), (hl, cover), mode="bilinear", align_corners=False)  # (2, K, Hl, cover)
     half = wl // 2
     return torch.cat([up[0, :, :, :half], up[1, :, :, cover - (wl - half):]], -1)
 
 
 def label_at(label, resized_hw, top, left, size):
-    """Nearest label value at each pixel of the S x S crop at (top, left) of the resized frame: (Hl, Wl) -> (S, S)."""
-    hl, wl = label.shape[-2:]
-    rows = ((top + torch.arange(size) + 0.5) * hl / resized_hw[0]).long().clamp(max=hl - 1)
-    cols = ((left + torch.arange(size) + 0.5) * wl / resized_hw[1]).long().clamp(max=wl - 1)
+    """Nearest label value at each pixel of the crop at (top, left) of the resized frame: (Hl, Wl) -> (H, W)."""
+    (H, W), (hl, wl) = crop_hw(size), label.shape[-2:]
+    rows = ((top + torch.arange(H) + 0.5) * hl / resized_hw[0]).long().clamp(max=hl - 1)
+    cols = ((left + torch.arange(W) + 0.5) * wl / resized_hw[1]).long().clamp(max=wl - 1)
     return label[..., rows[:, None], cols[None, :]]
 
 
@@ -438,7 +443,7 @@ class _Batches(torch.utils.data.Dataset):
 def head_loss(head, task, feats, target, valid):
     """Segmentation: cross-entropy ignoring 255. Depth: the scale-invariant log loss (SILog: Eigen et al., lambda
     0.85, x10 as in BTS / AdaBins) over the valid pixels."""
-    out = F.interpolate(head(to_map(feats)), target.shape[-2:], mode="bilinear", align_corners=False)
+    out = F.interpolate(head(to_map(feats, target.shape[-2:])), target.shape[-2:], mode="bilinear", align_corners=False)
     if task == "seg":
         return F.cross_entropy(out, target, ignore_index=IGNORE)
     d = torch.log(out[:, 0][valid].clamp(min=1e-3)) - torch.log(target[valid])
@@ -454,7 +459,7 @@ def present_score(head, vfm, source, size, device, dtype, num):
         x = resize_frames(frame[None], size)[0]
         with T.autocast(device, dtype):
             feats = vfm(two_crops(x, size).to(device))  # (2, N, C)
-        score.update_crops(head(to_map(feats)), label, x.shape[-2:], size)
+        score.update_crops(head(to_map(feats, crop_hw(size))), label, x.shape[-2:], size)
     return score.result()
 
 

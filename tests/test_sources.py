@@ -1,5 +1,7 @@
 """Other feature sources (appendix C, Table D): DINOv2 and its block concatenation, the PCA file (fit, projection,
-DINO-Foresight's pickle), non-square frames, and a tokenizer and predictor over them end to end."""
+DINO-Foresight's pickle), non-square frames and the two-crop protocol at H x W, and a tokenizer and predictor over
+them end to end, evaluated at that size."""
+import itertools
 import pickle
 import sys
 import types
@@ -7,9 +9,12 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Dinov2WithRegistersModel
 
 import data
+import eval as E
+import heads as H
 import predictor as P
 import tokenizer as T
 
@@ -183,7 +188,8 @@ def test_tokenizer_and_predictor_over_pca_features_at_28x56_reload_and_roll_out(
         ["--size", "28x56", "--num-workers", "0", "--dtype", "fp32", "--batch-size", "4", "--tokenizer", tok_ckpt, "--model", "tiny", "--num-frames", "4", "--global-batch", "4",
          "--steps", "2", "--warmup", "1", "--bom", "2", "--val-clips", "2", "--val-samples", "2",
          "--out", str(tmp_path / "world")]))
-    world = P.load_deltaworld(str(tmp_path / "world" / "ckpt.pt"))
+    world_ckpt = str(tmp_path / "world" / "ckpt.pt")
+    world = P.load_deltaworld(world_ckpt)
     feats = world.vfm(FRAMES[None].expand(1, 2, 3, 28, 56))  # (1, 2, 8, 32)
     out, tokens = world.sample(feats, torch.tensor([[0.0, 0.1, 0.2, 0.3]]), 2, 2)
     assert out.shape == (1, 2, 2, 8, 32) and tokens.shape == (1, 2, 2, 32) and out.isfinite().all()
@@ -204,6 +210,57 @@ def test_tokenizer_and_predictor_over_pca_features_at_28x56_reload_and_roll_out(
     want = tok.tokenize(vfm(frames)[None], vfm.black((28, 56), "cpu"))[0]
     assert shard["video"] == [0] and torch.equal(shard["times"][0], torch.tensor(np.arange(10) / 10))
     torch.testing.assert_close(shard["tokens"][0], want)
+    # eval.py at 28x56 (the synthetic frames are square: two 28 x 56 crops, top and bottom), with a head on these
+    # features: its predictions saved and scored from the file give its own scores; the video forecast; another
+    # aspect than the model's is refused
+    head = tmp_path / "seg.pt"
+    torch.save(dict(kind="seghead", vfm=source, model=H.SegHead(vfm.dim, 4).state_dict()), head)
+    run = lambda *more: E.main(E.get_parser().parse_args(["--heads", str(head), "--size", "28x56", "--samples", "2",
+                                                          "--max-sequences", "2", "--num-workers", "0", "--dtype",
+                                                          "fp32", *map(str, more)]))
+    made = run("--ckpt", world_ckpt, "--save-features", tmp_path / "f.pt", "--figures", "1", "--out", tmp_path / "e")
+    again = run("--features", tmp_path / "f.pt", "--figures", "0", "--out", tmp_path / "e2")["synthetic"]
+    assert T.load_checkpoint(tmp_path / "f.pt")["size"] == (28, 56)
+    for h in ("short", "mid"):  # the file is half precision: a pixel may flip
+        assert again[("Features file", h, "best")]["miou"] == pytest.approx(
+            made["synthetic"][("DeltaWorld", h, "best")]["miou"], abs=0.5)
+    assert (tmp_path / "e" / "synthetic_0000_mid_deltaworld.png").exists()
+    run("--video", "synthetic", "--ckpt", world_ckpt, "--out", tmp_path / "v")
+    assert (tmp_path / "v" / "video_deltaworld_rollout.gif").exists()
+    with pytest.raises(data.UserError, match="width / height 2, --size 28x28 is not"):
+        run("--ckpt", world_ckpt, "--size", "28", "--out", tmp_path / "e3")
+
+
+def test_two_crop_protocol_at_h_by_w_scores_each_label_pixel_once_from_its_crop():
+    """At S x S the protocol as SPEC section 5 writes it; at H x W the frame, aspect kept, covers the crop (one axis
+    exact, the other capped at twice the crop's), two H x W crops at either end of that other axis, and each label
+    pixel comes from exactly one crop: the one on its side of that axis' midpoint (left / right if neither has any
+    excess)."""
+    p = 4
+    for (hl, wl), (h, w) in itertools.product([(30, 70), (70, 30), (40, 40), (17, 101), (50, 100)],
+                                              [(16, 16), (16, 32), (32, 16)]):
+        hr, wr = H.resized_size(hl, wl, (h, w))
+        tall = hl * w > wl * h  # taller than the crop: excess in height
+        assert (hr, wr) == ((min(round(hl * w / wl), 2 * h), w) if tall else (h, min(round(wl * h / hl), 2 * w)))
+        ys, xs = torch.meshgrid(torch.arange(hl) + 0.5, torch.arange(wl) + 0.5, indexing="ij")
+        coords = F.interpolate(torch.stack([ys, xs])[None], (hr, wr), mode="bilinear")[0]  # (2, Hr, Wr)
+        crops = H.two_crops(coords, (h, w))
+        assert crops.shape == (2, 2, h, w) and H.label_at(ys, (hr, wr), 0, 0, (h, w)).shape == (h, w)
+        if h == w:  # the square protocol: the shorter side -> S, crops at either end of the longer
+            assert (hr, wr) == H.resized_size(hl, wl, h) == ((min(round(hl * h / wl), 2 * h), h) if hl > wl else
+                                                               (h, min(round(wl * h / hl), 2 * h)))
+            ends = [coords[..., :h, :], coords[..., -h:, :]] if hl > wl else [coords[..., :h], coords[..., -h:]]
+            assert torch.equal(crops, torch.stack(ends))
+        # a "head" that outputs its input's coordinates at patch resolution, and which crop it saw
+        out = torch.cat([F.avg_pool2d(crops, p), torch.arange(2.0).view(2, 1, 1, 1).expand(2, 1, h // p, w // p)], 1)
+        pasted = H.paste(out, (hl, wl), (hr, wr), (h, w))
+        first = torch.zeros(hl, wl, dtype=torch.bool)
+        if tall:
+            first[:hl // 2] = True
+        else:
+            first[:, :wl // 2] = True
+        assert pasted.shape == (3, hl, wl) and (pasted[2] - (~first).float()).abs().max() < 1e-5  # never a blend
+        assert (pasted[:2] - torch.stack([ys, xs])).abs().max() <= (p / 2 + 1) * max(hl / hr, wl / wr)
 
 
 def test_convert_needs_the_trust_flag_and_fit_needs_an_output(tmp_path):
@@ -214,7 +271,6 @@ def test_convert_needs_the_trust_flag_and_fit_needs_an_output(tmp_path):
 
 
 def test_flops_count_h_times_w_patches(capsys):
-    import eval as E
     got = {s: E.flops(E.get_parser().parse_args(["--flops", "--vfm", "tiny", "--size", s]))
            for s in ("32", "32x64", "64x32")}
     for name in got["32"]:  # 8 patches either way round, more than 32 x 32's 4 where patches count
