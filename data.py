@@ -5,8 +5,7 @@ Sources (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`): `Synthe
 and depth labels, no download (`--data synthetic`, every script's default), and `VideoFolder`, real video files or
 frame folders under a folder or in a list, what start-up learns of each kept in an index file.
 `ClipDataset.sample(step, j)` cuts clip j of a step, a pure function of (seed, step, j); `make_loader` makes them a
-resumable stream in which step s is clips 0 .. global_batch - 1 for any number of ranks, micro-steps and workers. A
-`UserError` (bad input) is one line on stderr and exit status 2 (`cli`).
+resumable stream in which step s is clips 0 .. global_batch - 1 for any number of ranks, micro-steps and workers.
 
     python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
     python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
@@ -14,6 +13,7 @@ resumable stream in which step s is clips 0 .. global_batch - 1 for any number o
 """
 
 import argparse
+import contextlib
 import fcntl
 import functools
 import gc
@@ -43,8 +43,7 @@ class UserError(Exception):
 
 
 def cli(main, parser):
-    """Run main(args) from the command line: a UserError, or a bad flag, prints `<prog>: error: <message>` and exits
-    2, as argparse does (without the usage: one line); anything else is a bug and keeps its traceback."""
+    """Run main(args): a UserError or bad flag is `<prog>: error: <message>` and exit 2; a bug keeps its traceback."""
     parser.print_usage = lambda file=None: None
     try:
         return main(parser.parse_args())
@@ -159,28 +158,26 @@ PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then 
 
 SPLITS = ("train", "val")
 TINTS = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [0.2, 0.4, 0.9]], np.float32)  # circle, square, triangle
+SHAPES = {1: lambda dy, dx, r: dy**2 + dx**2 < r**2,  # class -> its pixels at (dy, dx) from the centre: circle,
+          2: lambda dy, dx, r: np.maximum(np.abs(dy), np.abs(dx)) < 0.8 * r,  # square,
+          3: lambda dy, dx, r: (dy < 0.5 * r) & (dy > -r + np.sqrt(3) * np.abs(dx))}  # triangle pointing up
 TURNS = np.deg2rad([0.0, 90.0, -90.0, 180.0])  # keep going, left, right, reverse: the modes of the future
 TURN_EVERY = 0.75  # mean seconds between turn events (3 in 4 visibly turn): futures 0.6 s ahead fork
-
-
-@functools.lru_cache(maxsize=4)
-def _grid(size):
-    grid = ((np.arange(size) + 0.5) / size).astype(np.float32)
-    return np.meshgrid(grid, grid, indexing="ij")  # (H, W) pixel centres in frame units, shared by every video
 
 
 @functools.lru_cache(maxsize=1024)  # every video of both splits (~60 KB each): building a scene costs more than a frame
 def _scene(seed, split, i, size, fps, seconds):
     """Everything about synthetic video i, drawn from its own seed: background, and per-frame object states."""
     rng = np.random.default_rng([seed, SPLITS.index(split), i])  # train and val draw from disjoint seeds
-    ys, xs = _grid(size)
-    bg, texture = rng.uniform(0.25, 0.75, 3), np.zeros(ys.shape, np.float32)
+    grid = ((np.arange(size) + 0.5) / size).astype(np.float32)
+    ys, xs = grid[:, None], grid  # (H, 1) and (W,): pixel centres in frame units, broadcast to (H, W)
+    bg, texture = rng.uniform(0.25, 0.75, 3), np.zeros((size, size), np.float32)
     for _ in range(4):  # random plane waves of small amplitude: a smooth texture around 0
         fy, fx = rng.uniform(-4, 4, 2)  # cycles per frame
         texture += rng.uniform(0.05, 0.15) * np.sin(2 * np.pi * (fy * ys + fx * xs) + rng.uniform(0, 2 * np.pi))
     bg = (bg + texture[..., None]).clip(0, 1)  # (H, W, 3) muted texture
     far, near = rng.uniform(40, 60), rng.uniform(15, 25)
-    bg_depth = (far + (near - far) * ys).astype(np.float32)  # ground plane: far at the top, near at the bottom
+    bg_depth = (far + (near - far) * ys).astype(np.float32)  # (H, 1) ground plane: far at the top, near at the bottom
 
     t = np.arange(round(seconds * fps)) / fps  # (F,)
     n = rng.integers(1, 3)
@@ -210,8 +207,6 @@ class SyntheticVideos:
     NUM_CLASSES = 4  # background, circle, square, triangle
 
     def __init__(self, split="train", seed=0, num_videos=None, size=128, fps=15.0, seconds=8.0):
-        if split not in SPLITS:
-            raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
         self.split, self.seed, self.size, self.fps, self.seconds = split, seed, size, fps, seconds
         self.num_videos = num_videos or {"train": 512, "val": 64}[split]
 
@@ -228,26 +223,18 @@ class SyntheticVideos:
 
     def _render(self, i, idx):
         s = _scene(self.seed, self.split, i, self.size, self.fps, self.seconds)
-        if not 0 <= min(idx) <= max(idx) < len(s["pos"]):
-            raise IndexError(f"frame indices {idx} out of range for {len(s['pos'])} frames")
         pos = self.trajectory(i)[0][idx].astype(np.float32)  # (T, n, 2)
         # paint indices into a palette (background pixels, then one colour per object): far cheaper than RGB writes
-        hw = s["ys"].size
-        index = np.tile(np.arange(hw, dtype=np.int32).reshape(s["ys"].shape), (len(idx), 1, 1))  # (T, H, W)
+        hw = self.size ** 2
+        index = np.tile(np.arange(hw, dtype=np.int32).reshape(self.size, -1), (len(idx), 1, 1))  # (T, H, W)
         depth = np.broadcast_to(s["bg_depth"], index.shape)  # (T, H, W)
         for o, c in enumerate(s["cls"]):
             d = s["depth"][idx, o, None, None].astype(np.float32)  # (T, 1, 1)
             r = 3.2 / d  # apparent radius shrinks with distance (depth is visible); 0.23-0.9 of the frame: every
             # object spans several patches of a 4 x 4 grid, or patch-level heads could not see it (present mIoU 45)
-            dy = s["ys"] - pos[:, o, 0, None, None]  # (T, H, W)
-            dx = s["xs"] - pos[:, o, 1, None, None]
-            if c == 1:  # circle
-                inside = dy**2 + dx**2 < r**2
-            elif c == 2:  # square
-                inside = np.maximum(np.abs(dy), np.abs(dx)) < 0.8 * r
-            else:  # triangle pointing up
-                inside = (dy < 0.5 * r) & (dy > -r + np.sqrt(3) * np.abs(dx))
-            inside &= d < depth  # z-buffer: the nearest surface wins
+            dy = s["ys"] - pos[:, o, 0, None, None]  # (T, H, 1)
+            dx = s["xs"] - pos[:, o, 1, None, None]  # (T, 1, W)
+            inside = SHAPES[c](dy, dx, r) & (d < depth)  # z-buffer: the nearest surface wins
             index[inside] = hw + o
             depth = np.where(inside, d, depth)
         classes = np.concatenate([np.zeros(hw, np.uint8), s["cls"].astype(np.uint8)])
@@ -319,8 +306,7 @@ def _found(root, rel=""):
         if entry.is_dir():
             found += _found(root, rel + entry.name + "/")
         elif entry.name.lower().endswith(VIDEO_EXTS):
-            stat = entry.stat()
-            found.append((rel + entry.name, stat.st_size, stat.st_mtime_ns))
+            found.append((rel + entry.name, entry.stat().st_size, entry.stat().st_mtime_ns))  # one stat: cached
         images = images or entry.name.lower().endswith(IMAGE_EXTS)
     return [(rel[:-1], -1, os.stat(os.path.join(root, rel)).st_mtime_ns)] * images + found
 
@@ -334,9 +320,9 @@ def _unpack(buffer):
 
 
 def _index(root, file, trust=False):
-    """The index of `root` in flat arrays: paths, stat (size, mtime) and info (frames, rate, start; 0 frames:
-    unreadable) of each video file and frame folder, read from `file` and brought up to date (new and changed files
-    probed on all cores, removed ones dropped); trust: the saved index as it is, the files unseen."""
+    """The index of `root`: the paths (a list) and info (frames, rate, start; 0 frames: unreadable) of each video file
+    and frame folder, read from `file` and brought up to date (new and changed files probed on all cores, removed ones
+    dropped) with their stat (size, mtime); trust: the saved index as it is, the files unseen."""
     try:
         os.makedirs(os.path.dirname(file), exist_ok=True)
         lock = open(file + ".lock", "w")
@@ -345,34 +331,28 @@ def _index(root, file, trust=False):
     with lock:
         for exclusive in (False, True):  # all processes (ranks, runs) look at once; one at a time probes and writes
             fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-            try:  # an index of another format or tree, cut short or missing is rebuilt
-                with np.load(file) as saved:
-                    old = dict(saved) if saved["format"] == INDEX_FORMAT and saved["root"] == root else {}
-            except Exception:
-                old = {}
+            old = {}  # an index of another format or tree, cut short or missing is rebuilt
+            with contextlib.suppress(Exception), np.load(file) as saved:
+                old = dict(saved) if saved["format"] == INDEX_FORMAT and saved["root"] == root else {}
             if old and trust:
-                return old
+                return _unpack(old["paths"]), old["info"]
             found = found if exclusive else _found(root)  # [(path, size, mtime)]
             known = dict(zip(zip(_unpack(old["paths"]), *old["stat"].T.tolist()), old["info"].tolist())) if old else {}
             info = [known.get(f) for f in found]
             todo = [k for k, row in enumerate(info) if row is None]  # new or changed
-            stale = todo or len(known) > len(found) or not old  # new, changed, removed, or none before
-            if not stale:  # nothing to probe or write
-                break
+            if old and not todo and len(known) <= len(found):  # nothing new, changed or removed: nothing to write
+                return [f[0] for f in found], np.array(info)
         if todo:  # the others wait: when their turn comes, the index is up to date
             folder = root if os.path.isdir(root) else os.path.dirname(root)
             with multiprocessing.Pool(min(len(todo), os.cpu_count())) as pool:
                 probed = pool.imap(_probe, [os.path.join(folder, found[k][0]) for k in todo], chunksize=4)
-                bar = tqdm(probed, f"indexing {root}", len(todo), unit="video", disable=None)  # ETA on a terminal
-                for row, k in zip(bar, todo):
-                    info[k] = row
-        index = dict(format=INDEX_FORMAT, root=root, paths=_pack(f[0] for f in found),
+                for row, k in zip(tqdm(probed, f"indexing {root}", len(todo), unit="video", disable=None), todo):
+                    info[k] = row  # (the bar first: it closes at the end; disable=None: only on a terminal)
+        with open(file + ".tmp", "wb") as tmp:  # write, then rename: a reader never sees half an index
+            np.savez(tmp, format=INDEX_FORMAT, root=root, paths=_pack(f[0] for f in found),
                      stat=np.array([f[1:] for f in found], np.int64), info=np.array(info))
-        if stale:
-            with open(file + ".tmp", "wb") as f:  # write, then rename: a reader never sees half an index
-                np.savez(f, **index)
-            os.replace(file + ".tmp", file)
-    return index
+        os.replace(file + ".tmp", file)
+    return [f[0] for f in found], np.array(info)
 
 
 class VideoFolder:
@@ -388,8 +368,8 @@ class VideoFolder:
         if index or out and not os.access(os.path.dirname(file), os.W_OK):  # in --index, else the run folder
             file = os.path.join(index or out, root.strip("/").replace("/", "_") + ".deltatok-index.npz")
         single = os.path.isfile(root) and root.lower().endswith(VIDEO_EXTS)  # one video file (eval.py --video)
-        saved = dict(paths=_pack([root]), info=np.array([_probe(root, True)])) if single else _index(root, file, trust)
-        paths, info = _unpack(saved["paths"]), saved["info"].reshape(-1, 3)
+        paths, info = ([root], [_probe(root, True)]) if single else _index(root, file, trust)
+        info = np.reshape(info, (-1, 3))
         self.root, usable = root if os.path.isdir(root) else os.path.dirname(root), info[:, 0] > 0
         self.paths, self.info = _pack(p for p, u in zip(paths, usable) if u), info[usable].astype(np.float32)
         self.ends = np.flatnonzero(self.paths == 0)  # path i ends at ends[i]; info[i]: frames, rate, start
@@ -569,15 +549,14 @@ class ClipDataset:
 
 
 class _MicroBatches(torch.utils.data.Dataset):
-    """Item n: micro-batch n of this rank from `start_step`, a pure function of n (workers compute it in any order)."""
+    """Item n: micro-batch n % accum of step n // accum on this rank, a pure function of n (made in any order)."""
 
-    def __init__(self, dataset, batch_size, rank, world_size, accum, start_step):
-        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
-        self.accum, self.start_step = accum, start_step
+    def __init__(self, dataset, batch_size, rank, world_size, accum):
+        self.dataset, self.batch_size, self.rank, self.world, self.accum = dataset, batch_size, rank, world_size, accum
 
     def __getitem__(self, n):
-        step, m = self.start_step + n // self.accum, n % self.accum
-        first = (m * self.world_size + self.rank) * self.batch_size
+        step, m = divmod(n, self.accum)
+        first = (m * self.world + self.rank) * self.batch_size
         frames, times, skipped = zip(*(self.dataset.sample(step, j) for j in range(first, first + self.batch_size)))
         return {"frames": torch.stack(frames), "times": torch.stack(times), "skipped": sum(skipped), "step": step}
 
@@ -586,10 +565,10 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
     """Infinite iterator of micro-batches: for each step from `start_step`, `accum` dicts with "frames"
     (B, T, 3, S, S) uint8, "times" (B, T) float32, "skipped" (broken videos skipped) and "step". Micro-batch m of
     rank r holds clips j = (m * world_size + r) * batch_size + b, so one process at batch 2B equals two at B."""
-    micro = _MicroBatches(dataset, batch_size, rank, world_size, accum, start_step)
+    micro = _MicroBatches(dataset, batch_size, rank, world_size, accum)
     # batch_size=None: each item already is a micro-batch; an endless sequential sampler keeps the order fixed
-    return iter(torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(), num_workers=num_workers,
-                                            worker_init_fn=quiet_worker))
+    return iter(torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(start_step * accum),
+                                            num_workers=num_workers, worker_init_fn=quiet_worker))
 
 
 def quiet_worker(_):
@@ -606,11 +585,10 @@ def quiet_worker(_):
 
 def accumulation(global_batch, batch_size, world):
     """Micro-steps per optimizer step so that batch_size x world x accumulation = global_batch."""
-    accum = global_batch // (batch_size * world)
-    if accum * batch_size * world != global_batch:
+    if global_batch % (batch_size * world):
         raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size {batch_size} x "
                         f"{world} processes")
-    return accum
+    return global_batch // (batch_size * world)
 
 
 def clip_random(seed, step, clip_ids, shape, device, draw=torch.randn):
