@@ -110,8 +110,8 @@ def feature_source(vfm, layers="", pca=""):
 
 class VFM(nn.Module):
     """A frozen feature source (feature_source's string): uint8 frames (..., 3, H, W) -> patch tokens (..., N, C).
-    The backbone's output (after its final LayerNorm); with layers, those blocks' outputs through the final LayerNorm,
-    concatenated per patch (DINO-Foresight's features); with a PCA file, projected by it (load_pca)."""
+    The outputs of the given blocks (default: the last) through the backbone's final LayerNorm, concatenated per patch
+    (DINO-Foresight's features); with a PCA file, projected by it (load_pca)."""
 
     def __init__(self, name=DINOV3_B16):
         super().__init__()
@@ -119,13 +119,16 @@ class VFM(nn.Module):
         options = dict(o.partition("=")[::2] for o in options)
         self.model = load_backbone(backbone).requires_grad_(False).eval()
         cfg, layers = self.model.config, options.get("layers", "")
-        self.layers = [int(i) for i in layers.split(",") if i.isdigit() and int(i) < cfg.num_hidden_layers] or None
-        if layers and len(self.layers or ()) != len(layers.split(",")):
+        self.layers = [int(i) if i.isdigit() else cfg.num_hidden_layers for i in layers.split(",")] if layers else [-1]
+        if max(self.layers) >= cfg.num_hidden_layers:
             raise data.UserError(f"--vfm-layers {layers}: want blocks of {backbone}, 0 to {cfg.num_hidden_layers - 1}")
+        blocks = next(m for m in self.model.modules() if isinstance(m, nn.ModuleList))
+        for i in sorted(set(self.layers)):  # not output_hidden_states: its hooks break each compiled block in 3 graphs
+            blocks[i].register_forward_hook(lambda block, args, out: self.caught.append(out))
         self.patch_size, self.num_prefix = cfg.patch_size, 1 + getattr(cfg, "num_register_tokens", 0)  # CLS, registers
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
-        width = cfg.hidden_size * len(self.layers or [0])
+        width = cfg.hidden_size * len(self.layers)
         proj, shift, pca = load_pca(options["pca"], width) if "pca" in options else (None, None, "")
         self.register_buffer("pca_proj", proj, persistent=False)
         self.register_buffer("pca_shift", shift, persistent=False)
@@ -146,11 +149,12 @@ class VFM(nn.Module):
             raise data.UserError(f"frame size {h}x{w} is not divisible by the VFM patch size {self.patch_size}: "
                                  f"use --size a multiple of {self.patch_size}")
         x = (frames.reshape(-1, c, h, w).float() / 255 - self.mean) / self.std
-        out = self.model(pixel_values=x, output_hidden_states=self.layers is not None)
+        self.caught = []  # the hooked blocks' outputs, in block order
+        self.model(pixel_values=x)
+        caught = dict(zip(sorted(set(self.layers)), self.caught))
+        del self.caught  # not kept past the call
         norm = getattr(self.model, "layernorm", None) or self.model.norm  # DINOv2's name, DINOv3's
-        tokens = out.last_hidden_state if self.layers is None else \
-            torch.cat([norm(out.hidden_states[i + 1]) for i in self.layers], -1)
-        tokens = tokens[:, self.num_prefix:]
+        tokens = torch.cat([norm(caught[i]) for i in self.layers], -1)[:, self.num_prefix:]
         if self.pca_proj is not None:
             tokens = tokens @ self.pca_proj - self.pca_shift
         return tokens.reshape(*lead, tokens.shape[1], self.dim)  # (..., N, C)
