@@ -103,8 +103,7 @@ def hub_hint(name, e, local):
 
 
 def feature_source(vfm, layers="", pca=""):
-    """The feature source as the one string that checkpoints record as "vfm": the backbone, then "|layers=2,5,8,11"
-    and "|pca=FILE" when given (VFM records the file's digest too)."""
+    """The string that checkpoints record as "vfm": the backbone, then "|layers=2,5,8,11" and "|pca=FILE" if given."""
     return vfm + (f"|layers={layers}" if layers else "") + (f"|pca={pca}" if pca else "")
 
 
@@ -184,8 +183,7 @@ def load_pca(spec, width):
 
 def fit_pca(batches, k):
     """A PCA file from feature batches (..., C), as DINO-Foresight's pca.py fits one with sklearn: each dimension
-    standardised (mean, std over all batches), then the k leading principal components, largest variance first.
-    From the covariance accumulated in float64: no features are kept."""
+    standardised, then the k leading principal components, largest variance first (a float64 covariance, summed)."""
     n = total = products = 0
     for x in batches:
         x = x.double().flatten(0, -2)
@@ -337,10 +335,9 @@ class DeltaTok(nn.Module):
         decoding from the last reconstruction (SPEC section 2, "DeltaTok mid"). sequential (the release, appendix D's
         mitigation) encodes targets[:, t] against the last reconstruction, so errors do not accumulate; parallel
         (appendix D's wording) encodes all tokens from ground-truth pairs at once. The same for T = 1."""
-        B, T, N, C = targets.shape
         tokens = None if sequential else self.tokenize(targets, x0)[:, :, None]  # (B, T, 1, C)
         out, x = [], x0
-        for t in range(T):
+        for t in range(targets.shape[1]):
             x = self.decode(self.encode(x, targets[:, t]) if sequential else tokens[:, t], x)
             out.append(x)
         return torch.stack(out, 1)
@@ -418,9 +415,9 @@ def load_deltatok(path, device="cpu", flag="--tokenizer"):
 
 def setup_dist():
     """(rank, world size, device) from torchrun's environment; one plain process otherwise."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
@@ -734,7 +731,10 @@ def main(args):
             result = reconstruction_check(tok, vfm, val_clips, device, args.dtype)
             tok.train()
             log_jsonl(args.out, dict(step=step, eval=result))
-            tqdm.write(format_check(step, result))
+            pair = lambda h, name: f"{result[f'h{h}/{name}/mse']:.4f} / {result[f'h{h}/{name}/cos']:.3f}"
+            tqdm.write(f"step {step} reconstruction check on held-out clips (feature MSE / cosine):" + "".join(
+                f"\n  horizon {h}: DeltaTok sequential {pair(h, 'deltatok')}   parallel "
+                f"{pair(h, 'deltatok_parallel')}   copy-last {pair(h, 'copy_last')}" for h in (1, 3)))
         if stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
             save_checkpoint(dict(kind="deltatok", config=asdict(tok.cfg), vfm=vfm.name, size=args.size,
                                  model=tok.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
@@ -743,15 +743,6 @@ def main(args):
     if master:
         print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
     cleanup_dist(world)
-
-
-def format_check(step, r):
-    lines = [f"step {step} reconstruction check on held-out clips (feature MSE / cosine):"]
-    pair = lambda h, name: f"{r[f'h{h}/{name}/mse']:.4f} / {r[f'h{h}/{name}/cos']:.3f}"
-    for h in (1, 3):
-        lines.append(f"  horizon {h}: DeltaTok sequential {pair(h, 'deltatok')}   parallel "
-                     f"{pair(h, 'deltatok_parallel')}   copy-last {pair(h, 'copy_last')}")
-    return "\n".join(lines)
 
 
 def get_parser():
