@@ -103,15 +103,14 @@ def hub_hint(name, e, local):
 
 
 def feature_source(vfm, layers="", pca=""):
-    """The feature source as the one string that checkpoints record as "vfm": the backbone, then "|layers=2,5,8,11"
-    and "|pca=FILE" when given (VFM records the file's digest too)."""
+    """The string that checkpoints record as "vfm": the backbone, then "|layers=2,5,8,11" and "|pca=FILE" if given."""
     return vfm + (f"|layers={layers}" if layers else "") + (f"|pca={pca}" if pca else "")
 
 
 class VFM(nn.Module):
     """A frozen feature source (feature_source's string): uint8 frames (..., 3, H, W) -> patch tokens (..., N, C).
-    The backbone's output (after its final LayerNorm); with layers, those blocks' outputs through the final LayerNorm,
-    concatenated per patch (DINO-Foresight's features); with a PCA file, projected by it (load_pca)."""
+    The outputs of the given blocks (default: the last) through the backbone's final LayerNorm, concatenated per patch
+    (DINO-Foresight's features); with a PCA file, projected by it (load_pca)."""
 
     def __init__(self, name=DINOV3_B16):
         super().__init__()
@@ -119,13 +118,16 @@ class VFM(nn.Module):
         options = dict(o.partition("=")[::2] for o in options)
         self.model = load_backbone(backbone).requires_grad_(False).eval()
         cfg, layers = self.model.config, options.get("layers", "")
-        self.layers = [int(i) for i in layers.split(",") if i.isdigit() and int(i) < cfg.num_hidden_layers] or None
-        if layers and len(self.layers or ()) != len(layers.split(",")):
+        self.layers = [int(i) if i.isdigit() else cfg.num_hidden_layers for i in layers.split(",")] if layers else [-1]
+        if max(self.layers) >= cfg.num_hidden_layers:
             raise data.UserError(f"--vfm-layers {layers}: want blocks of {backbone}, 0 to {cfg.num_hidden_layers - 1}")
+        blocks = next(m for m in self.model.modules() if isinstance(m, nn.ModuleList))
+        for i in sorted(set(self.layers)):  # not output_hidden_states: its hooks break each compiled block in 3 graphs
+            blocks[i].register_forward_hook(lambda block, args, out: self.caught.append(out))
         self.patch_size, self.num_prefix = cfg.patch_size, 1 + getattr(cfg, "num_register_tokens", 0)  # CLS, registers
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
-        width = cfg.hidden_size * len(self.layers or [0])
+        width = cfg.hidden_size * len(self.layers)
         proj, shift, pca = load_pca(options["pca"], width) if "pca" in options else (None, None, "")
         self.register_buffer("pca_proj", proj, persistent=False)
         self.register_buffer("pca_shift", shift, persistent=False)
@@ -146,11 +148,12 @@ class VFM(nn.Module):
             raise data.UserError(f"frame size {h}x{w} is not divisible by the VFM patch size {self.patch_size}: "
                                  f"use --size a multiple of {self.patch_size}")
         x = (frames.reshape(-1, c, h, w).float() / 255 - self.mean) / self.std
-        out = self.model(pixel_values=x, output_hidden_states=self.layers is not None)
+        self.caught = []  # the hooked blocks' outputs, in block order
+        self.model(pixel_values=x)
+        caught = dict(zip(sorted(set(self.layers)), self.caught))
+        del self.caught  # not kept past the call
         norm = getattr(self.model, "layernorm", None) or self.model.norm  # DINOv2's name, DINOv3's
-        tokens = out.last_hidden_state if self.layers is None else \
-            torch.cat([norm(out.hidden_states[i + 1]) for i in self.layers], -1)
-        tokens = tokens[:, self.num_prefix:]
+        tokens = torch.cat([norm(caught[i]) for i in self.layers], -1)[:, self.num_prefix:]
         if self.pca_proj is not None:
             tokens = tokens @ self.pca_proj - self.pca_shift
         return tokens.reshape(*lead, tokens.shape[1], self.dim)  # (..., N, C)
@@ -180,8 +183,7 @@ def load_pca(spec, width):
 
 def fit_pca(batches, k):
     """A PCA file from feature batches (..., C), as DINO-Foresight's pca.py fits one with sklearn: each dimension
-    standardised (mean, std over all batches), then the k leading principal components, largest variance first.
-    From the covariance accumulated in float64: no features are kept."""
+    standardised, then the k leading principal components, largest variance first (a float64 covariance, summed)."""
     n = total = products = 0
     for x in batches:
         x = x.double().flatten(0, -2)
@@ -333,10 +335,9 @@ class DeltaTok(nn.Module):
         decoding from the last reconstruction (SPEC section 2, "DeltaTok mid"). sequential (the release, appendix D's
         mitigation) encodes targets[:, t] against the last reconstruction, so errors do not accumulate; parallel
         (appendix D's wording) encodes all tokens from ground-truth pairs at once. The same for T = 1."""
-        B, T, N, C = targets.shape
         tokens = None if sequential else self.tokenize(targets, x0)[:, :, None]  # (B, T, 1, C)
         out, x = [], x0
-        for t in range(T):
+        for t in range(targets.shape[1]):
             x = self.decode(self.encode(x, targets[:, t]) if sequential else tokens[:, t], x)
             out.append(x)
         return torch.stack(out, 1)
@@ -414,9 +415,9 @@ def load_deltatok(path, device="cpu", flag="--tokenizer"):
 
 def setup_dist():
     """(rank, world size, device) from torchrun's environment; one plain process otherwise."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
@@ -730,7 +731,10 @@ def main(args):
             result = reconstruction_check(tok, vfm, val_clips, device, args.dtype)
             tok.train()
             log_jsonl(args.out, dict(step=step, eval=result))
-            tqdm.write(format_check(step, result))
+            pair = lambda h, name: f"{result[f'h{h}/{name}/mse']:.4f} / {result[f'h{h}/{name}/cos']:.3f}"
+            tqdm.write(f"step {step} reconstruction check on held-out clips (feature MSE / cosine):" + "".join(
+                f"\n  horizon {h}: DeltaTok sequential {pair(h, 'deltatok')}   parallel "
+                f"{pair(h, 'deltatok_parallel')}   copy-last {pair(h, 'copy_last')}" for h in (1, 3)))
         if stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
             save_checkpoint(dict(kind="deltatok", config=asdict(tok.cfg), vfm=vfm.name, size=args.size,
                                  model=tok.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
@@ -739,15 +743,6 @@ def main(args):
     if master:
         print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
     cleanup_dist(world)
-
-
-def format_check(step, r):
-    lines = [f"step {step} reconstruction check on held-out clips (feature MSE / cosine):"]
-    pair = lambda h, name: f"{r[f'h{h}/{name}/mse']:.4f} / {r[f'h{h}/{name}/cos']:.3f}"
-    for h in (1, 3):
-        lines.append(f"  horizon {h}: DeltaTok sequential {pair(h, 'deltatok')}   parallel "
-                     f"{pair(h, 'deltatok_parallel')}   copy-last {pair(h, 'copy_last')}")
-    return "\n".join(lines)
 
 
 def get_parser():
