@@ -25,13 +25,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
-import bench
 import data
 import tokenizer as T
-from predictor import HEAD_DIM, NOISE_STD, PREDICTOR_PRESETS, Predictor, clip_noise, world_flags
+from predictor import (HEAD_DIM, NOISE_STD, PREDICTOR_PRESETS, Predictor, bench_training, clip_noise, frame_loss,
+                       heldout_check, world_flags, world_loss)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The model (SPEC section 4)
@@ -56,11 +55,6 @@ def patch_positions(times, n, aspect=1.0):
     xy = torch.stack([x.flatten(), y.flatten()], -1)  # (n, 2)
     B, L = times.shape
     return torch.cat([times[:, :, None, None].float().expand(B, L, n, 1), xy.expand(B, L, n, 2)], -1).flatten(1, 2)
-
-
-def frame_loss(pred, target):
-    """Smooth L1 (beta 0.1, appendix A) per frame: mean over its patches and channels. (..., N, C) -> (...)."""
-    return F.smooth_l1_loss(pred.float(), target.float().expand_as(pred), beta=0.1, reduction="none").mean((-2, -1))
 
 
 class DinoWorld(nn.Module):
@@ -134,47 +128,11 @@ def load_dinoworld(path, device="cpu", vfm=None, flag="--ckpt"):
     return model.to(device).eval().requires_grad_(False)
 
 
-def clip_loss(world, model, feats, times, noise=None):
-    """Training loss of clips feats (B, T, N, C) at times (B, T): smooth L1 of frames 1..T-1. BoM (noise
-    (B, K, T-1, C)): a pass through `world` without autograd picks, per clip and frame, the noise of lowest loss;
-    only that one runs with gradients through `model` (world or its DDP/compiled wrapper)."""
-    target = feats[:, None, 1:]  # (B, 1, T-1, N, C)
-    if noise is not None:
-        with torch.no_grad():  # no graph, no stored activations
-            best = frame_loss(world(feats, times, noise.to(feats.dtype)), target).argmin(1)  # (B, T-1)
-        noise = noise.gather(1, best[:, None, :, None].expand(-1, 1, -1, noise.shape[-1])).to(feats.dtype)
-    return frame_loss(model(feats, times, noise), target).mean()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
-CONTEXT, HORIZON = 4, 3  # the held-out check: the mid-horizon protocol of SPEC section 5 on 7-frame clips
-
-
-@torch.no_grad()
-def prediction_check(model, vfm, clips, times, device, dtype, num_samples, seed, batch_size=16):
-    """Feature smooth L1 ("h1/best", as predictor.py logs it) and MSE ("h1/best/mse") at horizons 1 and 3 of the
-    rollout from 4 context frames: the best sample (per clip and horizon), the samples' mean, and copy-last."""
-    generator = torch.Generator(device).manual_seed(seed)
-    sums = {}
-    for i in range(0, len(clips), batch_size):
-        with T.autocast(device, dtype):
-            feats = vfm(clips[i:i + batch_size].to(device)).float()  # (B, 7, N, C)
-            pred = model.sample(feats[:, :CONTEXT], times[i:i + batch_size], num_samples, HORIZON, generator)[0]
-        for h in (1, 3):
-            target, samples = feats[:, CONTEXT + h - 1], pred[:, :, h - 1].float()  # (B, N, C), (B, S, N, C)
-            for metric, fn in (("", frame_loss), ("/mse", lambda p, y: (p - y).pow(2).mean((-2, -1)))):
-                for name, v in (("best", fn(samples, target[:, None]).min(1).values),
-                                ("mean", fn(samples.mean(1), target)),
-                                ("copy_last", fn(feats[:, CONTEXT - 1], target))):
-                    key = f"h{h}/{name}{metric}"
-                    sums[key] = sums.get(key, 0.0) + v.sum().item()
-    return {k: v / len(clips) for k, v in sums.items()}
-
-
 def format_check(step, r, num_samples):
-    lines = [f"step {step} prediction check on held-out clips, context {CONTEXT} (feature smooth L1 / MSE):"]
+    lines = [f"step {step} prediction check on held-out clips, context 4 (feature smooth L1 / MSE):"]
     for h in (1, 3):
         pair = lambda name: f"{r[f'h{h}/{name}']:.4f} / {r[f'h{h}/{name}/mse']:.4f}"
         pred = (f"best-of-{num_samples} {pair('best')}   mean-of-{num_samples} {pair('mean')}" if num_samples > 1
@@ -203,21 +161,9 @@ def main(args):
         T.compile_blocks(vfm, dw)
 
     if args.bench:
-        B, n = args.batch_size, args.num_frames
-        frames = torch.randint(0, 256, (B, n, 3, *args.size), dtype=torch.uint8, device=device)
-        times = (torch.arange(n, device=device) * 0.2).expand(B, n)  # (B, T) seconds
-
-        def step(update=True, b=B):
-            with T.autocast(device, args.dtype):
-                noise = clip_noise(args.seed, 0, range(b), args.bom, L, C, device) if args.bom else None
-                loss = clip_loss(dw, dw, vfm(frames[:b]), times[:b], noise)
-            loss.backward()
-            if update:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        return bench.run_bench(step, lambda: step(False, 1), B, args.bench, device,
-                           "authors' code, H200, bf16 + compile: DINO-world 256 px batch 32 x 8: 166 ms, 24.2 GiB "
-                           "(SPEC section 6); Table 2: + BoM 16 needs about the same memory")
+        return bench_training(args, dw, opt, vfm, args.bom, C, device, "authors' code, H200, bf16 + compile: "
+                              "DINO-world 256 px batch 32 x 8: 166 ms, 24.2 GiB (SPEC section 6); Table 2: + BoM 16 "
+                              "needs about the same memory")
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     resumed = T.resume(args, dw, opt, master, ckpt)
@@ -225,15 +171,12 @@ def main(args):
     model = T.ddp(dw, world, device)
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
     num_samples = args.val_samples if args.bom else 1
-    if master:  # held-out clips of 7 frames: 4 context, 3 predicted
-        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args)
-        val = data.ClipDataset(val_src, num_frames=CONTEXT + HORIZON, size=args.size, stride=tuple(args.stride),
-                               seed=args.seed + 1)
-        val_frames, val_times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))
-        val_frames, val_times = torch.stack(val_frames), torch.stack(val_times)
+    if master:  # the held-out check in feature smooth L1 and MSE
+        mse = lambda p, y: (p - y).pow(2).mean((-2, -1))
+        check = heldout_check(args, vfm, device, num_samples, (("", frame_loss), ("/mse", mse)))
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    t0, clips = time.perf_counter(), 0
+    t0, logged = time.perf_counter(), step
     while step < args.steps:
         lr = T.lr_at(step, args.lr, args.warmup)
         for group in opt.param_groups:
@@ -243,12 +186,11 @@ def main(args):
             batch = next(loader)
             skipped += batch["skipped"]
             first = (micro * world + rank) * args.batch_size  # global index of this micro-batch's first clip
-            noise = clip_noise(args.seed, step, range(first, first + args.batch_size), args.bom, L, C, device) \
-                if args.bom else None  # a function of (seed, step, clip): the same for any split over processes
+            noise = clip_noise(args.seed, step, range(first, first + args.batch_size), args.bom, L, C, device)
             with model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext():
                 with T.autocast(device, args.dtype):
                     feats = vfm(batch["frames"].to(device, non_blocking=True))  # (B, T, N, C)
-                    loss = clip_loss(dw, model, feats, batch["times"].to(device, non_blocking=True), noise)
+                    loss, _ = world_loss(dw, model, feats, batch["times"].to(device, non_blocking=True), noise)
                 (loss / accum).backward()
             loss_sum += loss.detach() / accum
         if world > 1:
@@ -258,18 +200,15 @@ def main(args):
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        clips += args.global_batch
         bar.update(1)
         if master and (step % args.log_every == 0 or step == args.steps):
-            rate = clips / (time.perf_counter() - t0)
+            rate = (step - logged) * args.global_batch / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss_sum.item():.4g}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}", skipped=skipped)
             T.log_jsonl(args.out, dict(step=step, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm.item(),
                                        clips_per_s=rate, skipped_videos=skipped))
-            t0, clips = time.perf_counter(), 0
+            t0, logged = time.perf_counter(), step
         if master and (step % args.eval_every == 0 or step == args.steps):
-            dw.eval()
-            result = prediction_check(dw, vfm, val_frames, val_times, device, args.dtype, num_samples, args.seed)
-            dw.train()
+            result = check(dw)
             T.log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(format_check(step, result, num_samples))
         if T.stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:

@@ -55,10 +55,8 @@ def rope_angles(pos, axes, head_dim):
         angle = 2 * math.pi * pos[..., i:i + 1].float() * w                  # (..., L, a/2)
         cos += [angle.cos(), angle.cos()]
         sin += [-angle.sin(), angle.sin()]                                    # x1' = x1 c - x2 s, x2' = x2 c + x1 s
-    rest = head_dim - sum(axes)
-    cos.append(pos.new_ones(*pos.shape[:-1], rest, dtype=torch.float32))
-    sin.append(pos.new_zeros(*pos.shape[:-1], rest, dtype=torch.float32))
-    return torch.cat(cos, -1), torch.cat(sin, -1), axes
+    rest = (0, head_dim - sum(axes))  # unrotated: cos 1, sin 0
+    return F.pad(torch.cat(cos, -1), rest, value=1.0), F.pad(torch.cat(sin, -1), rest), axes
 
 
 def apply_rope(x, rope):
@@ -216,17 +214,15 @@ class DeltaWorld(nn.Module):
         context = self.tokenizer.tokenize(feats, self.black(N, feats.device)).float().repeat_interleave(S, 0)
         pos = times.float().to(feats.device).repeat_interleave(S, 0)[..., None]          # (B S, Tc + H, 1)
         x = feats[:, -1].repeat_interleave(S, 0)                                          # (B S, N, C)
-        out_feats, out_tokens = [], []
+        out = []
         for h in range(horizon):
             L = Tc + h
             q = self.queries(B * S, 1, generator, feats.device)
             token = self.predictor(q, context, pos[:, L:L + 1], pos[:, :L])              # (B S, 1, C)
             x = self.tokenizer.decode(token, x).float()
             context = torch.cat([context, token], 1)
-            out_feats.append(x)
-            out_tokens.append(token[:, 0])
-        return (torch.stack(out_feats, 1).view(B, S, horizon, N, C),
-                torch.stack(out_tokens, 1).view(B, S, horizon, C))
+            out.append(x)
+        return torch.stack(out, 1).view(B, S, horizon, N, C), context[:, Tc:].view(B, S, horizon, C)
 
 
 def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt"):
@@ -250,24 +246,31 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt")
 
 def clip_noise(seed, step, clip_ids, K, length, dim, device):
     """BoM candidates (B, K, length, C) for the clips `clip_ids` of a step (data.clip_random): any split over
-    processes and micro-batches, and the token cache, draw the same noise for the same clip."""
-    return data.clip_random(seed, step, clip_ids, (K, length, dim), device) * NOISE_STD
+    processes and micro-batches, and the token cache, draw the same noise for the same clip. K = 0: None (the
+    learned query)."""
+    return data.clip_random(seed, step, clip_ids, (K, length, dim), device) * NOISE_STD if K else None
 
 
-def world_loss(world, model, tokens, times, noise=None, chunk=256):
-    """The training loss of clips' tokens (B, T, C) with timestamps (B, T). BoM (noise (B, K, T-1, C)): a
-    candidate pass without autograd through `world` picks, per clip and position, the query with the lowest
-    smooth-L1 loss; only that query then runs with gradients through `model` (world, or its DDP/compiled wrapper).
-    noise None: the learned query, plain smooth L1. Returns (loss, index of the chosen candidate (B, T-1) or None)."""
-    target, chosen, best = tokens[:, 1:].float(), None, None
+def frame_loss(pred, target, start=-2):
+    """Smooth L1 (beta 0.1, appendix A) per frame: the mean over dims start.. (default: its patches and channels,
+    (..., N, C) -> (...))."""
+    loss = F.smooth_l1_loss(pred.float(), target.float().expand_as(pred), beta=0.1, reduction="none")
+    return loss.flatten(start).mean(-1)
+
+
+def world_loss(world, model, x, times, noise=None, chunk=256):
+    """The training loss of both world models, the mean frame_loss of frames 1..T-1 of clips x at times (B, T): tokens
+    (B, T, C) (DeltaWorld) or patch features (B, T, N, C) (DINO-world). BoM (noise (B, K, T-1, C)): a candidate pass
+    without autograd through `world`, `chunk` candidates at a time, picks per clip and frame the query of lowest loss;
+    only that query runs with gradients through `model` (world, or its DDP/compiled wrapper). noise None: the learned
+    query. Returns (loss, index of the chosen candidate (B, T-1) or None)."""
+    target, best = x[:, None, 1:], None                                                  # (B, 1, T-1, ...)
     if noise is not None:
-        with torch.no_grad():
-            losses = torch.cat([F.smooth_l1_loss(world(tokens, times, q).float(), target[:, None].expand_as(q),
-                                                 beta=0.1, reduction="none").mean(-1)
-                                for q in noise.split(chunk, 1)], 1)                         # (B, K, T-1)
-            best = losses.argmin(1)                                                         # (B, T-1)
-        chosen = noise.gather(1, best[:, None, :, None].expand(-1, 1, -1, noise.shape[-1]))  # (B, 1, T-1, C)
-    return F.smooth_l1_loss(model(tokens, times, chosen)[:, 0].float(), target, beta=0.1), best
+        noise = noise.to(x.dtype)
+        with torch.no_grad():  # no graph, no stored activations
+            best = torch.cat([frame_loss(world(x, times, q), target, 3) for q in noise.split(chunk, 1)], 1).argmin(1)
+        noise = noise.gather(1, best[:, None, :, None].expand(-1, 1, -1, noise.shape[-1]))        # (B, 1, T-1, C)
+    return frame_loss(model(x, times, noise), target, 3).mean(), best
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,24 +380,52 @@ def export_tokens(tok, vfm, source, folder, size, device, dtype, rank=0, world_s
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
-@torch.no_grad()
-def heldout_check(world, vfm, clips, times, num_samples, device, dtype, seed, batch_size=16):
-    """Feature smooth-L1 (beta 0.1) at horizons 1 and 3 on held-out clips of 4 context + 3 target frames (the
-    mid-horizon protocol, SPEC section 5): best-of-N and mean-of-N of N rollouts, and copy-last."""
-    g = torch.Generator(device).manual_seed(seed)
-    sums = {}
-    for i in range(0, len(clips), batch_size):
-        with T.autocast(device, dtype):
-            feats = vfm(clips[i:i + batch_size].to(device)).float()                     # (B, 7, N, C)
-            pred, _ = world.sample(feats[:, :4], times[i:i + batch_size], num_samples, 3, g)  # (B, S, 3, N, C)
-        for h in (1, 3):
-            target = feats[:, None, 3 + h]                   # (B, 1, N, C); loss: (B, S', N, C) -> (B, S')
-            loss = lambda p: F.smooth_l1_loss(p.float(), target.expand_as(p), beta=0.1, reduction="none").mean((-2, -1))
-            for name, v in (("best", loss(pred[:, :, h - 1]).min(1).values),
-                            ("mean", loss(pred[:, :, h - 1].mean(1, keepdim=True))[:, 0]),
-                            ("copy_last", loss(feats[:, 3:4])[:, 0])):
-                sums[f"h{h}/{name}"] = sums.get(f"h{h}/{name}", 0.0) + v.sum().item()
-    return {k: v / len(clips) for k, v in sums.items()}
+def heldout_check(args, vfm, device, num_samples, metrics=(("", frame_loss),), batch_size=16):
+    """The held-out check of both world models, the mid-horizon protocol (SPEC section 5) on --val-clips clips of 4
+    context + 3 target frames. Returns check(model) -> {"h{h}/{best|mean|copy_last}{name}": mean over the clips} at
+    horizons h = 1, 3: the best and the mean of `num_samples` rollouts, and copy-last, for each (name, metric) of
+    `metrics`, metric(pred, target) (..., N, C) -> (...) (default: the feature smooth L1)."""
+    val = data.ClipDataset(data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args),
+                           num_frames=7, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
+    clips, times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))
+    clips, times = torch.stack(clips), torch.stack(times)                                 # (V, 7, 3, H, W), (V, 7)
+
+    @torch.no_grad()
+    def check(model):
+        model.eval()
+        g, sums = torch.Generator(device).manual_seed(args.seed), {}
+        for i in range(0, len(clips), batch_size):
+            with T.autocast(device, args.dtype):
+                feats = vfm(clips[i:i + batch_size].to(device)).float()                  # (B, 7, N, C)
+                pred = model.sample(feats[:, :4], times[i:i + batch_size], num_samples, 3, g)[0]  # (B, S, 3, N, C)
+            for h in (1, 3):
+                samples, target = pred[:, :, h - 1].float(), feats[:, 3 + h]             # (B, S, N, C), (B, N, C)
+                for metric, fn in metrics:
+                    for name, v in (("best", fn(samples, target[:, None]).min(1).values),
+                                    ("mean", fn(samples.mean(1), target)), ("copy_last", fn(feats[:, 3], target))):
+                        key = f"h{h}/{name}{metric}"
+                        sums[key] = sums.get(key, 0.0) + v.sum().item()
+        model.train()
+        return {k: v / len(clips) for k, v in sums.items()}
+    return check
+
+
+def bench_training(args, world, opt, inputs, K, C, device, reference, chunk=256):
+    """--bench of both world models: time training steps on random clips of frames 0.2 s apart; inputs(frames
+    (b, T, 3, H, W) uint8) -> what `world` reads, tokens (b, T, C) or patch features (b, T, N, C)."""
+    B, n = args.batch_size, args.num_frames
+    frames = torch.randint(0, 256, (B, n, 3, *args.size), dtype=torch.uint8, device=device)
+    times = (torch.arange(n, device=device) * 0.2).expand(B, n)                           # (B, T) seconds
+
+    def step(update=True, b=B):
+        noise = clip_noise(args.seed, 0, range(b), K, n - 1, C, device)
+        with T.autocast(device, args.dtype):
+            loss, _ = world_loss(world, world, inputs(frames[:b]), times[:b], noise, chunk)
+        loss.backward()
+        if update:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return bench.run_bench(step, lambda: step(False, 1), B, args.bench, device, reference)
 
 
 def main(args):
@@ -437,30 +468,22 @@ def main(args):
         with torch.no_grad(), T.autocast(device, args.dtype):
             return tok.tokenize(vfm(frames.to(device, non_blocking=True)), black).float()
 
-    if args.bench:
+    if args.bench and args.bench_mode == "sample":  # eval's mid horizon: 4 context frames, 20 samples x 3 steps
         B = args.batch_size
-        frames = torch.randint(0, 256, (B, args.num_frames, 3, *args.size), dtype=torch.uint8, device=device)
-        times = torch.linspace(0, 0.2 * L, args.num_frames, device=device).expand(B, -1)
-        cached = torch.randn(B, args.num_frames, C, device=device)
-        if args.bench_mode == "sample":  # eval's mid horizon: 4 context frames, 20 samples x 3 steps, decoded
-            def sample(b=B):
-                with torch.no_grad(), T.autocast(device, args.dtype):
-                    world.sample(vfm(frames[:b, :4]), times[:b, :7], 20, 3)
-            return bench.run_bench(sample, lambda: sample(1), B, args.bench, device, "the target: at most 50 ms per "
-                               "sequence at 512 px, DeltaTok decoding included")
+        frames = torch.randint(0, 256, (B, 4, 3, *args.size), dtype=torch.uint8, device=device)
+        times = (torch.arange(7, device=device) * 0.2).expand(B, 7)
 
-        def step(update=True, b=B):
-            tokens = cached[:b] if args.cache_tokens else encode(frames[:b])  # --cache-tokens: no VFM, no encoder
-            noise = clip_noise(args.seed, 0, range(b), K, L, C, device) if K else None
-            with T.autocast(device, args.dtype):
-                loss, _ = world_loss(world, world, tokens, times[:b], noise, args.bom_chunk)
-            loss.backward()
-            if update:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        return bench.run_bench(step, lambda: step(False, 1), B, args.bench, device,
-                           "authors' code, H200, bf16 + compile, batch 32 x 8 frames, K=256: 256 px 142 ms, 3.8 GiB; "
-                           "512 px 585 ms, 9.2 GiB; DINO-world 256 px: 166 ms, 24.2 GiB (SPEC section 6)")
+        def sample(b=B):
+            with torch.no_grad(), T.autocast(device, args.dtype):
+                world.sample(vfm(frames[:b]), times[:b], 20, 3)
+        return bench.run_bench(sample, lambda: sample(1), B, args.bench, device, "the target: at most 50 ms per "
+                               "sequence at 512 px, DeltaTok decoding included")
+    if args.bench:
+        cached = torch.randn(args.batch_size, args.num_frames, C, device=device)  # --cache-tokens: no VFM, no encoder
+        inputs = (lambda frames: cached[:len(frames)]) if args.cache_tokens else encode
+        return bench_training(args, world, opt, inputs, K, C, device, "authors' code, H200, bf16 + compile, batch 32 x "
+                              "8 frames, K=256: 256 px 142 ms, 3.8 GiB; 512 px 585 ms, 9.2 GiB; DINO-world 256 px: "
+                              "166 ms, 24.2 GiB (SPEC section 6)", args.bom_chunk)
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     # the tokenizer the checkpoint records: a file by its absolute path, a hub id as it is
@@ -484,11 +507,8 @@ def main(args):
         skipped = cache.skipped
     else:
         loader = data.make_loader(train, args.batch_size, rank, world_size, accum, step, args.num_workers)
-    if master:  # held-out clips of 4 context + 3 target frames
-        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args)
-        val = data.ClipDataset(val_src, num_frames=7, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
-        val_clips, val_times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))
-        val_clips, val_times = torch.stack(val_clips), torch.stack(val_times)                # (V, 7, 3, S, S), (V, 7)
+    if master:
+        check = heldout_check(args, vfm, device, args.val_samples)
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, logged = time.perf_counter(), step
@@ -503,7 +523,7 @@ def main(args):
             skipped += batch["skipped"]
             tokens = batch["frames"].to(device) if args.cache_tokens else encode(batch["frames"])  # (B, T, C)
             times = batch["times"].to(device, non_blocking=True)                          # (B, T)
-            noise = clip_noise(args.seed, step, range(first, first + args.batch_size), K, L, C, device) if K else None
+            noise = clip_noise(args.seed, step, range(first, first + args.batch_size), K, L, C, device)
             with model.no_sync() if world_size > 1 and micro < accum - 1 else contextlib.nullcontext():
                 with T.autocast(device, args.dtype):
                     loss, _ = world_loss(world, model, tokens, times, noise, args.bom_chunk)
@@ -524,9 +544,7 @@ def main(args):
                                        clips_per_s=rate, skipped_videos=skipped))
             t0, logged = time.perf_counter(), step
         if master and (step % args.eval_every == 0 or step == args.steps):
-            world.eval()
-            result = heldout_check(world, vfm, val_clips, val_times, args.val_samples, device, args.dtype, args.seed)
-            world.train()
+            result = check(world)
             T.log_jsonl(args.out, dict(step=step, eval=result))
             tqdm.write(f"step {step} held-out feature loss (smooth L1), {args.val_samples} samples:" + "".join(
                 f"\n  horizon {h}: best {result[f'h{h}/best']:.4f}   mean {result[f'h{h}/mean']:.4f}   "

@@ -93,7 +93,7 @@ def test_bom_keeps_no_graph_and_trains_only_the_best_candidate(clip):
         return out, sum(sizes)
 
     noise = clip_noise(0, 3, range(B), K, FRAMES - 1, C, "cpu")  # K noise vectors per (clip, frame)
-    loss, bom_saved = saved_bytes(lambda: D.clip_loss(model, model, feats, times, noise))
+    loss, bom_saved = saved_bytes(lambda: D.world_loss(model, model, feats, times, noise)[0])
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -163,7 +163,7 @@ def test_tiny_dinoworld_learns_on_synthetic_videos():
         for g in opt.param_groups:
             g["lr"] = T.lr_at(step, 1e-2, 10)
         idx = torch.randint(0, len(train), (16,))
-        D.clip_loss(model, model, train[idx], train_times[idx]).backward()
+        D.world_loss(model, model, train[idx], train_times[idx])[0].backward()
         opt.step()
         opt.zero_grad()
     final = held_out()
