@@ -9,7 +9,6 @@ resumable stream in which step s is clips 0 .. global_batch - 1 for any number o
 
     python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
     python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
-    python data.py --convert-pca pca.pkl pca.pt --trust-pickle          # DINO-Foresight's PCA (Table D)
 """
 
 import argparse
@@ -20,13 +19,11 @@ import gc
 import itertools
 import multiprocessing
 import os
-import pickle
 import re
 import signal
 import sys
 import threading
 import time
-import zipfile
 
 import av
 import numpy as np
@@ -599,37 +596,13 @@ def clip_random(seed, step, clip_ids, shape, device, draw=torch.randn):
                         for j in clip_ids])
 
 
-def convert_pca(src, dst):
-    """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> tokenizer.load_pca's file at dst.
-    Unpickling runs what the file names: only numpy's and torch's classes pass (never torch.load's full unpickler)."""
-    class Restricted(pickle.Unpickler):
-        def find_class(self, module, name):
-            if module.startswith("sklearn.decomposition") and name == "PCA":
-                return type(name, (), {})  # a bare object keeps its attributes: no sklearn needed
-            if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
-                return super().find_class(module, name)
-            raise UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
-    if zipfile.is_zipfile(src):
-        raise UserError(f"--convert-pca {src} is a torch.save file, not DINO-Foresight's pickle (pickle.dump)")
-    with open(src, "rb") as f:
-        p = Restricted(f).load()
-    t, pca = lambda v: torch.as_tensor(v, dtype=torch.float32), p["pca_model"].__dict__
-    torch.save(dict(mean=t(p["mean"]).flatten(), std=t(p["std"]).flatten(), pca_mean=t(pca["mean_"]),
-                    components=t(pca["components_"]), variance=t(pca["explained_variance_"])), dst)
-
-
 # -----------------------------------------------------------------------------
-# command line: prepare real videos for training, measure how fast clips are read, or convert a PCA file
+# command line: prepare real videos for training, or measure how fast clips are read
 
 def main(args):
     if args.prepare:
         check_paths([("SRC", args.prepare[0])], ("DST", args.prepare[1]))
         return prepare(*args.prepare, args.short_side, args.workers, args.index)
-    if args.convert_pca:  # unpickling can run code: only on the user's word
-        if not args.trust_pickle:
-            raise UserError("--convert-pca unpickles the file, which can run code: add --trust-pickle if you trust it")
-        check_paths([("--convert-pca", args.convert_pca[0])])
-        return convert_pca(*args.convert_pca)
     check_paths([("--bench", args.bench)])
     source = VideoFolder(args.bench, index=args.index)
     loader = make_loader(ClipDataset(source, args.num_frames), 8, num_workers=args.workers)
@@ -644,13 +617,11 @@ def main(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Prepare videos, time the loader, or convert a PCA file.",
+    parser = argparse.ArgumentParser(description="Prepare videos for training, or time the loader.",
                                      formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--bench", metavar="DIR", help="clips/s of the training loader over DIR (or a list), for 20 s")
     mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
-    mode.add_argument("--convert-pca", nargs=2, metavar=("PICKLE", "DST"), help="DINO-Foresight's PCA -> a --pca file")
-    parser.add_argument("--trust-pickle", action="store_true", help="--convert-pca: let it unpickle the file")
     parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")
     parser.add_argument("--short-side", type=at_least(2), default=288, help="--prepare: short side, never upscaled")
     parser.add_argument("--num-frames", type=at_least(2), default=2, help="--bench: frames per clip")

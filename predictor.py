@@ -37,6 +37,7 @@ from tqdm import tqdm
 import bench
 import data
 import tokenizer as T
+import vfm as V
 
 # ----------------------------------------------------------------------------------------------------------------
 # The predictor (SPEC section 3), DINO-world's too: cross-attention blocks, RoPE over any number of axes.
@@ -237,7 +238,7 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt")
         raise data.UserError(f"{flag} {path} records its tokenizer at {ckpt['tokenizer']}, which is gone: pass "
                              "--tokenizer with that file (moved or copied), or with the released DeltaTok it used")
     tok, vfm_name = T.load_deltatok(tokenizer or ckpt["tokenizer"], device)
-    vfm = vfm if vfm is not None else T.VFM(vfm_name if released else ckpt["vfm"] or vfm_name).to(device)
+    vfm = vfm if vfm is not None else V.VFM(vfm_name if released else ckpt["vfm"] or vfm_name).to(device)
     cfg = dict(model="base", bom="q_embed.weight" not in ckpt.get("state_dict", ckpt)) if released else ckpt["config"]
     world = DeltaWorld(tok, vfm, cfg["model"], cfg["bom"])
     T.load_state_strict(world, ckpt, f"DeltaWorld checkpoint {path}", "check --tokenizer")
@@ -444,9 +445,9 @@ def main(args):
                              num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
     if args.tokenizer:
         tok, vfm_name = T.load_deltatok(args.tokenizer, device)
-        vfm = T.VFM(args.vfm or vfm_name).to(device)
+        vfm = V.VFM(args.vfm or vfm_name).to(device)
     else:
-        vfm = T.VFM(args.vfm or T.DINOV3_B16).to(device)
+        vfm = V.VFM(args.vfm or V.DINOV3_B16).to(device)
         tok = T.build_deltatok(args.model, vfm, args.bench_mode).to(device).eval().requires_grad_(False)
     if (tok.cfg.dim, tok.cfg.patch_size) != (vfm.dim, vfm.patch_size):
         raise data.UserError(f"the tokenizer (dim {tok.cfg.dim}, patch {tok.cfg.patch_size}) does not fit the VFM "
@@ -566,7 +567,7 @@ def get_parser():
     p.add_argument("--tokenizer", default="", help="tokenizer.py checkpoint (delta or frame mode) or released DeltaTok")
     p.add_argument("--out", default="runs/deltaworld", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default="", help="DINOv3 hub id or local folder (default: the one the tokenizer "
-                   f"records; in --bench without --tokenizer {T.DINOV3_B16}); random presets {list(T.VFM_PRESETS)}")
+                   f"records; in --bench without --tokenizer {V.DINOV3_B16}); random presets {list(V.VFM_PRESETS)}")
     p.add_argument("--no-bom", action="store_true", help="discriminative: a learned query, no best-of-many (Table C)")
     p.add_argument("--bom", type=data.at_least(1), default=256, help="best-of-many candidates K per clip and position")
     p.add_argument("--bom-chunk", type=data.at_least(1), default=256, help="candidates per forward; lower saves memory")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import data
 import predictor as P
 import tokenizer as T
+import vfm as V
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--size", "32", "--num-workers", "0", "--val-clips", "4", "--val-samples", "2",
@@ -188,7 +189,7 @@ def test_bom_candidate_pass_builds_no_graph():
 
 @pytest.fixture(scope="module")
 def vfm():
-    return T.VFM("tiny")
+    return V.VFM("tiny")
 
 
 def test_sampling_rollout(vfm):

@@ -15,6 +15,7 @@ from torch._dynamo.utils import counters
 import bench
 import data
 import tokenizer as T
+import vfm as V
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--vfm", "tiny", "--model", "tiny", "--size", "32", "--num-workers", "0", "--val-clips", "4",
@@ -23,7 +24,7 @@ TINY = ["--vfm", "tiny", "--model", "tiny", "--size", "32", "--num-workers", "0"
 
 @pytest.fixture(scope="module")
 def vfm():
-    return T.VFM("tiny")
+    return V.VFM("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_vfm_is_frozen_deterministic_and_checks_sizes(vfm, feats):
     assert not any(p.requires_grad for p in vfm.parameters())
     vfm.train()
     assert not vfm.model.training  # stays in eval mode: no RoPE jitter in the frozen backbone
-    assert torch.equal(T.VFM("tiny").model.embeddings.patch_embeddings.weight,
+    assert torch.equal(V.VFM("tiny").model.embeddings.patch_embeddings.weight,
                        vfm.model.embeddings.patch_embeddings.weight)  # every stage builds the same tiny VFM
     with pytest.raises(data.UserError, match="not divisible by the VFM patch size 16"):
         vfm(torch.zeros(1, 3, 30, 32, dtype=torch.uint8))
@@ -59,9 +60,9 @@ def test_vfm_is_frozen_deterministic_and_checks_sizes(vfm, feats):
 
 def test_missing_weights_error_says_how_to_fix():
     with pytest.raises(data.UserError, match="local Hugging Face cache|local copy"):
-        T.VFM(T.DINOV3_B16)  # offline in tests
+        V.VFM(V.DINOV3_B16)  # offline in tests
     with pytest.raises(data.UserError, match="config.json"):
-        T.VFM(ROOT + "/tests")  # a folder without a DINOv3 config
+        V.VFM(ROOT + "/tests")  # a folder without a DINOv3 config
 
 
 def test_decoder_is_identity_at_init(vfm, feats):
@@ -215,7 +216,7 @@ def test_released_layout_loads_strictly_and_wrong_shape_fails(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save({"state_dict": state}, path)
     model, vfm_name = T.load_deltatok(str(path))
-    assert vfm_name == T.DINOV3_B16
+    assert vfm_name == V.DINOV3_B16
     assert torch.equal(model.state_dict()["z_embed.weight"], state["z_embed.weight"])
     bad = dict(state, **{"xy_embed.weight": torch.zeros(3, 768)})
     torch.save(bad, path)
@@ -257,7 +258,7 @@ def test_training_two_process_ddp_equals_one_process(tmp_path):
     assert two.returncode == 0, two.stderr
     train(*common, "--batch-size", "2", "--out", tmp_path / "acc")
     w1, w2, w3 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tmp_path / "acc")
-    init = T.build_deltatok("tiny", T.VFM("tiny")).state_dict()
+    init = T.build_deltatok("tiny", V.VFM("tiny")).state_dict()
     assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train ...
     still = weights(tmp_path / "still")
     assert any(not torch.allclose(w1[k], still[k], atol=1e-6) for k in w1)  # ... with the jitter
@@ -375,7 +376,7 @@ def test_compile_blocks_is_regional_and_equals_eager(backend, monkeypatch):
     state dict keys. aot_eager traces what inductor compiles, in seconds; inductor takes a minute on a CPU."""
     torch._dynamo.reset()
     monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend=backend))
-    vfm = T.VFM("tiny")  # not the module's fixture, which stays eager
+    vfm = V.VFM("tiny")  # not the module's fixture, which stays eager
     torch.manual_seed(0)
     tok = T.build_deltatok("tiny", vfm, "delta")
     frames = torch.randint(0, 256, (2, 2, 3, 32, 32), dtype=torch.uint8)
