@@ -36,6 +36,7 @@ Run it:
   python eval.py --flops --vfm vitb16-random --size 256
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -107,8 +108,7 @@ def predict(kind, model, feats, times, horizon, num_samples, generator):
         return model.reconstruct(feats[:, ctx[-1] + 1:], feats[:, ctx[-1]], kind == "deltatok")[:, None].float()
     t = times[:, ctx[0]:] - times[:, ctx[0]:ctx[0] + 1]  # seconds from the first context frame
     bom = model.config["bom"] if kind == "deltaworld" else model.cfg.bom  # generative: num_samples samples
-    pred, _ = model.sample(feats[:, ctx], t, num_samples if bom else 1, TARGET - ctx[-1], generator)
-    return pred.float()
+    return model.sample(feats[:, ctx], t, num_samples if bom else 1, TARGET - ctx[-1], generator)[0].float()
 
 
 def features_file(path, flag="--features"):
@@ -132,16 +132,12 @@ def best_and_mean(samples, target):
 # Sequences under the two-crop protocol
 
 class Crops(torch.utils.data.Dataset):
-    """Item: the two crops of a sequence's frames (2, 7, 3, H, W) uint8, with its times and labels."""
+    """Item i: the two crops of sequence i's frames (2, 7, 3, H, W) uint8, with its times and labels."""
 
-    def __init__(self, sequences, size, indices):
-        self.sequences, self.size, self.indices = sequences, size, indices
+    def __init__(self, sequences, size):
+        self.sequences, self.size = sequences, size
 
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, j):
-        i = self.indices[j]
+    def __getitem__(self, i):
         item = self.sequences.item(i)
         x = Hd.resize_frames(item.pop("frames"), self.size)  # (7, 3, Hr, Wr)
         return dict(index=i, crops=Hd.two_crops(x, self.size), resized=tuple(x.shape[-2:]), **item)
@@ -255,8 +251,7 @@ RAMP = np.array([[48, 18, 59], [70, 134, 251], [26, 228, 182], [164, 252, 60], [
 
 
 def colour(out, task, lo=None, hi=None):
-    """Head output (K, h, w) -> RGB uint8 (h, w, 3): class palette, inverse depth through a colour ramp, or the
-    RGB head's picture."""
+    """Head output (K, h, w) -> RGB uint8 (h, w, 3): class palette, inverse depth on a colour ramp, or the picture."""
     if task == "rgb":
         return (out.float().clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy()
     if task == "seg":
@@ -271,8 +266,7 @@ def pca_colours(feats, fit, size):
     """Features (M, N, C) of (H, W) crops -> RGB (M, h, w, 3) from the 3 principal components of `fit` (n, C)."""
     mean = fit.mean(0)
     v = torch.linalg.svd(fit - mean, full_matrices=False)[2][:3].T  # exact (pca_lowrank is random: figures varied)
-    ref = (fit - mean) @ v
-    lo, hi = ref.quantile(0.01, 0), ref.quantile(0.99, 0)
+    lo, hi = ((fit - mean) @ v).quantile(fit.new_tensor([0.01, 0.99]), 0)
     proj = ((feats - mean) @ v - lo) / (hi - lo + 1e-9)
     return Hd.to_map(proj.clamp(0, 1) * 255, size).byte().permute(0, 2, 3, 1).cpu().numpy()
 
@@ -370,18 +364,18 @@ def figures(stem, name, item, feats, rollout, ctx, heads, size, num_samples=3, g
 
 @torch.no_grad()
 def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, features, rgb):
-    """Scores {(method, horizon, best|mean|-): {task: Score}} over this rank's share of the sequences."""
+    """Metrics {(method, horizon, best|mean|-): {metric: value}} of the dataset, each rank scoring its share."""
     n = min(len(sequences), args.max_sequences or len(sequences))
-    loader = torch.utils.data.DataLoader(Crops(sequences, args.size, list(range(rank, n, world))),
-                                         batch_size=args.batch_size, collate_fn=list, num_workers=args.num_workers)
-    scores, saved, start = {}, {h: [] for h in args.horizons}, time.perf_counter()
+    loader = torch.utils.data.DataLoader(Crops(sequences, args.size), args.batch_size, sampler=range(rank, n, world),
+                                         collate_fn=list, num_workers=args.num_workers)
+    scores = collections.defaultdict(lambda: {t: Hd.Score(t, head.head.out_channels) for t, head in heads.items()})
+    saved, start = {h: [] for h in args.horizons}, time.perf_counter()
 
     def add(key, pred, items):
-        tasks = scores.setdefault(key, new_scores(heads))
         for task, head in heads.items():
             maps = head(Hd.to_map(pred, args.size))  # (2B, K, h, w)
             for b, item in enumerate(items):
-                tasks[task].update_crops(maps[2 * b:2 * b + 2], item, item["resized"], args.size)
+                scores[key][task].update_crops(maps[2 * b:2 * b + 2], item, item["resized"], args.size)
 
     for items in tqdm(loader, disable=rank != 0, desc=dataset, dynamic_ncols=True):
         crops = torch.stack([it["crops"] for it in items]).flatten(0, 1).to(device)    # (2B, 7, 3, H, W)
@@ -393,13 +387,12 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
         for h in args.horizons:
             add(("Copy last", h, "-"), feats[:, CONTEXT[h][-1]], items)
             for name, kind, model in models:
-                if kind == "features":
-                    samples = torch.cat([features[h][it["index"]] for it in items]).to(device).float()  # (2B, S, N, C)
-                    rollout = samples[:, :, None]  # a file holds the final step only: the figures show that
+                if kind == "features":  # a file holds the final step only: the figures show that
+                    rollout = torch.cat([features[h][it["index"]] for it in items]).to(device).float()[:, :, None]
                 else:
                     with T.autocast(device, args.dtype):
                         rollout = predict(kind, model, feats, times, h, args.samples, gen)  # (2B, S, steps, N, C)
-                    samples = rollout[:, :, -1]
+                samples = rollout[:, :, -1]  # (2B, S, N, C)
                 if args.save_features and name == models[0][0]:  # a DeltaTok's first row: sequential
                     saved[h].append(samples.view(len(items), 2, *samples.shape[1:]).half().cpu())
                 best, mean, _ = best_and_mean(samples, feats[:, TARGET])
@@ -414,24 +407,16 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
         os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
         torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
                    args.save_features)
-    bench.bench_record(sequences_per_s=len(loader.dataset) / (time.perf_counter() - start))  # make bench-gpu's row
-    return scores
-
-
-def new_scores(heads):
-    return {task: Hd.Score(task, getattr(head.head, "out_channels", None)) for task, head in heads.items()}
-
-
-def gather(scores, heads):
-    """Sum every score over the ranks and read the metrics off. Every rank reduces every key any rank has, in the
-    same order: one without sequences (fewer than ranks) has none of its own, but must reach each collective."""
+    bench.bench_record(sequences_per_s=len(loader.sampler) / (time.perf_counter() - start))  # make bench-gpu's row
+    # every score summed over the ranks: every rank reduces every key any rank has, in the same order (one without
+    # sequences, when there are fewer than ranks, has none of its own but must reach each collective)
     keys = [list(scores)]
     if dist.is_initialized():
         keys = [None] * dist.get_world_size()
         dist.all_gather_object(keys, list(scores))
     out = {}
     for key in sorted(set().union(*keys)):
-        for task, score in scores.setdefault(key, new_scores(heads)).items():
+        for score in scores[key].values():
             score.reduce()
             out.setdefault(key, {}).update(score.result())
     return out
@@ -582,10 +567,8 @@ def main(args):
         return forecast(args, *clip, models, vfm, heads | rgb, device)
     heads = [pick_heads(args, name, sequences, device, vfm) for name, sequences in zip(names, datasets)]
     os.makedirs(args.out, exist_ok=True)
-    results = {}
-    for name, sequences, features, tasks in zip(names, datasets, files or [None] * len(names), heads):
-        scores = evaluate(args, name, sequences, models, vfm, tasks, device, rank, world, features, rgb)
-        results[name] = gather(scores, tasks)
+    results = {name: evaluate(args, name, sequences, models, vfm, tasks, device, rank, world, features, rgb)
+               for name, sequences, features, tasks in zip(names, datasets, files or [None] * len(names), heads)}
     if rank == 0:
         print(table(results) + "\nPresent: the heads on frame 6's own features (heads.py's check: other sequences)")
         path = os.path.join(args.out, "results.json")
@@ -612,8 +595,7 @@ def get_parser():
     p.add_argument("--data", nargs="+", default=["synthetic"], help="synthetic, vspw:ROOT, cityscapes:ROOT, kitti:ROOT")
     p.add_argument("--kitti-split", default="", help="KITTI list (default: the release's Eigen test list, "
                    "splits/kitti_eigen_test.txt: 603 sequences)")
-    p.add_argument("--kitti-raw", default=None, help="root of the raw KITTI drives (<date>/<drive>/image_02/data; "
-                   "default: the KITTI ROOT itself)")
+    p.add_argument("--kitti-raw", default=None, help="root of the raw KITTI drives (default: the KITTI ROOT itself)")
     p.add_argument("--heads", nargs="+", default=[], help="head files: PATH (any dataset of its task) or DATASET=PATH")
     p.add_argument("--rgb-head", default="", help="RGB head (Amazon-FAR/rgb-head-imagenet): an RGB row in each figure")
     p.add_argument("--video", default="", help="forecast a video file (or 'synthetic'): figures and a GIF in --out")

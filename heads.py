@@ -3,9 +3,6 @@ Task heads on frozen VFM features, the labelled datasets they are trained and sc
 and the synthetic videos, in their on-disk layouts), and how their outputs are scored: the two-crop protocol and
 the dataset-wide metrics, used by eval.py and the head training below (SPEC section 5, appendix A and B).
 
-SegHead: BatchNorm2d -> 1x1 conv to the classes. DepthHead (DINOv3's): the same to 256 logits -> ReLU + 0.1 ->
-normalised -> expected depth over 256 bins evenly spaced in [1e-3, 80] m. Both give outputs at patch resolution.
-
 Training (our recipe; the paper gives none): frozen VFM features of random S x S crops of labelled train frames,
 labels sampled at the crop's pixels, losses in head_loss; AdamW, linear warm-up, cosine decay to 0 (with a constant
 rate the final head is as noisy as the last steps: 58 or 70 present mIoU on the synthetic videos by where it stops).
@@ -57,7 +54,7 @@ class SegHead(nn.Module):
         return self.head(self.bn(x))  # (B, classes, h, w) logits
 
 
-class DepthHead(SegHead):  # the same layers, to logits over the depth bins
+class DepthHead(SegHead):  # DINOv3's: the same layers, to logits over the depth bins
     task = "depth"
 
     def __init__(self, dim, bins=DEPTH_BINS):
@@ -131,11 +128,10 @@ def paste(maps, label_hw, resized_hw, size):
     (H, W), (hl, wl) = crop_hw(size), label_hw
     if resized_hw[0] - H > resized_hw[1] - W:  # excess in height: the same protocol on the transposed frame
         return paste(maps.transpose(-1, -2), label_hw[::-1], resized_hw[::-1], (W, H)).transpose(-1, -2)
-    # label columns one crop covers: >= wl / 2, as the resized width is <= 2W (rounding must not drop below it)
-    cover = max(round(W * wl / resized_hw[1]), wl - wl // 2)
-    up = F.interpolate(maps.float(), (hl, cover), mode="bilinear", align_corners=False)  # (2, K, Hl, cover)
     half = wl // 2
-    return torch.cat([up[0, :, :, :half], up[1, :, :, cover - (wl - half):]], -1)
+    cover = max(round(W * wl / resized_hw[1]), wl - half)  # label columns a crop covers: >= wl / 2 as Wr <= 2W
+    up = F.interpolate(maps.float(), (hl, cover), mode="bilinear", align_corners=False)  # (2, K, Hl, cover)
+    return torch.cat([up[0, ..., :half], up[1, ..., half - wl:]], -1)
 
 
 def label_at(label, resized_hw, top, left, size):
@@ -250,9 +246,8 @@ class VSPWSequences(_Sequences):
 
     def __init__(self, root, split="val"):
         listing = _need(os.path.join(root, f"{split}.txt"), f"VSPW root {root!r} needs the video list {split}.txt")
-        videos = [v.strip() for v in open(listing) if v.strip()]
         self.items = []
-        for v in videos:
+        for v in open(listing).read().split():
             folder = _need(os.path.join(root, "data", v, "origin"), f"VSPW video {v} listed in {split}.txt")
             frames = sorted(f for f in os.listdir(folder)  # the official download has macOS ._* files beside them
                             if f.lower().endswith(data.IMAGE_EXTS) and not f.startswith("."))
@@ -269,9 +264,8 @@ class VSPWSequences(_Sequences):
 
 
 class CityscapesSequences(_Sequences):
-    """Cityscapes: labels gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png, frames
-    leftImg8bit_sequence/<split>/<city>/<city>_<seq>_<frame:06d>_leftImg8bit.png; stride 3 frames at 16 fps
-    (0.1875 s, as the release counts); labelIds -> the 19 train ids, everything else 255."""
+    """Cityscapes: labels gtFine/<split>/<city>/*_gtFine_labelIds.png, frames under leftImg8bit_sequence/<split>;
+    stride 3 frames at 16 fps (0.1875 s, as the release counts); labelIds -> the 19 train ids, everything else 255."""
 
     num_classes, fps, stride = 19, 16.0, 3
 
@@ -327,16 +321,14 @@ def kitti_targets(split_file):
 
 
 class KITTISequences(_Sequences):
-    """KITTI depth on an Eigen-format list (kitti_targets). Frames <raw_root>/<date>/<drive>/image_02/data/<idx:010d>
-    .png (raw_root defaults to root: raw drives and data_depth_annotated unzipped into one folder, as the release's
-    README says); ground truth <root>/[{train,val}/]<depth path, or by drive and index> (uint16 / 256 m, 0 = none).
-    10 fps, stride 2 frames (0.2 s); cut to the 352x1216 Eigen crop; valid = Garg region and 1e-3 < d < 80."""
+    """KITTI depth (SPEC section 5) on an Eigen-format list (kitti_targets): frames under raw_root (default root: raw
+    drives and data_depth_annotated unzipped into one folder, as the release's README says), ground truth under root
+    or root/{train,val} (uint16 / 256 m, 0 = none); both cut to the Eigen crop; valid: Garg region, 1e-3 < d < 80."""
 
     task, fps, stride = "depth", 10.0, 2
 
     def __init__(self, root, split_file, raw_root=None):
         _need(root, "KITTI root")
-        raw_root = raw_root or root
         self.items = []
         for line, date, drive, k, depth in kitti_targets(split_file):
             depth = depth or os.path.join(drive, "proj_depth", "groundtruth", "image_02", f"{k:010d}.png")
@@ -344,7 +336,7 @@ class KITTISequences(_Sequences):
             gt = next((t for t in tries if os.path.exists(t)), None)
             if gt is None:
                 raise data.UserError(f"KITTI ground truth for {line} is missing: looked for {', '.join(tries)}")
-            paths = [_need(os.path.join(raw_root, date, drive, "image_02", "data", f"{j:010d}.png"),
+            paths = [_need(os.path.join(raw_root or root, date, drive, "image_02", "data", f"{j:010d}.png"),
                            f"KITTI raw frame for {line} (raw drives under --kitti-raw, default the root)")
                      for j in self._indices(k)]
             self.items.append((paths, gt, f"{drive}/{k:010d}"))
@@ -363,15 +355,15 @@ class KITTISequences(_Sequences):
 
 
 class SyntheticSequences(_Sequences):
-    """The synthetic source's sequences: 7 frames at 0.2 s (3 frames at 15 fps) ending at a labelled frame (every
-    synthetic frame has labels); non-overlapping, 5 per video. Both tasks: classes and depth."""
+    """The synthetic source's 7-frame sequences at 0.2 s (3 frames at 15 fps), 5 non-overlapping per video, or one
+    per frame (every_frame: for head training, which reads `labelled` only); every frame has classes and depth."""
 
     task, stride, num_classes = "both", 3, data.SyntheticVideos.NUM_CLASSES
 
-    def __init__(self, split="val", seed=0, num_videos=None, size=128):
+    def __init__(self, split="val", seed=0, num_videos=None, size=128, every_frame=False):
         self.source = data.SyntheticVideos(split, seed, num_videos, size)
-        span = (SEQ_LEN - 1) * self.stride + 1
-        ends = range(span - 1, len(self.source.frame_times(0)), span + 2)[:5]
+        span, n = (SEQ_LEN - 1) * self.stride + 1, len(self.source.frame_times(0))
+        ends = range(n) if every_frame else range(span - 1, n, span + 2)[:5]
         self.items = [(i, k) for i in range(len(self.source)) for k in ends]
 
     def item(self, i):
@@ -411,14 +403,6 @@ def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0, task=
 # ----------------------------------------------------------------------------------------------------------------
 # Training data: random S x S crops of labelled frames, labels sampled at the crop's pixels
 
-class SyntheticFrames(SyntheticSequences):
-    """Every frame of the synthetic train videos, with its labels (head training reads `labelled` only)."""
-
-    def __init__(self, split="train", seed=0):
-        super().__init__(split, seed)
-        self.items = [(v, k) for v in range(len(self.source)) for k in range(len(self.source.frame_times(0)))]
-
-
 class _Batches(torch.utils.data.Dataset):
     """Item n: the batch of step n for this rank, a pure function of (seed, n, rank) (resumable, any workers)."""
 
@@ -432,10 +416,9 @@ class _Batches(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, n, self.rank, j])
             frame, label = self.source.labelled(int(rng.integers(len(self.source))))
             x = resize_frames(frame[None], self.size)[0]  # (3, Hr, Wr)
-            hr, wr = x.shape[-2:]
-            top, left = int(rng.integers(hr - self.size + 1)), int(rng.integers(wr - self.size + 1))
+            top, left = (int(rng.integers(side - self.size + 1)) for side in x.shape[-2:])
             frames.append(x[:, top:top + self.size, left:left + self.size])
-            at = lambda key: label_at(torch.as_tensor(label[key]), (hr, wr), top, left, self.size)  # (S, S)
+            at = lambda key: label_at(torch.as_tensor(label[key]), x.shape[-2:], top, left, self.size)  # (S, S)
             targets.append(at("classes").long() if self.task == "seg" else at("depth"))
             valids.append(targets[-1] != IGNORE if self.task == "seg" else at("valid"))
         return torch.stack(frames), torch.stack(targets), torch.stack(valids)
@@ -454,7 +437,7 @@ def head_loss(head, task, feats, target, valid):
 @torch.no_grad()
 def present_score(head, vfm, source, size, device, dtype, num):
     """Score of the head on the labelled frames of `num` held-out sequences, with the two-crop protocol."""
-    score = Score(head.task, getattr(head.head, "out_channels", None))
+    score = Score(head.task, head.head.out_channels)
     for i in range(min(num, len(source))):
         frame, label = source.labelled(i)
         x = resize_frames(frame[None], size)[0]
@@ -469,13 +452,12 @@ def main(args):
     master = rank == 0
     ckpt = T.check_run(args, f"{args.task}head", [("--data", args.data.partition(":")[2]), ("--kitti-split",
                        args.kitti_split), ("--kitti-val-split", args.kitti_val_split), ("--kitti-raw", args.kitti_raw)])
-    train = SyntheticFrames("train", args.seed) if args.data == "synthetic" else \
+    train = SyntheticSequences("train", args.seed, every_frame=True) if args.data == "synthetic" else \
         open_eval(args.data, "train", args.kitti_split, args.kitti_raw, task=args.task)
     val = open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw, args.seed)
     vfm = V.VFM(args.vfm).to(device)
-    num_classes = train.num_classes if args.task == "seg" else DEPTH_BINS
     torch.manual_seed(args.seed)
-    head = (SegHead(vfm.dim, num_classes) if args.task == "seg" else DepthHead(vfm.dim)).to(device)
+    head = (SegHead(vfm.dim, train.num_classes) if args.task == "seg" else DepthHead(vfm.dim)).to(device)
     opt = T.make_optimizer(head, args.lr, args.weight_decay, device)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     step = T.resume(args, head, opt, master, ckpt)["step"]
@@ -509,17 +491,16 @@ def main(args):
             T.log_jsonl(args.out, dict(step=step, loss=loss.item(), lr=lr, frames_per_s=rate))
             t0 = time.perf_counter()
         if master and (step % args.eval_every == 0 or step == args.steps):
-            head.eval()
-            result = present_score(head, vfm, val, args.size, device, args.dtype, args.val_sequences)
+            result = present_score(head.eval(), vfm, val, args.size, device, args.dtype, args.val_sequences)
             head.train()
             T.log_jsonl(args.out, dict(step=step, val=result))
             tqdm.write(f"step {step} held-out check on the first {args.val_sequences} val sequences' labelled frames "
                        "(two-crop protocol; eval.py's Present row scores its own --max-sequences): " +
                        "  ".join(f"{k} {v:.2f}" for k, v in result.items()))
         if T.stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
-            T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=num_classes, vfm=args.vfm, size=args.size,
-                                   data=args.data, model=head.state_dict(), optimizer=opt.state_dict(), step=step,
-                                   args=vars(args)), ckpt_path, master)
+            T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=head.head.out_channels, vfm=args.vfm,
+                                   size=args.size, data=args.data, model=head.state_dict(), optimizer=opt.state_dict(),
+                                   step=step, args=vars(args)), ckpt_path, master)
     bar.close()
     if master:
         print(f"done: {step} steps, checkpoint {ckpt_path}")

@@ -69,7 +69,7 @@ def test_features_file_best_and_mean_through_the_head(ckpts, tmp_path):
     applied once to averaged features); best of [GT + a, GT, GT - a] is GT itself."""
     vfm = V.VFM("tiny")
     seq = H.SyntheticSequences("val")
-    crops = torch.stack([E.Crops(seq, SIZE, list(range(8)))[i]["crops"][:, E.TARGET] for i in range(8)])
+    crops = torch.stack([E.Crops(seq, SIZE)[i]["crops"][:, E.TARGET] for i in range(8)])
     gt = vfm(crops)                                                         # (8, 2, N, C)
     a = 0.5 * torch.randn_like(gt)
     path = tmp_path / "pred.pt"
@@ -148,7 +148,7 @@ def test_figures_carry_a_title_and_a_legend_and_the_gif_every_sample(tmp_path):
     (the ramp from far to near). The GIF: one frame per time step, at most 1600 px wide, every sample side by side
     (here an RGB 'head' paints sample s in the grey s / S, so each column shows which sample it holds)."""
     vfm, S = V.VFM("tiny"), 14
-    item = E.Crops(H.SyntheticSequences("val"), SIZE, [0])[0]
+    item = E.Crops(H.SyntheticSequences("val"), SIZE)[0]
     feats = vfm(item["crops"][0])                                                    # (7, N, C)
     torch.manual_seed(0)
     heads = {"seg": H.SegHead(vfm.dim, 4).eval(), "depth": H.DepthHead(vfm.dim).eval()}
