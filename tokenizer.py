@@ -302,9 +302,9 @@ def check_run(args, kind, read=(), write=()):
     """Before anything is built: the paths read and written (data.check_paths), and the checkpoint in --out: none (->
     None), or this stage's with --resume, training state and the same flags (but RESUMABLE; else --allow-changes)."""
     path = os.path.join(args.out, "ckpt.pt")  # the timing, fitting and export modes write no run folder
-    bench = any(getattr(args, k, None) for k in ("bench", "fit_pca", "export_tokens"))
-    data.check_paths(read, None if bench else ("--out", args.out), write)
-    if bench or not os.path.exists(path):
+    no_run = any(getattr(args, k, None) for k in ("bench", "fit_pca", "export_tokens"))
+    data.check_paths(read, None if no_run else ("--out", args.out), write)
+    if no_run or not os.path.exists(path):
         return None
     ckpt = load_checkpoint(path, (), "--out")
     found = checkpoint_kind(ckpt) if isinstance(ckpt, dict) else None

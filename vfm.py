@@ -185,4 +185,5 @@ def convert_pca(src, dst):
         p = Restricted(f).load()
     t, pca = lambda v: torch.as_tensor(v, dtype=torch.float32), p["pca_model"].__dict__
     torch.save(dict(mean=t(p["mean"]).flatten(), std=t(p["std"]).flatten(), pca_mean=t(pca["mean_"]),
-                    components=t(pca["components_"]), variance=t(pca["explained_variance_"])), dst)
+                    components=t(pca["components_"]), variance=t(pca["explained_variance_"])), dst + ".tmp")
+    os.replace(dst + ".tmp", dst)  # write, then rename: never half a file
