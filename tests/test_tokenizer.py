@@ -183,7 +183,7 @@ def test_tiny_tokenizer_overfits_small_set(vfm, feats):
     opt = T.make_optimizer(tok, 1e-3, 1e-4, torch.device("cpu"))
     x, y = feats[:, :-1].flatten(0, 1), feats[:, 1:].flatten(0, 1)  # 9 frame pairs
     losses = []
-    for step in range(300):
+    for step in range(200):
         for g in opt.param_groups:
             g["lr"] = T.lr_at(step, 1e-3, 20)
         loss = F.mse_loss(tok(x, y), y)
