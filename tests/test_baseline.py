@@ -171,9 +171,12 @@ def test_tiny_dinoworld_learns_on_synthetic_videos():
     assert final < 0.5 * initial, (initial, final, copy_last)
 
 
-def run(args):
+def torchrun(*args):
+    """`torchrun --nproc_per_node 2 ARGS`, started: the one-process side runs here meanwhile (two cores)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def weights(out):
@@ -182,10 +185,10 @@ def weights(out):
 
 def test_two_process_ddp_with_accumulation_equals_one_process(tmp_path, capsys):
     common = [*TINY, "--bom", "4", "--steps", "2", "--global-batch", "8", "--eval-every", "2", "--ckpt-every", "2"]
+    two = torchrun("baseline_dinoworld.py", *common, "--batch-size", "2", "--out", tmp_path / "two")
     D.main(D.get_parser().parse_args([*common, "--batch-size", "8", "--out", str(tmp_path / "one")]))  # one process
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "baseline_dinoworld.py", *common, "--batch-size", "2", "--out", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr
+    _, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     init = D.build_dinoworld("tiny", T.VFM("tiny"), bom=4).state_dict()
     assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train

@@ -32,9 +32,12 @@ def feats(vfm):
     return vfm(torch.randint(0, 256, (3, 4, 3, 32, 32), dtype=torch.uint8))  # (B, T, N, C)
 
 
-def run(args, **kw):
+def torchrun(*args):
+    """`torchrun --nproc_per_node 2 ARGS`, started: the one-process side runs here meanwhile (two cores)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def train(*args):
@@ -251,12 +254,12 @@ def test_rope_jitter_is_per_clip_and_the_same_for_any_split(vfm, feats):
 def test_training_two_process_ddp_equals_one_process(tmp_path):
     """With the default flags (RoPE jitter on): 2 processes x 4 clips == 1 x 8 == 4 micro-batches of 2."""
     common = [*TINY, "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
+    two = torchrun("tokenizer.py", *common, "--batch-size", "4", "--out", tmp_path / "two")
     train(*common, "--batch-size", "8", "--out", tmp_path / "one")
     train(*common, "--batch-size", "8", "--no-rope-jitter", "--out", tmp_path / "still")
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "tokenizer.py", *common, "--batch-size", "4", "--out", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr
     train(*common, "--batch-size", "2", "--out", tmp_path / "acc")
+    _, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err
     w1, w2, w3 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tmp_path / "acc")
     init = T.build_deltatok("tiny", T.VFM("tiny")).state_dict()
     assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train ...
