@@ -46,6 +46,7 @@ def cli(main, parser):
         return main(parser.parse_args())
     except UserError as e:  # from a DataLoader worker, the message ends with the worker's "data.UserError: ..."
         message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
+        e.__traceback__ = None  # the run's frames go now (in gc.collect, a DataLoader whose worker raised waits 5 s)
     except KeyboardInterrupt:  # before a stage catches signals, or a second Ctrl-C (tokenizer.catch_signals)
         sys.exit(130)
     if torch.distributed.is_initialized():  # the other ranks stop naming it (tokenizer._fail_together)

@@ -252,7 +252,9 @@ def load_deltatok(path, device="cpu", flag="--tokenizer"):
     """A frozen DeltaTok from a tokenizer.py checkpoint or a released pytorch_model.bin -> (model, vfm name)."""
     ckpt = load_checkpoint(path, ("deltatok",), flag)
     released = "kind" not in ckpt  # a bare state dict of the ViT-B "released" variant
-    model = DeltaTok(DeltaTokConfig(**(MODEL_PRESETS["released"] if released else ckpt["config"])))
+    with torch.device("meta"):  # no random init of weights the file replaces (seconds for ViT-B on a CPU) ...
+        model = DeltaTok(DeltaTokConfig(**(MODEL_PRESETS["released"] if released else ckpt["config"])))
+    model.to_empty(device=device).rope = type(model.rope)(model.rope.config)  # ... but RoPE's, which it lacks
     load_state_strict(model, ckpt, f"{flag} {path}")
     return model.to(device).eval().requires_grad_(False), V.DINOV3_B16 if released else ckpt["vfm"]
 

@@ -172,22 +172,24 @@ def test_tiny_dinoworld_learns_on_synthetic_videos():
     assert final < 0.5 * initial, (initial, final, copy_last)
 
 
-def run(args):
+def torchrun(*args):
+    """`torchrun --nproc_per_node 2 ARGS`, started: the one-process side runs here meanwhile (two cores)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def weights(out):
     return T.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
 
 
-def test_two_process_ddp_with_accumulation_equals_one_process(tmp_path):
+def test_two_process_ddp_with_accumulation_equals_one_process(tmp_path, capsys):
     common = [*TINY, "--bom", "4", "--steps", "2", "--global-batch", "8", "--eval-every", "2", "--ckpt-every", "2"]
-    one = run([sys.executable, "baseline_dinoworld.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "baseline_dinoworld.py", *common, "--batch-size", "2", "--out", str(tmp_path / "two")])
-    assert two.returncode == 0, two.stderr
+    two = torchrun("baseline_dinoworld.py", *common, "--batch-size", "2", "--out", tmp_path / "two")
+    D.main(D.get_parser().parse_args([*common, "--batch-size", "8", "--out", str(tmp_path / "one")]))  # one process
+    _, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
     init = D.build_dinoworld("tiny", V.VFM("tiny"), bom=4).state_dict()
     assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train
@@ -197,7 +199,7 @@ def test_two_process_ddp_with_accumulation_equals_one_process(tmp_path):
     assert [r["step"] for r in log if "loss" in r] == [1, 2]
     check = [r["eval"] for r in log if "eval" in r][-1]  # horizons 1 and 3: best, mean, copy-last, smooth L1 + MSE
     assert {f"h{h}/{n}{m}" for h in (1, 3) for n in ("best", "mean", "copy_last") for m in ("", "/mse")} == set(check)
-    assert "horizon 3: best-of-2" in one.stdout
+    assert "horizon 3: best-of-2" in capsys.readouterr().out
 
 
 def test_resume_equals_uninterrupted_and_checkpoint_loads(tmp_path):

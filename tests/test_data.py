@@ -309,8 +309,8 @@ def test_read_gives_the_frames_of_a_full_decode(tmp_path, name, options):
 def test_prepared_copy_gives_the_same_clips_at_a_lower_resolution(tmp_path):
     (tmp_path / "src" / "a").mkdir(parents=True)
     make_video(str(tmp_path / "src" / "a" / "v.webm"), height=96, gop=60, seconds=4.0, codec="libvpx-vp9")
-    subprocess.run([sys.executable, data.__file__, "--prepare", str(tmp_path / "src"), str(tmp_path / "dst"),
-                    "--short-side", "48"], check=True, capture_output=True)
+    data.main(data.get_parser().parse_args(["--prepare", str(tmp_path / "src"), str(tmp_path / "dst"), "--short-side",
+                                            "48"]))
     with av.open(str(tmp_path / "dst" / "a" / "v.mp4")) as container:
         stream = container.streams.video[0]
         keys = [p.pts * stream.time_base * 25 for p in container.demux(stream) if p.is_keyframe]

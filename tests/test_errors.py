@@ -176,12 +176,27 @@ def test_a_bad_input_is_one_line_exit_2_and_nothing_written(script, args, named,
     assert not (tmp_path / "run").exists() and state() == before  # no folder made, no file changed
 
 
-def test_the_command_line_prints_no_traceback():
+@pytest.fixture(scope="module")
+def command_lines(tmp_path_factory):
+    """tokenizer.py in its own interpreter, as a user runs it: with a path that is not there, and with data that the
+    loader's worker rejects (the only video is too short for any clip). Both start at once (one core each)."""
+    from PIL import Image
+    d = tmp_path_factory.mktemp("cli")
+    (d / "videos" / "v").mkdir(parents=True)
+    for name in ("0.000.png", "0.010.png"):
+        Image.new("RGB", (40, 40)).save(d / "videos" / "v" / name)
+    runs = {"path": ["--init", "nowhere.pt"], "data": [*TINY, "--model", "tiny", "--data", d / "videos", "--val-data",
+                                                        "synthetic", "--num-workers", "1", "--out", d / "run"]}
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "tokenizer.py", "--init", "nowhere.pt"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2 and run.stderr == "tokenizer.py: error: --init nowhere.pt does not exist (or cannot be " \
-        "read): check the path\n", run.stderr
+    procs = {k: subprocess.Popen([sys.executable, "tokenizer.py", *map(str, args)], cwd=ROOT, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k, args in runs.items()}
+    return {k: (p.communicate(timeout=300)[1], p.returncode) for k, p in procs.items()} | {"run": d / "run"}
+
+
+def test_the_command_line_prints_no_traceback(command_lines):
+    err, status = command_lines["path"]
+    assert status == 2 and err == "tokenizer.py: error: --init nowhere.pt does not exist (or cannot be read): check " \
+        "the path\n", err
 
 
 def test_resume_with_other_flags_is_refused_unless_allowed(tmp_path, monkeypatch, capsys):
@@ -216,22 +231,14 @@ def test_checkpoints_are_written_through_a_temporary_file_of_their_own_and_never
     assert stop.value.code == 1 and T.load_checkpoint(path)["step"] == 1 and len(names) == 1
 
 
-def test_a_data_error_in_a_loader_worker_is_the_last_line_after_the_progress_bar(tmp_path):
-    """The only video is too short for any clip: the loader's worker fails inside the training loop, after the
-    progress bar started. The error is still one line, the worker's message alone, and the last line printed."""
-    from PIL import Image
-    (tmp_path / "videos" / "v").mkdir(parents=True)
-    for name in ("0.000.png", "0.010.png"):
-        Image.new("RGB", (40, 40)).save(tmp_path / "videos" / "v" / name)
-    args = [*TINY, "--model", "tiny", "--data", tmp_path / "videos", "--val-data", "synthetic", "--num-workers", "1",
-            "--out", tmp_path / "run"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "tokenizer.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    err = run.stderr.strip().splitlines()
-    assert run.returncode == 2 and "%|" in "".join(err[:-1]), err  # the bar was drawn ...
+def test_a_data_error_in_a_loader_worker_is_the_last_line_after_the_progress_bar(command_lines):
+    """The loader's worker fails inside the training loop, after the progress bar started. The error is still one
+    line, the worker's message alone, and the last line printed."""
+    stderr, status = command_lines["data"]
+    err = stderr.strip().splitlines()
+    assert status == 2 and "%|" in "".join(err[:-1]), err  # the bar was drawn ...
     assert err[-1].startswith("tokenizer.py: error: no readable video long enough for 2 frames"), err  # ... before
-    assert "Traceback" not in run.stderr and "\n\n" not in run.stderr and os.listdir(tmp_path / "run") == []  # no lock
+    assert "Traceback" not in stderr and "\n\n" not in stderr and os.listdir(command_lines["run"]) == []  # no lock
 
 
 

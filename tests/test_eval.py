@@ -111,11 +111,12 @@ def test_torchrun_with_fewer_sequences_than_ranks_ends_and_equals_one_process(ck
     """Rank 1 has no sequence: it must still reach every collective (no hang), and the scores are one process's."""
     args = ["--ckpt", ckpts["tok"], "--heads", ckpts["seg"], "--size", str(SIZE), "--max-sequences", "1"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "eval.py", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    E.main(E.get_parser().parse_args([*args, "--out", str(tmp_path / "one")]))
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "eval.py", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    E.main(E.get_parser().parse_args([*args, "--out", str(tmp_path / "one")]))  # meanwhile (two cores)
+    _, err = two.communicate(timeout=300)
+    assert two.returncode == 0, err[-3000:]
     one, two = (json.load(open(tmp_path / d / "results.json"))["results"] for d in ("one", "two"))
     assert one == two
 

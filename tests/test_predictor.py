@@ -40,9 +40,12 @@ def clip(B=2, L=8, C=64):
     return torch.randn(B, L, C), torch.cumsum(torch.rand(B, L) * 0.3, 1) - 0.1  # tokens (B, T, C), times (B, T)
 
 
-def run(args, **kw):
+def torchrun(*args):
+    """`torchrun --nproc_per_node 2 ARGS`, started: the one-process side runs here meanwhile (two cores)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def train(out, *args):
@@ -289,11 +292,10 @@ def test_token_cache_is_refused_after_the_tokenizer_changes(tok_ckpt, tmp_path):
 
 def test_two_process_ddp_equals_one_process(tok_ckpt, tmp_path):
     common = [*TINY, "--tokenizer", tok_ckpt, "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
-    one = run([sys.executable, "predictor.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one")])
-    assert one.returncode == 0, one.stderr
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "predictor.py", *common, "--batch-size", "2", "--out", str(tmp_path / "two")])  # 2 x 2 x accum 2
-    assert two.returncode == 0, two.stderr
+    two = torchrun("predictor.py", *common, "--batch-size", "2", "--out", tmp_path / "two")  # 2 x 2 x accum 2
+    P.main(P.get_parser().parse_args([*common, "--batch-size", "8", "--out", str(tmp_path / "one")]))  # one process
+    _, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err
     w1, w2 = (T.load_checkpoint(tmp_path / d / "ckpt.pt")["model"] for d in ("one", "two"))
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=2e-6, rtol=1e-4)

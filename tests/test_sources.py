@@ -272,7 +272,7 @@ def test_convert_needs_the_trust_flag_and_fit_needs_an_output(tmp_path):
 
 
 def test_flops_count_h_times_w_patches(capsys):
-    got = {s: E.flops(E.get_parser().parse_args(["--flops", "--vfm", "tiny", "--size", s]))
+    got = {s: E.flops(E.get_parser().parse_args(["--flops", "--vfm", "tiny", "--model", "tiny", "--size", s]))
            for s in ("32", "32x64", "64x32")}
     for name in got["32"]:  # 8 patches either way round, more than 32 x 32's 4 where patches count
         assert got["32x64"][name] == pytest.approx(got["64x32"][name]), name
