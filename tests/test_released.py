@@ -85,8 +85,8 @@ def test_an_unreachable_hub_fails_at_once_with_one_line_and_the_cache_still_serv
     only: a cached id loads, a missing one is the one-line hint at once, not after half a minute of retries."""
     def no_network(*args, **kwargs):
         raise OSError("[Errno -2] Name or service not known")
-    monkeypatch.setattr(T.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(T, "get_session", lambda: SimpleNamespace(head=no_network))
+    monkeypatch.setattr(V.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(V, "get_session", lambda: SimpleNamespace(head=no_network))
     V.hub_unreachable.cache_clear()
     try:
         assert T.checkpoint_path("Test/seg-head").endswith("pytorch_model.bin")
