@@ -154,7 +154,6 @@ PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then 
 # -----------------------------------------------------------------------------
 # synthetic videos: moving shapes that turn at random moments, with class and depth labels
 
-SPLITS = ("train", "val")
 TINTS = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [0.2, 0.4, 0.9]], np.float32)  # circle, square, triangle
 SHAPES = {1: lambda dy, dx, r: dy**2 + dx**2 < r**2,  # class -> its pixels at (dy, dx) from the centre: circle,
           2: lambda dy, dx, r: np.maximum(np.abs(dy), np.abs(dx)) < 0.8 * r,  # square,
@@ -166,7 +165,7 @@ TURN_EVERY = 0.75  # mean seconds between turn events (3 in 4 visibly turn): fut
 @functools.lru_cache(maxsize=1024)  # every video of both splits (~60 KB each): building a scene costs more than a frame
 def _scene(seed, split, i, size, fps, seconds):
     """Everything about synthetic video i, drawn from its own seed: background, and per-frame object states."""
-    rng = np.random.default_rng([seed, SPLITS.index(split), i])  # train and val draw from disjoint seeds
+    rng = np.random.default_rng([seed, ("train", "val").index(split), i])  # train and val draw from disjoint seeds
     grid = ((np.arange(size) + 0.5) / size).astype(np.float32)
     ys, xs = grid[:, None], grid  # (H, 1) and (W,): pixel centres in frame units, broadcast to (H, W)
     bg, texture = rng.uniform(0.25, 0.75, 3), np.zeros((size, size), np.float32)
@@ -388,8 +387,7 @@ class VideoFolder:
 
     def path(self, i):
         """The video file or frame folder of video i."""
-        path = self.paths[self.ends[i - 1] + 1 if i else 0:self.ends[i]].tobytes().decode(errors="surrogateescape")
-        return os.path.join(self.root, path)
+        return os.path.join(self.root, _unpack(self.paths[self.ends[i - 1] + 1 if i else 0:self.ends[i] + 1])[0])
 
     def frame_times(self, i):
         frames, rate, _ = self.info[i]
