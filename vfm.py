@@ -23,8 +23,7 @@ import data
 
 DINOV3_B16 = "facebook/dinov3-vitb16-pretrain-lvd1689m"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# Random configs (weights from a fixed seed: every script builds the same network) so every stage runs offline on a
-# CPU. dinov2-tiny: DINOv2 with registers, patch 14, as in Table D.
+# Random configs, seeded (every script builds the same network): every stage runs offline on a CPU; dinov2-tiny: Table D
 _TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=256, num_register_tokens=4)
 VFM_PRESETS = {
     "tiny": dict(model_type="dinov3_vit", num_hidden_layers=2, patch_size=16, **_TINY),
@@ -72,7 +71,6 @@ def hub_hint(name, e, local):
     if hub_unreachable() or "offline" in text or "connect" in text:
         return (f"{name} is not in the local Hugging Face cache and the hub cannot be reached: download it once "
                 f"online (`hf download {name}`), or pass {local}")
-    return None
 
 
 def feature_source(vfm, layers="", pca=""):
@@ -81,9 +79,8 @@ def feature_source(vfm, layers="", pca=""):
 
 
 class VFM(nn.Module):
-    """A frozen feature source (feature_source's string): uint8 frames (..., 3, H, W) -> patch tokens (..., N, C).
-    The outputs of the given blocks (default: the last) through the backbone's final LayerNorm, concatenated per patch
-    (DINO-Foresight's features); with a PCA file, projected by it (load_pca)."""
+    """A frozen feature source (feature_source's string): uint8 frames (..., 3, H, W) -> patch tokens (..., N, C), the
+    given blocks' outputs (default: the last) through the final LayerNorm, concatenated, with a PCA file projected."""
 
     def __init__(self, name=DINOV3_B16):
         super().__init__()
@@ -98,12 +95,11 @@ class VFM(nn.Module):
         for i in sorted(set(self.layers)):  # not output_hidden_states: its hooks break each compiled block in 3 graphs
             blocks[i].register_forward_hook(lambda block, args, out: self.caught.append(out))
         self.patch_size, self.num_prefix = cfg.patch_size, 1 + getattr(cfg, "num_register_tokens", 0)  # CLS, registers
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
         width = cfg.hidden_size * len(self.layers)
         proj, shift, pca = load_pca(options["pca"], width) if "pca" in options else (None, None, "")
-        self.register_buffer("pca_proj", proj, persistent=False)
-        self.register_buffer("pca_shift", shift, persistent=False)
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        for key, value in dict(mean=mean, std=std, pca_proj=proj, pca_shift=shift).items():
+            self.register_buffer(key, value, persistent=False)
         self.name = feature_source(backbone, layers, pca)
         self.dim = width if proj is None else proj.shape[1]
         head_dim = cfg.hidden_size // cfg.num_attention_heads  # a tokenizer as wide as the features keeps it
