@@ -26,14 +26,13 @@ def count_flops(fn):
 def timed(fn, device, n):
     """Seconds of each of n calls of fn(), the device synchronised before and after each."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(n):
-        sync()
-        t = time.perf_counter()
+    sync()
+    stamps = [time.perf_counter()]
+    for _ in range(n):  # the sync after a call is the one before the next
         fn()
         sync()
-        times.append(time.perf_counter() - t)
-    return times
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
 def run_bench(step_fn, flops_fn, batch, n, device, reference):
@@ -43,14 +42,13 @@ def run_bench(step_fn, flops_fn, batch, n, device, reference):
     with torch.compiler.set_stance("force_eager"):
         flops = count_flops(flops_fn) * batch
     warm = sum(timed(step_fn, device, 3))
-    if device.type == "cuda":
+    if cuda := device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     ms = 1000 * sorted(timed(step_fn, device, n))[n // 2]
-    if device.type == "cuda":
-        name, mem = torch.cuda.get_device_name(device), torch.cuda.max_memory_allocated(device) / 2 ** 30
-    else:  # CPU: the process' peak resident memory (Linux reports KiB)
-        name, mem = "cpu", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    side, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)  # the matmul peak
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else  # CPU: the process' peak resident memory
+           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)  # (Linux reports KiB)
+    side, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)  # the matmul peak
     a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
     peak = 2 * side ** 3 / min(timed(lambda: a @ b, device, 6)[1:])  # FLOP/s
     result = dict(device=name, step_ms=round(ms, 2), compile_s=round(max(warm - 3 * ms / 1000, 0), 1),
