@@ -116,11 +116,9 @@ class VFM(nn.Module):
         if h % self.patch_size or w % self.patch_size:
             raise data.UserError(f"frame size {h}x{w} is not divisible by the VFM patch size {self.patch_size}: "
                                  f"use --size a multiple of {self.patch_size}")
-        x = (frames.reshape(-1, c, h, w).float() / 255 - self.mean) / self.std
         self.caught = []  # the hooked blocks' outputs, in block order
-        self.model(pixel_values=x)
-        caught = dict(zip(sorted(set(self.layers)), self.caught))
-        del self.caught  # not kept past the call
+        self.model(pixel_values=(frames.reshape(-1, c, h, w).float() / 255 - self.mean) / self.std)
+        caught, self.caught = dict(zip(sorted(set(self.layers)), self.caught)), None  # not kept past the call
         norm = getattr(self.model, "layernorm", None) or self.model.norm  # DINOv2's name, DINOv3's
         tokens = torch.cat([norm(caught[i]) for i in self.layers], -1)[:, self.num_prefix:]
         if self.pca_proj is not None:
