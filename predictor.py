@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import DINOv3ViTConfig
+from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayerScale, DINOv3ViTMLP
 
 import bench
 import data
@@ -70,15 +72,6 @@ def apply_rope(x, rope):
     return (x * cos.unsqueeze(-3) + swapped * sin.unsqueeze(-3)).to(x.dtype)
 
 
-class LayerScale(nn.Module):
-    def __init__(self, dim, init=1e-5):
-        super().__init__()
-        self.lambda1 = nn.Parameter(torch.full((dim,), init))
-
-    def forward(self, x):
-        return x * self.lambda1
-
-
 class CrossAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -97,28 +90,19 @@ class CrossAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, Q, C))
 
 
-class MLP(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.up_proj = nn.Linear(dim, hidden)
-        self.down_proj = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.down_proj(F.gelu(self.up_proj(x)))
-
-
 class Block(nn.Module):
     """Pre-norm cross-attention block. The LayerNorm is on the query stream only; the context tokens enter kv_proj
     as they are (the tokenizer's output is already layer-normalised) and are not updated from block to block."""
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
+        vit = DINOv3ViTConfig(hidden_size=dim, intermediate_size=int(dim * mlp_ratio), layerscale_value=1e-5)  # its GELU MLP
         self.norm1 = nn.LayerNorm(dim)
         self.attention = CrossAttention(dim, heads)
-        self.layer_scale1 = LayerScale(dim)
+        self.layer_scale1 = DINOv3ViTLayerScale(vit)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
-        self.layer_scale2 = LayerScale(dim)
+        self.mlp = DINOv3ViTMLP(vit)
+        self.layer_scale2 = DINOv3ViTLayerScale(vit)
 
     def forward(self, x, context, q_rope, k_rope, mask):
         x = x + self.layer_scale1(self.attention(self.norm1(x), context, q_rope, k_rope, mask))
