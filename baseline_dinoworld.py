@@ -68,8 +68,7 @@ class DinoWorld(nn.Module):
         object.__setattr__(self, "vfm", vfm)
         self.predictor = Predictor(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.axes)
         if not cfg.bom:  # the same learned query at every patch position: RoPE tells them apart
-            self.q_embed = nn.Embedding(1, cfg.dim)
-            nn.init.trunc_normal_(self.q_embed.weight, std=0.02)
+            self.q_embed = T.init_weights(nn.Embedding(1, cfg.dim))
 
     def predict(self, context, ctx_times, queries, q_times, frame_mask=None):
         """context (B, Tc, N, C) patch tokens at ctx_times (B, Tc); queries (B, Tq, C), one per target frame at

@@ -151,9 +151,7 @@ class DeltaWorld(nn.Module):
         self.config = dict(model=model, dim=cfg.dim, heads=heads, bom=bom, axes=(cfg.dim // heads - 4,),
                            **PREDICTOR_PRESETS[model])  # 1D RoPE on all but the last 4 dims per head (appendix A)
         self.predictor = Predictor(cfg.dim, PREDICTOR_PRESETS[model]["depth"], heads, axes=self.config["axes"])
-        self.q_embed = None if bom else nn.Embedding(1, cfg.dim)  # the discriminative variant's learned query
-        if not bom:
-            nn.init.trunc_normal_(self.q_embed.weight, std=0.02)
+        self.q_embed = None if bom else T.init_weights(nn.Embedding(1, cfg.dim))  # --no-bom's learned query
         self.__dict__.update(tokenizer=tokenizer, vfm=vfm, _black={})  # past nn.Module's __setattr__: no submodules
 
     def forward(self, tokens, times, queries=None):
