@@ -96,7 +96,7 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
-        vit = DINOv3ViTConfig(hidden_size=dim, intermediate_size=int(dim * mlp_ratio), layerscale_value=1e-5)  # its GELU MLP
+        vit = DINOv3ViTConfig(hidden_size=dim, intermediate_size=int(dim * mlp_ratio), layerscale_value=1e-5)
         self.norm1 = nn.LayerNorm(dim)
         self.attention = CrossAttention(dim, heads)
         self.layer_scale1 = DINOv3ViTLayerScale(vit)
@@ -228,9 +228,8 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt")
 
 
 def clip_noise(seed, step, clip_ids, K, length, dim, device):
-    """BoM candidates (B, K, length, C) for the clips `clip_ids` of a step (data.clip_random): any split over
-    processes and micro-batches, and the token cache, draw the same noise for the same clip. K = 0: None (the
-    learned query)."""
+    """BoM candidates (B, K, length, C) for the clips `clip_ids` of a step (data.clip_random): any split over processes
+    and micro-batches, and the token cache, draw the same noise for the same clip. K = 0: None (the learned query)."""
     return data.clip_random(seed, step, clip_ids, (K, length, dim), device) * NOISE_STD if K else None
 
 
@@ -425,11 +424,9 @@ def main(args):
     init = T.load_checkpoint(args.init, ("deltaworld",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
                              num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
-    if args.tokenizer:
-        tok, vfm_name = T.load_deltatok(args.tokenizer, device)
-        vfm = V.VFM(args.vfm or vfm_name).to(device)
-    else:
-        vfm = V.VFM(args.vfm or V.DINOV3_B16).to(device)
+    tok, vfm_name = T.load_deltatok(args.tokenizer, device) if args.tokenizer else (None, V.DINOV3_B16)
+    vfm = V.VFM(args.vfm or vfm_name).to(device)
+    if tok is None:  # --bench without one: a random tokenizer
         tok = T.build_deltatok(args.model, vfm, args.bench_mode).to(device).eval().requires_grad_(False)
     if (tok.cfg.dim, tok.cfg.patch_size) != (vfm.dim, vfm.patch_size):
         raise data.UserError(f"the tokenizer (dim {tok.cfg.dim}, patch {tok.cfg.patch_size}) does not fit the VFM "

@@ -95,7 +95,7 @@ class GatedAttention(DINOv3ViTAttention):
 
 
 def init_weights(module):
-    """Appendix A: truncated normal (sigma 0.02) for Linear/embedding weights, zero biases, LayerScale 1e-5; -> module"""
+    """Appendix A: truncated normal (sigma 0.02) for Linear/embedding weights, zero biases, LayerScale 1e-5 -> module"""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.trunc_normal_(m.weight, std=0.02)
