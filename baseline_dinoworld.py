@@ -68,8 +68,7 @@ class DinoWorld(nn.Module):
         object.__setattr__(self, "vfm", vfm)
         self.predictor = Predictor(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.axes)
         if not cfg.bom:  # the same learned query at every patch position: RoPE tells them apart
-            self.q_embed = nn.Embedding(1, cfg.dim)
-            nn.init.trunc_normal_(self.q_embed.weight, std=0.02)
+            self.q_embed = T.init_weights(nn.Embedding(1, cfg.dim))
 
     def predict(self, context, ctx_times, queries, q_times, frame_mask=None):
         """context (B, Tc, N, C) patch tokens at ctx_times (B, Tc); queries (B, Tq, C), one per target frame at
@@ -131,16 +130,6 @@ def load_dinoworld(path, device="cpu", vfm=None, flag="--ckpt"):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
-
-def format_check(step, r, num_samples):
-    lines = [f"step {step} prediction check on held-out clips, context 4 (feature smooth L1 / MSE):"]
-    for h in (1, 3):
-        pair = lambda name: f"{r[f'h{h}/{name}']:.4f} / {r[f'h{h}/{name}/mse']:.4f}"
-        pred = (f"best-of-{num_samples} {pair('best')}   mean-of-{num_samples} {pair('mean')}" if num_samples > 1
-                else f"DINO-world {pair('best')}")
-        lines.append(f"  horizon {h}: {pred}   copy-last {pair('copy_last')}")
-    return "\n".join(lines)
-
 
 def main(args):
     rank, world, device = T.setup_dist()
@@ -211,7 +200,11 @@ def main(args):
         if master and (step % args.eval_every == 0 or step == args.steps):
             result = check(dw)
             T.log_jsonl(args.out, dict(step=step, eval=result))
-            tqdm.write(format_check(step, result, num_samples))
+            pair = lambda h, name: f"{result[f'h{h}/{name}']:.4f} / {result[f'h{h}/{name}/mse']:.4f}"
+            pred = lambda h: (f"best-of-{num_samples} {pair(h, 'best')}   mean-of-{num_samples} {pair(h, 'mean')}"
+                              if num_samples > 1 else f"DINO-world {pair(h, 'best')}")
+            tqdm.write(f"step {step} prediction check on held-out clips, context 4 (feature smooth L1 / MSE):"
+                       + "".join(f"\n  horizon {h}: {pred(h)}   copy-last {pair(h, 'copy_last')}" for h in (1, 3)))
         if T.stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind="dinoworld", config=asdict(dw.cfg), vfm=vfm.name, size=args.size,
                                    model=dw.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,

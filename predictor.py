@@ -33,6 +33,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import DINOv3ViTConfig
+from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayerScale, DINOv3ViTMLP
 
 import bench
 import data
@@ -70,15 +72,6 @@ def apply_rope(x, rope):
     return (x * cos.unsqueeze(-3) + swapped * sin.unsqueeze(-3)).to(x.dtype)
 
 
-class LayerScale(nn.Module):
-    def __init__(self, dim, init=1e-5):
-        super().__init__()
-        self.lambda1 = nn.Parameter(torch.full((dim,), init))
-
-    def forward(self, x):
-        return x * self.lambda1
-
-
 class CrossAttention(nn.Module):
     def __init__(self, dim, heads):
         super().__init__()
@@ -97,28 +90,19 @@ class CrossAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(B, Q, C))
 
 
-class MLP(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.up_proj = nn.Linear(dim, hidden)
-        self.down_proj = nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.down_proj(F.gelu(self.up_proj(x)))
-
-
 class Block(nn.Module):
     """Pre-norm cross-attention block. The LayerNorm is on the query stream only; the context tokens enter kv_proj
     as they are (the tokenizer's output is already layer-normalised) and are not updated from block to block."""
 
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
+        vit = DINOv3ViTConfig(hidden_size=dim, intermediate_size=int(dim * mlp_ratio), layerscale_value=1e-5)
         self.norm1 = nn.LayerNorm(dim)
         self.attention = CrossAttention(dim, heads)
-        self.layer_scale1 = LayerScale(dim)
+        self.layer_scale1 = DINOv3ViTLayerScale(vit)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
-        self.layer_scale2 = LayerScale(dim)
+        self.mlp = DINOv3ViTMLP(vit)
+        self.layer_scale2 = DINOv3ViTLayerScale(vit)
 
     def forward(self, x, context, q_rope, k_rope, mask):
         x = x + self.layer_scale1(self.attention(self.norm1(x), context, q_rope, k_rope, mask))
@@ -167,9 +151,7 @@ class DeltaWorld(nn.Module):
         self.config = dict(model=model, dim=cfg.dim, heads=heads, bom=bom, axes=(cfg.dim // heads - 4,),
                            **PREDICTOR_PRESETS[model])  # 1D RoPE on all but the last 4 dims per head (appendix A)
         self.predictor = Predictor(cfg.dim, PREDICTOR_PRESETS[model]["depth"], heads, axes=self.config["axes"])
-        self.q_embed = None if bom else nn.Embedding(1, cfg.dim)  # the discriminative variant's learned query
-        if not bom:
-            nn.init.trunc_normal_(self.q_embed.weight, std=0.02)
+        self.q_embed = None if bom else T.init_weights(nn.Embedding(1, cfg.dim))  # --no-bom's learned query
         self.__dict__.update(tokenizer=tokenizer, vfm=vfm, _black={})  # past nn.Module's __setattr__: no submodules
 
     def forward(self, tokens, times, queries=None):
@@ -246,9 +228,8 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt")
 
 
 def clip_noise(seed, step, clip_ids, K, length, dim, device):
-    """BoM candidates (B, K, length, C) for the clips `clip_ids` of a step (data.clip_random): any split over
-    processes and micro-batches, and the token cache, draw the same noise for the same clip. K = 0: None (the
-    learned query)."""
+    """BoM candidates (B, K, length, C) for the clips `clip_ids` of a step (data.clip_random): any split over processes
+    and micro-batches, and the token cache, draw the same noise for the same clip. K = 0: None (the learned query)."""
     return data.clip_random(seed, step, clip_ids, (K, length, dim), device) * NOISE_STD if K else None
 
 
@@ -443,11 +424,9 @@ def main(args):
     init = T.load_checkpoint(args.init, ("deltaworld",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
                              num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
-    if args.tokenizer:
-        tok, vfm_name = T.load_deltatok(args.tokenizer, device)
-        vfm = V.VFM(args.vfm or vfm_name).to(device)
-    else:
-        vfm = V.VFM(args.vfm or V.DINOV3_B16).to(device)
+    tok, vfm_name = T.load_deltatok(args.tokenizer, device) if args.tokenizer else (None, V.DINOV3_B16)
+    vfm = V.VFM(args.vfm or vfm_name).to(device)
+    if tok is None:  # --bench without one: a random tokenizer
         tok = T.build_deltatok(args.model, vfm, args.bench_mode).to(device).eval().requires_grad_(False)
     if (tok.cfg.dim, tok.cfg.patch_size) != (vfm.dim, vfm.patch_size):
         raise data.UserError(f"the tokenizer (dim {tok.cfg.dim}, patch {tok.cfg.patch_size}) does not fit the VFM "

@@ -95,7 +95,7 @@ class GatedAttention(DINOv3ViTAttention):
 
 
 def init_weights(module):
-    """Appendix A: truncated normal (sigma 0.02) for Linear and embedding weights, zero biases, LayerScale 1e-5."""
+    """Appendix A: truncated normal (sigma 0.02) for Linear/embedding weights, zero biases, LayerScale 1e-5 -> module"""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -103,6 +103,7 @@ def init_weights(module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, DINOv3ViTLayerScale):
             nn.init.constant_(m.lambda1, 1e-5)
+    return module
 
 
 class DeltaTok(nn.Module):
@@ -113,19 +114,15 @@ class DeltaTok(nn.Module):
         vit = DINOv3ViTConfig(hidden_size=cfg.dim, num_attention_heads=cfg.heads, intermediate_size=hidden,
                               use_gated_mlp=cfg.swiglu, hidden_act="silu" if cfg.swiglu else "gelu",
                               layerscale_value=1e-5, patch_size=cfg.patch_size, attn_implementation="sdpa")
-        self.encoder_blocks = nn.ModuleList([self._block(vit) for _ in range(cfg.depth)])
-        self.decoder_blocks = nn.ModuleList([self._block(vit) for _ in range(cfg.depth)])
+        self.encoder_blocks = nn.ModuleList([DINOv3ViTLayer(vit) for _ in range(cfg.depth)])
+        self.decoder_blocks = nn.ModuleList([DINOv3ViTLayer(vit) for _ in range(cfg.depth)])
+        for block in [*self.encoder_blocks, *self.decoder_blocks] if cfg.qk_norm or cfg.gated_attn else ():
+            block.attention = GatedAttention(vit, cfg.qk_norm, cfg.gated_attn)  # the released options
         self.z_embed = nn.Embedding(1, cfg.dim)   # the learned z token
         self.xy_embed = nn.Embedding(2, cfg.dim)  # e0: previous frame, e1: current frame
         self.norm = nn.LayerNorm(cfg.dim)         # encoder only: the decoder has none, so it starts as identity
         self.rope = DINOv3ViTRopePositionEmbedding(vit)
         init_weights(self)
-
-    def _block(self, vit):
-        block = DINOv3ViTLayer(vit)
-        if self.cfg.qk_norm or self.cfg.gated_attn:
-            block.attention = GatedAttention(vit, self.cfg.qk_norm, self.cfg.gated_attn)
-        return block
 
     def _rope(self, n, ref, repeat=1, scale=None):
         """(cos, sin) of DINOv3's 2D RoPE for a grid of n patches (patch_grid), tiled `repeat` times: (L, hd), or
