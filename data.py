@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import bench
+
 # -----------------------------------------------------------------------------
 # the command line
 
