@@ -110,7 +110,7 @@ bench-gpu: $(SETUP) $(BENCH_VIDEO)/video.mp4
 	$(call row,token cache $(BENCH_S) px 8 frames,45,predictor.py --tokenizer $(BENCH_OUT)/tok/ckpt.pt --model $(BENCH_MODEL) --size $(BENCH_S) --cache-tokens $(BENCH_OUT)/cache --cache-crops 0.25 $(ONE) --global-batch $(BENCH_B) --batch-size $(BENCH_B) --bom $(BENCH_K) --val-clips 1 --val-samples 2 --num-workers $(BENCH_WORKERS) --out $(BENCH_OUT)/world)
 	$(RUN) heads.py --task seg --vfm $(BENCH_VFM) --size $(BENCH_L) $(ONE) --val-sequences 1 --out $(BENCH_OUT)/seg
 	$(call row,eval.py 20 samples $(BENCH_L) px,60,eval.py --ckpt $(BENCH_OUT)/world/ckpt.pt --heads $(BENCH_OUT)/seg/ckpt.pt --size $(BENCH_L) --samples 20 --max-sequences $(BENCH_SEQUENCES) --figures 0 --num-workers $(BENCH_WORKERS) --out $(BENCH_OUT)/eval)
-	$(RUN) bench.py $(BENCH_OUT)/bench.jsonl $(BENCH_MD)
+	$(RUN) data.py --bench-table $(BENCH_OUT)/bench.jsonl $(BENCH_MD)
 	@echo "rows: $(BENCH_OUT)/bench.jsonl; table: $(BENCH_MD)"
 
 $(BENCH_VIDEO)/video.mp4:  # the loader rows' test videos (tests/videos.py), made once

@@ -29,7 +29,6 @@ from tqdm import tqdm
 
 import data
 import tokenizer as T
-import vfm as V
 from predictor import (HEAD_DIM, NOISE_STD, PREDICTOR_PRESETS, Predictor, bench_training, clip_noise, frame_loss,
                        heldout_check, world_flags, world_loss)
 
@@ -123,7 +122,7 @@ def build_dinoworld(model, vfm, bom=0, size=(1, 1)):
 def load_dinoworld(path, device="cpu", vfm=None, flag="--ckpt"):
     """A trained DINO-world in eval mode, with its VFM (`vfm` to share, else built from the recorded name) as `.vfm`."""
     ckpt = T.load_checkpoint(path, ("dinoworld",), flag)
-    model = DinoWorld(DinoWorldConfig(**ckpt["config"]), vfm if vfm is not None else V.VFM(ckpt["vfm"]).to(device))
+    model = DinoWorld(DinoWorldConfig(**ckpt["config"]), vfm if vfm is not None else T.VFM(ckpt["vfm"]).to(device))
     T.load_state_strict(model, ckpt, f"DINO-world checkpoint {path}")
     return model.to(device).eval().requires_grad_(False)
 
@@ -140,7 +139,7 @@ def main(args):
     init = T.load_checkpoint(args.init, ("dinoworld",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
                              num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
-    vfm = V.VFM(args.vfm).to(device)
+    vfm = T.VFM(args.vfm).to(device)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     dw = build_dinoworld(args.model, vfm, args.bom, args.size).to(device)
     C, L = vfm.dim, args.num_frames - 1
@@ -219,9 +218,9 @@ def get_parser():
     p = argparse.ArgumentParser(description="Train the DINO-world baseline (appendix A recipe as defaults).",
                                 formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/dinoworld", help="run folder: ckpt.pt, log.jsonl")
-    p.add_argument("--vfm", default=V.DINOV3_B16,
+    p.add_argument("--vfm", default=T.DINOV3_B16,
                    help=f"feature source (tokenizer.feature_source): a DINOv3 or DINOv2 hub id, local folder, or a "
-                   f"random preset {list(V.VFM_PRESETS)}, then optionally |layers=2,5,8,11|pca=FILE")
+                   f"random preset {list(T.VFM_PRESETS)}, then optionally |layers=2,5,8,11|pca=FILE")
     p.add_argument("--bom", type=data.at_least(0), default=0, help="best-of-many over K noise queries per frame "
                    "(generative variant; Table 2 step 1: 16); 0: discriminative, one learned query")
     p.add_argument("--init", default="", help="start from the weights of a checkpoint of this script, with a fresh "

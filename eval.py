@@ -51,12 +51,10 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import baseline_dinoworld as DW
-import bench
 import data
 import heads as Hd
 import predictor as P
 import tokenizer as T
-import vfm as V
 
 CONTEXT = {"short": [2, 3, 4, 5], "mid": [0, 1, 2, 3]}  # target: frame 6 (SPEC section 5)
 TARGET = 6
@@ -226,7 +224,7 @@ class RGBHead(nn.Module):
         x = self.decoder_pred(self.decoder_norm(x))[:, 1:].float()                 # (B, h*w, p*p*3)
         p = self.patch
         x = x.view(B, h, w, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(B, 3, h * p, w * p)
-        return x * x.new_tensor(V.IMAGENET_STD).view(3, 1, 1) + x.new_tensor(V.IMAGENET_MEAN).view(3, 1, 1)
+        return x * x.new_tensor(T.IMAGENET_STD).view(3, 1, 1) + x.new_tensor(T.IMAGENET_MEAN).view(3, 1, 1)
 
 
 def load_rgb_head(path, vfm, device="cpu"):
@@ -407,7 +405,7 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
         os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
         torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
                    args.save_features)
-    bench.bench_record(sequences_per_s=len(loader.sampler) / (time.perf_counter() - start))  # make bench-gpu's row
+    data.bench_record(sequences_per_s=len(loader.sampler) / (time.perf_counter() - start))  # make bench-gpu's row
     # every score summed over the ranks: every rank reduces every key any rank has, in the same order (one without
     # sequences, when there are fewer than ranks, has none of its own but must reach each collective)
     keys = [list(scores)]
@@ -485,9 +483,9 @@ TABLE_B = dict(backbone=47.185, encoder=96.930, predictor={4: 0.26, 5: 0.28, 6: 
 
 def flops(args):
     """GFLOPs per H x W crop of each part, on the meta device (no weights needed, nothing computed)."""
-    kind, model, vfm_name = load_model(args, args.ckpt[0], "cpu", {}) if args.ckpt else (None, None, V.DINOV3_B16)
+    kind, model, vfm_name = load_model(args, args.ckpt[0], "cpu", {}) if args.ckpt else (None, None, T.DINOV3_B16)
     with torch.device("meta"):
-        vfm = V.VFM(args.vfm or vfm_name)
+        vfm = T.VFM(args.vfm or vfm_name)
         tok = (model if kind == "deltatok" else model.tokenizer if kind == "deltaworld" else
                T.build_deltatok(args.model, vfm, size=args.size))
         world = (model if kind == "deltaworld" else P.DeltaWorld(tok, vfm, args.model)).predictor
@@ -496,7 +494,7 @@ def flops(args):
     zeros = lambda *s: torch.zeros(*s, device="meta")
     n, c = math.prod(args.size) // vfm.patch_size ** 2, vfm.dim
     x = zeros(1, n, c)
-    g = lambda fn: bench.count_flops(fn) / 1e9
+    g = lambda fn: data.count_flops(fn) / 1e9
     backbone = g(lambda: vfm(torch.zeros(1, 3, *args.size, dtype=torch.uint8, device="meta")))
     encoder, decoder = g(lambda: tok.encode(x, x)), g(lambda: tok.decode(zeros(1, 1, c), x))
     predictor = {k: g(lambda: world(zeros(1, 1, c), zeros(1, k, c), zeros(1, 1, 1), zeros(1, k, 1))) for k in (4, 5, 6)}
@@ -559,8 +557,8 @@ def main(args):
                                  f"{' '.join(args.horizons)}: check --max-sequences / --horizons")
     vfms = {}  # one backbone for every model and for the ground truth
     models, vfm_name = load_models(args, device, vfms) if args.ckpt else ([(NAMES["features"], "features", None)], None)
-    vfm_name = args.vfm or vfm_name or (files[0].get("vfm") if files else None) or V.DINOV3_B16
-    vfm = vfms.get(vfm_name) or V.VFM(vfm_name).to(device)
+    vfm_name = args.vfm or vfm_name or (files[0].get("vfm") if files else None) or T.DINOV3_B16
+    vfm = vfms.get(vfm_name) or T.VFM(vfm_name).to(device)
     rgb = {"rgb": load_rgb_head(args.rgb_head, vfm, device)} if args.rgb_head else {}
     if args.video:  # any head
         heads = {h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device, vfm)[0] for p in args.heads)}

@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 import data
 import tokenizer as T
-import vfm as V
 
 # ----------------------------------------------------------------------------------------------------------------
 # The heads (appendix A; keys as the released checkpoints: bn.*, head.*)
@@ -81,7 +80,7 @@ def load_head(path, task=None, device="cpu", vfm=None):
     state = ckpt["model"] if "kind" in ckpt else ckpt.get("state_dict", ckpt)
     out, dim = state["head.weight"].shape[:2]
     if vfm is not None and (ckpt.get("vfm", vfm.name) != vfm.name or dim != vfm.dim):
-        raise data.UserError(f"head {path} was trained on VFM {ckpt.get('vfm', V.DINOV3_B16)!r} ({dim} wide), but "
+        raise data.UserError(f"head {path} was trained on VFM {ckpt.get('vfm', T.DINOV3_B16)!r} ({dim} wide), but "
                              f"the features come from {vfm.name!r} ({vfm.dim} wide): check --heads / --vfm")
     task = task if task and "kind" not in ckpt else T.checkpoint_kind(ckpt)[:-4]  # "seghead" -> "seg"
     head = DepthHead(dim, out) if task == "depth" else SegHead(dim, out)
@@ -455,7 +454,7 @@ def main(args):
     train = SyntheticSequences("train", args.seed, every_frame=True) if args.data == "synthetic" else \
         open_eval(args.data, "train", args.kitti_split, args.kitti_raw, task=args.task)
     val = open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw, args.seed)
-    vfm = V.VFM(args.vfm).to(device)
+    vfm = T.VFM(args.vfm).to(device)
     torch.manual_seed(args.seed)
     head = (SegHead(vfm.dim, train.num_classes) if args.task == "seg" else DepthHead(vfm.dim)).to(device)
     opt = T.make_optimizer(head, args.lr, args.weight_decay, device)
@@ -518,8 +517,8 @@ def get_parser():
                    "test list, splits/kitti_eigen_test.txt)")
     p.add_argument("--kitti-raw", default=None, help="root of the raw KITTI drives (default: the KITTI ROOT itself)")
     p.add_argument("--out", default="runs/head", help="run folder: ckpt.pt, log.jsonl")
-    p.add_argument("--vfm", default=V.DINOV3_B16, help="DINOv3 hub id, local folder or random preset "
-                   f"{list(V.VFM_PRESETS)}")
+    p.add_argument("--vfm", default=T.DINOV3_B16, help="DINOv3 hub id, local folder or random preset "
+                   f"{list(T.VFM_PRESETS)}")
     p.add_argument("--size", type=data.at_least(16, 16), default=512, help="crop side: the evaluation's S (512 main, "
                    "256 ablations)")
     p.add_argument("--steps", type=data.at_least(1), default=20_000)

@@ -36,10 +36,8 @@ from tqdm import tqdm
 from transformers import DINOv3ViTConfig
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTLayerScale, DINOv3ViTMLP
 
-import bench
 import data
 import tokenizer as T
-import vfm as V
 
 # ----------------------------------------------------------------------------------------------------------------
 # The predictor (SPEC section 3), DINO-world's too: cross-attention blocks, RoPE over any number of axes.
@@ -220,7 +218,7 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt")
         raise data.UserError(f"{flag} {path} records its tokenizer at {ckpt['tokenizer']}, which is gone: pass "
                              "--tokenizer with that file (moved or copied), or with the released DeltaTok it used")
     tok, vfm_name = T.load_deltatok(tokenizer or ckpt["tokenizer"], device)
-    vfm = vfm if vfm is not None else V.VFM(vfm_name if released else ckpt["vfm"] or vfm_name).to(device)
+    vfm = vfm if vfm is not None else T.VFM(vfm_name if released else ckpt["vfm"] or vfm_name).to(device)
     cfg = dict(model="base", bom="q_embed.weight" not in ckpt.get("state_dict", ckpt)) if released else ckpt["config"]
     world = DeltaWorld(tok, vfm, cfg["model"], cfg["bom"])
     T.load_state_strict(world, ckpt, f"DeltaWorld checkpoint {path}", "check --tokenizer")
@@ -407,7 +405,7 @@ def bench_training(args, world, opt, inputs, K, C, device, reference, chunk=256)
         if update:
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return bench.run_bench(step, lambda: step(False, 1), B, args.bench, device, reference)
+    return data.run_bench(step, lambda: step(False, 1), B, args.bench, device, reference)
 
 
 def main(args):
@@ -424,8 +422,8 @@ def main(args):
     init = T.load_checkpoint(args.init, ("deltaworld",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
                              num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
-    tok, vfm_name = T.load_deltatok(args.tokenizer, device) if args.tokenizer else (None, V.DINOV3_B16)
-    vfm = V.VFM(args.vfm or vfm_name).to(device)
+    tok, vfm_name = T.load_deltatok(args.tokenizer, device) if args.tokenizer else (None, T.DINOV3_B16)
+    vfm = T.VFM(args.vfm or vfm_name).to(device)
     if tok is None:  # --bench without one: a random tokenizer
         tok = T.build_deltatok(args.model, vfm, args.bench_mode).to(device).eval().requires_grad_(False)
     if (tok.cfg.dim, tok.cfg.patch_size) != (vfm.dim, vfm.patch_size):
@@ -456,7 +454,7 @@ def main(args):
         def sample(b=B):
             with torch.no_grad(), T.autocast(device, args.dtype):
                 world.sample(vfm(frames[:b]), times[:b], 20, 3)
-        return bench.run_bench(sample, lambda: sample(1), B, args.bench, device, "the target: at most 50 ms per "
+        return data.run_bench(sample, lambda: sample(1), B, args.bench, device, "the target: at most 50 ms per "
                                "sequence at 512 px, DeltaTok decoding included")
     if args.bench:
         cached = torch.randn(args.batch_size, args.num_frames, C, device=device)  # --cache-tokens: no VFM, no encoder
@@ -481,7 +479,7 @@ def main(args):
             start = time.perf_counter()
             build_token_cache(args.cache_tokens, meta, train, encode, rank, world_size, args.batch_size,
                               args.num_workers)
-            bench.bench_record(clips_per_s=meta["num_clips"] / (time.perf_counter() - start))  # make bench-gpu's row
+            data.bench_record(clips_per_s=meta["num_clips"] / (time.perf_counter() - start))  # make bench-gpu's row
         cache = TokenCache(args.cache_tokens, meta)
         loader = data.make_loader(cache, args.batch_size, rank, world_size, accum, step, num_workers=0)  # memory-mapped
         skipped = cache.skipped
@@ -546,7 +544,7 @@ def get_parser():
     p.add_argument("--tokenizer", default="", help="tokenizer.py checkpoint (delta or frame mode) or released DeltaTok")
     p.add_argument("--out", default="runs/deltaworld", help="run folder: ckpt.pt, log.jsonl")
     p.add_argument("--vfm", default="", help="DINOv3 hub id or local folder (default: the one the tokenizer "
-                   f"records; in --bench without --tokenizer {V.DINOV3_B16}); random presets {list(V.VFM_PRESETS)}")
+                   f"records; in --bench without --tokenizer {T.DINOV3_B16}); random presets {list(T.VFM_PRESETS)}")
     p.add_argument("--no-bom", action="store_true", help="discriminative: a learned query, no best-of-many (Table C)")
     p.add_argument("--bom", type=data.at_least(1), default=256, help="best-of-many candidates K per clip and position")
     p.add_argument("--bom-chunk", type=data.at_least(1), default=256, help="candidates per forward; lower saves memory")

@@ -15,34 +15,207 @@ Run it:
   torchrun --standalone --nproc_per_node=8 tokenizer.py --data /path/to/videos --compile --out runs/deltatok
   # speed and memory of one training step (SPEC section 6: 115 ms, 24.2 GiB at 256 px, batch 64, H200)
   python tokenizer.py --bench 20 --size 256 --batch-size 64 --compile
+  # Table D's features: DINOv2 blocks 2, 5, 8, 11 and a PCA file of them, fitted here or DINO-Foresight's converted
+  python tokenizer.py --vfm facebook/dinov2-with-registers-base --vfm-layers 2,5,8,11 --size 448x896 \
+      --data /data/bdd100k --fit-pca 1152 200 --pca runs/pca_1152.pt
+  python tokenizer.py --convert-pca dino_foresight_pca.pkl --pca runs/pca_1152.pt --trust-pickle
 """
 import argparse
 import atexit
 import contextlib
 import fcntl
+import functools
+import hashlib
 import json
 import math
 import os
+import pickle
 import shlex
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from huggingface_hub import hf_hub_download
+from huggingface_hub import constants, get_session, hf_hub_download
 from tqdm import tqdm
-from transformers import DINOv3ViTConfig
+from transformers import AutoConfig, AutoModel, DINOv3ViTConfig
 from transformers.models.dinov3_vit.modeling_dinov3_vit import (
     DINOv3ViTAttention, DINOv3ViTLayer, DINOv3ViTLayerScale, DINOv3ViTRopePositionEmbedding, apply_rotary_pos_emb,
     get_patches_center_coordinates)
 
-import bench
 import data
-import vfm as V
+
+# ----------------------------------------------------------------------------------------------------------------
+# The frozen feature source every stage reads (SPEC section 1; appendix C, Table D): DINOv3 by default, or DINOv2
+# with or without registers, several blocks' outputs concatenated, projected by a PCA file. `VFM(name)` takes the
+# one string a checkpoint records (`feature_source`), so every later stage builds the same features.
+
+DINOV3_B16 = "facebook/dinov3-vitb16-pretrain-lvd1689m"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Random configs, seeded (every script builds the same network): every stage runs offline on a CPU; dinov2-tiny: Table D
+_TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=256, num_register_tokens=4)
+VFM_PRESETS = {
+    "tiny": dict(model_type="dinov3_vit", num_hidden_layers=2, patch_size=16, **_TINY),
+    "dinov2-tiny": dict(model_type="dinov2_with_registers", num_hidden_layers=4, patch_size=14, image_size=28, **_TINY),
+    "vitb16-random": dict(model_type="dinov3_vit", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                          intermediate_size=3072, patch_size=16, num_register_tokens=4),
+}
+
+
+def load_backbone(name):
+    """DINOv3 or DINOv2 (with registers or not) by preset, hub id or folder; a failed load says how to fix it."""
+    if name in VFM_PRESETS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return AutoModel.from_config(AutoConfig.for_model(**VFM_PRESETS[name]), attn_implementation="sdpa")
+    try:
+        offline = not os.path.isdir(name) and hub_unreachable()  # a local folder needs no probe of the hub
+        return AutoModel.from_pretrained(name, attn_implementation="sdpa", local_files_only=offline)
+    except Exception as e:
+        hint = (f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
+                if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
+                f"'{name}' is neither a hub id nor a folder (typo?); the paper uses {DINOV3_B16}. For an offline "
+                f"run without weights use a random preset: {', '.join(VFM_PRESETS)}")
+        cause = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise data.UserError(f"could not load the VFM '{name}': {hint} (cause: {cause})") from None
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable():
+    """HF_HUB_OFFLINE, or a 3 s probe failed: downloads look in the cache only, failing at once (no 30 s of retries)."""
+    try:
+        return constants.HF_HUB_OFFLINE or get_session().head(constants.ENDPOINT, timeout=3).is_server_error
+    except Exception:  # no network, no name server, a firewall
+        return True
+
+
+def hub_hint(name, e, local):
+    """How to fix a failed Hugging Face download of `name` (gated, offline), or None if the repo seems missing."""
+    text = f"{e} {e.__cause__}".lower()
+    if "RepositoryNotFoundError" in {type(e).__name__, type(e.__cause__).__name__}:  # its message mentions gated too
+        return None
+    if any(word in text for word in ("gated", "401", "403", "access")):
+        return (f"{name} is gated: accept the licence on its Hugging Face page, then run `hf auth login` (or set "
+                f"HF_TOKEN), or pass {local}")
+    if hub_unreachable() or "offline" in text or "connect" in text:
+        return (f"{name} is not in the local Hugging Face cache and the hub cannot be reached: download it once "
+                f"online (`hf download {name}`), or pass {local}")
+
+
+def feature_source(vfm, layers="", pca=""):
+    """The string that checkpoints record as "vfm": the backbone, then "|layers=2,5,8,11" and "|pca=FILE" if given."""
+    return vfm + (f"|layers={layers}" if layers else "") + (f"|pca={pca}" if pca else "")
+
+
+class VFM(nn.Module):
+    """A frozen feature source (feature_source's string): uint8 frames (..., 3, H, W) -> patch tokens (..., N, C), the
+    given blocks' outputs (default: the last) through the final LayerNorm, concatenated, with a PCA file projected."""
+
+    def __init__(self, name=DINOV3_B16):
+        super().__init__()
+        backbone, *options = name.split("|")
+        options = dict(o.partition("=")[::2] for o in options)
+        self.model = load_backbone(backbone).requires_grad_(False).eval()
+        cfg, layers = self.model.config, options.get("layers", "")
+        self.layers = [int(i) if i.isdigit() else cfg.num_hidden_layers for i in layers.split(",")] if layers else [-1]
+        if max(self.layers) >= cfg.num_hidden_layers:
+            raise data.UserError(f"--vfm-layers {layers}: want blocks of {backbone}, 0 to {cfg.num_hidden_layers - 1}")
+        blocks = next(m for m in self.model.modules() if isinstance(m, nn.ModuleList))
+        for i in sorted(set(self.layers)):  # not output_hidden_states: its hooks break each compiled block in 3 graphs
+            blocks[i].register_forward_hook(lambda block, args, out: self.caught.append(out))
+        self.patch_size, self.num_prefix = cfg.patch_size, 1 + getattr(cfg, "num_register_tokens", 0)  # CLS, registers
+        width = cfg.hidden_size * len(self.layers)
+        proj, shift, pca = load_pca(options["pca"], width) if "pca" in options else (None, None, "")
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        for key, value in dict(mean=mean, std=std, pca_proj=proj, pca_shift=shift).items():
+            self.register_buffer(key, value, persistent=False)
+        self.name = feature_source(backbone, layers, pca)
+        self.dim = width if proj is None else proj.shape[1]
+        head_dim = cfg.hidden_size // cfg.num_attention_heads  # a tokenizer as wide as the features keeps it
+        if self.dim % head_dim:
+            raise data.UserError(f"the PCA's component count {self.dim} is not a multiple of {head_dim} (head width)")
+        self.heads = self.dim // head_dim
+
+    def train(self, mode=True):  # frozen: always eval mode (no RoPE jitter)
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, frames):
+        *lead, c, h, w = frames.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise data.UserError(f"frame size {h}x{w} is not divisible by the VFM patch size {self.patch_size}: "
+                                 f"use --size a multiple of {self.patch_size}")
+        self.caught = []  # the hooked blocks' outputs, in block order
+        self.model(pixel_values=(frames.reshape(-1, c, h, w).float() / 255 - self.mean) / self.std)
+        caught, self.caught = dict(zip(sorted(set(self.layers)), self.caught)), None  # not kept past the call
+        norm = getattr(self.model, "layernorm", None) or self.model.norm  # DINOv2's name, DINOv3's
+        tokens = torch.cat([norm(caught[i]) for i in self.layers], -1)[:, self.num_prefix:]
+        if self.pca_proj is not None:
+            tokens = tokens @ self.pca_proj - self.pca_shift
+        return tokens.reshape(*lead, tokens.shape[1], self.dim)  # (..., N, C)
+
+    def black(self, size, device):
+        """Features of an all-black (H, W) frame: the 'previous frame' of a clip's first frame (SPEC section 2)."""
+        return self(torch.zeros(1, 3, *size, dtype=torch.uint8, device=device))  # (1, N, C)
+
+
+def load_pca(spec, width):
+    """A PCA file (fit_pca) "FILE", or "FILE@SHA256" as recorded (a changed file is refused), over `width`-d features
+    -> (proj (C, K), shift (K,), "FILE@SHA256"): ((x - mean) / std - pca_mean) @ components.T = x @ proj - shift."""
+    path, _, recorded = spec.partition("@")
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()[:16]
+        p = torch.load(path, map_location="cpu", weights_only=True)
+        proj, shift = (p["components"] / p["std"]).T, (p["mean"] / p["std"] + p["pca_mean"]) @ p["components"].T
+    except Exception as e:
+        raise data.UserError(f"--pca {path}: not a PCA file of --fit-pca ({type(e).__name__}: {e})".splitlines()[0])
+    if len(proj) != width:
+        raise data.UserError(f"the PCA file {path} projects {len(proj)}-d features, not {width}-d ones")
+    if recorded not in ("", digest):
+        raise data.UserError(f"the PCA file {path} has changed since it was recorded (sha256 {recorded}...)")
+    return proj.float(), shift.float(), f"{os.path.abspath(path)}@{digest}"
+
+
+def fit_pca(batches, k):
+    """A PCA file from feature batches (..., C), as DINO-Foresight's pca.py fits one with sklearn: each dimension
+    standardised, then the k leading principal components, largest variance first (a float64 covariance, summed)."""
+    n = total = products = 0
+    for x in batches:
+        x = x.double().flatten(0, -2)
+        n, total, products = n + len(x), total + x.sum(0), products + x.T @ x
+    mean = total / n
+    cov = products / n - mean[:, None] * mean
+    std = cov.diagonal().clamp_min(1e-12).sqrt()
+    variance, vectors = torch.linalg.eigh(cov / std[:, None] / std)  # ascending
+    return dict(mean=mean.float(), std=std.float(), pca_mean=torch.zeros(len(mean)),
+                components=vectors.flip(-1)[:, :k].T.float().contiguous(), variance=variance.flip(-1)[:k].float())
+
+
+def convert_pca(src, dst):
+    """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> load_pca's file at dst.
+    Unpickling runs what the file names: only numpy's and torch's classes pass (never torch.load's full unpickler)."""
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("sklearn.decomposition") and name == "PCA":
+                return type(name, (), {})  # a bare object keeps its attributes: no sklearn needed
+            if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
+                return super().find_class(module, name)
+            raise data.UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
+    if zipfile.is_zipfile(src):
+        raise data.UserError(f"--convert-pca {src} is a torch.save file, not DINO-Foresight's pickle (pickle.dump)")
+    with open(src, "rb") as f:
+        p = Restricted(f).load()
+    t, pca = lambda v: torch.as_tensor(v, dtype=torch.float32), p["pca_model"].__dict__
+    torch.save(dict(mean=t(p["mean"]).flatten(), std=t(p["std"]).flatten(), pca_mean=t(pca["mean_"]),
+                    components=t(pca["components_"]), variance=t(pca["explained_variance_"])), dst + ".tmp")
+    os.replace(dst + ".tmp", dst)  # write, then rename: never half a file
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # DeltaTok (SPEC section 2)
@@ -217,9 +390,9 @@ def checkpoint_path(path):
     if not data.hub_id(path):
         return path
     try:
-        return hf_hub_download(path, "pytorch_model.bin", local_files_only=V.hub_unreachable())
+        return hf_hub_download(path, "pytorch_model.bin", local_files_only=hub_unreachable())
     except Exception as e:
-        why = V.hub_hint(path, e, "a local path") or f"no such repo, or no pytorch_model.bin in it ({type(e).__name__})"
+        why = hub_hint(path, e, "a local path") or f"no such repo, or no pytorch_model.bin in it ({type(e).__name__})"
         raise data.UserError(f"no file {path}, nor a Hugging Face repo id that could be fetched: {why}") from None
 
 
@@ -253,12 +426,12 @@ def load_deltatok(path, device="cpu", flag="--tokenizer"):
         model = DeltaTok(DeltaTokConfig(**(MODEL_PRESETS["released"] if released else ckpt["config"])))
     model.to_empty(device=device).rope = type(model.rope)(model.rope.config)  # ... but RoPE's, which it lacks
     load_state_strict(model, ckpt, f"{flag} {path}")
-    return model.to(device).eval().requires_grad_(False), V.DINOV3_B16 if released else ckpt["vfm"]
+    return model.to(device).eval().requires_grad_(False), DINOV3_B16 if released else ckpt["vfm"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Run helpers shared by every stage: DDP, checkpoints, the run folder, optimizer, logging (data.py: the command
-# line, the split of a step over processes; bench.py: --bench)
+# line, the split of a step over processes, --bench)
 
 def setup_dist():
     """(rank, world size, device) from torchrun's environment; one plain process otherwise."""
@@ -493,7 +666,7 @@ def main(args):
             raise data.UserError("--convert-pca unpickles the file, which can run code: add --trust-pickle if you "
                                  "trust it, and name the file to write with --pca")
         data.check_paths([("--convert-pca", args.convert_pca)], write=[("--pca", os.path.dirname(args.pca) or ".")])
-        return V.convert_pca(args.convert_pca, args.pca)
+        return convert_pca(args.convert_pca, args.pca)
     rank, world, device = setup_dist()
     master = rank == 0
     # what the user gave is checked on every rank before anything is built (flag ranges: get_parser)
@@ -506,12 +679,12 @@ def main(args):
     init = load_checkpoint(args.init, ("deltatok",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args), num_frames=2,
                              size=args.size, stride=tuple(args.stride), seed=args.seed)
-    vfm = V.VFM(V.feature_source(args.vfm, args.vfm_layers, "" if args.fit_pca else args.pca)).to(device)
+    vfm = VFM(feature_source(args.vfm, args.vfm_layers, "" if args.fit_pca else args.pca)).to(device)
     if args.fit_pca:  # over all patches of N batches of training clips (2 frames each)
         loader = data.make_loader(train, args.batch_size, num_workers=args.num_workers)
         feats = (vfm(next(loader)["frames"].to(device)) for _ in tqdm(range(args.fit_pca[1]), "fit PCA"))
-        return save_checkpoint(V.fit_pca(feats, args.fit_pca[0]), args.pca, master)
-    if init and (trained := init.get("vfm", V.DINOV3_B16)) != vfm.name:  # released files: DINOv3 ViT-B/16
+        return save_checkpoint(fit_pca(feats, args.fit_pca[0]), args.pca, master)
+    if init and (trained := init.get("vfm", DINOV3_B16)) != vfm.name:  # released files: DINOv3 ViT-B/16
         raise data.UserError(f"--init {args.init} was trained on the features {trained}, not {vfm.name}")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     tok = build_deltatok(args.model, vfm, args.mode, None if args.no_rope_jitter else 2.0, args.size).to(device)
@@ -533,7 +706,7 @@ def main(args):
                 torch.nn.utils.clip_grad_norm_(tok.parameters(), args.grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        return bench.run_bench(step, lambda: step(False, 1), args.batch_size, args.bench, device,
+        return data.run_bench(step, lambda: step(False, 1), args.batch_size, args.bench, device,
                          "authors' code, H200, bf16 + compile: 256 px batch 64: 115 ms, 24.2 GiB; "
                          "512 px batch 64: 511 ms, 88.6 GiB (SPEC section 6)")
 
@@ -602,8 +775,8 @@ def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaTok (appendix A recipe as defaults).",
                                 formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/deltatok", help="run folder: ckpt.pt, log.jsonl")
-    p.add_argument("--vfm", default=V.DINOV3_B16, help=f"DINOv3/DINOv2 hub id or folder, or a preset "
-                   f"{list(V.VFM_PRESETS)}")
+    p.add_argument("--vfm", default=DINOV3_B16, help=f"DINOv3/DINOv2 hub id or folder, or a preset "
+                   f"{list(VFM_PRESETS)}")
     p.add_argument("--vfm-layers", default="", help="concatenate these blocks' outputs, each through the final "
                    "LayerNorm (Table D: 2,5,8,11); default: the last")
     p.add_argument("--pca", default="", help="PCA file that projects the features (see --fit-pca)")

@@ -10,7 +10,6 @@ import torch
 import baseline_dinoworld as D
 import data
 import tokenizer as T
-import vfm as V
 from predictor import clip_noise
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +38,7 @@ def clip():
 
 
 def test_tiny_preset_rope_slices():
-    tiny = D.build_dinoworld("tiny", V.VFM("tiny")).cfg  # 64 wide: one 64-d head, the paper's per-head layout
+    tiny = D.build_dinoworld("tiny", T.VFM("tiny")).cfg  # 64 wide: one 64-d head, the paper's per-head layout
     assert (tiny.heads, tiny.axes) == (1, (20, 20, 20))
     vitb = D.build_dinoworld("tiny", type("VFM", (), dict(dim=768, heads=12))).cfg
     assert (vitb.heads, vitb.axes) == (12, (20, 20, 20))  # appendix A: 20 + 20 + 20 + 4 in each of 12 heads
@@ -141,7 +140,7 @@ def test_sampling_rollout(clip):
 
 
 def test_tiny_dinoworld_learns_on_synthetic_videos():
-    vfm = V.VFM("tiny")
+    vfm = T.VFM("tiny")
 
     def clips(split, n, seed):
         ds = data.ClipDataset(data.open_source("synthetic", split), num_frames=8, size=64, seed=seed)
@@ -191,7 +190,7 @@ def test_two_process_ddp_with_accumulation_equals_one_process(tmp_path, capsys):
     _, err = two.communicate(timeout=600)
     assert two.returncode == 0, err
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
-    init = D.build_dinoworld("tiny", V.VFM("tiny"), bom=4).state_dict()
+    init = D.build_dinoworld("tiny", T.VFM("tiny"), bom=4).state_dict()
     assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train
     for k in w1:  # 2 processes x 2 micro-steps of 2 clips == 1 process x 8 clips, BoM noise included
         torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)
@@ -217,4 +216,4 @@ def test_resume_equals_uninterrupted_and_checkpoint_loads(tmp_path):
     assert model.vfm.name == "tiny" and not model.training and model.cfg.axes == (20, 20, 20)
     torch.testing.assert_close(model.q_embed.weight, a["q_embed.weight"], atol=0, rtol=0)
     with pytest.raises(data.UserError, match="q_embed"):  # the BoM variant has no learned query
-        T.load_state_strict(D.build_dinoworld("tiny", V.VFM("tiny"), bom=4), ckpt["model"], "test")
+        T.load_state_strict(D.build_dinoworld("tiny", T.VFM("tiny"), bom=4), ckpt["model"], "test")

@@ -18,7 +18,6 @@ import eval as E
 import heads as H
 import predictor as P
 import tokenizer as T
-import vfm as V
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"tokenizer": T, "predictor": P, "baseline_dinoworld": D, "heads": H, "eval": E, "data": data}
@@ -54,10 +53,10 @@ def files(tmp_path_factory):
     torch.save(dict(dataset="synthetic", size=32, vfm="tiny", short=torch.zeros(1, 2, 1, 4, 64)), d / "features.pt")
     torch.save(torch.zeros(1, 2, 1, 4, 64), d / "tensor.pt")
     for run, state in (("tokrun", dict(kind="deltatok", model={}, step=5)), ("barerun", T.build_deltatok(
-            "tiny", V.VFM("tiny")).state_dict())):  # a run of another stage; a bare state dict copied in as ckpt.pt
+            "tiny", T.VFM("tiny")).state_dict())):  # a run of another stage; a bare state dict copied in as ckpt.pt
         (d / run).mkdir()
         torch.save(state, d / run / "ckpt.pt")
-    tok = T.build_deltatok("tiny", V.VFM("tiny"))
+    tok = T.build_deltatok("tiny", T.VFM("tiny"))
     torch.save(dict(kind="deltatok", config=asdict(tok.cfg), vfm="tiny", model=tok.state_dict()), d / "tiny_tok.pt")
     torch.save(dict(kind="deltaworld", tokenizer=str(d / "deleted.pt"), model={}), d / "orphan_world.pt")
     torch.save(H.SegHead(768, 4).state_dict(), d / "wide_head.bin")  # a released head: DINOv3 ViT-B, 768 wide
@@ -257,7 +256,7 @@ def test_prepare_with_every_copy_present_says_so_in_one_line(tmp_path, monkeypat
 
 
 def test_released_files_are_recognised_by_their_keys():
-    vfm = V.VFM("tiny")
+    vfm = T.VFM("tiny")
     tok = T.build_deltatok("tiny", vfm)
     states = dict(deltatok=tok, deltaworld=P.DeltaWorld(tok, model="tiny"), seghead=H.SegHead(64, 19),
                   depthhead=H.DepthHead(64), rgbhead=E.RGBHead(vfm.model.norm, 144, 1, 256, 4))

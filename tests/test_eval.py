@@ -13,7 +13,6 @@ import data
 import eval as E
 import heads as H
 import tokenizer as T
-import vfm as V
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 64  # a 4 x 4 patch grid: at 2 x 2 a briefly trained depth head cannot tell present from copy-last
@@ -67,7 +66,7 @@ def test_eval_runs_end_to_end_and_present_beats_copy_last(ckpts, tmp_path):
 def test_features_file_best_and_mean_through_the_head(ckpts, tmp_path):
     """Predictions from a file: mean of [GT + a, GT - a] is GT, so mean must score exactly as present (the head
     applied once to averaged features); best of [GT + a, GT, GT - a] is GT itself."""
-    vfm = V.VFM("tiny")
+    vfm = T.VFM("tiny")
     seq = H.SyntheticSequences("val")
     crops = torch.stack([E.Crops(seq, SIZE)[i]["crops"][:, E.TARGET] for i in range(8)])
     gt = vfm(crops)                                                         # (8, 2, N, C)
@@ -148,7 +147,7 @@ def test_figures_carry_a_title_and_a_legend_and_the_gif_every_sample(tmp_path):
     """Each figure has its title line on top and, under the tiles, the legend: the class colours and the depth bar
     (the ramp from far to near). The GIF: one frame per time step, at most 1600 px wide, every sample side by side
     (here an RGB 'head' paints sample s in the grey s / S, so each column shows which sample it holds)."""
-    vfm, S = V.VFM("tiny"), 14
+    vfm, S = T.VFM("tiny"), 14
     item = E.Crops(H.SyntheticSequences("val"), SIZE)[0]
     feats = vfm(item["crops"][0])                                                    # (7, N, C)
     torch.manual_seed(0)

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import data
 import predictor as P
 import tokenizer as T
-import vfm as V
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--size", "32", "--num-workers", "0", "--val-clips", "4", "--val-samples", "2",
@@ -192,7 +191,7 @@ def test_bom_candidate_pass_builds_no_graph():
 
 @pytest.fixture(scope="module")
 def vfm():
-    return V.VFM("tiny")
+    return T.VFM("tiny")
 
 
 def test_sampling_rollout(vfm):

@@ -19,11 +19,10 @@ import eval as E
 import heads as H
 import predictor as P
 import tokenizer as T
-import vfm as V
 from test_data import write_video
 
 SIZE = 64
-MEAN, STD = torch.tensor(V.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(V.IMAGENET_STD).view(3, 1, 1)
+MEAN, STD = torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(T.IMAGENET_STD).view(3, 1, 1)
 
 
 def put_in_hub_cache(cache, repo, path):
@@ -51,7 +50,7 @@ def hub(tmp_path_factory):
         H.main(H.get_parser().parse_args(["--task", task, "--vfm", "tiny", "--steps", "5", "--batch-size", "4",
                                           "--val-sequences", "1", "--out", str(out / task), *common]))
     torch.manual_seed(0)
-    torch.save(E.RGBHead(V.VFM("tiny").model.norm, 144, 2, 256, 4).state_dict(), out / "rgb.bin")
+    torch.save(E.RGBHead(T.VFM("tiny").model.norm, 144, 2, 256, 4).state_dict(), out / "rgb.bin")
     cache = tmp_path_factory.mktemp("hub")
     for repo, path in [("tokenizer", "tok/ckpt.pt"), ("deltaworld", "deltaworld/ckpt.pt"), ("seg-head", "seg/ckpt.pt"),
                        ("depth-head", "depth/ckpt.pt"), ("rgb-head", "rgb.bin")]:
@@ -85,9 +84,9 @@ def test_an_unreachable_hub_fails_at_once_with_one_line_and_the_cache_still_serv
     only: a cached id loads, a missing one is the one-line hint at once, not after half a minute of retries."""
     def no_network(*args, **kwargs):
         raise OSError("[Errno -2] Name or service not known")
-    monkeypatch.setattr(V.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(V, "get_session", lambda: SimpleNamespace(head=no_network))
-    V.hub_unreachable.cache_clear()
+    monkeypatch.setattr(T.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(T, "get_session", lambda: SimpleNamespace(head=no_network))
+    T.hub_unreachable.cache_clear()
     try:
         assert T.checkpoint_path("Test/seg-head").endswith("pytorch_model.bin")
         start = time.perf_counter()
@@ -95,7 +94,7 @@ def test_an_unreachable_hub_fails_at_once_with_one_line_and_the_cache_still_serv
             T.checkpoint_path("Test/missing")
         assert time.perf_counter() - start < 5  # no retries
     finally:
-        V.hub_unreachable.cache_clear()
+        T.hub_unreachable.cache_clear()
 
 
 def test_deltaworld_trained_on_a_hub_tokenizer_records_the_id(offline_hub, tmp_path):

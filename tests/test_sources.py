@@ -17,7 +17,6 @@ import eval as E
 import heads as H
 import predictor as P
 import tokenizer as T
-import vfm as V
 
 FRAMES = torch.randint(0, 256, (2, 3, 28, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
@@ -26,12 +25,12 @@ def reference_dinov2(vfm):
     """transformers' own DINOv2 with registers, with the weights of vfm's backbone, and its normalised input."""
     model = Dinov2WithRegistersModel(vfm.model.config).eval()
     model.load_state_dict(vfm.model.state_dict())
-    mean, std = torch.tensor(V.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(V.IMAGENET_STD).view(3, 1, 1)
+    mean, std = torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(T.IMAGENET_STD).view(3, 1, 1)
     return model, (FRAMES.float() / 255 - mean) / std
 
 
 def test_dinov2_features_equal_transformers_model_on_a_non_square_frame():
-    vfm = V.VFM("dinov2-tiny")
+    vfm = T.VFM("dinov2-tiny")
     model, x = reference_dinov2(vfm)
     with torch.no_grad():
         want = model(pixel_values=x).last_hidden_state[:, 1 + 4:]  # class and 4 register tokens dropped
@@ -41,7 +40,7 @@ def test_dinov2_features_equal_transformers_model_on_a_non_square_frame():
 
 def test_layers_concatenate_each_blocks_output_through_the_final_layernorm():
     """get_intermediate_layers(x, n=[1, 3], norm=True) of DINOv2's own code, written out block by block."""
-    vfm = V.VFM("dinov2-tiny|layers=1,3")
+    vfm = T.VFM("dinov2-tiny|layers=1,3")
     model, x = reference_dinov2(vfm)
     with torch.no_grad():
         h, outs = model.embeddings(x), []
@@ -55,7 +54,7 @@ def test_layers_concatenate_each_blocks_output_through_the_final_layernorm():
 def test_bad_layers_are_a_user_error():
     for layers in ("1,4", "a", "1,,2"):
         with pytest.raises(data.UserError, match="--vfm-layers"):
-            V.VFM(f"dinov2-tiny|layers={layers}")
+            T.VFM(f"dinov2-tiny|layers={layers}")
 
 
 def correlated(n=4000, c=8, seed=0):
@@ -66,7 +65,7 @@ def correlated(n=4000, c=8, seed=0):
 
 def test_fit_pca_orders_variance_and_gives_orthonormal_components_of_the_standardised_features():
     x = correlated()
-    pca = V.fit_pca(x.split(1000), 5)  # in batches, as from a loader
+    pca = T.fit_pca(x.split(1000), 5)  # in batches, as from a loader
     z = (x - x.mean(0)) / x.std(0, correction=0)
     assert torch.all(pca["variance"][:-1] >= pca["variance"][1:])
     torch.testing.assert_close(pca["components"] @ pca["components"].T, torch.eye(5), atol=1e-5, rtol=0)
@@ -78,20 +77,20 @@ def test_fit_pca_orders_variance_and_gives_orthonormal_components_of_the_standar
 
 
 def test_vfm_projects_by_the_pca_file_as_written_out(tmp_path):
-    feats = V.VFM("dinov2-tiny|layers=1,3")(FRAMES)
+    feats = T.VFM("dinov2-tiny|layers=1,3")(FRAMES)
     g = torch.Generator().manual_seed(1)
     pca = dict(mean=torch.randn(128, generator=g), std=torch.rand(128, generator=g) + 0.5,
                pca_mean=torch.randn(128, generator=g), components=torch.linalg.qr(torch.randn(128, 32, generator=g))[0].T)
     torch.save(pca, tmp_path / "pca.pt")
-    vfm = V.VFM(V.feature_source("dinov2-tiny", "1,3", str(tmp_path / "pca.pt")))
+    vfm = T.VFM(T.feature_source("dinov2-tiny", "1,3", str(tmp_path / "pca.pt")))
     want = ((feats - pca["mean"]) / pca["std"] - pca["pca_mean"]) @ pca["components"].T
     assert vfm.dim == 32 and vfm.name.startswith("dinov2-tiny|layers=1,3|pca=/") and "@" in vfm.name
     torch.testing.assert_close(vfm(FRAMES), want, atol=1e-4, rtol=1e-4)
-    assert V.VFM(vfm.name).name == vfm.name  # the recorded source rebuilds the same
+    assert T.VFM(vfm.name).name == vfm.name  # the recorded source rebuilds the same
     pca["mean"] += 1
     torch.save(pca, tmp_path / "pca.pt")  # the file changed since it was recorded: refused in one line
     with pytest.raises(data.UserError, match="has changed since it was recorded"):
-        V.VFM(vfm.name)
+        T.VFM(vfm.name)
 
 
 def test_dino_foresight_pickle_converts_without_sklearn(tmp_path, monkeypatch):
@@ -111,8 +110,8 @@ def test_dino_foresight_pickle_converts_without_sklearn(tmp_path, monkeypatch):
     with open(tmp_path / "pca.pkl", "wb") as f:
         pickle.dump(dict(pca_model=model, mean=mean, std=std), f)
     monkeypatch.delitem(sys.modules, "sklearn.decomposition._pca")  # reading it needs no sklearn
-    V.convert_pca(str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt"))
-    proj, shift, _ = V.load_pca(str(tmp_path / "pca.pt"), 64)
+    T.convert_pca(str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt"))
+    proj, shift, _ = T.load_pca(str(tmp_path / "pca.pt"), 64)
     x = torch.randn(5, 64)
     want = ((x - mean) / std - torch.tensor(model.mean_, dtype=torch.float32)) @ \
         torch.tensor(model.components_, dtype=torch.float32).T
@@ -124,14 +123,14 @@ def test_dino_foresight_pickle_converts_without_sklearn(tmp_path, monkeypatch):
     with open(tmp_path / "evil.pkl", "wb") as f:
         pickle.dump(dict(pca_model=Evil()), f)
     with pytest.raises(data.UserError, match="builtins.print"):
-        V.convert_pca(str(tmp_path / "evil.pkl"), str(tmp_path / "out.pt"))
+        T.convert_pca(str(tmp_path / "evil.pkl"), str(tmp_path / "out.pt"))
     torch.save(dict(pca_model={}), tmp_path / "zip.pt")  # torch.load would need its unsafe unpickler: refused
     with pytest.raises(data.UserError, match="torch.save file"):
-        V.convert_pca(str(tmp_path / "zip.pt"), str(tmp_path / "out.pt"))
+        T.convert_pca(str(tmp_path / "zip.pt"), str(tmp_path / "out.pt"))
 
 
 def test_non_square_rope_equals_dinov3s_on_an_h_by_w_image():
-    tok = T.build_deltatok("tiny", V.VFM("tiny"), size=(32, 64)).eval()
+    tok = T.build_deltatok("tiny", T.VFM("tiny"), size=(32, 64)).eval()
     cos, sin = tok._rope(8, torch.zeros(1))  # 2 x 4 patches of 16 px
     torch.testing.assert_close((cos, sin), tok.rope(torch.zeros(1, 3, 32, 64)))  # DINOv3's own, on a 32 x 64 image
     with pytest.raises(data.UserError, match="width / height 2"):
@@ -182,7 +181,7 @@ def test_tokenizer_and_predictor_over_pca_features_at_28x56_reload_and_roll_out(
                                       "--warmup", "1", "--val-clips", "2", "--out", str(tmp_path / "tok")]))
     tok_ckpt = str(tmp_path / "tok" / "ckpt.pt")
     tok, source = T.load_deltatok(tok_ckpt)
-    vfm = V.VFM(source)
+    vfm = T.VFM(source)
     assert tok.cfg.dim == vfm.dim == 32 and tok.cfg.aspect == 2 and source.startswith("dinov2-tiny|layers=1,3|pca=")
     # the world model trains on the recorded source and rolls out 2 x 4 patch grids
     P.main(P.get_parser().parse_args(
@@ -197,7 +196,7 @@ def test_tokenizer_and_predictor_over_pca_features_at_28x56_reload_and_roll_out(
     # a PCA fit needs no run folder: not refused by the checkpoint in --out
     T.main(T.get_parser().parse_args([*common, "--fit-pca", "16", "1", "--pca", str(tmp_path / "pca2.pt"), "--out",
                                       str(tmp_path / "tok")]))
-    assert V.load_pca(str(tmp_path / "pca2.pt"), 128)[0].shape == (128, 16)
+    assert T.load_pca(str(tmp_path / "pca2.pt"), 128)[0].shape == (128, 16)
     # another feature source for the same weights is refused in one line
     with pytest.raises(data.UserError, match="was trained on the features"):
         T.main(T.get_parser().parse_args([*common, "--model", "tiny", "--init", tok_ckpt, "--steps", "1",

@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-import bench
 import data
 import tokenizer as T
-import vfm as V
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--vfm", "tiny", "--model", "tiny", "--size", "32", "--num-workers", "0", "--val-clips", "4",
@@ -24,7 +22,7 @@ TINY = ["--vfm", "tiny", "--model", "tiny", "--size", "32", "--num-workers", "0"
 
 @pytest.fixture(scope="module")
 def vfm():
-    return V.VFM("tiny")
+    return T.VFM("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +53,7 @@ def test_vfm_is_frozen_deterministic_and_checks_sizes(vfm, feats):
     assert not any(p.requires_grad for p in vfm.parameters())
     vfm.train()
     assert not vfm.model.training  # stays in eval mode: no RoPE jitter in the frozen backbone
-    assert torch.equal(V.VFM("tiny").model.embeddings.patch_embeddings.weight,
+    assert torch.equal(T.VFM("tiny").model.embeddings.patch_embeddings.weight,
                        vfm.model.embeddings.patch_embeddings.weight)  # every stage builds the same tiny VFM
     with pytest.raises(data.UserError, match="not divisible by the VFM patch size 16"):
         vfm(torch.zeros(1, 3, 30, 32, dtype=torch.uint8))
@@ -63,9 +61,9 @@ def test_vfm_is_frozen_deterministic_and_checks_sizes(vfm, feats):
 
 def test_missing_weights_error_says_how_to_fix():
     with pytest.raises(data.UserError, match="local Hugging Face cache|local copy"):
-        V.VFM(V.DINOV3_B16)  # offline in tests
+        T.VFM(T.DINOV3_B16)  # offline in tests
     with pytest.raises(data.UserError, match="config.json"):
-        V.VFM(ROOT + "/tests")  # a folder without a DINOv3 config
+        T.VFM(ROOT + "/tests")  # a folder without a DINOv3 config
 
 
 def test_decoder_is_identity_at_init(vfm, feats):
@@ -221,7 +219,7 @@ def test_released_layout_loads_strictly_and_wrong_shape_fails(tmp_path):
     path = tmp_path / "pytorch_model.bin"
     torch.save({"state_dict": state}, path)
     model, vfm_name = T.load_deltatok(str(path))
-    assert vfm_name == V.DINOV3_B16
+    assert vfm_name == T.DINOV3_B16
     loaded = model.state_dict()
     assert all((loaded[k] == v).all() for k, v in state.items())  # every weight from the file
     torch.save(dict(state, **{"xy_embed.weight": torch.zeros(3, 768)}), path)
@@ -262,7 +260,7 @@ def test_training_two_process_ddp_equals_one_process(tmp_path):
     _, err = two.communicate(timeout=600)
     assert two.returncode == 0, err
     w1, w2, w3 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tmp_path / "acc")
-    init = T.build_deltatok("tiny", V.VFM("tiny")).state_dict()
+    init = T.build_deltatok("tiny", T.VFM("tiny")).state_dict()
     assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train ...
     still = weights(tmp_path / "still")
     assert any(not torch.allclose(w1[k], still[k], atol=1e-6) for k in w1)  # ... with the jitter
@@ -370,7 +368,7 @@ def test_bench_flops_of_one_sample_scale_to_the_batch(vfm):
     def step(b):
         feats = vfm(frames[:b])
         F.mse_loss(tok(feats[:, 0], feats[:, 1]), feats[:, 1]).backward()
-    assert bench.count_flops(lambda: step(3)) == 3 * bench.count_flops(lambda: step(1)) > 0
+    assert data.count_flops(lambda: step(3)) == 3 * data.count_flops(lambda: step(1)) > 0
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
@@ -380,7 +378,7 @@ def test_compile_blocks_is_regional_and_equals_eager(backend, monkeypatch):
     state dict keys. aot_eager traces what inductor compiles, in seconds; inductor takes a minute on a CPU."""
     torch._dynamo.reset()
     monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend=backend))
-    vfm = V.VFM("tiny")  # not the module's fixture, which stays eager
+    vfm = T.VFM("tiny")  # not the module's fixture, which stays eager
     torch.manual_seed(0)
     tok = T.build_deltatok("tiny", vfm, "delta")
     frames = torch.randint(0, 256, (2, 2, 3, 32, 32), dtype=torch.uint8)
