@@ -107,6 +107,17 @@ def hub_hint(name, e, local):
                 f"online (`hf download {name}`), or pass {local}")
 
 
+def dinov2_positions(emb, embeddings, height, width):
+    """DINOv2's own position-embedding resize for its hub models without registers (vision_transformer.py): bicubic,
+    scale (grid + 0.1) / M, no antialias; Dinov2Model resizes to the grid (with registers, offset 0, both agree)."""
+    pos, M = emb.position_embeddings, math.isqrt(emb.position_embeddings.shape[1] - 1)
+    if embeddings.shape[1] - 1 == M * M and height == width:
+        return pos
+    scale = [(side // emb.patch_size + 0.1) / M for side in (height, width)]
+    grid = F.interpolate(pos[:, 1:].mT.unflatten(2, (M, M)).float(), scale_factor=scale, mode="bicubic")  # (1, C, h, w)
+    return torch.cat([pos[:, :1], grid.flatten(2).mT.to(pos.dtype)], 1)
+
+
 def feature_source(vfm, layers="", pca=""):
     """The string that checkpoints record as "vfm": the backbone, then "|layers=2,5,8,11" and "|pca=FILE" if given."""
     return vfm + (f"|layers={layers}" if layers else "") + (f"|pca={pca}" if pca else "")
@@ -122,6 +133,8 @@ class VFM(nn.Module):
         options = dict(o.partition("=")[::2] for o in options)
         self.model = load_backbone(backbone).requires_grad_(False).eval()
         cfg, layers = self.model.config, options.get("layers", "")
+        if cfg.model_type == "dinov2":  # without registers (dinov2_positions)
+            self.model.embeddings.interpolate_pos_encoding = functools.partial(dinov2_positions, self.model.embeddings)
         self.layers = [int(i) if i.isdigit() else cfg.num_hidden_layers for i in layers.split(",")] if layers else [-1]
         if max(self.layers) >= cfg.num_hidden_layers:
             raise data.UserError(f"--vfm-layers {layers}: want blocks of {backbone}, 0 to {cfg.num_hidden_layers - 1}")

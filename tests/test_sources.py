@@ -2,6 +2,7 @@
 DINO-Foresight's pickle), non-square frames and the two-crop protocol at H x W, and a tokenizer and predictor over
 them end to end, evaluated at that size."""
 import itertools
+import math
 import pickle
 import sys
 import types
@@ -36,6 +37,56 @@ def test_dinov2_features_equal_transformers_model_on_a_non_square_frame():
         want = model(pixel_values=x).last_hidden_state[:, 1 + 4:]  # class and 4 register tokens dropped
     assert vfm.patch_size == 14 and want.shape == (2, 2 * 4, 64)    # 28 x 56 px: 2 x 4 patches
     torch.testing.assert_close(vfm(FRAMES), want)
+
+
+def original_dinov2_tokens(emb, x, interpolate_offset, interpolate_antialias):
+    """DINOv2's own prepare_tokens_with_masks and interpolate_pos_encoding (facebookresearch/dinov2,
+    dinov2/models/vision_transformer.py) transcribed, over the weights of transformers' embeddings `emb`."""
+    B, nc, w, h = x.shape  # sic: its "w" is the height
+    x = emb.patch_embeddings(x)
+    x = torch.cat((emb.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    npatch, N = x.shape[1] - 1, emb.position_embeddings.shape[1] - 1
+    if npatch == N and w == h:
+        pos = emb.position_embeddings
+    else:
+        pos_embed = emb.position_embeddings.float()
+        class_pos_embed, patch_pos_embed = pos_embed[:, 0], pos_embed[:, 1:]
+        dim, w0, h0 = x.shape[-1], w // 14, h // 14
+        M = int(math.sqrt(N))
+        kwargs = {}
+        if interpolate_offset:
+            sx, sy = float(w0 + interpolate_offset) / M, float(h0 + interpolate_offset) / M
+            kwargs["scale_factor"] = (sx, sy)
+        else:
+            kwargs["size"] = (w0, h0)
+        patch_pos_embed = F.interpolate(patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic",
+                                        antialias=interpolate_antialias, **kwargs)
+        assert (w0, h0) == patch_pos_embed.shape[-2:]
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+        pos = torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1)
+    x = x + pos
+    if hasattr(emb, "register_tokens"):
+        x = torch.cat((x[:, :1], emb.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
+    return x
+
+
+def test_dinov2_features_equal_dinov2s_own_code_with_and_without_registers_at_any_size(monkeypatch):
+    """DINOv2's hubconf: without registers interpolate_offset 0.1, no antialias; with them 0.0, antialias."""
+    monkeypatch.setitem(T.VFM_PRESETS, "dinov2-noreg", dict(
+        model_type="dinov2", num_hidden_layers=2, patch_size=14, image_size=56, hidden_size=64, num_attention_heads=4,
+        intermediate_size=256))  # a 4 x 4 grid of position embeddings
+    mean, std = torch.tensor(T.IMAGENET_MEAN).view(3, 1, 1), torch.tensor(T.IMAGENET_STD).view(3, 1, 1)
+    for name, offset, antialias in (("dinov2-noreg", 0.1, False), ("dinov2-tiny", 0.0, True)):
+        vfm = T.VFM(name)
+        model = type(vfm.model)(vfm.model.config).eval()  # transformers' own, with vfm's weights
+        model.load_state_dict(vfm.model.state_dict())
+        for h, w in ((28, 56), (42, 28), (14, 28), (56, 56)):  # down- and upsampled grids, and the trained one
+            frames = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
+            with torch.no_grad():
+                x = original_dinov2_tokens(model.embeddings, (frames / 255 - mean) / std, offset, antialias)
+                for block in model.encoder.layer:
+                    x = block(x)
+            torch.testing.assert_close(vfm(frames), model.layernorm(x)[:, vfm.num_prefix:], msg=f"{name} {h}x{w}")
 
 
 def test_layers_concatenate_each_blocks_output_through_the_final_layernorm():
