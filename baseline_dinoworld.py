@@ -135,11 +135,12 @@ def main(args):
     master = rank == 0
     # what the user gave is checked on every rank before anything is built (flag ranges: get_parser)
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
-    ckpt = T.check_run(args, "dinoworld", [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init)])
+    ckpt = T.check_run(args, "dinoworld", [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init),
+                                           ("--pca", args.pca)])
     init = T.load_checkpoint(args.init, ("dinoworld",), "--init") if args.init else None
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
                              num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
-    vfm = T.VFM(args.vfm).to(device)
+    vfm = T.VFM(T.feature_source(args.vfm, args.vfm_layers, args.pca)).to(device)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     dw = build_dinoworld(args.model, vfm, args.bom, args.size).to(device)
     C, L = vfm.dim, args.num_frames - 1
@@ -218,9 +219,7 @@ def get_parser():
     p = argparse.ArgumentParser(description="Train the DINO-world baseline (appendix A recipe as defaults).",
                                 formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/dinoworld", help="run folder: ckpt.pt, log.jsonl")
-    p.add_argument("--vfm", default=T.DINOV3_B16,
-                   help=f"feature source (tokenizer.feature_source): a DINOv3 or DINOv2 hub id, local folder, or a "
-                   f"random preset {list(T.VFM_PRESETS)}, then optionally |layers=2,5,8,11|pca=FILE")
+    data.vfm_flags(p, T.DINOV3_B16, T.VFM_PRESETS)
     p.add_argument("--bom", type=data.at_least(0), default=0, help="best-of-many over K noise queries per frame "
                    "(generative variant; Table 2 step 1: 16); 0: discriminative, one learned query")
     p.add_argument("--init", default="", help="start from the weights of a checkpoint of this script, with a fresh "

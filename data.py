@@ -132,6 +132,14 @@ def clip_flags(p):
     p.add_argument("--stride", type=positive, nargs=2, default=[1 / 25, 1 / 3], help="frame-gap range in seconds")
 
 
+def vfm_flags(p, default, presets):
+    """The feature source's flags (tokenizer.VFM), shared by tokenizer.py, heads.py and baseline_dinoworld.py."""
+    p.add_argument("--vfm", default=default, help=f"DINOv3/DINOv2 hub id or folder, or a preset {list(presets)}")
+    p.add_argument("--vfm-layers", default="", help="concatenate these blocks' outputs, each through the final "
+                   "LayerNorm (Table D: 2,5,8,11); default: the last")
+    p.add_argument("--pca", default="", help="PCA file that projects the features (tokenizer.py --fit-pca)")
+
+
 def cpu_workers(most=8):
     """Loader processes per process: the cores it may use over torchrun's LOCAL_WORLD_SIZE, at most `most`."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS

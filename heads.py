@@ -3,7 +3,7 @@ Task heads on frozen VFM features, the labelled datasets they are trained and sc
 and the synthetic videos, in their on-disk layouts), and how their outputs are scored: the two-crop protocol and
 the dataset-wide metrics, used by eval.py and the head training below (SPEC section 5, appendix A and B).
 
-Training (our recipe; the paper gives none): frozen VFM features of random S x S crops of labelled train frames,
+Training (our recipe; the paper gives none): frozen VFM features of random --size crops of labelled train frames,
 labels sampled at the crop's pixels, losses in head_loss; AdamW, linear warm-up, cosine decay to 0 (with a constant
 rate the final head is as noisy as the last steps: 58 or 70 present mIoU on the synthetic videos by where it stops).
 
@@ -16,6 +16,9 @@ Run it:
   python heads.py --task depth --data kitti:/data/kitti --kitti-split eigen_train_files.txt --out runs/depth_kitti
   # 8 GPUs
   torchrun --standalone --nproc_per_node=8 heads.py --task seg --data cityscapes:/data/cityscapes --out runs/seg_cs
+  # Table D's features (README, "Other feature sources"): DINOv2 blocks and a PCA file, at 448 x 896
+  python heads.py --task seg --vfm facebook/dinov2-with-registers-base --vfm-layers 2,5,8,11 --pca runs/pca_1152.pt \
+      --size 448x896 --data cityscapes:/data/cityscapes --out runs/seg_dinof
 """
 import argparse
 import itertools
@@ -400,7 +403,7 @@ def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0, task=
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training data: random S x S crops of labelled frames, labels sampled at the crop's pixels
+# Training data: random S x S or H x W crops of labelled frames, labels sampled at the crop's pixels
 
 class _Batches(torch.utils.data.Dataset):
     """Item n: the batch of step n for this rank, a pure function of (seed, n, rank) (resumable, any workers)."""
@@ -414,10 +417,10 @@ class _Batches(torch.utils.data.Dataset):
         for j in range(self.batch_size):
             rng = np.random.default_rng([self.seed, n, self.rank, j])
             frame, label = self.source.labelled(int(rng.integers(len(self.source))))
-            x = resize_frames(frame[None], self.size)[0]  # (3, Hr, Wr)
-            top, left = (int(rng.integers(side - self.size + 1)) for side in x.shape[-2:])
-            frames.append(x[:, top:top + self.size, left:left + self.size])
-            at = lambda key: label_at(torch.as_tensor(label[key]), x.shape[-2:], top, left, self.size)  # (S, S)
+            x, (H, W) = resize_frames(frame[None], self.size)[0], crop_hw(self.size)  # (3, Hr, Wr)
+            top, left = (int(rng.integers(side - s + 1)) for side, s in zip(x.shape[-2:], (H, W)))
+            frames.append(x[:, top:top + H, left:left + W])
+            at = lambda key: label_at(torch.as_tensor(label[key]), x.shape[-2:], top, left, self.size)  # (H, W)
             targets.append(at("classes").long() if self.task == "seg" else at("depth"))
             valids.append(targets[-1] != IGNORE if self.task == "seg" else at("valid"))
         return torch.stack(frames), torch.stack(targets), torch.stack(valids)
@@ -450,11 +453,13 @@ def main(args):
     rank, world, device = T.setup_dist()
     master = rank == 0
     ckpt = T.check_run(args, f"{args.task}head", [("--data", args.data.partition(":")[2]), ("--kitti-split",
-                       args.kitti_split), ("--kitti-val-split", args.kitti_val_split), ("--kitti-raw", args.kitti_raw)])
+                       args.kitti_split), ("--kitti-val-split", args.kitti_val_split), ("--kitti-raw", args.kitti_raw),
+                       ("--pca", args.pca)])
     train = SyntheticSequences("train", args.seed, every_frame=True) if args.data == "synthetic" else \
         open_eval(args.data, "train", args.kitti_split, args.kitti_raw, task=args.task)
     val = open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw, args.seed)
-    vfm = T.VFM(args.vfm).to(device)
+    vfm = T.VFM(T.feature_source(args.vfm, args.vfm_layers, args.pca)).to(device)
+    vfm.check_size(*args.size)  # before the run folder is made
     torch.manual_seed(args.seed)
     head = (SegHead(vfm.dim, train.num_classes) if args.task == "seg" else DepthHead(vfm.dim)).to(device)
     opt = T.make_optimizer(head, args.lr, args.weight_decay, device)
@@ -497,7 +502,7 @@ def main(args):
                        "(two-crop protocol; eval.py's Present row scores its own --max-sequences): " +
                        "  ".join(f"{k} {v:.2f}" for k, v in result.items()))
         if T.stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
-            T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=head.head.out_channels, vfm=args.vfm,
+            T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=head.head.out_channels, vfm=vfm.name,
                                    size=args.size, data=args.data, model=head.state_dict(), optimizer=opt.state_dict(),
                                    step=step, args=vars(args)), ckpt_path, master)
     bar.close()
@@ -517,10 +522,9 @@ def get_parser():
                    "test list, splits/kitti_eigen_test.txt)")
     p.add_argument("--kitti-raw", default=None, help="root of the raw KITTI drives (default: the KITTI ROOT itself)")
     p.add_argument("--out", default="runs/head", help="run folder: ckpt.pt, log.jsonl")
-    p.add_argument("--vfm", default=T.DINOV3_B16, help="DINOv3 hub id, local folder or random preset "
-                   f"{list(T.VFM_PRESETS)}")
-    p.add_argument("--size", type=data.at_least(16, 16), default=512, help="crop side: the evaluation's S (512 main, "
-                   "256 ablations)")
+    data.vfm_flags(p, T.DINOV3_B16, T.VFM_PRESETS)
+    p.add_argument("--size", type=data.frame_size, default=(512, 512), help="crop size, S or HxW: the evaluation's "
+                   "(512 main, 256 ablations, 448x896 Table D)")
     p.add_argument("--steps", type=data.at_least(1), default=20_000)
     p.add_argument("--batch-size", type=data.at_least(1), default=16, help="crops per GPU per step")
     p.add_argument("--lr", type=data.positive, default=1e-3)

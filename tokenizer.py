@@ -160,9 +160,7 @@ class VFM(nn.Module):
     @torch.no_grad()
     def forward(self, frames):
         *lead, c, h, w = frames.shape
-        if h % self.patch_size or w % self.patch_size:
-            raise data.UserError(f"frame size {h}x{w} is not divisible by the VFM patch size {self.patch_size}: "
-                                 f"use --size a multiple of {self.patch_size}")
+        self.check_size(h, w)
         self.caught = []  # the hooked blocks' outputs, in block order
         self.model(pixel_values=(frames.reshape(-1, c, h, w).float() / 255 - self.mean) / self.std)
         caught, self.caught = dict(zip(sorted(set(self.layers)), self.caught)), None  # not kept past the call
@@ -171,6 +169,11 @@ class VFM(nn.Module):
         if self.pca_proj is not None:
             tokens = tokens @ self.pca_proj - self.pca_shift
         return tokens.reshape(*lead, tokens.shape[1], self.dim)  # (..., N, C)
+
+    def check_size(self, h, w):
+        if h % self.patch_size or w % self.patch_size:
+            raise data.UserError(f"frame size {h}x{w} is not divisible by the VFM patch size {self.patch_size}: "
+                                 f"use --size a multiple of {self.patch_size}")
 
     def black(self, size, device):
         """Features of an all-black (H, W) frame: the 'previous frame' of a clip's first frame (SPEC section 2)."""
@@ -788,11 +791,7 @@ def get_parser():
     p = argparse.ArgumentParser(description="Train DeltaTok (appendix A recipe as defaults).",
                                 formatter_class=data.HelpFormatter)
     p.add_argument("--out", default="runs/deltatok", help="run folder: ckpt.pt, log.jsonl")
-    p.add_argument("--vfm", default=DINOV3_B16, help=f"DINOv3/DINOv2 hub id or folder, or a preset "
-                   f"{list(VFM_PRESETS)}")
-    p.add_argument("--vfm-layers", default="", help="concatenate these blocks' outputs, each through the final "
-                   "LayerNorm (Table D: 2,5,8,11); default: the last")
-    p.add_argument("--pca", default="", help="PCA file that projects the features (see --fit-pca)")
+    data.vfm_flags(p, DINOV3_B16, VFM_PRESETS)
     p.add_argument("--model", default="base", choices=list(MODEL_PRESETS), help="tokenizer size / variant")
     p.add_argument("--mode", default="delta", choices=["delta", "frame"], help="delta tokens or frame tokens")
     p.add_argument("--init", default="", help="start from these DeltaTok weights (a tokenizer.py ckpt.pt or the "

@@ -3,6 +3,7 @@ DINO-Foresight's pickle), non-square frames and the two-crop protocol at H x W, 
 them end to end, evaluated at that size."""
 import itertools
 import math
+import os
 import pickle
 import sys
 import types
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from transformers import Dinov2WithRegistersModel
 
 import data
@@ -223,7 +225,9 @@ def test_size_flag_reads_square_and_h_by_w():
             data.frame_size(bad)
 
 
-def test_tokenizer_and_predictor_over_pca_features_at_28x56_reload_and_roll_out(tmp_path):
+def test_table_d_chain_from_one_set_of_flags_over_dinov2_layers_and_pca_at_28x56(tmp_path):
+    """Table D inside the project: DeltaTok over DINOv2 blocks + PCA, the discriminative predictor (--no-bom), a head
+    on the same features and eval.py, all at 28 x 56; each stage records one canonical feature source."""
     common = ["--vfm", "dinov2-tiny", "--vfm-layers", "1,3", "--size", "28x56", "--num-workers", "0", "--dtype",
               "fp32", "--batch-size", "4"]
     pca = str(tmp_path / "pca.pt")
@@ -234,11 +238,11 @@ def test_tokenizer_and_predictor_over_pca_features_at_28x56_reload_and_roll_out(
     tok, source = T.load_deltatok(tok_ckpt)
     vfm = T.VFM(source)
     assert tok.cfg.dim == vfm.dim == 32 and tok.cfg.aspect == 2 and source.startswith("dinov2-tiny|layers=1,3|pca=")
-    # the world model trains on the recorded source and rolls out 2 x 4 patch grids
+    # the discriminative world model trains on the recorded source and rolls out 2 x 4 patch grids
     P.main(P.get_parser().parse_args(
-        ["--size", "28x56", "--num-workers", "0", "--dtype", "fp32", "--batch-size", "4", "--tokenizer", tok_ckpt, "--model", "tiny", "--num-frames", "4", "--global-batch", "4",
-         "--steps", "2", "--warmup", "1", "--bom", "2", "--val-clips", "2", "--val-samples", "2",
-         "--out", str(tmp_path / "world")]))
+        ["--size", "28x56", "--num-workers", "0", "--dtype", "fp32", "--batch-size", "4", "--tokenizer", tok_ckpt,
+         "--no-bom", "--model", "tiny", "--num-frames", "4", "--global-batch", "4", "--steps", "2", "--warmup", "1",
+         "--val-clips", "2", "--val-samples", "2", "--out", str(tmp_path / "world")]))
     world_ckpt = str(tmp_path / "world" / "ckpt.pt")
     world = P.load_deltaworld(world_ckpt)
     feats = world.vfm(FRAMES[None].expand(1, 2, 3, 28, 56))  # (1, 2, 8, 32)
@@ -261,11 +265,17 @@ def test_tokenizer_and_predictor_over_pca_features_at_28x56_reload_and_roll_out(
     want = tok.tokenize(vfm(frames)[None], vfm.black((28, 56), "cpu"))[0]
     assert shard["video"] == [0] and torch.equal(shard["times"][0], torch.tensor(np.arange(10) / 10))
     torch.testing.assert_close(shard["tokens"][0], want)
+    # README's decode of an exported token: token t against frame t - 1's features is the tokenizer's reconstruction
+    prev = vfm(frames[2:3])  # (1, N, C)
+    torch.testing.assert_close(tok.decode(shard["tokens"][0][3].view(1, 1, -1), prev), tok(prev, vfm(frames[3:4])))
     # eval.py at 28x56 (the synthetic frames are square: two 28 x 56 crops, top and bottom), with a head on these
     # features: its predictions saved and scored from the file give its own scores; the video forecast; another
     # aspect than the model's is refused
-    head = tmp_path / "seg.pt"
-    torch.save(dict(kind="seghead", vfm=source, model=H.SegHead(vfm.dim, 4).state_dict()), head)
+    # the head, from the same flags (the PCA file given by a relative path): the tokenizer's canonical source recorded
+    H.main(H.get_parser().parse_args([*common, "--pca", os.path.relpath(pca), "--task", "seg", "--steps", "2",
+                                      "--val-sequences", "1", "--out", str(tmp_path / "seg")]))
+    head = tmp_path / "seg" / "ckpt.pt"
+    assert T.load_checkpoint(head)["vfm"] == source
     run = lambda *more: E.main(E.get_parser().parse_args(["--heads", str(head), "--size", "28x56", "--samples", "2",
                                                           "--max-sequences", "2", "--num-workers", "0", "--dtype",
                                                           "fp32", *map(str, more)]))
@@ -280,6 +290,18 @@ def test_tokenizer_and_predictor_over_pca_features_at_28x56_reload_and_roll_out(
     assert (tmp_path / "v" / "video_deltaworld_rollout.gif").exists()
     with pytest.raises(data.UserError, match="width / height 2, --size 28x28 is not"):
         run("--ckpt", world_ckpt, "--size", "28", "--out", tmp_path / "e3")
+
+
+def test_export_resizes_frames_as_dino_foresight_does():
+    """DINO-Foresight resizes PIL images with torchvision's Resize, i.e. PIL's Image.resize((W, H), Image.BILINEAR);
+    the export's antialiased bilinear resize of uint8 frames gives the same levels on Cityscapes' 1024 x 2048 ->
+    448 x 896, and differs by at most one level (of 255) elsewhere, here on noise, where rounding differs most."""
+    rng = np.random.default_rng(0)
+    for (h, w), size in (((1024, 2048), (448, 896)), ((720, 1280), (448, 896)), ((200, 400), (28, 56))):
+        frame = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        ours = F.interpolate(torch.from_numpy(frame).permute(2, 0, 1)[None], size, mode="bilinear", antialias=True)
+        pil = np.asarray(Image.fromarray(frame).resize(size[::-1], Image.BILINEAR))
+        assert np.abs(ours[0].permute(1, 2, 0).numpy().astype(int) - pil).max() == (0 if h == 1024 else 1)
 
 
 def test_two_crop_protocol_at_h_by_w_scores_each_label_pixel_once_from_its_crop():
