@@ -108,8 +108,8 @@ def hub_hint(name, e, local):
 
 
 def dinov2_positions(emb, embeddings, height, width):
-    """DINOv2's own position-embedding resize for its hub models without registers (vision_transformer.py): bicubic,
-    scale (grid + 0.1) / M, no antialias; Dinov2Model resizes to the grid (with registers, offset 0, both agree)."""
+    """DINOv2's own position-embedding resize for its hub models without registers (vision_transformer.py): bicubic
+    by (grid + 0.1) / M, no antialias; transformers' Dinov2Model resizes to the grid, as both do with registers."""
     pos, M = emb.position_embeddings, math.isqrt(emb.position_embeddings.shape[1] - 1)
     if embeddings.shape[1] - 1 == M * M and height == width:
         return pos
@@ -133,7 +133,7 @@ class VFM(nn.Module):
         options = dict(o.partition("=")[::2] for o in options)
         self.model = load_backbone(backbone).requires_grad_(False).eval()
         cfg, layers = self.model.config, options.get("layers", "")
-        if cfg.model_type == "dinov2":  # without registers (dinov2_positions)
+        if cfg.model_type == "dinov2":  # without registers: resized as DINOv2's own code does (dinov2_positions)
             self.model.embeddings.interpolate_pos_encoding = functools.partial(dinov2_positions, self.model.embeddings)
         self.layers = [int(i) if i.isdigit() else cfg.num_hidden_layers for i in layers.split(",")] if layers else [-1]
         if max(self.layers) >= cfg.num_hidden_layers:

@@ -152,6 +152,7 @@ CASES = [  # script, arguments, what the one line must name
     ("heads", ["--task", "seg", "--data", "kitti:{dir}"], "kitti has depth labels, not seg"),
     ("heads", ["--task", "depth", "--data", "kitti:{dir}", "--kitti-split", "{missing}"], "--kitti-split {missing}"),
     ("heads", ["--task", "seg", "--out", "{tokrun}"], "--out {tokrun} holds a deltatok checkpoint"),
+    ("heads", ["--task", "seg", "--size", "28x56"], "frame size 28x56 is not divisible by the VFM patch size 16"),
     ("eval", ["--ckpt", "{tiny_tok}", "--out", "{tokrun}"], "--out {tokrun} holds a deltatok checkpoint"),
     ("eval", ["--ckpt", "{tiny_tok}", "--heads", "cityscapes={missing}"], "--heads {missing} does not exist"),
     ("eval", ["--ckpt", "{tiny_tok}", "--rgb-head", "{missing}"], "--rgb-head {missing} does not exist"),
