@@ -18,7 +18,7 @@ Run it:
   # Table D's features: DINOv2 blocks 2, 5, 8, 11 and a PCA file of them, fitted here or DINO-Foresight's converted
   python tokenizer.py --vfm facebook/dinov2-with-registers-base --vfm-layers 2,5,8,11 --size 448x896 \
       --data /data/bdd100k --fit-pca 1152 200 --pca runs/pca_1152.pt
-  python tokenizer.py --convert-pca dino_foresight_pca.pkl --pca runs/pca_1152.pt --trust-pickle
+  python tokenizer.py --convert-pca "dinov2_pca_448_l[2_5_8_11]_1152.pth" --pca runs/pca_1152.pt
 """
 import argparse
 import atexit
@@ -37,6 +37,7 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -136,8 +137,8 @@ class VFM(nn.Module):
         if cfg.model_type == "dinov2":  # without registers: resized as DINOv2's own code does (dinov2_positions)
             self.model.embeddings.interpolate_pos_encoding = functools.partial(dinov2_positions, self.model.embeddings)
         self.layers = [int(i) if i.isdigit() else cfg.num_hidden_layers for i in layers.split(",")] if layers else [-1]
-        if max(self.layers) >= cfg.num_hidden_layers:
-            raise data.UserError(f"--vfm-layers {layers}: want blocks of {backbone}, 0 to {cfg.num_hidden_layers - 1}")
+        if max(self.layers) >= cfg.num_hidden_layers or len(set(self.layers)) < len(self.layers):
+            raise data.UserError(f"--vfm-layers {layers}: want distinct blocks, 0 to {cfg.num_hidden_layers - 1}")
         blocks = next(m for m in self.model.modules() if isinstance(m, nn.ModuleList))
         for i in sorted(set(self.layers)):  # not output_hidden_states: its hooks break each compiled block in 3 graphs
             blocks[i].register_forward_hook(lambda block, args, out: self.caught.append(out))
@@ -200,7 +201,7 @@ def load_pca(spec, width):
 
 def fit_pca(batches, k):
     """A PCA file from feature batches (..., C), as DINO-Foresight's pca.py fits one with sklearn: each dimension
-    standardised, then the k leading principal components, largest variance first (a float64 covariance, summed)."""
+    standardised, then the k leading principal components, largest variance first (variance over n - 1, as sklearn)."""
     n = total = products = 0
     for x in batches:
         x = x.double().flatten(0, -2)
@@ -208,29 +209,43 @@ def fit_pca(batches, k):
     mean = total / n
     cov = products / n - mean[:, None] * mean
     std = cov.diagonal().clamp_min(1e-12).sqrt()
-    variance, vectors = torch.linalg.eigh(cov / std[:, None] / std)  # ascending
+    variance, vectors = torch.linalg.eigh(cov / std[:, None] / std * n / (n - 1))  # ascending
     return dict(mean=mean.float(), std=std.float(), pca_mean=torch.zeros(len(mean)),
                 components=vectors.flip(-1)[:, :k].T.float().contiguous(), variance=variance.flip(-1)[:k].float())
 
 
-def convert_pca(src, dst):
-    """DINO-Foresight's PCA pickle {"pca_model": sklearn PCA, "mean", "std"} -> load_pca's file at dst.
-    Unpickling runs what the file names: only numpy's and torch's classes pass (never torch.load's full unpickler)."""
-    class Restricted(pickle.Unpickler):
+def convert_pca(src):
+    """DINO-Foresight's PCA file {"pca_model": sklearn PCA, "mean", "std": numpy arrays}: torch.save's zip as its pca.py
+    writes it, torch.save's old format or a pickle -> fit_pca's dict, through an exact allow-list: nothing else runs."""
+    a = np.zeros(1)  # numpy's reducers of arrays, scalars and protocol 5's arrays, at numpy 1.x's and 2.x's paths
+    named = {(f"numpy.{core}.{f.__module__.split('.')[-1]}", f.__name__): functools.partial(f)  # BUILD alters a copy
+             for core in ("core", "_core") for f in (a.__reduce__()[0], a[0].__reduce__()[0], a.__reduce_ex__(5)[0])}
+    named |= {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): str.encode,
+              ("sklearn.decomposition._pca", "PCA"): type("PCA", (), {})}  # bytes (protocol 2); PCA: its attributes
+    class Restricted(pickle.Unpickler):  # persistent ids (tensors) pickle refuses by itself
         def find_class(self, module, name):
-            if module.startswith("sklearn.decomposition") and name == "PCA":
-                return type(name, (), {})  # a bare object keeps its attributes: no sklearn needed
-            if module.split(".")[0] in ("numpy", "torch", "collections", "_codecs"):
-                return super().find_class(module, name)
-            raise data.UserError(f"--convert-pca {src} names {module}.{name}, which a PCA file does not need")
-    if zipfile.is_zipfile(src):
-        raise data.UserError(f"--convert-pca {src} is a torch.save file, not DINO-Foresight's pickle (pickle.dump)")
-    with open(src, "rb") as f:
-        p = Restricted(f).load()
-    t, pca = lambda v: torch.as_tensor(v, dtype=torch.float32), p["pca_model"].__dict__
-    torch.save(dict(mean=t(p["mean"]).flatten(), std=t(p["std"]).flatten(), pca_mean=t(pca["mean_"]),
-                    components=t(pca["components_"]), variance=t(pca["explained_variance_"])), dst + ".tmp")
-    os.replace(dst + ".tmp", dst)  # write, then rename: never half a file
+            if (module, name) not in named:
+                raise pickle.UnpicklingError(f"it names {module}.{name}, which a PCA file does not need")
+            return named[module, name]
+    try:
+        with open(src, "rb") as f:
+            if zipfile.is_zipfile(src):  # torch.save's: its one pickle
+                f, = [z.open(n) for z in [zipfile.ZipFile(f)] for n in z.namelist() if n.split("/")[1:] == ["data.pkl"]]
+            p = Restricted(f).load()
+            if p == 0x1950a86a20f9469cfc6c:  # torch.save's old format: this magic number, version, system, the object
+                p = [Restricted(f).load() for _ in range(3)][-1]
+        t, pca = lambda v: torch.as_tensor(v, dtype=torch.float32), p["pca_model"].__dict__
+        return dict(mean=t(p["mean"]).flatten(), std=t(p["std"]).flatten(), pca_mean=t(pca["mean_"]),
+                    components=t(pca["components_"]), variance=t(pca["explained_variance_"]))
+    except Exception as e:
+        raise data.UserError(f"--convert-pca {src}: not DINO-Foresight's PCA ({type(e).__name__}: {e})".splitlines()[0])
+
+
+def save_pca(pca, path, master=True):  # fit_pca's or convert_pca's, its folder made; rank 0 says what it wrote
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_checkpoint(pca, path, master)
+    if master:
+        print(f"wrote {path}: a PCA of {pca['components'].shape[1]}-d features to {len(pca['components'])} components")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -677,29 +692,30 @@ def reconstruction_check(tok, vfm, clips, device, dtype, batch_size=16):
 
 
 def main(args):
-    if args.convert_pca:  # DINO-Foresight's PCA file; unpickling can run code: only on the user's word
-        if not (args.trust_pickle and args.pca):
-            raise data.UserError("--convert-pca unpickles the file, which can run code: add --trust-pickle if you "
-                                 "trust it, and name the file to write with --pca")
+    if (args.fit_pca or args.convert_pca) and (not args.pca or os.path.lexists(args.pca)):  # never over another file
+        raise data.UserError(f"--pca {args.pca} exists (runs record a PCA file by its SHA-256): give a new name, or "
+                             "remove it yourself" if args.pca else "--fit-pca and --convert-pca write --pca: give one")
+    if args.convert_pca:  # DINO-Foresight's PCA file, read through an allow-list: nothing in it runs
         data.check_paths([("--convert-pca", args.convert_pca)], write=[("--pca", os.path.dirname(args.pca) or ".")])
-        return convert_pca(args.convert_pca, args.pca)
+        return save_pca(convert_pca(args.convert_pca), args.pca)
     rank, world, device = setup_dist()
     master = rank == 0
     # what the user gave is checked on every rank before anything is built (flag ranges: get_parser)
-    if args.fit_pca and not args.pca:
-        raise data.UserError("--fit-pca writes to the file --pca: give one")
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world)
     read = [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init), ("--pca", args.pca)]
     ckpt = check_run(args, "deltatok", read[:3 if args.fit_pca else 4],  # --fit-pca writes --pca, in its folder
                      [("--pca", os.path.dirname(os.path.abspath(args.pca)))] * bool(args.fit_pca))
     init = load_checkpoint(args.init, ("deltatok",), "--init") if args.init else None
+    vfm = VFM(feature_source(args.vfm, args.vfm_layers, "" if args.fit_pca else args.pca)).to(device)
+    if args.fit_pca and (args.fit_pca[0] > vfm.dim or args.fit_pca[0] % (vfm.dim // vfm.heads)):  # before any fit
+        raise data.UserError(f"--fit-pca {args.fit_pca[0]}: want at most the features' {vfm.dim} components, a "
+                             f"multiple of the head width {vfm.dim // vfm.heads}")
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args), num_frames=2,
                              size=args.size, stride=tuple(args.stride), seed=args.seed)
-    vfm = VFM(feature_source(args.vfm, args.vfm_layers, "" if args.fit_pca else args.pca)).to(device)
     if args.fit_pca:  # over all patches of N batches of training clips (2 frames each)
         loader = data.make_loader(train, args.batch_size, num_workers=args.num_workers)
         feats = (vfm(next(loader)["frames"].to(device)) for _ in tqdm(range(args.fit_pca[1]), "fit PCA"))
-        return save_checkpoint(fit_pca(feats, args.fit_pca[0]), args.pca, master)
+        return save_pca(fit_pca(feats, args.fit_pca[0]), args.pca, master)
     if init and (trained := init.get("vfm", DINOV3_B16)) != vfm.name:  # released files: DINOv3 ViT-B/16
         raise data.UserError(f"--init {args.init} was trained on the features {trained}, not {vfm.name}")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -810,8 +826,7 @@ def get_parser():
     p.add_argument("--bench", type=data.at_least(0), default=0, help="time N training steps on random frames and exit")
     p.add_argument("--fit-pca", type=data.at_least(1), nargs=2, metavar=("K", "N"), help="fit a K-component PCA of "
                    "the features of N batches of training clips, write it to --pca and exit")
-    p.add_argument("--convert-pca", metavar="PICKLE", help="convert DINO-Foresight's PCA pickle to a --pca file, exit")
-    p.add_argument("--trust-pickle", action="store_true", help="--convert-pca: let it unpickle the file")
+    p.add_argument("--convert-pca", metavar="FILE", help="convert DINO-Foresight's PCA .pth to a --pca file, exit")
     data.clip_flags(p)
     data.run_flags(p, workers=8, eval_every=1000)
     return p

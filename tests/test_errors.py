@@ -159,6 +159,17 @@ CASES = [  # script, arguments, what the one line must name
     ("eval", ["--ckpt", "{tiny_tok}", "--data", "synthetic", "kitti:{dir}", "--kitti-split", "{missing}"],
      "--kitti-split {missing} does not exist"),
     ("data", ["--prepare", "{frames}", "{dir}/copy", "--short-side", "1"], "--short-side"),
+    # round 3 (issue 26): a PCA file goes to a new name (runs record it by SHA-256), checked before the index or a fit
+    ("tokenizer", ["--fit-pca", "16", "1", "--pca", "{tokrun}/ckpt.pt"], "--pca {tokrun}/ckpt.pt exists"),
+    ("tokenizer", ["--convert-pca", "{notes}", "--pca", "{deltatok}"], "--pca {deltatok} exists"),
+    ("tokenizer", ["--fit-pca", "16", "1"], "--fit-pca and --convert-pca write --pca: give one"),
+    ("tokenizer", ["--fit-pca", "80", "1", "--data", "{frames}", "--pca", "{dir}/new/pca.pt"], "--fit-pca 80: want at "
+     "most the features' 64 components"),
+    ("tokenizer", ["--fit-pca", "24", "1", "--data", "{frames}", "--pca", "{dir}/new/pca.pt"], "multiple of the head "
+     "width 16"),
+    ("tokenizer", ["--vfm-layers", "1,1", "--data", "{frames}"], "--vfm-layers 1,1: want distinct blocks, 0 to 1"),
+    ("tokenizer", ["--convert-pca", "{notes}", "--pca", "{dir}/new/pca.pt"], "--convert-pca {notes}: not "
+     "DINO-Foresight's PCA"),
 ]
 
 
@@ -178,25 +189,31 @@ def test_a_bad_input_is_one_line_exit_2_and_nothing_written(script, args, named,
 
 @pytest.fixture(scope="module")
 def command_lines(tmp_path_factory):
-    """tokenizer.py in its own interpreter, as a user runs it: with a path that is not there, and with data that the
-    loader's worker rejects (the only video is too short for any clip). Both start at once (one core each)."""
+    """tokenizer.py in its own interpreter, as a user runs it: converting a PCA file that would run `touch marker` (a
+    dotted name through numpy, as pickle protocol 4 resolves it), and with data that the loader's worker rejects (the
+    only video is too short for any clip). Both start at once (one core each)."""
     from PIL import Image
     d = tmp_path_factory.mktemp("cli")
     (d / "videos" / "v").mkdir(parents=True)
     for name in ("0.000.png", "0.010.png"):
         Image.new("RGB", (40, 40)).save(d / "videos" / "v" / name)
-    runs = {"path": ["--init", "nowhere.pt"], "data": [*TINY, "--model", "tiny", "--data", d / "videos", "--val-data",
-                                                        "synthetic", "--num-workers", "1", "--out", d / "run"]}
+    touch = f"touch {d / 'marker'}".encode()
+    (d / "evil.pth").write_bytes(b"\x80\x04\x8c\x05numpy\x8c\x0ef2py.os.system\x93\x8c%c%s\x85R." % (len(touch), touch))
+    runs = {"pickle": ["--convert-pca", d / "evil.pth", "--pca", d / "pca" / "pca.pt"], "data": [
+        *TINY, "--model", "tiny", "--data", d / "videos", "--val-data", "synthetic", "--num-workers", "1", "--out",
+        d / "run"]}
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     procs = {k: subprocess.Popen([sys.executable, "tokenizer.py", *map(str, args)], cwd=ROOT, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k, args in runs.items()}
     return {k: (p.communicate(timeout=300)[1], p.returncode) for k, p in procs.items()} | {"run": d / "run"}
 
 
-def test_the_command_line_prints_no_traceback(command_lines):
-    err, status = command_lines["path"]
-    assert status == 2 and err == "tokenizer.py: error: --init nowhere.pt does not exist (or cannot be read): check " \
-        "the path\n", err
+def test_the_command_line_prints_no_traceback_and_a_crafted_pca_file_runs_nothing(command_lines):
+    err, status = command_lines["pickle"]
+    d = command_lines["run"].parent
+    assert status == 2 and err == f"tokenizer.py: error: --convert-pca {d}/evil.pth: not DINO-Foresight's PCA " \
+        "(UnpicklingError: it names numpy.f2py.os.system, which a PCA file does not need)\n", err
+    assert not (d / "marker").exists() and not (d / "pca").exists()
 
 
 def test_resume_with_other_flags_is_refused_unless_allowed(tmp_path, monkeypatch, capsys):

@@ -7,6 +7,7 @@ import os
 import pickle
 import sys
 import types
+import zipfile
 
 import numpy as np
 import pytest
@@ -105,7 +106,7 @@ def test_layers_concatenate_each_blocks_output_through_the_final_layernorm():
 
 
 def test_bad_layers_are_a_user_error():
-    for layers in ("1,4", "a", "1,,2"):
+    for layers in ("1,4", "a", "1,,2", "1,1"):
         with pytest.raises(data.UserError, match="--vfm-layers"):
             T.VFM(f"dinov2-tiny|layers={layers}")
 
@@ -124,8 +125,9 @@ def test_fit_pca_orders_variance_and_gives_orthonormal_components_of_the_standar
     torch.testing.assert_close(pca["components"] @ pca["components"].T, torch.eye(5), atol=1e-5, rtol=0)
     torch.testing.assert_close(pca["mean"], x.mean(0).float())
     proj = z @ pca["components"].double().T  # the variance along each component is the one reported, uncorrelated
-    torch.testing.assert_close(proj.T @ proj / len(x), torch.diag(pca["variance"]).double(), atol=1e-4, rtol=1e-4)
-    top = torch.linalg.eigvalsh(z.T @ z / len(x)).flip(0)[:5]
+    torch.testing.assert_close(proj.T @ proj / (len(x) - 1), torch.diag(pca["variance"]).double(), atol=1e-4, rtol=1e-4)
+    # sklearn's explained_variance_: the squared singular values of the centred data over n - 1, as converted files
+    top = torch.linalg.svdvals(z)[:5] ** 2 / (len(x) - 1)
     torch.testing.assert_close(pca["variance"].double(), top, atol=1e-5, rtol=1e-5)
 
 
@@ -146,8 +148,9 @@ def test_vfm_projects_by_the_pca_file_as_written_out(tmp_path):
         T.VFM(vfm.name)
 
 
-def test_dino_foresight_pickle_converts_without_sklearn(tmp_path, monkeypatch):
-    """A hand-made stand-in of DINO-Foresight's pickle: a class that pickles as sklearn.decomposition._pca.PCA."""
+def foresight_pca(monkeypatch, c=64, k=16):
+    """What DINO-Foresight's pca.py saves, {"pca_model": sklearn PCA, "mean", "std": numpy arrays}, with a stand-in
+    that pickles as sklearn.decomposition._pca.PCA (registered under that path for pickle; no sklearn needed)."""
     class PCA:
         pass
     PCA.__module__, PCA.__qualname__ = "sklearn.decomposition._pca", "PCA"
@@ -155,31 +158,102 @@ def test_dino_foresight_pickle_converts_without_sklearn(tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     sys.modules["sklearn.decomposition._pca"].PCA = PCA
     rng = np.random.default_rng(0)
-    model = PCA()
-    model.components_, model.mean_ = rng.standard_normal((16, 64)), rng.standard_normal(64)
-    model.explained_variance_, model.n_components = np.arange(16.0, 0, -1), 16
-    mean, std = torch.randn(1, 64), torch.rand(1, 64) + 0.5
-    # DINO-Foresight's pca.py writes a plain pickle
-    with open(tmp_path / "pca.pkl", "wb") as f:
-        pickle.dump(dict(pca_model=model, mean=mean, std=std), f)
-    monkeypatch.delitem(sys.modules, "sklearn.decomposition._pca")  # reading it needs no sklearn
-    T.convert_pca(str(tmp_path / "pca.pkl"), str(tmp_path / "pca.pt"))
-    proj, shift, _ = T.load_pca(str(tmp_path / "pca.pt"), 64)
-    x = torch.randn(5, 64)
-    want = ((x - mean) / std - torch.tensor(model.mean_, dtype=torch.float32)) @ \
-        torch.tensor(model.components_, dtype=torch.float32).T
-    torch.testing.assert_close(x @ proj - shift, want, atol=1e-4, rtol=1e-4)
+    model = PCA()  # a fitted sklearn PCA's attributes, numpy scalars included
+    model.__dict__.update(n_components=k, whiten=False, svd_solver="auto", random_state=None, n_features_in_=c,
+                          _fit_svd_solver="randomized", mean_=rng.standard_normal(c).astype(np.float32),
+                          components_=rng.standard_normal((k, c)).astype(np.float32), n_components_=k,
+                          explained_variance_=np.arange(k, 0.0, -1), noise_variance_=np.float64(0.5),
+                          n_samples_=np.int64(1000), _sklearn_version="1.9.1")
+    mean, std = rng.standard_normal(c).astype(np.float32), rng.random(c).astype(np.float32) + 0.5
+    return dict(pca_model=model, mean=mean, std=std)
 
-    class Evil:
-        def __reduce__(self):
-            return (print, ("ran",))
-    with open(tmp_path / "evil.pkl", "wb") as f:
-        pickle.dump(dict(pca_model=Evil()), f)
-    with pytest.raises(data.UserError, match="builtins.print"):
-        T.convert_pca(str(tmp_path / "evil.pkl"), str(tmp_path / "out.pt"))
-    torch.save(dict(pca_model={}), tmp_path / "zip.pt")  # torch.load would need its unsafe unpickler: refused
-    with pytest.raises(data.UserError, match="torch.save file"):
-        T.convert_pca(str(tmp_path / "zip.pt"), str(tmp_path / "out.pt"))
+
+def numpy1(path):
+    """The torch.save zip at `path` as numpy 1.x writes it: its pickle names numpy.core, not numpy._core."""
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    assert any(b"numpy._core.multiarray\n_reconstruct" in v for v in entries.values())  # protocol 2's GLOBAL
+    with zipfile.ZipFile(path, "w") as z:
+        for n, v in entries.items():
+            z.writestr(n, v.replace(b"numpy._core.", b"numpy.core.") if n.endswith("/data.pkl") else v)
+
+
+def test_dino_foresight_pca_files_convert_as_its_pca_transform_projects(tmp_path, monkeypatch, capsys):
+    """DINO-Foresight's pca.py saves with torch.save (a zip); its old format, plain pickles and numpy 1.x's paths
+    read the same. The converted file projects as dino_f.py's pca_transform, ((x - mean) / std - mean_) @ components_.T,
+    and keeps sklearn's explained variance."""
+    p = foresight_pca(monkeypatch)
+    x = torch.randn(5, 64)
+    want = torch.from_numpy(((x.numpy() - p["mean"]) / p["std"] - p["pca_model"].mean_) @ p["pca_model"].components_.T)
+    files = {"dinov2_pca_448_l[2_5_8_11]_1152.pth": lambda f: torch.save(p, f),  # the released file's name
+             "numpy1.pth": lambda f: (torch.save(p, f), numpy1(f)),
+             "old.pth": lambda f: torch.save(p, f, _use_new_zipfile_serialization=False)}
+    for protocol in (2, 4, 5):
+        files[f"{protocol}.pkl"] = lambda f, protocol=protocol: f.write_bytes(pickle.dumps(p, protocol))
+    for name, write in files.items():
+        write(tmp_path / name)
+    monkeypatch.delitem(sys.modules, "sklearn.decomposition._pca")  # reading needs no sklearn
+    for name in files:
+        torch.save(T.convert_pca(str(tmp_path / name)), tmp_path / "pca.pt")
+        proj, shift, _ = T.load_pca(str(tmp_path / "pca.pt"), 64)
+        torch.testing.assert_close(x @ proj - shift, want, atol=1e-4, rtol=1e-4, msg=name)
+        assert torch.equal(torch.load(tmp_path / "pca.pt")["variance"], torch.arange(16, 0.0, -1)), name
+    out = tmp_path / "new" / "pca.pt"  # the command line: a new file, its folder made, said in one line
+    T.main(T.get_parser().parse_args(["--convert-pca", str(tmp_path / next(iter(files))), "--pca", str(out)]))
+    assert capsys.readouterr().out == f"wrote {out}: a PCA of 64-d features to 16 components\n"
+    assert torch.equal(T.load_pca(str(out), 64)[0], proj)
+
+
+class Call:
+    """A pickled call f(*args) (pickle's __reduce__)."""
+
+    def __init__(self, f, *args):
+        self.f, self.args = f, args
+
+    def __reduce__(self):
+        return self.f, self.args
+
+
+def stack_global(module, name, arg):
+    """Pickle protocol 4: module.name(arg), the name resolved (dots and all) by pickle's STACK_GLOBAL."""
+    text = lambda s: b"\x8c" + bytes([len(s.encode())]) + s.encode()
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."
+
+
+def test_a_crafted_pca_file_runs_nothing_and_is_one_line(tmp_path, monkeypatch):
+    """Files that run `touch marker` under pickle.load (checked), and dotted names through every module the allow-list
+    knows: convert_pca refuses each in one line naming what it names, and nothing runs. Live: dotted names through
+    numpy and torch (the old list's hole), __reduce__ to os.system / subprocess / eval / exec, a getattr chain."""
+    import os
+    import subprocess
+    foresight_pca(monkeypatch)  # the stand-in PCA class registered, as when sklearn is installed
+    marker = tmp_path / "marker"
+    touch = f"touch {marker}"
+    live = {f"{m}.{n}": stack_global(m, n, touch) for m, n in [("numpy", "f2py.os.system"), ("torch", "os.system")]}
+    live |= {f"{f.__name__}, protocol {protocol}": pickle.dumps(dict(pca_model=Call(f, *args)), protocol)
+             for protocol in (2, 4) for f, args in [(os.system, [touch]), (subprocess.call, [["touch", str(marker)]]),
+                                                    (eval, [f"__import__('os').system({touch!r})"]),
+                                                    (exec, [f"import os; os.system({touch!r})"])]}
+    live["getattr chain"] = b"cbuiltins\ngetattr\n(cbuiltins\n__import__\n(Vos\ntRVsystem\ntR(V%s\ntR." % touch.encode()
+    dotted = [stack_global(m, n, touch) for m, n in [
+        ("numpy", "ndarray.__class__"), ("numpy._core.multiarray", "_reconstruct.__self__"),
+        ("numpy.core.multiarray", "scalar.__self__"), ("numpy._core.numeric", "_frombuffer.__call__"),
+        ("numpy.core.numeric", "_frombuffer.__call__"), ("_codecs", "encode.__self__"),
+        ("sklearn.decomposition._pca", "PCA.__init__")]]
+    for name, payload in [*live.items(), *zip(itertools.repeat("dotted"), dotted)]:
+        if name != "dotted":
+            pickle.loads(payload)  # the file is live: it runs the command under pickle ...
+            assert marker.exists(), name
+            marker.unlink()
+        (tmp_path / "evil.pkl").write_bytes(payload)
+        with pytest.raises(data.UserError) as e:  # ... and not under convert_pca
+            T.convert_pca(str(tmp_path / "evil.pkl"))
+        assert not marker.exists() and "\n" not in str(e.value) and "which a PCA file does not need" in str(e.value)
+    torch.save(dict(pca_model={}, mean=torch.zeros(2)), tmp_path / "tensors.pt")  # tensors: torch's globals, and
+    (tmp_path / "persistent.pkl").write_bytes(b"\x80\x02X\x01\x00\x00\x000Q.")  # their storages' persistent ids
+    for name, named in (("tensors.pt", "torch._utils._rebuild_tensor_v2"), ("persistent.pkl", "persistent id")):
+        with pytest.raises(data.UserError, match=f"{name}: not DINO-Foresight's PCA .*{named}"):
+            T.convert_pca(str(tmp_path / name))
 
 
 def test_non_square_rope_equals_dinov3s_on_an_h_by_w_image():
@@ -230,7 +304,7 @@ def test_table_d_chain_from_one_set_of_flags_over_dinov2_layers_and_pca_at_28x56
     on the same features and eval.py, all at 28 x 56; each stage records one canonical feature source."""
     common = ["--vfm", "dinov2-tiny", "--vfm-layers", "1,3", "--size", "28x56", "--num-workers", "0", "--dtype",
               "fp32", "--batch-size", "4"]
-    pca = str(tmp_path / "pca.pt")
+    pca = str(tmp_path / "pcas" / "pca.pt")  # its folder is made
     T.main(T.get_parser().parse_args([*common, "--fit-pca", "32", "3", "--pca", pca]))
     T.main(T.get_parser().parse_args([*common, "--pca", pca, "--model", "tiny", "--global-batch", "4", "--steps", "3",
                                       "--warmup", "1", "--val-clips", "2", "--out", str(tmp_path / "tok")]))
@@ -334,13 +408,6 @@ def test_two_crop_protocol_at_h_by_w_scores_each_label_pixel_once_from_its_crop(
             first[:, :wl // 2] = True
         assert pasted.shape == (3, hl, wl) and (pasted[2] - (~first).float()).abs().max() < 1e-5  # never a blend
         assert (pasted[:2] - torch.stack([ys, xs])).abs().max() <= (p / 2 + 1) * max(hl / hr, wl / wr)
-
-
-def test_convert_needs_the_trust_flag_and_fit_needs_an_output(tmp_path):
-    with pytest.raises(data.UserError, match="--trust-pickle"):
-        T.main(T.get_parser().parse_args(["--convert-pca", str(tmp_path / "pca.pkl"), "--pca", str(tmp_path / "pca.pt")]))
-    with pytest.raises(data.UserError, match="--pca"):
-        T.main(T.get_parser().parse_args(["--vfm", "tiny", "--fit-pca", "16", "1"]))
 
 
 def test_flops_count_h_times_w_patches(capsys):
