@@ -269,12 +269,10 @@ def _frame_folder(folder):
 
 def _probe(path, strict=False):
     """(frames, rate, first frame's time) from the metadata and first packets (a `prepare` copy: the original's count
-    and rate); a frame folder: (images, 0 if named by time else -1, 0); unreadable: (0, 0, 0), missing: -1 frames, or
-    strict, the error."""
+    and rate); a frame folder: (images, 0 if named by time else -1, 0); unreadable: 0 frames, missing: -1, or strict."""
     try:
         if os.path.isdir(path):
-            files, seconds = _frame_folder(path)
-            return len(files), 0.0 if seconds is not None else -1.0, 0.0
+            return len((files := _frame_folder(path))[0]), -1.0 if files[1] is None else 0.0, 0.0
         with av.open(path, options={"skip_frame": "all"}) as container:  # decodes nothing (as read): 4x faster
             if not container.streams.video:
                 raise ValueError(f"no video stream in {path}")
@@ -298,15 +296,16 @@ def _probe(path, strict=False):
 
 def _stat(path):
     """(size, mtime) of what `path` leads to; (-1, 0) where that is nothing (a link to nothing, or to itself)."""
-    with contextlib.suppress(OSError):
+    try:  # (not contextlib.suppress: 20% slower, and the walk stats every video)
         return (s := os.stat(path)).st_size, s.st_mtime_ns
-    return -1, 0
+    except OSError:
+        return -1, 0
 
 
 def _found(root, rel="", seen=()):
-    """(path, size, mtime) of every video file and frame folder under the folder `root` (relative to it, files before
-    folders, by name; a frame folder: size -1 and its own mtime, which changes when images come or go; nothing there:
-    (-1, 0)), or of every path the list `root` names (UTF-8 text, one a line, absolute or relative to its folder)."""
+    """(path, size, mtime) of each video file and frame folder under the folder `root` (relative, files before folders,
+    by name; a frame folder: size -1 and its mtime, which changes when images come or go; nothing there: (-1, 0)), or of
+    each path the list `root` names (UTF-8, one a line, absolute or relative to its folder)."""
     if not os.path.isdir(root):  # a list written anywhere: a byte-order mark, CRLF, blank lines, '#' comments
         text = open(root, "rb").read().decode("utf-8-sig", "replace")
         if "\0" in text or "\ufffd" in text:  # an archive, an image: refused before an index or lock goes beside it
@@ -319,13 +318,11 @@ def _found(root, rel="", seen=()):
                          if e.name[0] != ".")
     except OSError:  # a folder that cannot be listed: named unreadable, as a video would be
         return [(rel[:-1], -1, 0)]
-    for folder, name, entry in entries:
-        if folder:
-            real = os.path.realpath(entry) if entry.is_symlink() else os.path.join(seen[-1], name)
-            if real not in seen:  # a link to a folder above this one would be walked forever
-                found += _found(root, rel + name + "/", seen + (real,))
-        elif name.lower().endswith(VIDEO_EXTS):
-            found.append((rel + name, *_stat(entry)))
+    for folder, name, e in entries:  # (a link to a folder above this one would be walked forever)
+        if folder and (real := os.path.realpath(e) if e.is_symlink() else os.path.join(seen[-1], name)) not in seen:
+            found += _found(root, rel + name + "/", seen + (real,))
+        elif not folder and name.lower().endswith(VIDEO_EXTS):
+            found.append((rel + name, *_stat(e)))
         images = images or name.lower().endswith(IMAGE_EXTS)
     return [(rel[:-1], -1, _stat(here)[1])] * images + found
 
@@ -358,15 +355,13 @@ def _index(root, file, trust=False, check=lambda paths, info: None):
             stale = not old or todo or len(known) > len(found)  # (or removed)
             if locked or not stale:
                 break
-            try:  # the lock is removed when done: a waiter that wakes on a removed one tries again
+            try:  # its holder removes the lock when done: a waiter that wakes holding a removed one tries again
                 os.makedirs(os.path.dirname(file), exist_ok=True)
                 while not lock:
                     fcntl.flock(f := open(file + ".lock", "a"), fcntl.LOCK_EX)
-                    with contextlib.suppress(FileNotFoundError):
-                        lock = os.path.samestat(os.fstat(f.fileno()), os.stat(f.name)) and f
+                    lock = os.fstat(f.fileno()).st_nlink and f  # (no one renames a lock: linked is still there)
             except OSError as e:
-                raise UserError(f"cannot write the index of {root} at {file} ({e.strerror}): give a folder with "
-                                "--index")
+                raise UserError(f"cannot write {file}, the index of {root} ({e.strerror}): give --index DIR")
         if todo:  # the others wait: when their turn comes, the index is up to date
             folder = root if os.path.isdir(root) else os.path.dirname(root)
             with multiprocessing.Pool(min(len(todo), os.cpu_count())) as pool:
@@ -399,7 +394,6 @@ class VideoFolder:
         file = os.path.join(root, ".deltatok-index.npz") if self.root == root else root + ".deltatok-index.npz"
         if index or out and not os.access(os.path.dirname(file), os.W_OK):  # in --index, else the run folder
             file = os.path.join(index or out, root.strip("/").replace("/", "_") + ".deltatok-index.npz")
-
         def check(paths, info):  # before the index is written: a refusal leaves nothing behind
             frames, rate = np.reshape(info, (-1, 3))[:, :2].T
             bad = "; ".join(f"{len(k)} {what}: " + ", ".join(os.path.join(self.root, paths[j]) for j in k[:5]) +
@@ -428,17 +422,13 @@ class VideoFolder:
         return os.path.join(self.root, _unpack(self.paths[self.ends[i - 1] + 1 if i else 0:self.ends[i] + 1])[0])
 
     def frame_times(self, i):
-        frames, rate, _ = self.info[i]
-        if rate > 0:
-            return np.arange(frames) / rate  # (F,) seconds
-        files, seconds = _frame_folder(self.path(i))
-        return np.arange(len(files)) / self.fps if seconds is None else seconds
+        frames, rate, _ = self.info[i]  # rate 0: a frame folder named by time, -1: by number (at --fps)
+        return _frame_folder(self.path(i))[1] if rate == 0 else np.arange(frames) / (rate if rate > 0 else self.fps)
 
     def read(self, i, idx):
         (_, rate, t0), idx, want = self.info[i], list(idx), set(idx)
-        if rate <= 0:
-            files = _frame_folder(self.path(i))[0]
-            return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in idx])
+        if rate <= 0:  # a frame folder
+            return np.stack([np.asarray(Image.open(_frame_folder(self.path(i))[0][k]).convert("RGB")) for k in idx])
         for fast in (True, False):  # the fast path misses frames of open GOPs: then a plain decode from the start
             # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
             with av.open(self.path(i), options={"skip_frame": "all"}) as container:
@@ -469,11 +459,10 @@ def prepare(src, dst, short_side=288, workers=1, index=None):
     names = {os.path.relpath(source.path(i), source.root): i for i in range(len(source)) if source.info[i, 1] > 0}
     if any(name.startswith("..") for name in names):
         raise UserError(f"{src} lists videos outside its folder: their copies would not be under {dst}")
-    copies = {}  # copy -> video: a.mp4 and a.webm would make one a.mp4, the other lost
-    for name in names:
-        if (other := copies.setdefault(copy := os.path.splitext(name)[0] + ".mp4", name)) != name:
-            raise UserError(f"{other} and {name} in {source.root} would both be copied to {os.path.join(dst, copy)}: "
-                            "rename one (or list the videos to copy in a file)")
+    copies = {os.path.splitext(name)[0] + ".mp4": name for name in names}  # a.mp4 and a.webm would make one a.mp4
+    if lost := sorted(set(names) - set(copies.values())):
+        raise UserError(f"{lost[0]} and {copies[copy := os.path.splitext(lost[0])[0] + '.mp4']} in {source.root} "
+                        f"would both be copied to {os.path.join(dst, copy)}: rename one (or list the videos to copy)")
     jobs = [(source.path(names[name]), os.path.join(dst, copy), (int(source.info[names[name], 0]),
              float(source.info[names[name], 1])), short_side) for copy, name in copies.items()]
     todo = [job for job in jobs if not os.path.exists(job[1])]  # the rest was copied by an earlier run
@@ -540,10 +529,9 @@ def _warn_broken(source, i, error):
     name = source.path(i) if isinstance(source, VideoFolder) else f"video {i}"
     if name not in _WARNED:
         _WARNED.add(name)
-        why = f"{type(error).__name__}: {error}"
-        if isinstance(error, FileNotFoundError) and getattr(source, "trust", False):  # (av's errors are ones too)
-            why = "it is gone since its index was saved: start once without --trust-index to bring the index up to date"
-        print(f"\nwarning: skipping broken video {name}: {why}", file=sys.stderr)
+        gone = isinstance(error, FileNotFoundError) and getattr(source, "trust", False)  # (av's errors are ones too)
+        print(f"\nwarning: skipping broken video {name}: " + (f"{type(error).__name__}: {error}" if not gone else
+              "it is gone since its index was saved: start once without --trust-index to update it"), file=sys.stderr)
 
 
 class ClipDataset:

@@ -507,16 +507,16 @@ def test_the_walk_reads_what_it_can_names_the_rest_and_refuses_in_one_line(files
     assert not [p for p in tmp_path.rglob("*.lock")]  # the index is written, and its lock gone
 
 
-def test_a_video_gone_from_a_trusted_index_is_named_with_the_way_to_update_it(tmp_path, capsys):
-    write_video(tmp_path / "a.mp4", range(0, 60, 10), "libx264", size=(16, 16))
-    shutil.copy(tmp_path / "a.mp4", tmp_path / "b.mp4")
+def test_a_video_gone_from_a_trusted_index_is_named_with_the_way_to_update_it(tmp_path, contents, capsys):
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / name).write_bytes(contents["video"])
     data.VideoFolder(str(tmp_path))
     (tmp_path / "b.mp4").unlink()
     clips = data.ClipDataset(data.VideoFolder(str(tmp_path), trust=True), num_frames=2, size=16)
     assert sum(clips.sample(0, j)[2] for j in range(8)) > 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"warning: skipping broken video {tmp_path / 'b.mp4'}: it is gone since its index was saved: start "
-                   "once without --trust-index to bring the index up to date"], err
+                   "once without --trust-index to update it"], err
 
 
 def test_prepare_refuses_two_videos_that_would_make_one_copy(tmp_path, contents):
