@@ -309,7 +309,7 @@ def _found(root, rel="", seen=()):
     if not os.path.isdir(root):  # a list written anywhere: a byte-order mark, CRLF, blank lines, '#' comments
         text = open(root, "rb").read().decode("utf-8-sig", "replace")
         if "\0" in text or "\ufffd" in text:  # an archive, an image: refused before an index or lock goes beside it
-            raise UserError(f"{root} is no folder, video or text list of videos (UTF-8, one path a line): check it")
+            raise UserError(f"{root} is no folder or text list of videos (UTF-8, one path a line): check it")
         paths = [p for p in map(str.strip, text.splitlines()) if p and p[0] != "#"]
         return [(p, *_stat(os.path.join(os.path.dirname(root), p))) for p in paths]
     here, found, images, seen = os.path.join(root, rel), [], False, seen or (os.path.realpath(root),)

@@ -477,7 +477,7 @@ WALKS = [  # the files under d/ ("video", "frame", "zip", "-> a link", else text
                                     " s/b.mp4 \r\n"}, "d/l.txt", {"a.mp4": 6, "s/b.mp4": 6}, ""),
     ("a list naming what is not there", {"a.mp4": "video", "l.txt": "a.mp4\nlost.mp4\n"}, "d/l.txt", {"a.mp4": 6},
      "skipped 1 missing: {d}/lost.mp4 ("),
-    ("an archive", {"a.zip": "zip"}, "d/a.zip", "{d}/a.zip is no folder, video or text list of videos", None),
+    ("an archive", {"a.zip": "zip"}, "d/a.zip", "{d}/a.zip is no folder or text list of videos", None),
     ("only broken videos", {"x.mp4": "junk", "y.mp4": "-> z.mp4"}, "d",
      "no usable video in '{d}' (1 unreadable videos: {d}/x.mp4; 1 missing: {d}/y.mp4): expected", None),
     ("no video", {"notes.txt": "hi"}, "d", "no usable video in '{d}': expected video files", None),
