@@ -504,7 +504,7 @@ def test_the_walk_reads_what_it_can_names_the_rest_and_refuses_in_one_line(files
     assert {os.path.relpath(source.path(i), d): len(source.frame_times(i)) for i in range(len(source))} == found
     err = capsys.readouterr().err
     assert (warning.format(d=d) in err and err.count("\n") == 1) if warning else err == "", err
-    assert not [p for p in tmp_path.rglob("*.lock")]  # the index is written, and its lock gone
+    assert not list(tmp_path.rglob("*.lock"))  # the index is written, and its lock gone
 
 
 def test_a_video_gone_from_a_trusted_index_is_named_with_the_way_to_update_it(tmp_path, contents, capsys):

@@ -161,7 +161,6 @@ CASES = [  # script, arguments, what the one line must name
     # issue 26: a file that is no list is refused before any lock or index goes beside it; a list of nothing readable
     ("tokenizer", ["--data", "{deltatok}"], "{deltatok} is no folder or text list of videos"),
     ("tokenizer", ["--data", "{notes}"], "no usable video in '{notes}' (1 missing: {dir}/not a checkpoint)"),
-    ("data", ["--bench", "{truncated}"], "{truncated} is no folder or text list of videos"),
 ]
 
 
