@@ -318,7 +318,7 @@ def _found(root, rel="", seen=()):
                          if e.name[0] != ".")
     except OSError:  # a folder that cannot be listed: named unreadable, as a video would be
         return [(rel[:-1], -1, 0)]
-    for folder, name, e in entries:  # (a link to a folder above this one would be walked forever)
+    for folder, name, e in entries:  # seen: the real folders down to here, which a link back to would loop
         if folder and (real := os.path.realpath(e) if e.is_symlink() else os.path.join(seen[-1], name)) not in seen:
             found += _found(root, rel + name + "/", seen + (real,))
         elif not folder and name.lower().endswith(VIDEO_EXTS):
@@ -376,7 +376,7 @@ def _index(root, file, trust=False, check=lambda paths, info: None):
             os.replace(file + ".tmp", file)
         return [f[0] for f in found], np.array(info)
     finally:
-        if lock:  # removed while held: who waits on it tries again
+        if lock:  # removed while held: no empty lock file stays beside the videos
             os.remove(lock.name)
             lock.close()
 

@@ -1,3 +1,4 @@
+import fcntl
 import itertools
 import json
 import os
@@ -5,6 +6,8 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 
 import av
@@ -517,6 +520,33 @@ def test_a_video_gone_from_a_trusted_index_is_named_with_the_way_to_update_it(tm
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"warning: skipping broken video {tmp_path / 'b.mp4'}: it is gone since its index was saved: start "
                    "once without --trust-index to update it"], err
+
+
+def test_the_index_lock_goes_when_done_and_a_waiter_woken_on_a_removed_one_waits_again(tmp_path, contents, probed,
+                                                                                       monkeypatch):
+    """Run 1 holds the lock; run 2 waits on it. Run 1 ends (removes its lock, then lets go) while run 3 locks a new
+    one: run 2 wakes holding a file that is gone, and must wait on run 3's instead of writing beside it."""
+    (tmp_path / "a.mp4").write_bytes(contents["video"])
+    lock, index, walked, opened = tmp_path / ".deltatok-index.npz.lock", tmp_path / ".deltatok-index.npz", [], []
+    walk = data._found
+    monkeypatch.setattr(data, "_found", lambda *args: walked.append(1) or walk(*args))
+    first = open(lock, "a")
+    fcntl.flock(first, fcntl.LOCK_EX)
+    second = threading.Thread(target=lambda: opened.append(data.VideoFolder(str(tmp_path))))
+    second.start()
+    while not walked:
+        time.sleep(0.01)
+    time.sleep(0.2)  # run 2 has walked, found no index, and waits on the lock
+    lock.unlink()
+    third = open(lock, "a")
+    fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    first.close()
+    second.join(0.3)
+    assert second.is_alive() and not index.exists()  # it waits on run 3's lock
+    lock.unlink()
+    third.close()
+    second.join(10)
+    assert len(opened[0]) == 1 and index.exists() and not lock.exists()
 
 
 def test_prepare_refuses_two_videos_that_would_make_one_copy(tmp_path, contents):
