@@ -159,7 +159,8 @@ def run_flags(p, workers, eval_every):
                    "checkpoint's (--lr, --seed, --global-batch, ...); without it, such a resume is refused")
 
 
-VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts", ".3gp", ".flv",
+              ".wmv", ".ogv")  # what PyAV reads: other files in a folder are not probed (lists name any file)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then the original's frame count and rate
 
@@ -265,9 +266,9 @@ INDEX_FORMAT = 1  # an index file of another format, or of another root, is rebu
 
 @functools.lru_cache(maxsize=64)  # frame_times, then read, list the same folder
 def _frame_folder(folder):
-    """(image paths, times in seconds) sorted by the times their names give ('12.480.jpg'), or (paths sorted by
-    name, None) when the names are not all times (a plain '000123' counts as a frame number)."""
-    images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    """(image paths, times in seconds) sorted by the times their names give ('12.480.jpg'), or (paths sorted by name,
+    None) when the names are not all times (a plain '000123' counts as a frame number); hidden files are no frames."""
+    images = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS) and f[0] != ".")
     if not all("." in (s := os.path.splitext(f)[0]) and s.replace(".", "", 1).isdigit() for f in images):
         return [os.path.join(folder, f) for f in images], None
     images.sort(key=lambda f: float(os.path.splitext(f)[0]))  # stable: equal times keep their order by name
@@ -276,11 +277,10 @@ def _frame_folder(folder):
 
 def _probe(path, strict=False):
     """(frames, rate, first frame's time) from the metadata and first packets (a `prepare` copy: the original's count
-    and rate); a frame folder: (images, 0 if named by time else -1, 0); unreadable: (0, 0, 0), or strict, the error."""
+    and rate); a frame folder: (images, 0 if named by time else -1, 0); unreadable: 0 frames, missing: -1, or strict."""
     try:
         if os.path.isdir(path):
-            files, seconds = _frame_folder(path)
-            return len(files), 0.0 if seconds is not None else -1.0, 0.0
+            return len((files := _frame_folder(path))[0]), -1.0 if files[1] is None else 0.0, 0.0
         with av.open(path, options={"skip_frame": "all"}) as container:  # decodes nothing (as read): 4x faster
             if not container.streams.video:
                 raise ValueError(f"no video stream in {path}")
@@ -296,28 +296,43 @@ def _probe(path, strict=False):
         if n <= 0 or rate <= 0:
             raise ValueError(f"no frames in {path}")
         return n, rate, first
-    except Exception:
+    except Exception as e:
         if strict:
-            raise
-        return 0, 0.0, 0.0
+            raise UserError(str(e)) from None
+        return 0 if os.path.exists(path) else -1, 0.0, 0.0
 
 
-def _found(root, rel=""):
-    """(path, size, mtime) of every video file and frame folder under the folder `root` (relative to it, files before
-    folders, by name; a frame folder: size -1 and its own mtime, which changes when images come or go), or of every
-    path the list `root` names (one a line, absolute or relative to its folder; a missing file: size -1)."""
-    if os.path.isfile(root):
-        paths = [p for p in map(str.strip, open(root)) if p]
-        stats = [os.stat(q) if os.path.exists(q := os.path.join(os.path.dirname(root), p)) else None for p in paths]
-        return [(p, s.st_size, s.st_mtime_ns) if s else (p, -1, 0) for p, s in zip(paths, stats)]
-    found, images = [], False
-    for entry in sorted(os.scandir(os.path.join(root, rel)), key=lambda e: (e.is_dir(), e.name)):
-        if entry.is_dir():
-            found += _found(root, rel + entry.name + "/")
-        elif entry.name.lower().endswith(VIDEO_EXTS):
-            found.append((rel + entry.name, entry.stat().st_size, entry.stat().st_mtime_ns))  # one stat: cached
-        images = images or entry.name.lower().endswith(IMAGE_EXTS)
-    return [(rel[:-1], -1, os.stat(os.path.join(root, rel)).st_mtime_ns)] * images + found
+def _stat(path):
+    """(size, mtime) of what `path` leads to; (-1, 0) where that is nothing (a link to nothing, or to itself)."""
+    try:  # (not contextlib.suppress: 20% slower, and the walk stats every video)
+        return (s := os.stat(path)).st_size, s.st_mtime_ns
+    except OSError:
+        return -1, 0
+
+
+def _found(root, rel="", seen=()):
+    """(path, size, mtime) of each video file and frame folder under the folder `root` (relative, files before folders,
+    by name; a frame folder: size -1 and its mtime, which changes when images come or go; nothing there: (-1, 0)), or of
+    each path the list `root` names (UTF-8, one a line, absolute or relative to its folder)."""
+    if not os.path.isdir(root):  # a list written anywhere: a byte-order mark, CRLF, blank lines, '#' comments
+        text = open(root, "rb").read().decode("utf-8-sig", "replace")
+        if "\0" in text or "\ufffd" in text:  # an archive, an image: refused before an index or lock goes beside it
+            raise UserError(f"{root} is no folder or text list of videos (UTF-8, one path a line): check it")
+        paths = [p for p in map(str.strip, text.splitlines()) if p and p[0] != "#"]
+        return [(p, *_stat(os.path.join(os.path.dirname(root), p))) for p in paths]
+    here, found, images, seen = os.path.join(root, rel), [], False, seen or (os.path.realpath(root),)
+    try:  # hidden entries are no videos (macOS '._*' files beside them, '.git'); a link: by what it leads to
+        entries = sorted((os.path.isdir(e) if e.is_symlink() else e.is_dir(), e.name, e) for e in os.scandir(here)
+                         if e.name[0] != ".")
+    except OSError:  # a folder that cannot be listed: named unreadable, as a video would be
+        return [(rel[:-1], -1, 0)]
+    for folder, name, e in entries:  # seen: the real folders down to here, which a link back to would loop
+        if folder and (real := os.path.realpath(e) if e.is_symlink() else os.path.join(seen[-1], name)) not in seen:
+            found += _found(root, rel + name + "/", seen + (real,))
+        elif not folder and name.lower().endswith(VIDEO_EXTS):
+            found.append((rel + name, *_stat(e)))
+        images = images or name.lower().endswith(IMAGE_EXTS)
+    return [(rel[:-1], -1, _stat(here)[1])] * images + found
 
 
 def _pack(paths):  # one flat buffer, each path ended by a 0 byte: no Python object per video
@@ -328,71 +343,84 @@ def _unpack(buffer):
     return buffer.tobytes().decode(errors="surrogateescape").split("\0")[:-1]
 
 
-def _index(root, file, trust=False):
-    """The index of `root`: the paths (a list) and info (frames, rate, start; 0 frames: unreadable) of each video file
-    and frame folder, read from `file` and brought up to date (new and changed files probed on all cores, removed ones
-    dropped) with their stat (size, mtime); trust: the saved index as it is, the files unseen."""
+def _index(root, file, trust=False, check=lambda paths, info: None):
+    """The index of `root`: the paths (a list) and info (`_probe`'s) of each video file and frame folder, read from
+    `file` and brought up to date (new and changed files probed on all cores, removed ones dropped) with their stat
+    (size, mtime); trust: the saved index as it is, the files unseen. check(paths, info) may refuse before a write."""
+    lock = None
     try:
-        os.makedirs(os.path.dirname(file), exist_ok=True)
-        lock = open(file + ".lock", "w")
-    except OSError as e:
-        raise UserError(f"cannot write the index of {root} at {file} ({e.strerror}): give a folder with --index")
-    with lock:
-        for exclusive in (False, True):  # all processes (ranks, runs) look at once; one at a time probes and writes
-            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        for locked in (False, True):  # all processes (ranks, runs) look at once; one at a time probes and writes
             old = {}  # an index of another format or tree, cut short or missing is rebuilt
             with contextlib.suppress(Exception), np.load(file) as saved:
                 old = dict(saved) if saved["format"] == INDEX_FORMAT and saved["root"] == root else {}
             if old and trust:
+                check(_unpack(old["paths"]), old["info"])
                 return _unpack(old["paths"]), old["info"]
-            found = found if exclusive else _found(root)  # [(path, size, mtime)]
+            found = found if locked else _found(root)  # [(path, size, mtime)]
             known = dict(zip(zip(_unpack(old["paths"]), *old["stat"].T.tolist()), old["info"].tolist())) if old else {}
             info = [known.get(f) for f in found]
             todo = [k for k, row in enumerate(info) if row is None]  # new or changed
-            if old and not todo and len(known) <= len(found):  # nothing new, changed or removed: nothing to write
-                return [f[0] for f in found], np.array(info)
+            stale = not old or todo or len(known) > len(found)  # (or removed)
+            if locked or not stale:
+                break
+            try:  # its holder removes the lock when done: a waiter that wakes holding a removed one tries again
+                os.makedirs(os.path.dirname(file), exist_ok=True)
+                while not lock:
+                    fcntl.flock(f := open(file + ".lock", "a"), fcntl.LOCK_EX)
+                    lock = os.fstat(f.fileno()).st_nlink and f  # (no one renames a lock: linked is still there)
+            except OSError as e:
+                raise UserError(f"cannot write {file}, the index of {root} ({e.strerror}): give --index DIR")
         if todo:  # the others wait: when their turn comes, the index is up to date
             folder = root if os.path.isdir(root) else os.path.dirname(root)
             with multiprocessing.Pool(min(len(todo), os.cpu_count())) as pool:
                 probed = pool.imap(_probe, [os.path.join(folder, found[k][0]) for k in todo], chunksize=4)
                 for row, k in zip(tqdm(probed, f"indexing {root}", len(todo), unit="video", disable=None), todo):
                     info[k] = row  # (the bar first: it closes at the end; disable=None: only on a terminal)
-        with open(file + ".tmp", "wb") as tmp:  # write, then rename: a reader never sees half an index
-            np.savez(tmp, format=INDEX_FORMAT, root=root, paths=_pack(f[0] for f in found),
-                     stat=np.array([f[1:] for f in found], np.int64), info=np.array(info))
-        os.replace(file + ".tmp", file)
-    return [f[0] for f in found], np.array(info)
+        check([f[0] for f in found], info)
+        if stale:
+            with open(file + ".tmp", "wb") as tmp:  # write, then rename: a reader never sees half an index
+                np.savez(tmp, format=INDEX_FORMAT, root=root, paths=_pack(f[0] for f in found),
+                         stat=np.array([f[1:] for f in found], np.int64), info=np.array(info))
+            os.replace(file + ".tmp", file)
+        return [f[0] for f in found], np.array(info)
+    finally:
+        if lock:  # removed while held: no empty lock file stays beside the videos
+            os.remove(lock.name)
+            lock.close()
 
 
 class VideoFolder:
     """Every video file and folder of images (one folder = one video) under `root`, or the videos the list `root`
     names. Frame counts and rates come from the index (`_index`), frame folders' times from names in seconds
-    ('12.480.jpg') or `fps`; unreadable files are left out and named. Flat arrays, shared by the DataLoader workers."""
+    ('12.480.jpg') or `fps`; unreadable or missing ones are left out and named. Flat arrays, shared by the workers."""
 
     def __init__(self, root, fps=None, index=None, trust=False, out=None):
-        root, self.fps = os.path.abspath(root), fps
+        root, self.fps, self.trust = os.path.abspath(root), fps, trust
         if not os.path.exists(root):
             raise UserError(f"video folder or list {root!r} does not exist: check --data / --val-data")
-        file = os.path.join(root, ".deltatok-index.npz") if os.path.isdir(root) else root + ".deltatok-index.npz"
+        self.root = root if os.path.isdir(root) else os.path.dirname(root)
+        file = os.path.join(root, ".deltatok-index.npz") if self.root == root else root + ".deltatok-index.npz"
         if index or out and not os.access(os.path.dirname(file), os.W_OK):  # in --index, else the run folder
             file = os.path.join(index or out, root.strip("/").replace("/", "_") + ".deltatok-index.npz")
-        single = os.path.isfile(root) and root.lower().endswith(VIDEO_EXTS)  # one video file (eval.py --video)
-        paths, info = ([root], [_probe(root, True)]) if single else _index(root, file, trust)
-        info = np.reshape(info, (-1, 3))
-        self.root, usable = root if os.path.isdir(root) else os.path.dirname(root), info[:, 0] > 0
+        def check(paths, info):  # before the index is written: a refusal leaves nothing behind
+            frames, rate = np.reshape(info, (-1, 3))[:, :2].T
+            bad = "; ".join(f"{len(k)} {what}: " + ", ".join(os.path.join(self.root, paths[j]) for j in k[:5]) +
+                            " ..." * (len(k) > 5) for what, k in (("unreadable videos", np.flatnonzero(frames == 0)),
+                                                                  ("missing", np.flatnonzero(frames < 0))) if len(k))
+            if not (frames > 0).any():
+                raise UserError(f"no usable video in {root!r}{bad and f' ({bad})'}: expected video files ("
+                                f"{' '.join(VIDEO_EXTS)}) or folders of frames ({' '.join(IMAGE_EXTS)}, named by time "
+                                "in seconds like '12.480.jpg', or by order with --fps)")
+            if fps is None and (numbered := (frames > 0) & (rate < 0)).any():
+                raise UserError(f"frames in {os.path.join(self.root, paths[np.argmax(numbered)])!r} are not named by "
+                                "time in seconds (e.g. '12.480.jpg'): give their frame rate with --fps")
+            if bad and os.environ.get("RANK", "0") == "0":
+                print(f"warning: skipped {bad} (remembered in {file} until they change)", file=sys.stderr)
+        single = self.root != root and root.lower().endswith(VIDEO_EXTS)  # one video file (eval.py --video)
+        paths, info = ([root], [_probe(root, True)]) if single else _index(root, file, trust, check)
+        usable = (info := np.reshape(info, (-1, 3)))[:, 0] > 0
         self.paths, self.info = _pack(p for p, u in zip(paths, usable) if u), info[usable].astype(np.float32)
         self.ends = np.flatnonzero(self.paths == 0)  # path i ends at ends[i]; info[i]: frames, rate, start
-        if not usable.all() and os.environ.get("RANK", "0") == "0":  # (a single video is probed strictly)
-            bad = [os.path.join(self.root, p) for p, u in zip(paths, usable) if not u]
-            print(f"warning: skipped {len(bad)} unreadable videos: {', '.join(bad[:5])}{' ...' * (len(bad) > 5)} "
-                  f"(remembered in {file} until they change)", file=sys.stderr)
-        if not usable.any():
-            raise UserError(
-                f"no usable video in {root!r}: expected video files ({' '.join(VIDEO_EXTS)}) or folders of "
-                f"frames ({' '.join(IMAGE_EXTS)}, named by time in seconds like '12.480.jpg', or by order with --fps)")
-        if fps is None and (self.info[:, 1] < 0).any():
-            raise UserError(f"frames in {self.path(np.argmax(self.info[:, 1] < 0))!r} are not named by time in "
-                            "seconds (e.g. '12.480.jpg'): give their frame rate with --fps")
 
     def __len__(self):
         return len(self.ends)
@@ -402,17 +430,13 @@ class VideoFolder:
         return os.path.join(self.root, _unpack(self.paths[self.ends[i - 1] + 1 if i else 0:self.ends[i] + 1])[0])
 
     def frame_times(self, i):
-        frames, rate, _ = self.info[i]
-        if rate > 0:
-            return np.arange(frames) / rate  # (F,) seconds
-        files, seconds = _frame_folder(self.path(i))
-        return np.arange(len(files)) / self.fps if seconds is None else seconds
+        frames, rate, _ = self.info[i]  # rate 0: a frame folder named by time, -1: by number (at --fps)
+        return _frame_folder(self.path(i))[1] if rate == 0 else np.arange(frames) / (rate if rate > 0 else self.fps)
 
     def read(self, i, idx):
         (_, rate, t0), idx, want = self.info[i], list(idx), set(idx)
-        if rate <= 0:
-            files = _frame_folder(self.path(i))[0]
-            return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in idx])
+        if rate <= 0:  # a frame folder
+            return np.stack([np.asarray(Image.open(_frame_folder(self.path(i))[0][k]).convert("RGB")) for k in idx])
         for fast in (True, False):  # the fast path misses frames of open GOPs: then a plain decode from the start
             # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
             with av.open(self.path(i), options={"skip_frame": "all"}) as container:
@@ -440,11 +464,15 @@ def prepare(src, dst, short_side=288, workers=1, index=None):
         raise UserError(f"no video files ({' '.join(VIDEO_EXTS)}) under {src}: nothing to copy (frame folders are read "
                         "fast as they are: train on them directly)")
     source = VideoFolder(src, fps=1, index=index, out=dst)  # the index goes in DST where SRC is read-only
-    names = {i: os.path.relpath(source.path(i), source.root) for i in range(len(source)) if source.info[i, 1] > 0}
-    if any(name.startswith("..") for name in names.values()):
+    names = {os.path.relpath(source.path(i), source.root): i for i in range(len(source)) if source.info[i, 1] > 0}
+    if any(name.startswith("..") for name in names):
         raise UserError(f"{src} lists videos outside its folder: their copies would not be under {dst}")
-    jobs = [(source.path(i), os.path.join(dst, os.path.splitext(name)[0] + ".mp4"),
-             (int(source.info[i, 0]), float(source.info[i, 1])), short_side) for i, name in names.items()]
+    copies = {os.path.splitext(name)[0] + ".mp4": name for name in names}  # a.mp4 and a.webm would make one a.mp4
+    if lost := sorted(set(names) - set(copies.values())):
+        raise UserError(f"{lost[0]} and {copies[copy := os.path.splitext(lost[0])[0] + '.mp4']} in {source.root} "
+                        f"would both be copied to {os.path.join(dst, copy)}: rename one (or list the videos to copy)")
+    jobs = [(source.path(names[name]), os.path.join(dst, copy), (int(source.info[names[name], 0]),
+             float(source.info[names[name], 1])), short_side) for copy, name in copies.items()]
     todo = [job for job in jobs if not os.path.exists(job[1])]  # the rest was copied by an earlier run
     if not todo:
         return print(f"every video under {src} ({len(jobs)}) is already copied to {dst}: nothing to do")
@@ -509,7 +537,9 @@ def _warn_broken(source, i, error):
     name = source.path(i) if isinstance(source, VideoFolder) else f"video {i}"
     if name not in _WARNED:
         _WARNED.add(name)
-        print(f"\nwarning: skipping broken video {name}: {type(error).__name__}: {error}", file=sys.stderr)
+        gone = isinstance(error, FileNotFoundError) and getattr(source, "trust", False)  # (av's errors are ones too)
+        print(f"\nwarning: skipping broken video {name}: " + (f"{type(error).__name__}: {error}" if not gone else
+              "it is gone since its index was saved: start once without --trust-index to update it"), file=sys.stderr)
 
 
 class ClipDataset:

@@ -1,9 +1,14 @@
+import fcntl
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import zipfile
 
 import av
 import numpy as np
@@ -432,7 +437,7 @@ def test_a_list_of_videos_is_read_in_its_order_with_its_index_beside_it(tmp_path
     assert [os.path.realpath(source.path(i)) for i in range(len(source))] == [
         str(tmp_path / "videos" / name) for name in ("b.webm", "a.mp4", "frames")]
     assert [len(source.frame_times(i)) for i in range(3)] == [7, 6, 2] and source.read(1, [5]).shape == (1, 16, 16, 3)
-    assert f"skipped 1 unreadable videos: {tmp_path / 'lists' / '../videos/lost.mp4'}" in capsys.readouterr().err
+    assert f"skipped 1 missing: {tmp_path / 'lists' / '../videos/lost.mp4'} (" in capsys.readouterr().err
     assert os.path.exists(str(listed) + ".deltatok-index.npz")
 
 
@@ -441,12 +446,117 @@ def test_the_index_goes_beside_the_videos_else_in_the_run_folder(tmp_path, monke
     write_video(tmp_path / "videos" / "a.mp4", range(0, 60, 10), "libx264", size=(16, 16))
     videos, run, mine = (str(tmp_path / name) for name in ("videos", "run", "mine"))
     data.VideoFolder(videos, out=run)
-    assert sorted(os.listdir(videos)) == [".deltatok-index.npz", ".deltatok-index.npz.lock", "a.mp4"]
+    assert sorted(os.listdir(videos)) == [".deltatok-index.npz", "a.mp4"]  # the lock goes when the index is written
     data.VideoFolder(videos, index=mine, out=run)  # --index
     assert [f for f in os.listdir(mine) if f.endswith(".npz")] == [videos.strip("/").replace("/", "_") +
                                                                      ".deltatok-index.npz"]
     monkeypatch.setattr(data.os, "access", lambda path, mode: False)  # read-only videos
     assert len(data.VideoFolder(videos, out=run)) == 1 and sorted(os.listdir(run)) == sorted(os.listdir(mine))
+
+
+@pytest.fixture(scope="module")
+def contents(tmp_path_factory):
+    """What the files of WALKS hold: a tiny H.264 video (6 frames), a PNG frame, a zip archive."""
+    folder = tmp_path_factory.mktemp("contents")
+    write_video(folder / "v.mp4", range(0, 60, 10), "libx264", size=(16, 16))
+    Image.new("RGB", (8, 8)).save(folder / "f.png")
+    with zipfile.ZipFile(folder / "a.zip", "w") as archive:
+        archive.write(folder / "f.png")
+    return {kind: (folder / name).read_bytes() for kind, name in (("video", "v.mp4"), ("frame", "f.png"),
+                                                                  ("zip", "a.zip"))}
+
+
+WALKS = [  # the files under d/ ("video", "frame", "zip", "-> a link", else text), --data, then the videos found
+    # (frames each) and the one warning, or the one error (no warning, nothing written)
+    ("a link to nothing", {"a.mp4": "video", "b.mp4": "-> gone.mp4", "c.mkv": "-> c.mkv"}, "d",
+     {"a.mp4": 6}, "skipped 2 missing: {d}/b.mp4, {d}/c.mkv ("),
+    ("links that loop", {"a.mp4": "video", "x/up": "-> ..", "x/b.mp4": "video", "y": "-> ../e", "../e/c.mp4": "video",
+                         "../e/back": "-> ../d"}, "d", {"a.mp4": 6, "x/b.mp4": 6, "y/c.mp4": 6}, ""),
+    ("hidden files", {"a.mp4": "video", "._a.mp4": "\0\5\x16\7", "f/0.000.png": "frame", "f/0.040.png": "frame",
+                      "f/._0.000.png": "\0\5\x16\7", ".git/b.mp4": "video"}, "d", {"a.mp4": 6, "f": 2}, ""),
+    ("containers by their names", {f"v{ext}": "video" for ext in (".m4v", ".ts", ".mpg", ".3gp", ".wmv")} | {
+        "notes.json": "{}"}, "d", {f"v{ext}": 6 for ext in (".m4v", ".ts", ".mpg", ".3gp", ".wmv")}, ""),
+    ("a list from another system", {"a.mp4": "video", "s/b.mp4": "video", "l.txt": "\ufeffa.mp4\r\n# videos\r\n\r\n"
+                                    " s/b.mp4 \r\n"}, "d/l.txt", {"a.mp4": 6, "s/b.mp4": 6}, ""),
+    ("a list naming what is not there", {"a.mp4": "video", "l.txt": "a.mp4\nlost.mp4\n"}, "d/l.txt", {"a.mp4": 6},
+     "skipped 1 missing: {d}/lost.mp4 ("),
+    ("an archive", {"a.zip": "zip"}, "d/a.zip", "{d}/a.zip is no folder or text list of videos", None),
+    ("only broken videos", {"x.mp4": "junk", "y.mp4": "-> z.mp4"}, "d",
+     "no usable video in '{d}' (1 unreadable videos: {d}/x.mp4; 1 missing: {d}/y.mp4): expected", None),
+    ("no video", {"notes.txt": "hi"}, "d", "no usable video in '{d}': expected video files", None),
+    ("frames by number, no --fps", {"f/000.png": "frame", "f/001.png": "frame"}, "d", "give their frame rate", None),
+]
+
+
+@pytest.mark.parametrize("files,data_path,found,warning", [w[1:] for w in WALKS], ids=[w[0] for w in WALKS])
+def test_the_walk_reads_what_it_can_names_the_rest_and_refuses_in_one_line(files, data_path, found, warning, contents,
+                                                                          tmp_path, probed, capsys):
+    for name, what in files.items():
+        (path := tmp_path / "d" / name).parent.mkdir(parents=True, exist_ok=True)
+        if what.startswith("-> "):
+            path.symlink_to(what[3:])
+        else:
+            path.write_bytes(contents.get(what) or what.encode())
+    before, d = sorted(tmp_path.rglob("*")), str(tmp_path / "d")
+    if isinstance(found, str):
+        with pytest.raises(data.UserError, match=re.escape(found.format(d=d))):
+            data.VideoFolder(str(tmp_path / data_path))
+        assert capsys.readouterr().err == "" and sorted(tmp_path.rglob("*")) == before  # no index, no lock
+        return
+    source = data.VideoFolder(str(tmp_path / data_path))
+    assert {os.path.relpath(source.path(i), d): len(source.frame_times(i)) for i in range(len(source))} == found
+    err = capsys.readouterr().err
+    assert (warning.format(d=d) in err and err.count("\n") == 1) if warning else err == "", err
+    assert not list(tmp_path.rglob("*.lock"))  # the index is written, and its lock gone
+
+
+def test_a_video_gone_from_a_trusted_index_is_named_with_the_way_to_update_it(tmp_path, contents, capsys):
+    for name in ("a.mp4", "b.mp4"):
+        (tmp_path / name).write_bytes(contents["video"])
+    data.VideoFolder(str(tmp_path))
+    (tmp_path / "b.mp4").unlink()
+    clips = data.ClipDataset(data.VideoFolder(str(tmp_path), trust=True), num_frames=2, size=16)
+    assert sum(clips.sample(0, j)[2] for j in range(8)) > 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: skipping broken video {tmp_path / 'b.mp4'}: it is gone since its index was saved: start "
+                   "once without --trust-index to update it"], err
+
+
+def test_the_index_lock_goes_when_done_and_a_waiter_woken_on_a_removed_one_waits_again(tmp_path, contents, probed,
+                                                                                       monkeypatch):
+    """Run 1 holds the lock; run 2 waits on it. Run 1 ends (removes its lock, then lets go) while run 3 locks a new
+    one: run 2 wakes holding a file that is gone, and must wait on run 3's instead of writing beside it."""
+    (tmp_path / "a.mp4").write_bytes(contents["video"])
+    lock, index, walked, opened = tmp_path / ".deltatok-index.npz.lock", tmp_path / ".deltatok-index.npz", [], []
+    walk = data._found
+    monkeypatch.setattr(data, "_found", lambda *args: walked.append(1) or walk(*args))
+    first = open(lock, "a")
+    fcntl.flock(first, fcntl.LOCK_EX)
+    second = threading.Thread(target=lambda: opened.append(data.VideoFolder(str(tmp_path))))
+    second.start()
+    while not walked:
+        time.sleep(0.01)
+    time.sleep(0.2)  # run 2 has walked, found no index, and waits on the lock
+    lock.unlink()
+    third = open(lock, "a")
+    fcntl.flock(third, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    first.close()
+    second.join(0.3)
+    assert second.is_alive() and not index.exists()  # it waits on run 3's lock
+    lock.unlink()
+    third.close()
+    second.join(10)
+    assert len(opened[0]) == 1 and index.exists() and not lock.exists()
+
+
+def test_prepare_refuses_two_videos_that_would_make_one_copy(tmp_path, contents):
+    (tmp_path / "src").mkdir()
+    for name in ("a.mp4", "a.webm", "b.mp4"):
+        (tmp_path / "src" / name).write_bytes(contents["video"])
+    with pytest.raises(data.UserError, match=f"a.mp4 and a.webm in {tmp_path / 'src'} would both be copied to "
+                                             f"{tmp_path / 'dst' / 'a.mp4'}: rename one"):
+        data.prepare(str(tmp_path / "src"), str(tmp_path / "dst"))
+    assert not (tmp_path / "dst").exists()
 
 
 FALLBACK = [("h264_closed.mp4", "libx264", {"bf": "3"}),
@@ -509,3 +619,4 @@ dist.destroy_process_group()
     assert ranks[0]["videos"] == ranks[1]["videos"] and len(ranks[0]["videos"]) == 6
     assert [n for _, n in ranks[0]["videos"]] == [4, 5, 5, 6, 6, 7]  # c0/0, c0/1, c1/0, ...: in walk order
     assert sorted(r["probed"] for r in ranks) == [0, 6]  # one rank probed every video, the other none
+    assert sorted(os.listdir(tmp_path / "videos"))[0] == ".deltatok-index.npz"  # and no lock stays

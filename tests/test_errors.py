@@ -84,6 +84,9 @@ CASES = [  # script, arguments, what the one line must name
     ("tokenizer", ["--fps", "0"], "--fps"),
     ("tokenizer", ["--global-batch", "6", "--batch-size", "4"], "--global-batch"),
     ("tokenizer", ["--data", "{missing}"], "{missing}"),
+    # a file that is no list of videos, a list of nothing readable: refused before a lock or index goes beside them
+    ("tokenizer", ["--data", "{deltatok}"], "{deltatok} is no folder or text list of videos"),
+    ("tokenizer", ["--data", "{notes}"], "no usable video in '{notes}' (1 missing: {dir}/not a checkpoint)"),
     ("tokenizer", ["--init", "{missing}"], "{missing}"),
     ("tokenizer", ["--init", "{truncated}"], "{truncated}"),
     ("tokenizer", ["--init", "{notes}"], "{notes}"),
