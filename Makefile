@@ -58,13 +58,17 @@ demo: $(SETUP)
 		--samples 20 --max-sequences $(EVAL_SEQUENCES) --figures 2 --num-workers 1 --out $(OUT)/eval
 	$(RUN) eval.py --video synthetic --ckpt $(OUT)/deltaworld/ckpt.pt --heads $(OUT)/seg_head/ckpt.pt \
 		$(OUT)/depth_head/ckpt.pt --size $(SIZE) --dtype $(DTYPE) --seed $(SEED) --samples 8 --out $(OUT)/forecast
-	@echo "table: $(OUT)/eval/results.json and above; figures: $(OUT)/eval/*.png; forecast: $(OUT)/forecast/"
+	@echo "table: $(OUT)/eval/results.json and above; figures: $(OUT)/eval/*.png; forecast: $(OUT)/forecast/; training curves: $(OUT)/*/curves.png"
 
-test: setup
+$(VENV)/test-requirements: requirements-test.txt $(BIN)/activate  # the suite's own: pytest, wandb (offline)
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/test-requirements
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 # the paper's claims on a smaller run of the demo (about 8 minutes on 2 cores; skipped by `make test`)
-test-claims: setup
+test-claims: $(VENV)/test-requirements
 	HF_HUB_OFFLINE=1 RUN_SLOW=1 $(BIN)/python -m pytest -q tests/test_demo.py tests/test_bench.py
 
 .PHONY: setup demo test test-claims
