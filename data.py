@@ -157,6 +157,10 @@ def run_flags(p, workers, eval_every):
                    "WANDB_MODE=offline keeps it on disk); --resume continues its run")
 
 
+VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then the original's frame count and rate
+
 # -----------------------------------------------------------------------------
 # the record of a run beside its log.jsonl: curves.png, and Weights & Biases with --wandb (imported only then, on
 # rank 0; a W&B that fails warns once and the run goes on without it)
@@ -240,10 +244,6 @@ def wandb_log(record):
             print(f"warning: Weights & Biases failed ({type(e).__name__}: {e}); going on without it", file=sys.stderr)
             _wandb.clear()
 
-
-VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then the original's frame count and rate
 
 # -----------------------------------------------------------------------------
 # synthetic videos: moving shapes that turn at random moments, with class and depth labels
