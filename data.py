@@ -162,8 +162,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then the original's frame count and rate
 
 # -----------------------------------------------------------------------------
-# the record of a run beside its log.jsonl: curves.png, and Weights & Biases with --wandb (imported only then, on
-# rank 0; a W&B that fails warns once and the run goes on without it)
+# the record of a run beside its log.jsonl: curves.png; Weights & Biases with --wandb (imported only then, rank 0)
 
 _wandb = {}  # --wandb: wandb.init's arguments, the run once started, the last step it held when this run resumed
 
@@ -217,9 +216,8 @@ def draw_curves(out, stage, heldout, what, size=(1260, 340)):
 
 
 def wandb_start(args, run_id=None, last=-1):
-    """--wandb [ENTITY/]PROJECT: a new W&B run with the flags as its config, or the checkpoint's `run_id` continued
-    (resume="allow"; offline: a new file of that run) after the steps it holds, up to `last`; it starts with the first
-    record. Returns its id (without --wandb: run_id)."""
+    """--wandb [ENTITY/]PROJECT: a W&B run (from the first record) with the flags as config, or the checkpoint's
+    `run_id` continued after the steps it holds, up to `last` (offline: a new file of it). Returns the id or run_id."""
     _wandb.clear()  # not the run of a stage before this one in this process
     if args.wandb:
         entity, _, project = args.wandb.rpartition("/")
@@ -230,7 +228,8 @@ def wandb_start(args, run_id=None, last=-1):
 
 
 def wandb_log(record):
-    """A record to W&B at its step: nested keys as 'eval/h1/best', a .png path an image, a list of dicts a table."""
+    """A record to W&B at its step: nested keys as 'eval/h1/best', a .png path an image, a list of dicts a table; a W&B
+    that fails warns once and the run goes on without it."""
     if "init" in _wandb and record["step"] > _wandb["last"]:
         try:
             import wandb
