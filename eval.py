@@ -616,7 +616,7 @@ def get_parser():
     p.add_argument("--max-sequences", type=data.at_least(0), default=0, help="only the first N sequences (0: all)")
     p.add_argument("--figures", type=data.at_least(0), default=4, help="draw PNG figures for the first N sequences")
     p.add_argument("--out", default="runs/eval", help="folder for results.json and figures")
-    p.add_argument("--wandb", metavar="[ENTITY/]PROJECT", help="also the table and figures to Weights & Biases")
+    p.add_argument("--wandb", metavar="[ENTITY/]PROJECT", help="also log the table and figures to Weights & Biases")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
     p.add_argument("--num-workers", type=data.at_least(0), default=data.cpu_workers(4), help="data loader processes")
     p.add_argument("--seed", type=int, default=0)
