@@ -32,39 +32,44 @@ COMMON = --size $(SIZE) --dtype $(DTYPE) --seed $(SEED) --num-workers 2 --log-ev
 
 # one compute thread per process: on a small CPU the data-loader workers need the other cores (on 2 cores the
 # tokenizer trains 1.5x faster than with PyTorch's default of one thread per core)
+# Held-out checks every 600 / 100 steps draw each stage's curves.png (they do not change the training).
 # A second `make demo` continues every stage from its checkpoint (--resume: with more steps, e.g. TOK_STEPS=6000, a
 # stage goes on from where it stopped). A tokenizer checkpoint newer than the token cache gives other tokens: the
 # cache and DeltaWorld, made from the old ones, then start afresh (an interrupted cache build resumes).
 demo: export OMP_NUM_THREADS ?= 1
 demo: $(SETUP)
 	$(RUN) tokenizer.py $(COMMON) --vfm $(VFM) --model $(MODEL) --steps $(TOK_STEPS) --global-batch 64 \
-		--batch-size 64 --lr 2e-3 --warmup 40 --no-rope-jitter --eval-every $(TOK_STEPS) --ckpt-every 1000 \
+		--batch-size 64 --lr 2e-3 --warmup 40 --no-rope-jitter --eval-every 600 --ckpt-every 1000 \
 		--out $(OUT)/tokenizer --resume
 	if [ ! $(OUT)/token_cache/shard_00000.pt -nt $(OUT)/tokenizer/ckpt.pt ]; then \
 		rm -rf $(OUT)/token_cache $(OUT)/deltaworld; fi
 	$(RUN) predictor.py $(COMMON) --tokenizer $(OUT)/tokenizer/ckpt.pt --model $(MODEL) --bom 64 \
 		--cache-tokens $(OUT)/token_cache --cache-crops 8 --steps $(WORLD_STEPS) --global-batch 32 \
-		--batch-size 32 --lr 1e-3 --warmup 50 --eval-every $(WORLD_STEPS) --ckpt-every $(WORLD_STEPS) \
+		--batch-size 32 --lr 1e-3 --warmup 50 --eval-every 100 --ckpt-every $(WORLD_STEPS) \
 		--out $(OUT)/deltaworld --resume
 	$(RUN) baseline_dinoworld.py $(COMMON) --vfm $(VFM) --model $(MODEL) --steps $(DINO_STEPS) --global-batch 16 \
-		--batch-size 16 --lr 1e-3 --warmup 50 --eval-every $(DINO_STEPS) --ckpt-every $(DINO_STEPS) \
+		--batch-size 16 --lr 1e-3 --warmup 50 --eval-every 100 --ckpt-every $(DINO_STEPS) \
 		--out $(OUT)/dinoworld --resume
 	$(RUN) heads.py $(COMMON) --task seg --vfm $(VFM) --steps $(HEAD_STEPS) --batch-size 32 --lr 1e-2 --warmup 20 \
-		--eval-every $(HEAD_STEPS) --ckpt-every $(HEAD_STEPS) --out $(OUT)/seg_head --resume
+		--eval-every 100 --ckpt-every $(HEAD_STEPS) --out $(OUT)/seg_head --resume
 	$(RUN) heads.py $(COMMON) --task depth --vfm $(VFM) --steps $(HEAD_STEPS) --batch-size 32 --lr 1e-2 --warmup 20 \
-		--eval-every $(HEAD_STEPS) --ckpt-every $(HEAD_STEPS) --out $(OUT)/depth_head --resume
+		--eval-every 100 --ckpt-every $(HEAD_STEPS) --out $(OUT)/depth_head --resume
 	$(RUN) eval.py --ckpt $(OUT)/tokenizer/ckpt.pt $(OUT)/dinoworld/ckpt.pt $(OUT)/deltaworld/ckpt.pt \
 		--heads $(OUT)/seg_head/ckpt.pt $(OUT)/depth_head/ckpt.pt --size $(SIZE) --dtype $(DTYPE) --seed $(SEED) \
 		--samples 20 --max-sequences $(EVAL_SEQUENCES) --figures 2 --num-workers 1 --out $(OUT)/eval
 	$(RUN) eval.py --video synthetic --ckpt $(OUT)/deltaworld/ckpt.pt --heads $(OUT)/seg_head/ckpt.pt \
 		$(OUT)/depth_head/ckpt.pt --size $(SIZE) --dtype $(DTYPE) --seed $(SEED) --samples 8 --out $(OUT)/forecast
-	@echo "table: $(OUT)/eval/results.json and above; figures: $(OUT)/eval/*.png; forecast: $(OUT)/forecast/"
+	@echo "table: $(OUT)/eval/results.json and above; figures: $(OUT)/eval/*.png; forecast: $(OUT)/forecast/; curves: $(OUT)/*/curves.png"
 
-test: setup
+$(VENV)/test-requirements: requirements-test.txt $(BIN)/activate  # the suite's own: pytest, wandb (offline)
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/test-requirements
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
 
 # the paper's claims on a smaller run of the demo (about 8 minutes on 2 cores; skipped by `make test`)
-test-claims: setup
+test-claims: $(VENV)/test-requirements
 	HF_HUB_OFFLINE=1 RUN_SLOW=1 $(BIN)/python -m pytest -q tests/test_demo.py tests/test_bench.py
 
 .PHONY: setup demo test test-claims

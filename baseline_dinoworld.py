@@ -200,6 +200,7 @@ def main(args):
         if master and (step % args.eval_every == 0 or step == args.steps):
             result = check(dw)
             T.log_jsonl(args.out, dict(step=step, eval=result))
+            data.draw_curves(args.out, "DINO-world", r"eval/(h\d/\w+)", "held-out loss (best, mean of K), h1, h3 ahead")
             pair = lambda h, name: f"{result[f'h{h}/{name}']:.4f} / {result[f'h{h}/{name}/mse']:.4f}"
             pred = lambda h: (f"best-of-{num_samples} {pair(h, 'best')}   mean-of-{num_samples} {pair(h, 'mean')}"
                               if num_samples > 1 else f"DINO-world {pair(h, 'best')}")

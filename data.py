@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import functools
 import gc
+import importlib.util
 import itertools
 import json
 import multiprocessing
@@ -31,7 +32,7 @@ import time
 import av
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -47,7 +48,10 @@ def cli(main, parser):
     """Run main(args): a UserError or bad flag is `<prog>: error: <message>` and exit 2; a bug keeps its traceback."""
     parser.print_usage = lambda file=None: None
     try:
-        return main(parser.parse_args())
+        args = parser.parse_args()
+        if getattr(args, "wandb", None) and not importlib.util.find_spec("wandb"):  # before anything is written
+            raise UserError("--wandb needs the wandb package: pip install wandb")
+        return main(args)
     except UserError as e:  # from a DataLoader worker, the message ends with the worker's "data.UserError: ..."
         message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
         e.__traceback__ = None  # the run's frames go now (in gc.collect, a DataLoader whose worker raised waits 5 s)
@@ -157,12 +161,97 @@ def run_flags(p, workers, eval_every):
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
     p.add_argument("--allow-changes", action="store_true", help="with --resume: go on with flags other than the "
                    "checkpoint's (--lr, --seed, --global-batch, ...); without it, such a resume is refused")
+    p.add_argument("--wandb", metavar="[ENTITY/]PROJECT", help="also log to Weights & Biases (pip install wandb; "
+                   "WANDB_MODE=offline keeps it on disk); --resume continues its run")
 
 
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".ts", ".m2ts", ".mts", ".3gp", ".flv",
               ".wmv", ".ogv")  # what PyAV reads: other files in a folder are not probed (lists name any file)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then the original's frame count and rate
+
+# -----------------------------------------------------------------------------
+# the record of a run beside its log.jsonl: curves.png; Weights & Biases with --wandb (imported only then, rank 0)
+
+_wandb = {}  # --wandb: wandb.init's arguments, the run once started, the last step it held when this run resumed
+
+
+def read_log(path, most=2000):
+    """log.jsonl -> {key: [(step, value)]} of every number in it ('eval/h1/best': a check's), read line by line into
+    buckets of steps that double in width when a key has more than `most`, each keeping its last point."""
+    curves, width = {}, 1
+    for line in open(path):
+        record = json.loads(line)
+        record |= {f"{k}/{j}": x for k, v in record.items() if isinstance(v, dict) for j, x in v.items()}
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                curves.setdefault(k, {})[record["step"] // width] = (record["step"], v)
+        if any(len(curves.get(k, ())) > most for k in record):
+            curves, width = {k: {b // 2: p for b, p in c.items()} for k, c in curves.items()}, width * 2
+    return {k: list(c.values()) for k, c in curves.items()}
+
+
+def draw_curves(out, stage, heldout, what, size=(1260, 340)):
+    """out/curves.png (and to W&B): training loss (log scale), learning rate and the held-out metrics whose keys
+    match the pattern `heldout` (its group 1 in the legend, `what` above), against step."""
+    log, img, font = read_log(os.path.join(out, "log.jsonl")), Image.new("RGB", size, "white"), ImageFont.load_default()
+    last, w, pen = max([p[-1][0] for p in log.values()], default=1), size[0] // 3, ImageDraw.Draw(img)
+    pen.text((10, 6), f"{stage} training, run folder {out}, step {last}", "black", font)
+    panels = {"training loss (log scale)": {"loss": log.get("loss", [])}, "learning rate": {"lr": log.get("lr", [])},
+              what: {m[1]: p for k, p in log.items() if (m := re.fullmatch(heldout, k))}}
+    for i, (name, series) in enumerate(panels.items()):
+        f, g = (float, float) if i else (np.log10, lambda v: 10 ** v)  # the loss on a log scale
+        x0, y0, x1, y1 = i * w + 70, 48, (i + 1) * w - 20, size[1] - 80  # the axes
+        series = {k: [(s, f(v)) for s, v in p if v > 0 or i] for k, p in series.items()}
+        ys = [v for p in series.values() for _, v in p] or [0.0]
+        lo, hi = min(ys) - (pad := 0.05 * (max(ys) - min(ys) or abs(ys[0]) or 1)), max(ys) + pad
+        xy = lambda s, v: (x0 + (x1 - x0) * s / last, y1 - (y1 - y0) * (v - lo) / (hi - lo))
+        pen.text((x0, y0 - 18), name, "black", font)
+        pen.text(((x0 + x1) / 2, y1 + 18), "step", "black", font, anchor="ma")
+        pen.rectangle((x0, y0, x1, y1), outline="black")
+        for t in (0, 0.25, 0.5, 0.75, 1):  # ticks: steps to 2 significant digits, values to 3
+            s = int(round(last * t, 2 - len(str(last))))
+            pen.text((xy(s, 0)[0], y1 + 4), str(s), "black", font, anchor="ma")
+            pen.text((x0 - 4, y1 - (y1 - y0) * t), f"{g(lo + (hi - lo) * t):.3g}", "black", font, anchor="rm")
+        for c, (label, p) in enumerate(series.items()):
+            colour, x, y = f"hsl({c * 137 % 360}, 75%, 42%)", x0 + (c % 2) * (x1 - x0) / 2, y1 + 34 + 14 * (c // 2)
+            pen.line([xy(*q) for q in p], colour, 2)
+            for a, b in [xy(*q) for q in p] if len(p) < 30 else ():  # a marker on each of a few points
+                pen.ellipse((a - 2, b - 2, a + 2, b + 2), colour)
+            pen.line((x, y + 6, x + 16, y + 6), colour, 2)
+            pen.text((x + 20, y), label, "black", font)
+    img.save(path := os.path.join(out, "curves.png"))
+    wandb_log(dict(step=last, curves=path))
+
+
+def wandb_start(args, run_id=None, last=-1):
+    """--wandb [ENTITY/]PROJECT: a W&B run (from the first record) with the flags as config, or the checkpoint's
+    `run_id` continued after the steps it holds, up to `last` (offline: a new file of it). Returns the id or run_id."""
+    _wandb.clear()  # not the run of a stage before this one in this process
+    if args.wandb:
+        entity, _, project = args.wandb.rpartition("/")
+        run_id, _wandb["last"] = run_id or os.urandom(4).hex(), last if run_id else -1
+        _wandb["init"] = dict(project=project, entity=entity or None, id=run_id, resume="allow", name=args.out,
+                              config=dict(vars(args)))
+    return run_id
+
+
+def wandb_log(record):
+    """A record to W&B at its step: nested keys as 'eval/h1/best', a .png path an image, a list of dicts a table; a W&B
+    that fails warns once and the run goes on without it."""
+    if "init" in _wandb and record["step"] > _wandb["last"]:
+        try:
+            import wandb
+            if "run" not in _wandb:
+                wandb.finish()  # the run of a stage before this one in this process (a run ends with its process)
+                _wandb["run"] = wandb.init(**_wandb["init"])
+            media = lambda v: wandb.Image(v) if str(v).endswith(".png") else wandb.Table(
+                list(v[0]), [[r.get(k) for k in v[0]] for r in v]) if isinstance(v, list) else v
+            _wandb["run"].log({k: media(v) for k, v in record.items() if k != "step"}, step=record["step"])
+        except Exception as e:
+            print(f"warning: Weights & Biases failed ({type(e).__name__}: {e}); going on without it", file=sys.stderr)
+            _wandb.clear()
+
 
 # -----------------------------------------------------------------------------
 # synthetic videos: moving shapes that turn at random moments, with class and depth labels

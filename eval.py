@@ -474,6 +474,13 @@ def forecast(args, item, t, models, vfm, heads, device):
     print(f"figures and GIFs in {args.out}")
 
 
+def to_wandb(args, rank, **tables):
+    """--wandb, rank 0: eval's table and the figures in --out, to a W&B run of their own with the flags as config."""
+    if rank == 0 and data.wandb_start(args):
+        pngs = {f[:-4]: os.path.join(args.out, f) for f in sorted(os.listdir(args.out)) if f.endswith(".png")}
+        data.wandb_log(dict(step=0, **tables, **pngs))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Compute (appendix Table B)
 
@@ -562,7 +569,8 @@ def main(args):
     rgb = {"rgb": load_rgb_head(args.rgb_head, vfm, device)} if args.rgb_head else {}
     if args.video:  # any head
         heads = {h.task: h for h in (Hd.load_head(p.split("=")[-1], None, device, vfm)[0] for p in args.heads)}
-        return forecast(args, *clip, models, vfm, heads | rgb, device)
+        forecast(args, *clip, models, vfm, heads | rgb, device)
+        return to_wandb(args, rank)
     heads = [pick_heads(args, name, sequences, device, vfm) for name, sequences in zip(names, datasets)]
     os.makedirs(args.out, exist_ok=True)
     results = {name: evaluate(args, name, sequences, models, vfm, tasks, device, rank, world, features, rgb)
@@ -575,6 +583,7 @@ def main(args):
             json.dump(dict(ckpt=args.ckpt, kinds=[m[1] for m in models], size=args.size, samples=args.samples,
                            data=args.data, results=rows), f, indent=1)
         print(f"results in {path}")
+        to_wandb(args, rank, **{f"results/{d}": r for d, r in rows.items()})
     T.cleanup_dist(world)
     return results
 
@@ -607,6 +616,7 @@ def get_parser():
     p.add_argument("--max-sequences", type=data.at_least(0), default=0, help="only the first N sequences (0: all)")
     p.add_argument("--figures", type=data.at_least(0), default=4, help="draw PNG figures for the first N sequences")
     p.add_argument("--out", default="runs/eval", help="folder for results.json and figures")
+    p.add_argument("--wandb", metavar="[ENTITY/]PROJECT", help="also log the table and figures to Weights & Biases")
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
     p.add_argument("--num-workers", type=data.at_least(0), default=data.cpu_workers(4), help="data loader processes")
     p.add_argument("--seed", type=int, default=0)

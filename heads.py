@@ -498,6 +498,7 @@ def main(args):
             result = present_score(head.eval(), vfm, val, args.size, device, args.dtype, args.val_sequences)
             head.train()
             T.log_jsonl(args.out, dict(step=step, val=result))
+            data.draw_curves(args.out, f"{args.task} head", r"val/(miou|rmse)", "held-out mIoU / RMSE in m")
             tqdm.write(f"step {step} held-out check on the first {args.val_sequences} val sequences' labelled frames "
                        "(two-crop protocol; eval.py's Present row scores its own --max-sequences): " +
                        "  ".join(f"{k} {v:.2f}" for k, v in result.items()))

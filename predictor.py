@@ -524,6 +524,7 @@ def main(args):
         if master and (step % args.eval_every == 0 or step == args.steps):
             result = check(world)
             T.log_jsonl(args.out, dict(step=step, eval=result))
+            data.draw_curves(args.out, "DeltaWorld", r"eval/(h\d/\w+)", "held-out loss (best, mean of K), h1, h3 ahead")
             tqdm.write(f"step {step} held-out feature loss (smooth L1), {args.val_samples} samples:" + "".join(
                 f"\n  horizon {h}: best {result[f'h{h}/best']:.4f}   mean {result[f'h{h}/mean']:.4f}   "
                 f"copy-last {result[f'h{h}/copy_last']:.4f}" for h in (1, 3)))

@@ -497,7 +497,7 @@ def cleanup_dist(world):
 # flags that may change when a run resumes; any other difference to the checkpoint's needs --allow-changes
 RESUMABLE = {"steps", "batch_size", "num_workers", "log_every", "eval_every", "ckpt_every", "val_clips", "val_samples",
              "val_sequences", "val_data", "dtype", "compile", "resume", "allow_changes", "out", "init", "bench",
-             "index", "trust_index"}
+             "index", "trust_index", "wandb"}
 _LOCKS = {}  # run folders this process holds, by path
 
 
@@ -549,10 +549,13 @@ def resume(args, model, opt, master, ckpt=None):
     if master and args.resume:
         print(f"resumed from {args.out} at step {ckpt['step']}" if ckpt else
               f"--resume: no checkpoint in {args.out} yet: starting from step 0")
-    ckpt = ckpt or {"step": 0, "skipped": 0}
+    ckpt, last = ckpt or {"step": 0, "skipped": 0}, 0  # last: the step logged last, what a W&B run continued holds
     if master and os.path.exists(log):  # drop what was logged after the checkpoint (and a torn last line)
-        lines = [x for x in open(log) if x.endswith("\n") and json.loads(x)["step"] <= ckpt["step"]]
-        open(log, "w").writelines(lines)
+        lines = [(json.loads(x)["step"], x) for x in open(log) if x.endswith("\n")]
+        open(log, "w").writelines(x for step, x in lines if step <= ckpt["step"])
+        last = max([step for step, _ in lines], default=0)
+    if master:  # the W&B run's id rides in the checkpoint's args: --resume continues that run
+        args.wandb_id = data.wandb_start(args, ckpt.get("args", {}).get("wandb_id"), last)
     return ckpt
 
 
@@ -659,6 +662,7 @@ def autocast(device, dtype):
 def log_jsonl(out, record):
     with open(os.path.join(out, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+    data.wandb_log(record)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -789,6 +793,7 @@ def main(args):
             result = reconstruction_check(tok, vfm, val_clips, device, args.dtype)
             tok.train()
             log_jsonl(args.out, dict(step=step, eval=result))
+            data.draw_curves(args.out, "DeltaTok", r"eval/(h\d/\w+)/mse", "held-out feature MSE, h1 / h3 frames ahead")
             pair = lambda h, name: f"{result[f'h{h}/{name}/mse']:.4f} / {result[f'h{h}/{name}/cos']:.3f}"
             tqdm.write(f"step {step} reconstruction check on held-out clips (feature MSE / cosine):" + "".join(
                 f"\n  horizon {h}: DeltaTok sequential {pair(h, 'deltatok')}   parallel "

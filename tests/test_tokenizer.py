@@ -1,15 +1,19 @@
 """DeltaTok and the frozen VFM: properties of the model, and of its training loop (DDP, resume, broken data)."""
+import argparse
 import functools
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch._dynamo.utils import counters
 
 import data
@@ -398,3 +402,103 @@ def test_compile_blocks_is_regional_and_equals_eager(backend, monkeypatch):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
     assert list(tok.state_dict()) == keys
     torch._dynamo.reset()
+
+
+def wandb_runs(folder):
+    """{run id: ([its run records, one a file], [history rows])} of W&B's offline files under `folder` (its transaction log: LevelDB's
+    log format, 32 KiB blocks of chunks, each a 7-byte header (checksum, length, type) and data, after a 7-byte file
+    header)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    runs = {}
+    for path in folder.glob("wandb/offline-run-*/run-*.wandb"):
+        raw, pos, chunk = path.read_bytes(), 7, b""
+        while pos + 7 <= len(raw):
+            if 32768 - pos % 32768 < 7:  # a block's padding
+                pos += 32768 - pos % 32768
+                continue
+            n, kind = struct.unpack("<HB", raw[pos + 4:pos + 7])
+            chunk, pos = chunk + raw[pos + 7:pos + 7 + n], pos + 7 + n
+            if kind in (1, 4):  # a whole record, or the last chunk of one
+                record = pb.Record.FromString(chunk)
+                chunk, which = b"", record.WhichOneof("record_type")
+                if which == "run":
+                    run = runs.setdefault(record.run.run_id, ([], []))
+                    run[0].append(record.run)
+                elif which == "history":
+                    run[1].append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return runs
+
+
+def test_wandb_offline_keeps_one_run_across_resume_and_sends_no_step_twice(tmp_path, monkeypatch, capsys):
+    """--wandb ENTITY/PROJECT with W&B offline (as its documentation says): every record of log.jsonl at its step,
+    the flags as config, curves.png at each held-out check; a resume continues the same run and does not send the
+    steps it replays after the checkpoint again; a W&B that fails warns once and the run goes on without it."""
+    wandb = pytest.importorskip("wandb", reason="a test-only requirement: pip install -r requirements-test.txt")
+    for k, v in dict(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true").items():
+        monkeypatch.setenv(k, v)
+    out, save = tmp_path / "run", T.save_checkpoint
+    common = [*TINY, "--global-batch", "4", "--batch-size", "4", "--eval-every", "2", "--ckpt-every", "2", "--out", out,
+              "--wandb", "team/deltatok"]
+    monkeypatch.setattr(T, "save_checkpoint", lambda obj, path, master=True: obj["step"] <= 2 and save(obj, path))
+    train(*common, "--steps", "4")  # killed, as it were, after logging steps 3 and 4: the checkpoint holds step 2
+    first = (out / "curves.png").read_bytes()
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    train(*common, "--steps", "6", "--resume")
+    import eval as E  # and eval's table with the figures in its --out (here: curves.png)
+    E.to_wandb(argparse.Namespace(wandb="eval", out=str(out)), 0, **{"results/synthetic": [dict(method="Present")]})
+    wandb.teardown()  # the runs end and their files are written (wandb.finish may return before)
+    runs = wandb_runs(tmp_path)
+    starts, rows = runs.pop(run_id := T.load_checkpoint(out / "ckpt.pt")["args"]["wandb_id"])  # across the resume
+    assert {(r.entity, r.project, r.display_name) for r in starts} == {("team", "deltatok", str(out))}
+    configs = [{i.key: json.loads(i.value_json) for i in r.config.update} for r in starts]
+    assert sorted(c["steps"] for c in configs) == [4, 6] and all(c["model"] == "tiny" for c in configs)
+    assert sorted(r["_step"] for r in rows) == [1, 2, 3, 4, 5, 6]  # 3 and 4 once, though trained twice
+    assert all({"loss", "lr", "grad_norm", "clips_per_s", "skipped_videos"} <= set(r) for r in rows)
+    checks = [r["_step"] for r in rows if "eval/h3/deltatok/mse" in r and r["curves/_type"] == "image-file"]
+    assert sorted(checks) == [2, 4, 6]
+    [([run], [row])] = runs.values()  # no other run but eval's: its table, the figures in its --out
+    assert run.project == "eval" and row["results/synthetic/_type"] == "table-file" and "curves/_type" in row
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl") if "loss" in line] == [1, 2, 3, 4, 5, 6]
+    assert Image.open(out / "curves.png").size == (1260, 340) and (out / "curves.png").read_bytes() != first
+    capsys.readouterr()
+    monkeypatch.setattr(wandb, "init", lambda **kw: 1 / 0)  # W&B cannot start (nor finish, after teardown)
+    train(*common, "--steps", "8", "--resume")
+    err = [line for line in capsys.readouterr().err.splitlines() if "Weights & Biases" in line]
+    assert len(err) == 1 and T.load_checkpoint(out / "ckpt.pt")["step"] == 8  # one warning, the run went on
+    assert T.load_checkpoint(out / "ckpt.pt")["args"]["wandb_id"] == run_id  # a later --resume continues that run
+
+
+def test_wandb_without_the_package_is_one_line_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    import eval as E
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    for script, module in (("tokenizer", T), ("eval", E)):
+        monkeypatch.setattr(sys, "argv", [f"{script}.py", "--wandb", "p", "--out", str(tmp_path / script)])
+        with pytest.raises(SystemExit) as exit:
+            data.cli(module.main, module.get_parser())
+        assert exit.value.code == 2 and capsys.readouterr().err == f"{script}.py: error: --wandb needs the wandb " \
+            "package: pip install wandb\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_curves_png_redraws_with_more_steps_from_a_log_read_in_bounded_memory(tmp_path):
+    """curves.png has its size and is drawn again with the steps that came since; the log is read into at most
+    `most` + 1 points a key, spread over all its steps, the last one kept."""
+    def log(steps):
+        with open(tmp_path / "log.jsonl", "a") as f:
+            for s in steps:
+                f.write(json.dumps(dict(step=s, loss=1 / s + (s * 7919 % 13) / 100, lr=1e-3)) + "\n")
+                if s % 10 == 0:  # a held-out check
+                    f.write(json.dumps(dict(step=s, eval={"h1/best": 1 / s, "h1/best/mse": 2.0})) + "\n")
+    drawn = lambda: (np.ptp(np.asarray(Image.open(tmp_path / "curves.png")).astype(int), -1) > 60).sum()  # colour
+    log(range(1, 11))
+    data.draw_curves(str(tmp_path), "DeltaWorld", r"eval/(h\d/\w+)", "held-out loss")
+    first, short = (tmp_path / "curves.png").read_bytes(), drawn()
+    log(range(11, 20_011))
+    data.draw_curves(str(tmp_path), "DeltaWorld", r"eval/(h\d/\w+)", "held-out loss")
+    assert Image.open(tmp_path / "curves.png").size == (1260, 340) and (tmp_path / "curves.png").read_bytes() != first
+    assert drawn() > 3 * short  # the noisy loss of 20,000 steps: far more drawn than of 10
+    curves = data.read_log(tmp_path / "log.jsonl", most=100)
+    assert set(curves) == {"loss", "lr", "eval/h1/best", "eval/h1/best/mse"}
+    for points in curves.values():
+        steps = [s for s, _ in points]
+        assert len(steps) <= 101 and steps[-1] == 20_010 and steps[0] <= 256 and max(np.diff(steps)) <= 512
