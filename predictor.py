@@ -228,7 +228,7 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt")
     return world.to(device).eval().requires_grad_(False)
 
 
-def file_sha1(path):  # a checkpoint's (a hub id: its download's): what a DeltaWorld and its tokens record of a tokenizer
+def file_sha1(path):  # a checkpoint's (a hub id: its download's): what a DeltaWorld and its tokens keep of a tokenizer
     with open(T.checkpoint_path(path), "rb") as f:
         return hashlib.file_digest(f, "sha1").hexdigest()
 
@@ -452,14 +452,19 @@ def main(args):
     world = DeltaWorld(tok, vfm, args.model, bom=not args.no_bom).to(device)
     if init:  # weights only (the released layout or a predictor.py checkpoint): optimizer and step start afresh
         T.load_state_strict(world, init, f"--init {args.init}", "check --model / --no-bom")
+    made = dict(tokenizer_sha1=sha1, vfm=vfm.name, size=args.size, fps=args.fps,  # what makes the tokens (claim)
+                data=os.path.realpath(args.data) if os.path.exists(args.data) else args.data)
+    if args.export_tokens:
+        claim(args.export_tokens, meta := dict(made, kind="token_export"), "--export-tokens")
+    elif args.cache_tokens and not args.bench:  # (made after the run folder is locked)
+        new = claim(args.cache_tokens, meta := dict(made, kind="token_cache", stride=args.stride, seed=args.seed,
+                                                    num_frames=args.num_frames, global_batch=args.global_batch,
+                                                    crops=args.cache_crops), "--cache-tokens")
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),  # (its index: written)
                              num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
-    made = dict(tokenizer_sha1=sha1, vfm=vfm.name, size=args.size, fps=args.fps,  # what makes the tokens
-                data=os.path.realpath(args.data) if os.path.exists(args.data) else args.data)
     if args.export_tokens:  # for another world model, instead of training (README, Table D)
-        claim(args.export_tokens, meta := dict(made, kind="token_export", videos=len(train.source)), "--export-tokens")
-        return export_tokens(tok, vfm, train.source, args.export_tokens, meta, args.size, device, args.dtype, rank,
-                             world_size)
+        return export_tokens(tok, vfm, train.source, args.export_tokens, dict(meta, videos=len(train.source)),
+                             args.size, device, args.dtype, rank, world_size)
     opt = T.make_optimizer(world, args.lr, args.weight_decay, device)
     black = world.black(math.prod(args.size) // vfm.patch_size ** 2, device)
     K, L, C = 0 if args.no_bom else args.bom, args.num_frames - 1, tok.cfg.dim  # BoM noise (B, K, L, C)
@@ -486,10 +491,8 @@ def main(args):
         return bench_training(args, world, opt, inputs, K, C, device, "authors' code, H200, bf16 + compile, batch 32 x "
                               "8 frames, K=256: 256 px 142 ms, 3.8 GiB; 512 px 585 ms, 9.2 GiB; DINO-world 256 px: "
                               "166 ms, 24.2 GiB (SPEC section 6)", args.bom_chunk)
-    if args.cache_tokens:  # checked now, made after the run folder is locked
-        meta = dict(made, kind="token_cache", stride=args.stride, num_frames=args.num_frames, seed=args.seed,
-                    global_batch=args.global_batch, num_clips=math.ceil(args.cache_crops * len(train.source)))
-        new = claim(args.cache_tokens, meta, "--cache-tokens")
+    if args.cache_tokens:
+        meta["num_clips"] = math.ceil(args.cache_crops * len(train.source))
     if master:
         check = heldout_check(args, vfm, device, args.val_samples)
 

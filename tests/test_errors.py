@@ -185,6 +185,8 @@ CASES = [  # script, arguments, what the one line must name
     ("predictor", ["--data", "{frames}", "--fps", "10", "--tokenizer", "{deltaworld}"], "{deltaworld} is a deltaworld "
      "checkpoint"),
     ("baseline_dinoworld", ["--data", "{frames}", "--fps", "10", "--vfm", "{missing}"], "VFM '{missing}'"),
+    ("predictor", ["--tokenizer", "{tiny_tok}", "--data", "{frames}", "--fps", "10", "--export-tokens", "{tokrun}"],
+     "--export-tokens {tokrun} holds files it did not make"),
 ]
 
 
