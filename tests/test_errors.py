@@ -5,6 +5,7 @@ import argparse
 import fcntl
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -206,7 +207,9 @@ def test_a_bad_input_is_one_line_exit_2_and_nothing_written(script, args, named,
 
 # the class, not the cases: every flag of every script that takes a string is classified here, by what it names, and
 # each path flag is tried with each wrong path its role admits; a new flag fails test_every_string_flag_is_classified
-# until it has a row. A row: (role, the flag in a command line: "{}" the wrong path, {name} a file of `files`).
+# until it has a row. A row: (role, the flag in a command line: "{}" the wrong path, {name} a file of `files`). Roles:
+# a file read (in), videos (a folder or a list), a dataset's folder (root), a backbone (vfm), the run folder (out), a
+# folder of tokens (shards, cache), the index's folder, a folder written (DST), a file written over (file).
 PATHS = {
     "data": {"--bench": ("videos", "--bench {}"), "SRC": ("videos", "--prepare {} {tmp}/copy"),
              "DST": ("folder", "--prepare {frames} {}"), "JSONL": ("in", "--bench-table {} {md}"),
@@ -319,6 +322,12 @@ def test_resume_with_other_flags_is_refused_unless_allowed(tmp_path, monkeypatch
     assert T.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 1
     T.main(T.get_parser().parse_args(map(str, [*args, "--steps", "2", "--resume", "--lr", "2e-3", "--allow-changes"])))
     assert T.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2  # more steps, a new --batch-size: always allowed
+
+
+def test_a_deltaworld_takes_a_copy_of_the_tokenizer_it_records(files, tmp_path):
+    """(Another tokenizer is refused: a row of CASES.)"""
+    shutil.copy(files["tiny_tok"], tmp_path / "moved.pt")
+    assert P.load_deltaworld(files["tiny_world"], tokenizer=str(tmp_path / "moved.pt")).config["model"] == "tiny"
 
 
 def test_resume_takes_a_path_written_another_way_as_the_same(tmp_path, monkeypatch):
