@@ -138,14 +138,14 @@ def main(args):
     ckpt = T.check_run(args, "dinoworld", [("--data", args.data), ("--val-data", args.val_data), ("--init", args.init),
                                            ("--pca", args.pca)])
     init = T.load_checkpoint(args.init, ("dinoworld",), "--init") if args.init else None
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
-                             num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
     vfm = T.VFM(T.feature_source(args.vfm, args.vfm_layers, args.pca)).to(device)
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     dw = build_dinoworld(args.model, vfm, args.bom, args.size).to(device)
     C, L = vfm.dim, args.num_frames - 1
     if init:  # weights only: optimizer and step start afresh
         T.load_state_strict(dw, init, f"--init {args.init}", "check --model / --vfm / --bom")
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),  # (its index: written)
+                             num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
     opt = T.make_optimizer(dw, args.lr, args.weight_decay, device)
     if args.compile:
         T.compile_blocks(vfm, dw)
@@ -155,15 +155,15 @@ def main(args):
                               "DINO-world 256 px batch 32 x 8: 166 ms, 24.2 GiB (SPEC section 6); Table 2: + BoM 16 "
                               "needs about the same memory")
 
+    num_samples = args.val_samples if args.bom else 1
+    if master:  # the held-out check in feature smooth L1 and MSE
+        mse = lambda p, y: (p - y).pow(2).mean((-2, -1))
+        check = heldout_check(args, vfm, device, num_samples, (("", frame_loss), ("/mse", mse)))
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     resumed = T.resume(args, dw, opt, master, ckpt)
     step, skipped = resumed["step"], resumed["skipped"]
     model = T.ddp(dw, world, device)
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
-    num_samples = args.val_samples if args.bom else 1
-    if master:  # the held-out check in feature smooth L1 and MSE
-        mse = lambda p, y: (p - y).pow(2).mean((-2, -1))
-        check = heldout_check(args, vfm, device, num_samples, (("", frame_loss), ("/mse", mse)))
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, logged = time.perf_counter(), step

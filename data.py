@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 
 import av
 import numpy as np
@@ -55,14 +56,44 @@ def cli(main, parser):
     except UserError as e:  # from a DataLoader worker, the message ends with the worker's "data.UserError: ..."
         message = str(e).strip().splitlines()[-1].split("UserError: ")[-1]
         e.__traceback__ = None  # the run's frames go now (in gc.collect, a DataLoader whose worker raised waits 5 s)
-    except KeyboardInterrupt:  # before a stage catches signals, or a second Ctrl-C (tokenizer.catch_signals)
-        sys.exit(130)
-    if torch.distributed.is_initialized():  # the other ranks stop naming it (tokenizer._fail_together)
-        store = torch.distributed.distributed_c10d._get_default_store()
-        store.set("failed", f"rank {torch.distributed.get_rank()} failed with {message}")
-    gc.collect()  # progress bars close (and end their line) now, not after the message
+    except (KeyboardInterrupt, SystemExit) as e:  # a Ctrl-C before a stage catches signals, a second one (tokenizer.
+        sys.stdout.flush()  # catch_signals), or an exit (a stage's stop): a Ctrl-C while the loaders' workers end
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))  # then exits at once (in their __del__ it is "ignored")
+        sys.exit(130 if isinstance(e, KeyboardInterrupt) else e.code)
+    if torch.distributed.is_initialized():  # the other ranks stop naming it (fail_together)
+        torch.distributed.distributed_c10d._get_default_store().set("failed", f"rank {torch.distributed.get_rank()} "
+                                                                              f"failed with {message}")
+    if tqdm._instances:  # progress bars close (and end their line) now, not after the message (a collection: 0.2 s)
+        gc.collect()
     sys.stderr.write(f"{parser.prog}: error: {message}\n")
     sys.exit(2)
+
+
+def fail_together(kind, e, tb):
+    """sys.excepthook of a rank (tokenizer.setup_dist): its error (its own or a DataLoader worker's) goes to the group's
+    store first; the others, whose collective with it then fails (gloo at once; under NCCL torchrun stops them), name
+    it in one line, not a traceback. A rank gone without a word (SIGKILL, the OOM killer): the survivors name it."""
+    rank, world, stderr = torch.distributed.get_rank(), torch.distributed.get_world_size(), os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # (a store gone with its host logs a C++ backtrace at each call)
+    try:
+        store = torch.distributed.distributed_c10d._get_default_store()
+        if not store.check(["failed"]) and "gloo" in str(e):  # a collective failed, and no rank said why: the
+            store.set(f"alive{rank}", "")  # survivors mark the store, the lost do not. This rank's connections close
+            traceback.clear_frames(tb)  # now (the failed collective's frames hold them), so that the ranks waiting
+            torch.distributed.destroy_process_group()  # on them fail and mark too, and rank 0 (the store's host
+            time.sleep(1 + (rank == 0))  # under env://) stays until all have read
+            if lost := [str(r) for r in range(world) if not store.check([f"alive{r}"])]:
+                store.set("failed", f"rank {', '.join(lost)} is gone without a word (killed: out of memory?)")
+        if first := not store.check(["failed"]):  # (else another rank failed first: this error follows from it)
+            store.set("failed", f"rank {rank} failed with " + f"{kind.__name__}: {e}".strip().splitlines()[-1])
+        message = store.get("failed").decode()
+    except torch.distributed.DistError:  # the store went with rank 0, its host (torchrun's survives)
+        first, message = False, "rank 0 is gone, and the group's store with it (killed: out of memory?)"
+    finally:
+        os.dup2(stderr, 2)
+    if first:
+        return sys.__excepthook__(kind, e, tb)
+    print(f"{os.path.basename(sys.argv[0])}: error: stopping: {message}", file=sys.stderr)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -78,25 +109,37 @@ def hub_id(path):
 
 def check_paths(read, out=None, write=()):
     """Every path a command reads or writes, checked before anything is built, created or locked: each (flag, path)
-    of `read` exists and is readable ('synthetic' and hub ids pass); `out` and each of `write`, (flag, folder), is or
-    can be made a writable folder; out is no folder read, nor inside one, nor the folder of a file read."""
+    of `read` exists, is readable, and a folder or file as its flag wants ('synthetic' and hub ids pass); `out` and
+    each of `write`, (flag, folder or ""), is or can be made a writable folder; out is no folder read, nor inside
+    one, nor the folder of a file read."""
     dest = os.path.realpath(out[1]) if out else ""
+    folders, either = ("--kitti-raw", "--cache-tokens"), ("--data", "--val-data", "--bench", "SRC", "--video")
     for flag, path in read:
         if not path or path == "synthetic" or hub_id(path) or (flag, path) in write and not os.path.exists(path):
             continue  # (a folder both read and written, the token cache, may not exist yet)
         if not os.access(path, os.R_OK):
             raise UserError(f"{flag} {path} does not exist (or cannot be read): check the path")
+        if (isdir := os.path.isdir(path)) != (flag in folders) and flag not in either:  # any other flag: a file
+            raise UserError(f"{flag} {path} is a {('file', 'folder')[isdir]}: give a {('folder', 'file')[isdir]}")
         folder = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
         if dest == folder or os.path.isdir(path) and dest.startswith(folder + os.sep):
             raise UserError(f"{out[0]} {out[1]} is {'inside ' * (dest != folder)}the folder of {flag} {path}: it would "
                             f"write over what it reads; give another {out[0]}")
-    for flag, path in [out, *write] if out else write:
-        parent = os.path.realpath(path)
-        while not os.path.exists(parent):
-            parent = os.path.dirname(parent)
+    for flag, path in [w for w in (out, *write) if w and w[1]]:
+        parent = path
+        while not os.path.lexists(parent):  # (a link to nothing is no folder to make)
+            parent = os.path.dirname(os.path.abspath(parent))
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(f"{flag} {path} must be a folder you can write, and {parent} is " +
-                            ("not writable" if os.path.isdir(parent) else "a file"))
+            raise UserError(f"{flag} {path} must be a folder you can write, and {parent} is " + ("not writable" if
+                            os.path.isdir(parent) else "a file" if os.path.exists(parent) else "a link to nothing"))
+
+
+def same_path(a, b):
+    """Whether two values of a flag are equal or name one file or folder (./videos, videos/, a link; vspw:ROOT)."""
+    with contextlib.suppress(TypeError, OSError):  # not strings, or no such files
+        (x, p), (y, q) = (s.split(":", 1) if ":" in s and not os.path.exists(s) else ("", s) for s in (a, b))
+        return a == b or x == y and os.path.samefile(p, q)
+    return a == b
 
 
 def at_least(low, multiple=1):
@@ -784,8 +827,12 @@ def bench_record(**result):
 def bench_table(jsonl, markdown):
     """Write `make bench-gpu`'s rows (one JSON object per line; {"row", "failed"} for a bench that failed or ran out
     of time) into the markdown file, between the lines <!-- bench-gpu --> and <!-- /bench-gpu -->."""
-    lines = ["| step | batch | time | peak memory | share of matmul peak | device |", "|---|---|---|---|---|---|"]
+    head, _, rest = open(markdown, errors="replace").read().partition("<!-- bench-gpu -->\n")
+    if "<!-- /bench-gpu -->" not in rest:  # before anything is written
+        raise UserError(f"MD {markdown} has no lines <!-- bench-gpu --> and <!-- /bench-gpu --> to put the table "
+                        "between: give the markdown file to fill")
     rows = [json.loads(line) for line in open(jsonl)]
+    lines = ["| step | batch | time | peak memory | share of matmul peak | device |", "|---|---|---|---|---|---|"]
     need = max([r["batch"] / r["step_ms"] * 1000 for r in rows if r["row"].startswith("DeltaTok") and "batch" in r],
                default=0)  # clips/s the fastest DeltaTok step eats: what the loader must feed
     for r in rows:
@@ -801,10 +848,10 @@ def bench_table(jsonl, markdown):
             lines.append(f"| {r['row']} | | **{r['clips_per_s']:.0f} clips/s**{cells} |")
         else:  # eval's
             lines.append(f"| {r['row']} | | **{r.get('sequences_per_s', 0):.1f} sequences/s** | | | |")
-    head, _, rest = open(markdown).read().partition("<!-- bench-gpu -->\n")
-    tail = rest.partition("<!-- /bench-gpu -->")[2]
-    with open(markdown, "w") as f:
-        f.write(head + "<!-- bench-gpu -->\n" + "\n".join(lines) + "\n<!-- /bench-gpu -->" + tail)
+    with open(markdown + ".tmp", "w") as f:  # write, then rename: never half a file
+        f.write(head + "<!-- bench-gpu -->\n" + "\n".join(lines) + "\n<!-- /bench-gpu -->" + rest.partition(
+            "<!-- /bench-gpu -->")[2])
+    os.replace(markdown + ".tmp", markdown)
 
 
 # -----------------------------------------------------------------------------
@@ -812,11 +859,12 @@ def bench_table(jsonl, markdown):
 
 def main(args):
     if args.bench_table:
+        check_paths([("JSONL", args.bench_table[0]), ("MD", args.bench_table[1])])
         return bench_table(*args.bench_table)
     if args.prepare:
-        check_paths([("SRC", args.prepare[0])], ("DST", args.prepare[1]))
+        check_paths([("SRC", args.prepare[0])], ("DST", args.prepare[1]), [("--index", args.index)])
         return prepare(*args.prepare, args.short_side, args.workers, args.index)
-    check_paths([("--bench", args.bench)])
+    check_paths([("--bench", args.bench)], write=[("--index", args.index)])
     source = VideoFolder(args.bench, index=args.index)
     loader = make_loader(ClipDataset(source, args.num_frames), 8, num_workers=args.workers)
     next(loader)  # workers started

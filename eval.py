@@ -401,10 +401,10 @@ def evaluate(args, dataset, sequences, models, vfm, heads, device, rank, world, 
                     if item["index"] < args.figures:
                         figures(os.path.join(args.out, f"{dataset}_{item['index']:04d}_{h}"), name, item,
                                 feats[2 * b], rollout[2 * b], CONTEXT[h], heads | rgb, args.size)
-    if args.save_features:
+    if args.save_features:  # write, then rename: a features file written over is never half a file
         os.makedirs(os.path.dirname(os.path.abspath(args.save_features)), exist_ok=True)
-        torch.save(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in saved.items()}),
-                   args.save_features)
+        T.save_checkpoint(dict(dataset=dataset, size=args.size, vfm=vfm.name, **{h: torch.cat(v) for h, v in
+                                                                                 saved.items()}), args.save_features)
     data.bench_record(sequences_per_s=len(loader.sampler) / (time.perf_counter() - start))  # make bench-gpu's row
     # every score summed over the ranks: every rank reduces every key any rank has, in the same order (one without
     # sequences, when there are fewer than ranks, has none of its own but must reach each collective)
@@ -539,14 +539,15 @@ def main(args):
         raise data.UserError(f"--features needs one file per --data entry ({len(args.data)})")
     if args.video and not args.ckpt:
         raise data.UserError("--video forecasts with --ckpt models (not --features)")
-    if args.save_features and (len(args.ckpt) != 1 or world > 1):
-        raise data.UserError("--save-features takes one --ckpt and one process (python eval.py, not torchrun)")
+    if args.save_features and (len(args.ckpt) != 1 or len(args.data) != 1 or world > 1):  # one file, one dataset
+        raise data.UserError("--save-features takes one --ckpt, one --data and one process (python eval.py, not "
+                             "torchrun): run it once per dataset")
     flags = ("ckpt", "features", "heads", "tokenizer", "rgb_head", "video", "kitti_split", "kitti_raw")
     read = [(f"--{k.replace('_', '-')}", v.split("=")[-1]) for k in flags for v in np.atleast_1d(vars(args)[k] or "")]
     read += [("--data", d.partition(":")[2]) for d in args.data]  # --heads DATASET=PATH, --data NAME:ROOT
-    T.check_run(args, None, read, [("--save-features", os.path.dirname(os.path.abspath(args.save_features)))] *
-                bool(args.save_features))
-    if os.path.exists(args.save_features):  # only a features file may be written over
+    T.check_run(args, None, read, [("--save-features", args.save_features and os.path.dirname(os.path.abspath(
+        args.save_features)))])
+    if os.path.lexists(args.save_features):  # only a features file may be written over
         features_file(args.save_features, "--save-features")
     clip = video_clip(args) if args.video else None  # before loading any model: a mistake fails at once
     names = [spec.partition(":")[0] for spec in args.data]
@@ -598,7 +599,8 @@ def get_parser():
     p.add_argument("--tokenizer", default="", help="DeltaTok checkpoint for a DeltaWorld (default: the recorded one)")
     p.add_argument("--features", nargs="+", default=[], help="instead of --ckpt: predicted features, a file per "
                    "--data entry (format in the docstring)")
-    p.add_argument("--save-features", default="", help="write the predictions as a --features file (one dataset)")
+    p.add_argument("--save-features", default="", help="write the predictions as a --features file (one --data "
+                   "entry: one file per dataset, as --features reads them)")
     p.add_argument("--data", nargs="+", default=["synthetic"], help="synthetic, vspw:ROOT, cityscapes:ROOT, kitti:ROOT")
     p.add_argument("--kitti-split", default="", help="KITTI list (default: the release's Eigen test list, "
                    "splits/kitti_eigen_test.txt: 603 sequences)")

@@ -218,11 +218,19 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt")
         raise data.UserError(f"{flag} {path} records its tokenizer at {ckpt['tokenizer']}, which is gone: pass "
                              "--tokenizer with that file (moved or copied), or with the released DeltaTok it used")
     tok, vfm_name = T.load_deltatok(tokenizer or ckpt["tokenizer"], device)
+    if ckpt.get("tokenizer_sha1", sha1 := file_sha1(tokenizer or ckpt["tokenizer"])) != sha1:  # (released: none)
+        raise data.UserError(f"{flag} {path} was trained with another tokenizer than {tokenizer or ckpt['tokenizer']} "
+                             f"(sha1 {ckpt['tokenizer_sha1'][:12]}..., not {sha1[:12]}...): pass the one it records")
     vfm = vfm if vfm is not None else T.VFM(vfm_name if released else ckpt["vfm"] or vfm_name).to(device)
     cfg = dict(model="base", bom="q_embed.weight" not in ckpt.get("state_dict", ckpt)) if released else ckpt["config"]
     world = DeltaWorld(tok, vfm, cfg["model"], cfg["bom"])
     T.load_state_strict(world, ckpt, f"DeltaWorld checkpoint {path}", "check --tokenizer")
     return world.to(device).eval().requires_grad_(False)
+
+
+def file_sha1(path):  # a checkpoint's (a hub id: its download's): what a DeltaWorld and its tokens keep of a tokenizer
+    with open(T.checkpoint_path(path), "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
 
 
 def clip_noise(seed, step, clip_ids, K, length, dim, device):
@@ -270,11 +278,25 @@ class _StreamClips(torch.utils.data.Dataset):
         return self.dataset.sample(*divmod(c, self.global_batch))
 
 
+def claim(folder, meta, flag):
+    """Before anything is written, a folder of shards (token cache, export): shards made otherwise (its meta.pt, first
+    written: tokenizer, features, data, size, ...) are refused, never mixed in, as are other files. -> whether new"""
+    path = os.path.join(folder, "meta.pt")
+    old = T.load_checkpoint(path, (meta["kind"],), flag) if os.path.exists(path) else {}
+    if other := {k: old.get(k) for k in meta if old and old.get(k) != meta[k]}:
+        raise data.UserError(f"{flag} {folder} was made with other settings ({other}): give another folder, or "
+                             "delete it to make it again")
+    if not old and os.path.isdir(folder) and any(not f.endswith(".tmp") for f in os.listdir(folder)):  # (rank 0's)
+        raise data.UserError(f"{flag} {folder} holds files it did not make (no meta.pt): give a new or empty folder")
+    return not old
+
+
 @torch.no_grad()
 def build_token_cache(folder, meta, train, encode, rank, world_size, batch_size, num_workers):
     """Encode meta["num_clips"] clips by `encode` into folder/shard_*.pt (tokens (n, T, C) float32, times (n, T));
     shard k is written by rank k % world_size, and shards already on disk are kept, so an interrupted build resumes."""
     os.makedirs(folder, exist_ok=True)
+    T.save_checkpoint(meta, os.path.join(folder, "meta.pt"), rank == 0)  # first: what made the shards (claim)
     n, G = meta["num_clips"], meta["global_batch"]
     shards = [range(k * SHARD, min(n, (k + 1) * SHARD)) for k in range(rank, math.ceil(n / SHARD), world_size)]
     bar = tqdm(total=sum(map(len, shards)), desc="token cache", unit="clip", disable=rank != 0, dynamic_ncols=True)
@@ -294,10 +316,7 @@ def build_token_cache(folder, meta, train, encode, rank, world_size, batch_size,
         if T.stop_requested(1):  # a signal: each rank stops after its shard (they write different numbers of them)
             T.stopped(f"the token cache keeps the shards written in {folder}", rank == 0)
     bar.close()
-    if world_size > 1:
-        dist.barrier()
-    T.save_checkpoint(meta, os.path.join(folder, "meta.pt"), rank == 0)
-    if world_size > 1:
+    if world_size > 1:  # every shard written before any rank reads them
         dist.barrier()
 
 
@@ -305,16 +324,12 @@ class TokenCache:
     """The shards, memory-mapped. sample(step, j) is ClipDataset.sample's clip as tokens (T, C), so data.make_loader
     batches the cache as it batches the clips (its "frames" then are tokens (B, T, C))."""
 
-    def __init__(self, folder, meta):
-        self.meta = T.load_checkpoint(os.path.join(folder, "meta.pt"), ("token_cache",), "--cache-tokens")
+    def __init__(self, folder, meta):  # meta: what made the shards (claim)
         paths = sorted(glob.glob(os.path.join(folder, "shard_*.pt")))
         self.shards = [torch.load(p, map_location="cpu", mmap=True, weights_only=True) for p in paths]
-        self.n, self.perm = self.meta["num_clips"], (0, None)
+        self.meta, self.n, self.perm = meta, meta["num_clips"], (0, None)
         if sum(len(s["tokens"]) for s in self.shards) != self.n:
             raise data.UserError(f"token cache {folder} is incomplete: delete it and run again")
-        if {k: self.meta[k] for k in meta} != meta:  # `meta`: the settings of this run
-            raise data.UserError(f"the token cache {folder} was made with other settings "
-                                 f"({ {k: v for k, v in self.meta.items() if meta.get(k) != v} }): use another folder")
         self.skipped = sum(s["skipped"] for s in self.shards)
 
     def sample(self, step, j):  # cache clip step G + j: tokens, times and no broken video
@@ -329,12 +344,14 @@ class TokenCache:
 
 
 @torch.no_grad()
-def export_tokens(tok, vfm, source, folder, size, device, dtype, rank=0, world_size=1, shard=1000, chunk=64):
+def export_tokens(tok, vfm, source, folder, meta, size, device, dtype, rank=0, world_size=1, shard=1000, chunk=64):
     """Delta tokens of every frame of every video of `source`, each frame resized whole to size (H, W), for another
     world model: folder/shard_KKKKK.pt holds videos k * shard onwards as {"video": [index in the source], "tokens":
-    [(T, C) float32], "times": [(T,) seconds]}. Shard k is written by rank k % world_size, shards on disk are kept
-    (a rerun goes on), frames are read and encoded `chunk` at a time, broken videos skipped (README, Table D)."""
+    [(T, C) float32], "times": [(T,) seconds]}, and meta.pt `meta` (claim). Shard k is written by rank k % world_size,
+    shards on disk are kept (a rerun goes on), frames read and encoded `chunk` at a time, broken videos skipped
+    (README, Table D)."""
     os.makedirs(folder, exist_ok=True)
+    T.save_checkpoint(meta, os.path.join(folder, "meta.pt"), rank == 0)
     for k in tqdm(range(rank * shard, len(source), world_size * shard), "export", unit="shard", disable=rank != 0):
         path, out = os.path.join(folder, f"shard_{k // shard:05d}.pt"), dict(video=[], tokens=[], times=[])
         if os.path.exists(path):
@@ -416,12 +433,10 @@ def main(args):
         raise data.UserError("--tokenizer is required: a tokenizer.py checkpoint or the released DeltaTok weights")
     accum = 1 if args.bench else data.accumulation(args.global_batch, args.batch_size, world_size)
     cache = ("--cache-tokens", args.cache_tokens)  # read, or made (a folder of its own: not --out)
-    write = [w for w in (cache, ("--export-tokens", args.export_tokens)) if w[1]]
     ckpt = T.check_run(args, "deltaworld", [("--tokenizer", args.tokenizer), ("--data", args.data),
-                       ("--val-data", args.val_data), ("--init", args.init), cache], write)
+                       ("--val-data", args.val_data), ("--init", args.init), cache],
+                       [cache, ("--export-tokens", args.export_tokens)])
     init = T.load_checkpoint(args.init, ("deltaworld",), "--init") if args.init else None
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),
-                             num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
     tok, vfm_name = T.load_deltatok(args.tokenizer, device) if args.tokenizer else (None, T.DINOV3_B16)
     vfm = T.VFM(args.vfm or vfm_name).to(device)
     if tok is None:  # --bench without one: a random tokenizer
@@ -429,13 +444,27 @@ def main(args):
     if (tok.cfg.dim, tok.cfg.patch_size) != (vfm.dim, vfm.patch_size):
         raise data.UserError(f"the tokenizer (dim {tok.cfg.dim}, patch {tok.cfg.patch_size}) does not fit the VFM "
                              f"{vfm.name} (dim {vfm.dim}, patch {vfm.patch_size}): check --vfm")
-    if args.export_tokens:  # for another world model, instead of training (README, Table D)
-        return export_tokens(tok, vfm, train.source, args.export_tokens, args.size, device, args.dtype, rank,
-                             world_size)
+    sha1 = file_sha1(args.tokenizer) if args.tokenizer else None  # a retrained tokenizer at the same path: other tokens
+    if ckpt and ckpt.get("tokenizer_sha1", sha1) != sha1:
+        raise data.UserError(f"--resume: {args.out} was trained with another --tokenizer than {args.tokenizer} (its "
+                             "sha1 differs)")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     world = DeltaWorld(tok, vfm, args.model, bom=not args.no_bom).to(device)
     if init:  # weights only (the released layout or a predictor.py checkpoint): optimizer and step start afresh
         T.load_state_strict(world, init, f"--init {args.init}", "check --model / --no-bom")
+    made = dict(tokenizer_sha1=sha1, vfm=vfm.name, size=args.size, fps=args.fps,  # what makes the tokens (claim)
+                data=os.path.realpath(args.data) if os.path.exists(args.data) else args.data)
+    if args.export_tokens:
+        claim(args.export_tokens, meta := dict(made, kind="token_export"), "--export-tokens")
+    elif args.cache_tokens and not args.bench:  # (made after the run folder is locked)
+        new = claim(args.cache_tokens, meta := dict(made, kind="token_cache", stride=args.stride, seed=args.seed,
+                                                    num_frames=args.num_frames, global_batch=args.global_batch,
+                                                    crops=args.cache_crops), "--cache-tokens")
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args),  # (its index: written)
+                             num_frames=args.num_frames, size=args.size, stride=tuple(args.stride), seed=args.seed)
+    if args.export_tokens:  # for another world model, instead of training (README, Table D)
+        return export_tokens(tok, vfm, train.source, args.export_tokens, dict(meta, videos=len(train.source)),
+                             args.size, device, args.dtype, rank, world_size)
     opt = T.make_optimizer(world, args.lr, args.weight_decay, device)
     black = world.black(math.prod(args.size) // vfm.patch_size ** 2, device)
     K, L, C = 0 if args.no_bom else args.bom, args.num_frames - 1, tok.cfg.dim  # BoM noise (B, K, L, C)
@@ -462,6 +491,10 @@ def main(args):
         return bench_training(args, world, opt, inputs, K, C, device, "authors' code, H200, bf16 + compile, batch 32 x "
                               "8 frames, K=256: 256 px 142 ms, 3.8 GiB; 512 px 585 ms, 9.2 GiB; DINO-world 256 px: "
                               "166 ms, 24.2 GiB (SPEC section 6)", args.bom_chunk)
+    if args.cache_tokens:
+        meta["num_clips"] = math.ceil(args.cache_crops * len(train.source))
+    if master:
+        check = heldout_check(args, vfm, device, args.val_samples)
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     # the tokenizer the checkpoint records: a file by its absolute path, a hub id as it is
@@ -470,23 +503,15 @@ def main(args):
     step, skipped = resumed["step"], resumed["skipped"]
     model = T.ddp(world, world_size, device)
     if args.cache_tokens:
-        with open(T.checkpoint_path(args.tokenizer), "rb") as f:  # a retrained tokenizer at the same path: a new cache
-            sha1 = hashlib.file_digest(f, "sha1").hexdigest()
-        meta = dict(kind="token_cache", tokenizer=tokenizer, data=args.data, size=args.size,
-                    tokenizer_sha1=sha1, stride=args.stride, num_frames=args.num_frames, seed=args.seed,
-                    global_batch=args.global_batch, num_clips=math.ceil(args.cache_crops * len(train.source)))
-        if not os.path.exists(os.path.join(args.cache_tokens, "meta.pt")):
-            start = time.perf_counter()
-            build_token_cache(args.cache_tokens, meta, train, encode, rank, world_size, args.batch_size,
-                              args.num_workers)
-            data.bench_record(clips_per_s=meta["num_clips"] / (time.perf_counter() - start))  # make bench-gpu's row
+        start = time.perf_counter()
+        build_token_cache(args.cache_tokens, meta, train, encode, rank, world_size, args.batch_size, args.num_workers)
+        if new:  # make bench-gpu's row
+            data.bench_record(clips_per_s=meta["num_clips"] / (time.perf_counter() - start))
         cache = TokenCache(args.cache_tokens, meta)
         loader = data.make_loader(cache, args.batch_size, rank, world_size, accum, step, num_workers=0)  # memory-mapped
         skipped = cache.skipped
     else:
         loader = data.make_loader(train, args.batch_size, rank, world_size, accum, step, args.num_workers)
-    if master:
-        check = heldout_check(args, vfm, device, args.val_samples)
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, logged = time.perf_counter(), step
@@ -529,7 +554,7 @@ def main(args):
                 f"\n  horizon {h}: best {result[f'h{h}/best']:.4f}   mean {result[f'h{h}/mean']:.4f}   "
                 f"copy-last {result[f'h{h}/copy_last']:.4f}" for h in (1, 3)))
         if T.stop_requested(world_size) or step % args.ckpt_every == 0 or step == args.steps:
-            T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=tokenizer,
+            T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=tokenizer, tokenizer_sha1=sha1,
                                    tokenizer_config=asdict(tok.cfg), vfm=vfm.name, size=args.size,
                                    model=world.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
                                    args=vars(args)), ckpt_path, master)

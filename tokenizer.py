@@ -473,18 +473,8 @@ def setup_dist():
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    sys.excepthook = _fail_together
+    sys.excepthook = data.fail_together
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def _fail_together(kind, e, tb):
-    """A rank's error (its own or a DataLoader worker's) goes to the group's store first; the others, whose collective
-    with it then fails (gloo at once; under NCCL torchrun stops them), name it in one line, not a traceback."""
-    store, prog = dist.distributed_c10d._get_default_store(), os.path.basename(sys.argv[0])
-    if store.check(["failed"]):  # another rank failed first: this error follows from it
-        return print(f"{prog}: error: stopping: {store.get('failed').decode()}", file=sys.stderr)
-    store.set("failed", f"rank {dist.get_rank()} failed with " + f"{kind.__name__}: {e}".strip().splitlines()[-1])
-    sys.__excepthook__(kind, e, tb)
 
 
 def cleanup_dist(world):
@@ -506,7 +496,7 @@ def check_run(args, kind, read=(), write=()):
     None), or this stage's with --resume, training state and the same flags (but RESUMABLE; else --allow-changes)."""
     path = os.path.join(args.out, "ckpt.pt")  # the timing, fitting and export modes write no run folder
     no_run = any(getattr(args, k, None) for k in ("bench", "fit_pca", "export_tokens"))
-    data.check_paths(read, None if no_run else ("--out", args.out), write)
+    data.check_paths(read, None if no_run else ("--out", args.out), [*write, ("--index", getattr(args, "index", ""))])
     if no_run or not os.path.exists(path):
         return None
     ckpt = load_checkpoint(path, (), "--out")
@@ -518,7 +508,7 @@ def check_run(args, kind, read=(), write=()):
         raise data.UserError(f"--resume: {path} holds no training state (model, optimizer, step, args), only weights: "
                              f"start a new run from them with --init {path} and another --out")
     old, new = ckpt["args"], vars(args)
-    changed = [k for k in new if k not in RESUMABLE and old.get(k, new[k]) != new[k]]
+    changed = [k for k in new if k not in RESUMABLE and k in old and not data.same_path(old[k], new[k])]
     if changed and not args.allow_changes:
         flags = lambda a: " ".join(f"--{k.replace('_', '-')} {a[k]}" for k in changed)
         raise data.UserError(f"--resume: {path} was trained with {flags(old)}, not {flags(new)}: pass the same "
@@ -714,18 +704,18 @@ def main(args):
     if args.fit_pca and (args.fit_pca[0] > vfm.dim or args.fit_pca[0] % (vfm.dim // vfm.heads)):  # before any fit
         raise data.UserError(f"--fit-pca {args.fit_pca[0]}: want at most the features' {vfm.dim} components, a "
                              f"multiple of the head width {vfm.dim // vfm.heads}")
-    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args), num_frames=2,
-                             size=args.size, stride=tuple(args.stride), seed=args.seed)
-    if args.fit_pca:  # over all patches of N batches of training clips (2 frames each)
-        loader = data.make_loader(train, args.batch_size, num_workers=args.num_workers)
-        feats = (vfm(next(loader)["frames"].to(device)) for _ in tqdm(range(args.fit_pca[1]), "fit PCA"))
-        return save_pca(fit_pca(feats, args.fit_pca[0]), args.pca, master)
     if init and (trained := init.get("vfm", DINOV3_B16)) != vfm.name:  # released files: DINOv3 ViT-B/16
         raise data.UserError(f"--init {args.init} was trained on the features {trained}, not {vfm.name}")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     tok = build_deltatok(args.model, vfm, args.mode, None if args.no_rope_jitter else 2.0, args.size).to(device)
     if init:  # weights only (a released file or a tokenizer.py checkpoint): optimizer and step start afresh
         load_state_strict(tok, init, f"--init {args.init}")
+    train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args), num_frames=2,
+                             size=args.size, stride=tuple(args.stride), seed=args.seed)  # (its index: written)
+    if args.fit_pca:  # over all patches of N batches of training clips (2 frames each)
+        loader = data.make_loader(train, args.batch_size, num_workers=args.num_workers)
+        feats = (vfm(next(loader)["frames"].to(device)) for _ in tqdm(range(args.fit_pca[1]), "fit PCA"))
+        return save_pca(fit_pca(feats, args.fit_pca[0]), args.pca, master)
     opt = make_optimizer(tok, args.lr, args.weight_decay, device)
     if args.compile:
         compile_blocks(vfm, tok)
@@ -746,15 +736,15 @@ def main(args):
                          "authors' code, H200, bf16 + compile: 256 px batch 64: 115 ms, 24.2 GiB; "
                          "512 px batch 64: 511 ms, 88.6 GiB (SPEC section 6)")
 
+    if master:  # held-out clips of 4 frames for the reconstruction check
+        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args)
+        val = data.ClipDataset(val_src, num_frames=4, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
+        val_clips = torch.stack([val.sample(0, j)[0] for j in range(args.val_clips)])
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     resumed = resume(args, tok, opt, master, ckpt)
     step, skipped = resumed["step"], resumed["skipped"]
     model = ddp(tok, world, device)
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
-    if master:  # held-out clips of 4 frames for the reconstruction check
-        val_src = data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args)
-        val = data.ClipDataset(val_src, num_frames=4, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
-        val_clips = torch.stack([val.sample(0, j)[0] for j in range(args.val_clips)])
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
     t0, logged = time.perf_counter(), step

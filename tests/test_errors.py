@@ -1,8 +1,11 @@
 """A user's mistake (a flag, a path, a file of the wrong kind) is one line on stderr and exit status 2, before
 anything is built or written; no run writes over another's folder or its own inputs; a command with nothing to do
 says so; the run folder is locked; a resume with other flags is refused unless allowed."""
+import argparse
 import fcntl
 import os
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -50,6 +53,7 @@ def files(tmp_path_factory):
     torch.save({"predictor.blocks.0.norm1.weight": torch.zeros(2)}, d / "released_deltaworld.bin")
     (d / "truncated.pt").write_bytes((d / "released_deltatok.bin").read_bytes()[:200])
     (d / "notes.txt").write_text("not a checkpoint\n")
+    (d / "md.md").write_text("# benchmarks\n<!-- bench-gpu -->\n<!-- /bench-gpu -->\n")
     torch.save(dict(dataset="synthetic", size=32, vfm="tiny", short=torch.zeros(1, 2, 1, 4, 64)), d / "features.pt")
     torch.save(torch.zeros(1, 2, 1, 4, 64), d / "tensor.pt")
     for run, state in (("tokrun", dict(kind="deltatok", model={}, step=5)), ("barerun", T.build_deltatok(
@@ -58,6 +62,14 @@ def files(tmp_path_factory):
         torch.save(state, d / run / "ckpt.pt")
     tok = T.build_deltatok("tiny", T.VFM("tiny"))
     torch.save(dict(kind="deltatok", config=asdict(tok.cfg), vfm="tiny", model=tok.state_dict()), d / "tiny_tok.pt")
+    other = T.build_deltatok("tiny", T.VFM("tiny"))  # the same kind, other weights
+    torch.save(dict(kind="deltatok", config=asdict(other.cfg), vfm="tiny", model=other.state_dict()),
+               d / "other_tok.pt")
+    world = P.DeltaWorld(tok, model="tiny")  # trained on tiny_tok, as predictor.py records it
+    torch.save(dict(kind="deltaworld", config=world.config, tokenizer=str(d / "tiny_tok.pt"), vfm="tiny",
+                    tokenizer_sha1=P.file_sha1(str(d / "tiny_tok.pt")), model=world.state_dict()), d / "tiny_world.pt")
+    (d / "export_other").mkdir()  # tokens exported by another tokenizer
+    torch.save(dict(kind="token_export", tokenizer_sha1="0" * 40), d / "export_other" / "meta.pt")
     torch.save(dict(kind="deltaworld", tokenizer=str(d / "deleted.pt"), model={}), d / "orphan_world.pt")
     torch.save(H.SegHead(768, 4).state_dict(), d / "wide_head.bin")  # a released head: DINOv3 ViT-B, 768 wide
     torch.save(dict(kind="seghead", vfm="other", model=H.SegHead(64, 4).state_dict()), d / "other_head.pt")
@@ -113,8 +125,8 @@ CASES = [  # script, arguments, what the one line must name
     ("eval", ["--ckpt", "{deltatok}", "--samples", "0"], "--samples"),
     # round 2 (issue 16): a path is checked before anything is built or made, for the role it plays
     ("tokenizer", ["--out", "{notes}"], "--out {notes} must be a folder you can write, and {notes} is a file"),
-    ("predictor", ["--tokenizer", "{deltatok}", "--cache-tokens", "{notes}"], "--cache-tokens {notes} must be a "
-     "folder"),
+    ("predictor", ["--tokenizer", "{deltatok}", "--cache-tokens", "{notes}"], "--cache-tokens {notes} is a file: give "
+     "a folder"),
     ("predictor", ["--tokenizer", "{deltatok}", "--val-data", "{missing}"], "--val-data {missing} does not exist"),
     ("eval", ["--ckpt", "{tiny_tok}", "--save-features", "{notes}/f.pt"], "--save-features {notes} must be a folder"),
     ("data", ["--bench", "{missing}"], "--bench {missing} does not exist"),
@@ -173,6 +185,24 @@ CASES = [  # script, arguments, what the one line must name
     ("tokenizer", ["--vfm-layers", "1,1", "--data", "{frames}"], "--vfm-layers 1,1: want distinct blocks, 0 to 1"),
     ("tokenizer", ["--convert-pca", "{notes}", "--pca", "{dir}/new/pca.pt"], "--convert-pca {notes}: not "
      "DINO-Foresight's PCA"),
+    # round 3 (issue 26): what a run records is checked, never mixed in or written over
+    ("eval", ["--ckpt", "{tiny_world}", "--tokenizer", "{other_tok}", "--size", "32"], "--ckpt {tiny_world} was "
+     "trained with another tokenizer than {other_tok}"),
+    ("eval", ["--ckpt", "{tiny_tok}", "--data", "synthetic", "synthetic", "--save-features", "{dir}/f.pt"],
+     "--save-features takes one --ckpt, one --data"),
+    ("predictor", ["--tokenizer", "{tiny_tok}", "--export-tokens", "{export_other}"], "--export-tokens {export_other} "
+     "was made with other settings ({{'tokenizer_sha1': '0000"),
+    ("predictor", ["--tokenizer", "{tiny_tok}", "--cache-tokens", "{export_other}"], "--cache-tokens "
+     "{export_other}/meta.pt is a token_export checkpoint, not token_cache"),
+    # every refusal comes before anything is written, the index of --data included
+    ("tokenizer", ["--data", "{frames}", "--fps", "10", "--vfm-layers", "9"], "--vfm-layers 9"),
+    ("tokenizer", ["--data", "{frames}", "--fps", "10", "--init", "{tiny_tok}", "--vfm", "dinov2-tiny"],
+     "{tiny_tok} was trained on the features tiny, not dinov2-tiny"),
+    ("predictor", ["--data", "{frames}", "--fps", "10", "--tokenizer", "{deltaworld}"], "{deltaworld} is a deltaworld "
+     "checkpoint"),
+    ("baseline_dinoworld", ["--data", "{frames}", "--fps", "10", "--vfm", "{missing}"], "VFM '{missing}'"),
+    ("predictor", ["--tokenizer", "{tiny_tok}", "--data", "{frames}", "--fps", "10", "--export-tokens", "{tokrun}"],
+     "--export-tokens {tokrun} holds files it did not make"),
 ]
 
 
@@ -188,6 +218,93 @@ def test_a_bad_input_is_one_line_exit_2_and_nothing_written(script, args, named,
     assert status == 2 and len(err) == 1, err
     assert err[0].startswith(f"{script}.py: error: ") and named.format(**files) in err[0], err
     assert not (tmp_path / "run").exists() and state() == before  # no folder made, no file changed
+
+
+# the class, not the cases: every flag of every script that takes a string is classified here, by what it names, and
+# each path flag is tried with each wrong path its role admits; a new flag fails test_every_string_flag_is_classified
+# until it has a row. A row: (role, the flag in a command line: "{}" the wrong path, {name} a file of `files`). Roles:
+# a file read (in), videos (a folder or a list), a dataset's folder (root), a backbone (vfm), the run folder (out), a
+# folder of tokens (shards, cache), the index's folder, a folder written (DST), a file written over (file).
+PATHS = {
+    "data": {"--bench": ("videos", "--bench {}"), "SRC": ("videos", "--prepare {} {tmp}/copy"),
+             "DST": ("folder", "--prepare {frames} {}"), "JSONL": ("in", "--bench-table {} {md}"),
+             "MD": ("file", "--bench-table {tiny_tok} {}"), "--index": ("index", "--bench {frames} --index {}")},
+    "tokenizer": {"--out": ("out", "--init {tiny_tok} --out {}"), "--vfm": ("vfm", "--vfm {}"), "--vfm-layers": None,
+                  "--pca": ("in", "--pca {}"), "--init": ("in", "--init {}"), "--data": ("videos", "--data {}"),
+                  "--convert-pca": ("in", "--convert-pca {} --pca {tmp}/pca.pt"),
+                  "--val-data": ("videos", "--val-data {}"), "--index": ("index", "--index {}"), "--wandb": None},
+    "predictor": {"--tokenizer": ("in", "--tokenizer {}"), "--out": ("out", "--out {}"), "--vfm": ("vfm", "--vfm {}"),
+                  "--init": ("in", "--init {}"), "--cache-tokens": ("cache", "--cache-tokens {}"),
+                  "--export-tokens": ("shards", "--export-tokens {}"), "--data": ("videos", "--data {}"),
+                  "--val-data": ("videos", "--val-data {}"), "--index": ("index", "--index {}"), "--wandb": None},
+    "baseline_dinoworld": {"--out": ("out", "--init {dinoworld} --out {}"), "--vfm": ("vfm", "--vfm {}"),
+                           "--init": ("in", "--init {}"), "--data": ("videos", "--data {}"),
+                           "--val-data": ("videos", "--val-data {}"), "--index": ("index", "--index {}"),
+                           "--vfm-layers": None, "--pca": ("in", "--pca {}"), "--wandb": None},
+    "heads": {"--data": ("root", "--data vspw:{}"), "--kitti-split": ("in", "--kitti-split {}"),
+              "--kitti-val-split": ("in", "--kitti-val-split {}"), "--kitti-raw": ("root", "--kitti-raw {}"),
+              "--out": ("out", "--kitti-split {notes} --out {}"), "--vfm": ("vfm", "--vfm {}"),
+              "--vfm-layers": None, "--pca": ("in", "--pca {}"), "--wandb": None},
+    "eval": {"--ckpt": ("in", "--ckpt {}"), "--tokenizer": ("in", "--ckpt {tiny_tok} --tokenizer {}"),
+             "--features": ("in", "--features {}"), "--save-features": ("file", "--ckpt {tiny_tok} --save-features {}"),
+             "--data": ("root", "--ckpt {tiny_tok} --data vspw:{}"),
+             "--kitti-split": ("in", "--ckpt {tiny_tok} --data kitti:{dir} --kitti-split {}"),
+             "--kitti-raw": ("root", "--ckpt {tiny_tok} --kitti-raw {}"),
+             "--heads": ("in", "--ckpt {tiny_tok} --heads {}"), "--rgb-head": ("in", "--ckpt {tiny_tok} --rgb-head {}"),
+             "--video": ("videos", "--ckpt {tiny_tok} --video {}"),
+             "--vfm": ("vfm", "--ckpt {tiny_tok} --vfm {}"), "--out": ("out", "--ckpt {tiny_tok} --out {}"),
+             "--wandb": None},
+}
+KINDS = {  # the wrong paths of each role: missing, a file where a folder is meant (file) and the reverse (dir), a link
+    # to nothing, another run's folder or its checkpoint (run), an input of the same command or its folder (input),
+    # --out itself (out), a file inside --out (in-out)
+    "in": "missing dir dangling in-out", "videos": "missing dangling out", "root": "missing file dangling out",
+    "vfm": "missing file dangling", "out": "file dangling run input", "shards": "file dangling run input",
+    "cache": "file dangling run input out", "index": "file dangling", "folder": "file dangling input",
+    "file": "dir dangling run input"}
+XFAIL = {}  # (script, flag, kind): why, for what another helper fixes
+ROWS = [(script, flag, kind) for script, flags in PATHS.items() for flag, row in flags.items() if row
+        for kind in KINDS[row[0]].split()  # (data.py and --convert-pca write no --out)
+        if kind not in ("out", "in-out") or script != "data" and "--convert-pca" not in row[1]]
+
+
+def test_every_string_flag_is_classified():
+    """Every flag that takes a string (no type, no choices) has a row in PATHS, and every row names such a flag."""
+    for script, module in SCRIPTS.items():
+        found = {name for a in module.get_parser()._actions if isinstance(a, argparse._StoreAction) and a.type is None
+                 and a.choices is None for name in (a.metavar if isinstance(a.metavar, tuple) else a.option_strings)}
+        assert found == set(PATHS[script]), (script, found ^ set(PATHS[script]))
+
+
+@pytest.mark.parametrize("script,flag,kind", [pytest.param(*r, marks=pytest.mark.xfail(reason=XFAIL[r], strict=True))
+                                              if r in XFAIL else r for r in ROWS], ids=map(" ".join, ROWS))
+def test_every_path_flag_refuses_every_kind_of_wrong_path(script, flag, kind, files, tmp_path, monkeypatch, capsys):
+    """A wrong path of each kind its role admits: one line that names the flag or the path, exit 2, nothing made,
+    no input changed."""
+    role, template = PATHS[script][flag]
+    named = re.findall(r"{(\w+)}", template.replace("{tmp}", ""))  # the inputs it names (predictor: --tokenizer)
+    given = files[named[0] if named else "tiny_tok"]
+    written = role == "file"  # a file written, else a folder
+    path = {"missing": tmp_path / "nowhere" / "x", "file": files["notes"], "dir": files["frames"],
+            "dangling": tmp_path / "link", "run": Path(files["tokrun"]) / ("ckpt.pt" if written else ""),
+            "input": given if written or os.path.isdir(given) else os.path.dirname(given), "out": tmp_path / "run",
+            "in-out": tmp_path / "run" / "in.pt"}[kind]
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    if kind in ("out", "in-out"):
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "in.pt").write_bytes(Path(files["tiny_tok"]).read_bytes())
+    common = {"data": [], "eval": ["--size", "32"], "heads": [*HEADS, "--task", "seg"],
+              "predictor": [*TINY[2:], "--model", "tiny", "--tokenizer", files["tiny_tok"]]}.get(
+        script, [*TINY, "--model", "tiny"])
+    args = common + ["--out", tmp_path / "run"] * (script != "data") + [
+        a.format(str(path), tmp=tmp_path, **files) for a in template.split()]
+    state = lambda: {p: (p.stat(follow_symlinks=False).st_size, p.stat(follow_symlinks=False).st_mtime_ns)
+                     for d in (files["dir"], tmp_path) for p in Path(d).rglob("*")}
+    before = state()
+    status, err = cli(script, args, monkeypatch, capsys)
+    assert status == 2 and len(err) == 1 and err[0].startswith(f"{script}.py: error: "), err
+    assert flag in err[0] or str(path) in err[0], err
+    assert state() == before  # nothing made, no input changed
 
 
 @pytest.fixture(scope="module")
@@ -229,6 +346,30 @@ def test_resume_with_other_flags_is_refused_unless_allowed(tmp_path, monkeypatch
     assert T.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 1
     T.main(T.get_parser().parse_args(map(str, [*args, "--steps", "2", "--resume", "--lr", "2e-3", "--allow-changes"])))
     assert T.load_checkpoint(tmp_path / "ckpt.pt")["step"] == 2  # more steps, a new --batch-size: always allowed
+
+
+def test_a_deltaworld_takes_a_copy_of_the_tokenizer_it_records(files, tmp_path):
+    """(Another tokenizer is refused: a row of CASES.)"""
+    shutil.copy(files["tiny_tok"], tmp_path / "moved.pt")
+    assert P.load_deltaworld(files["tiny_world"], tokenizer=str(tmp_path / "moved.pt")).config["model"] == "tiny"
+
+
+def test_resume_takes_a_path_written_another_way_as_the_same(tmp_path, monkeypatch):
+    """--data ./videos, videos/, its absolute path or a link to it name the folder the run recorded as videos: no
+    change; another folder is one (heads.py's NAME:ROOT alike)."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("run", "videos", "other"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "videos")
+    torch.save(dict(kind="deltatok", model={}, optimizer={}, step=1, args=dict(data="videos", spec="vspw:videos")),
+               tmp_path / "run" / "ckpt.pt")
+    run = lambda data, spec: T.check_run(argparse.Namespace(out="run", resume=True, allow_changes=False, data=data,
+                                                            spec=spec), "deltatok")
+    for same in ("./videos", "videos/", str(tmp_path / "videos"), "link"):
+        assert run(same, "vspw:" + same)["step"] == 1
+    for data_, spec in (("other", "vspw:videos"), ("videos", "vspw:other"), ("videos", "kitti:videos")):
+        with pytest.raises(data.UserError, match="--resume: run/ckpt.pt was trained with"):
+            run(data_, spec)
 
 
 def test_a_run_folder_is_written_by_one_run_at_a_time(tmp_path, monkeypatch, capsys):

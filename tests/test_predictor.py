@@ -268,7 +268,7 @@ def test_a_signal_stops_the_token_cache_build_after_its_shard_and_the_next_run_g
     with pytest.raises(SystemExit) as stop:
         train(tmp_path / "run", *common)
     assert stop.value.code == T.PREEMPTED and "stopped by SIGUSR1: the token cache keeps" in capsys.readouterr().err
-    assert sorted(os.listdir(cache)) == ["shard_00000.pt"]
+    assert sorted(os.listdir(cache)) == ["meta.pt", "shard_00000.pt"]  # meta.pt first: what made the shards
     first = (cache / "shard_00000.pt").stat().st_mtime_ns
     monkeypatch.setattr(T, "save_checkpoint", save)
     train(tmp_path / "run", *common, "--resume")

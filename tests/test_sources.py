@@ -332,7 +332,8 @@ def test_table_d_chain_from_one_set_of_flags_over_dinov2_layers_and_pca_at_28x56
                                           "--global-batch", "4", "--out", str(tmp_path / "tok2")]))
     # the export: every frame's token of each video, as the tokenizer computes them (read 4 frames at a time)
     source_videos = Coordinates()
-    P.export_tokens(tok, vfm, source_videos, str(tmp_path / "export"), (28, 56), torch.device("cpu"), "fp32", chunk=4)
+    P.export_tokens(tok, vfm, source_videos, str(tmp_path / "export"), dict(kind="token_export"), (28, 56),
+                    torch.device("cpu"), "fp32", chunk=4)
     shard = torch.load(tmp_path / "export" / "shard_00000.pt", weights_only=True)
     frames = torch.nn.functional.interpolate(torch.from_numpy(source_videos.read(0, range(10))).permute(0, 3, 1, 2),
                                              (28, 56), mode="bilinear", antialias=True)

@@ -1,5 +1,6 @@
 """Pre-emption and faults: a signal saves the step in flight and exits 3, --resume then equals an uninterrupted run
 bit-exactly; a failing rank stops every rank; a full disk keeps the previous checkpoint."""
+import concurrent.futures
 import errno
 import gc
 import json
@@ -159,3 +160,43 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     after = T.load_checkpoint(tmp_path / "ckpt.pt")
     assert after["step"] == 2 and all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
+
+
+def test_a_second_ctrl_c_while_the_loader_ends_exits_130_at_once(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in step 4 stops the run (status 3); a second one that lands while its DataLoader's worker is shut
+    down (as the interpreter exits) ends the process at once with status 130, not an "Exception ignored" traceback
+    from the loader's __del__ and status 3."""
+    lr_at, shutdown = T.lr_at, torch.utils.data.dataloader._MultiProcessingDataLoaderIter._shutdown_workers
+    monkeypatch.setattr(T, "lr_at", lambda step, *a: (step == 3 and os.kill(os.getpid(), signal.SIGINT),
+                                                      lr_at(step, *a))[1])
+    monkeypatch.setattr(torch.utils.data.dataloader._MultiProcessingDataLoaderIter, "_shutdown_workers",
+                        lambda it: (os.kill(os.getpid(), signal.SIGINT), shutdown(it)))
+    monkeypatch.setattr(sys, "argv", ["tokenizer.py", *COMMON, "--num-workers", "1", "--batch-size", "4", "--out",
+                                      str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        data.cli(T.main, T.get_parser())
+    assert stop.value.code == T.PREEMPTED and "stopped by SIGINT: step 4 is saved" in capsys.readouterr().err
+    exits, unraisable = [], []
+    monkeypatch.setattr(os, "_exit", exits.append)  # (the worker runs already: only this process' exit is caught)
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    del stop  # its traceback holds the loader: the worker is shut down now, and the second Ctrl-C lands meanwhile
+    gc.collect()
+    assert exits == [130] and not unraisable
+
+
+def test_a_rank_killed_outright_is_named_in_one_line(tmp_path):
+    """SIGKILL (as the OOM killer sends it) to rank 1, or to rank 0, which holds the group's store, between two
+    collectives: the survivor stops at once, non-zero, with one line that names the rank lost, no traceback."""
+    script = tmp_path / "killed.py"
+    script.write_text(f"import os, signal, sys\nsys.path.insert(0, {ROOT!r})\nimport torch, data\n"
+                      "torch.distributed.init_process_group('gloo')\nsys.excepthook = data.fail_together  # as "
+                      "tokenizer.setup_dist does\nt = torch.ones(1)\ntorch.distributed.all_reduce(t)\n"
+                      "if torch.distributed.get_rank() == int(sys.argv[1]):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "torch.distributed.all_reduce(t)\n")
+    with concurrent.futures.ThreadPoolExecutor() as pool:  # both at once, a core each
+        runs = list(pool.map(lambda lost: two_processes(str(script), lost), (1, 0)))
+    for lost, run in zip((1, 0), runs):
+        code, err = run[1 - lost]
+        assert run[lost][0] == -signal.SIGKILL and code not in (0, -signal.SIGKILL), run
+        why = "is gone without a word" if lost else "is gone, and the group's store with it"
+        assert err == f"killed.py: error: stopping: rank {lost} {why} (killed: out of memory?)\n", run
