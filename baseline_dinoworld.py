@@ -99,10 +99,9 @@ class DinoWorld(nn.Module):
         S = num_samples if self.cfg.bom else 1
         context = feats[:, None].expand(B, S, Tc, N, C).flatten(0, 1)  # (B S, Tc, N, C)
         times = times.to(feats.device)[:, None].expand(B, S, -1).flatten(0, 1)
-        gen_device = feats.device if generator is None else generator.device
         for h in range(horizon):  # BoM: a fresh noise query per sample and step, shared by the frame's patches
-            q = (NOISE_STD * torch.randn(B * S, 1, C, generator=generator, device=gen_device) if self.cfg.bom
-                 else self.q_embed.weight.expand(B * S, 1, C)).to(feats.device, context.dtype)
+            q = (NOISE_STD * torch.randn(B * S, 1, C, generator=generator, device=(generator or feats).device)
+                 if self.cfg.bom else self.q_embed.weight.expand(B * S, 1, C)).to(feats.device, context.dtype)
             pred = self.predict(context, times[:, :Tc + h], q, times[:, Tc + h:Tc + h + 1])
             context = torch.cat([context, pred.to(context.dtype)], 1)
         return context[:, Tc:].view(B, S, horizon, N, C).expand(B, num_samples, horizon, N, C), None

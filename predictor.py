@@ -503,8 +503,7 @@ def main(args):
                               "166 ms, 24.2 GiB (SPEC section 6)", args.bom_chunk)
     if args.cache_tokens:
         meta["num_clips"] = math.ceil(args.cache_crops * len(train.source))
-    if master:
-        check = heldout_check(args, vfm, device, "DeltaWorld", 1 if args.no_bom else args.val_samples)
+    check = heldout_check(args, vfm, device, "DeltaWorld", 1 if args.no_bom else args.val_samples) if master else None
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     # the tokenizer the checkpoint records: a file by its absolute path, a hub id as it is

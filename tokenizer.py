@@ -444,13 +444,12 @@ def load_checkpoint(path, expect=(), flag="checkpoint", mmap=False):
 
 
 def load_state_strict(module, ckpt, what, fix="check --model / --vfm / --mode", say=False):
-    """Load a checkpoint's "model" (a released file: its state dict) strictly; one line says what does not fit, and
-    with `say` (--init, rank 0) what was loaded."""
+    """Load a checkpoint's "model" (a released file: its state dict) strictly; one line says what does not fit."""
     try:
         module.load_state_dict(ckpt["model"] if "kind" in ckpt else ckpt.get("state_dict", ckpt), strict=True)
     except RuntimeError as e:
         raise data.UserError(f"{what} does not fit this model ({' '.join(str(e).split())[:500]}): {fix}") from None
-    if say:
+    if say:  # --init, rank 0: what was loaded
         print(f"{what}: loaded its weights" + f" ({ckpt.get('step')} steps)" * ("step" in ckpt) + "; step 0, new AdamW")
 
 
@@ -634,9 +633,8 @@ def stop_requested(world):
 
 
 def stopped(what, master):
-    """Exit PREEMPTED; rank 0 says what is saved and how to go on: the command as launched (torchrun's workers know
-    its run id; srun, or an environment set by hand, start each process as python does)."""
-    if master:
+    """Exit PREEMPTED; rank 0 says what is saved and how to go on: the command as it was launched."""
+    if master:  # (torchrun's workers know its run id; srun or an environment set by hand start python itself)
         again = shlex.join(sys.argv + ["--resume"] * ("--resume" not in sys.argv))
         how = (": torchrun [its options]" if "TORCHELASTIC_RUN_ID" in os.environ else
                ", under the same launcher: python" if dist.is_initialized() else ": python")
@@ -720,8 +718,7 @@ def reconstruction_check(tok, vfm, clips, device, dtype, batch_size=16):
                                ("copy_last", feats[:, 0])):
                 for metric, v in (("mse", (pred - target).pow(2).mean((1, 2))),
                                   ("cos", F.cosine_similarity(pred, target, dim=-1).mean(1))):
-                    key = f"h{h}/{name}/{metric}"
-                    sums[key] = sums.get(key, 0.0) + v.sum().item()
+                    sums[k] = sums.get(k := f"h{h}/{name}/{metric}", 0.0) + v.sum().item()
     return {k: v / len(clips) for k, v in sums.items()}
 
 
