@@ -657,8 +657,7 @@ def optimizer_step(module, opt, lr, loss, step, ckpt_path, master, world, grad_c
 
 
 def log_step(bar, args, step, loss, lr, grad_norm, skipped):
-    """After step `step`: the bar moves on; every --log-every steps rank 0 (whose bar is drawn) shows and logs the loss,
-    lr, gradient norm, broken videos skipped so far and clips/s since its last log line."""
+    """The bar moves on; every --log-every steps rank 0 (whose bar is drawn) logs the step: loss, lr, clips/s, ..."""
     bar.update(1)
     if bar.disable or step % args.log_every and step != args.steps:
         return
