@@ -19,11 +19,9 @@ Run it:
 import argparse
 import contextlib
 import os
-import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
@@ -101,10 +99,9 @@ class DinoWorld(nn.Module):
         S = num_samples if self.cfg.bom else 1
         context = feats[:, None].expand(B, S, Tc, N, C).flatten(0, 1)  # (B S, Tc, N, C)
         times = times.to(feats.device)[:, None].expand(B, S, -1).flatten(0, 1)
-        gen_device = feats.device if generator is None else generator.device
         for h in range(horizon):  # BoM: a fresh noise query per sample and step, shared by the frame's patches
-            q = (NOISE_STD * torch.randn(B * S, 1, C, generator=generator, device=gen_device) if self.cfg.bom
-                 else self.q_embed.weight.expand(B * S, 1, C)).to(feats.device, context.dtype)
+            q = (NOISE_STD * torch.randn(B * S, 1, C, generator=generator, device=(generator or feats).device)
+                 if self.cfg.bom else self.q_embed.weight.expand(B * S, 1, C)).to(feats.device, context.dtype)
             pred = self.predict(context, times[:, :Tc + h], q, times[:, Tc + h:Tc + h + 1])
             context = torch.cat([context, pred.to(context.dtype)], 1)
         return context[:, Tc:].view(B, S, horizon, N, C).expand(B, num_samples, horizon, N, C), None
@@ -155,22 +152,17 @@ def main(args):
                               "DINO-world 256 px batch 32 x 8: 166 ms, 24.2 GiB (SPEC section 6); Table 2: + BoM 16 "
                               "needs about the same memory")
 
-    num_samples = args.val_samples if args.bom else 1
     if master:  # the held-out check in feature smooth L1 and MSE
-        mse = lambda p, y: (p - y).pow(2).mean((-2, -1))
-        check = heldout_check(args, vfm, device, num_samples, (("", frame_loss), ("/mse", mse)))
+        check = heldout_check(args, vfm, device, "DINO-world", args.val_samples if args.bom else 1, (
+            ("", "smooth L1", frame_loss), ("/mse", "MSE", lambda p, y: (p - y).pow(2).mean((-2, -1)))))
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    resumed = T.resume(args, dw, opt, master, ckpt)
-    step, skipped = resumed["step"], resumed["skipped"]
+    step, skipped = map(T.resume(args, dw, opt, master, ckpt).get, ("step", "skipped"))
     model = T.ddp(dw, world, device)
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    t0, logged = time.perf_counter(), step
     while step < args.steps:
         lr = T.lr_at(step, args.lr, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             batch = next(loader)
@@ -183,37 +175,16 @@ def main(args):
                     loss, _ = world_loss(dw, model, feats, batch["times"].to(device, non_blocking=True), noise)
                 (loss / accum).backward()
             loss_sum += loss.detach() / accum
-        if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in dw.parameters() if p.grad is not None])
-        T.stop_if_nonfinite([loss_sum, grad_norm], step, ckpt_path, master)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = T.optimizer_step(dw, opt, lr, loss_sum, step, ckpt_path, master, world)  # not clipped
         step += 1
-        bar.update(1)
-        if master and (step % args.log_every == 0 or step == args.steps):
-            rate = (step - logged) * args.global_batch / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss_sum.item():.4g}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}", skipped=skipped)
-            T.log_jsonl(args.out, dict(step=step, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm.item(),
-                                       clips_per_s=rate, skipped_videos=skipped))
-            t0, logged = time.perf_counter(), step
+        T.log_step(bar, args, step, loss_sum, lr, grad_norm, skipped)
         if master and (step % args.eval_every == 0 or step == args.steps):
-            result = check(dw)
-            T.log_jsonl(args.out, dict(step=step, eval=result))
-            data.draw_curves(args.out, "DINO-world", r"eval/(h\d/\w+)", "held-out loss (best, mean of K), h1, h3 ahead")
-            pair = lambda h, name: f"{result[f'h{h}/{name}']:.4f} / {result[f'h{h}/{name}/mse']:.4f}"
-            pred = lambda h: (f"best-of-{num_samples} {pair(h, 'best')}   mean-of-{num_samples} {pair(h, 'mean')}"
-                              if num_samples > 1 else f"DINO-world {pair(h, 'best')}")
-            tqdm.write(f"step {step} prediction check on held-out clips, context 4 (feature smooth L1 / MSE):"
-                       + "".join(f"\n  horizon {h}: {pred(h)}   copy-last {pair(h, 'copy_last')}" for h in (1, 3)))
+            check(dw, step)
         if T.stop_requested(world) or step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind="dinoworld", config=asdict(dw.cfg), vfm=vfm.name, size=args.size,
                                    model=dw.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
                                    args=vars(args)), ckpt_path, master)
-    bar.close()
-    if master:
-        print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
-    T.cleanup_dist(world)
+    T.cleanup_dist(world, bar, f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
 
 
 def get_parser():

@@ -33,7 +33,7 @@ Run it:
   # 8 GPUs: sequences are split over ranks, scores summed across them
   torchrun --standalone --nproc_per_node=8 eval.py --ckpt runs/deltaworld/ckpt.pt --data cityscapes:/data/cs ...
   # the compute breakdown of appendix Table B (ViT-B, 256 px; random weights, no download needed)
-  python eval.py --flops --vfm vitb16-random --size 256
+  python eval.py --flops --vfm vitb16-random
 """
 import argparse
 import collections
@@ -88,10 +88,8 @@ def load_models(args, device, vfms):
             raise data.UserError(f"--ckpt {path} was trained on frames of width / height {aspect:g}, --size "
                                  f"{args.size[0]}x{args.size[1]} is not: use a --size of that aspect")
         for kind in [kind, "deltatok_parallel"] if kind == "deltatok" else [kind]:  # both protocols
-            name = NAMES[kind]
-            if any(m[0] == name for m in models):
-                name = f"{name} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
-            models.append((name, kind, model))
+            run = f" ({os.path.basename(os.path.dirname(os.path.abspath(path)))})" * any(m[1] == kind for m in models)
+            models.append((NAMES[kind] + run, kind, model))  # a second of a kind: named by its run folder too
         names.add(vfm)
     if len(names) > 1:
         raise data.UserError(f"checkpoints trained on different VFMs {sorted(names)}: evaluate them separately")
@@ -530,6 +528,7 @@ def flops(args):
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(args):
+    args.size = args.size or ((256, 256) if args.flops else (512, 512))  # Table B's 256 px, the main table's 512
     if args.flops:
         return flops(args)
     rank, world, device = T.setup_dist()
@@ -610,8 +609,8 @@ def get_parser():
     p.add_argument("--video", default="", help="forecast a video file (or 'synthetic'): figures and a GIF in --out")
     p.add_argument("--start", type=float, default=0.0, help="--video: seconds to its first context frame")
     p.add_argument("--vfm", default="", help="VFM override (default: the one the checkpoint records)")
-    p.add_argument("--size", type=data.frame_size, default=(512, 512), help="crop size, S or HxW: 512 main, 256 "
-                   "ablations, 448x896 Table D (Cityscapes)")
+    p.add_argument("--size", type=data.frame_size, help="crop size, S or HxW (default 512; --flops: 256, Table B's): "
+                   "512 main, 256 ablations, 448x896 Table D (Cityscapes)")
     p.add_argument("--horizons", nargs="+", default=["short", "mid"], choices=["short", "mid"])
     p.add_argument("--samples", type=data.at_least(1), default=20, help="samples per crop for generative models")
     p.add_argument("--batch-size", type=data.at_least(1), default=4, help="sequences per forward (x2 crops)")

@@ -24,6 +24,7 @@ import argparse
 import itertools
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -325,25 +326,34 @@ def kitti_targets(split_file):
 class KITTISequences(_Sequences):
     """KITTI depth (SPEC section 5) on an Eigen-format list (kitti_targets): frames under raw_root (default root: raw
     drives and data_depth_annotated unzipped into one folder, as the release's README says), ground truth under root
-    or root/{train,val} (uint16 / 256 m, 0 = none); both cut to the Eigen crop; valid: Garg region, 1e-3 < d < 80."""
+    or root/{train,val} (uint16 / 256 m, 0 = none); both cut to the Eigen crop; valid: Garg region, 1e-3 < d < 80.
+    skip (the held-out check of a training run): lines without ground truth or raw frames are left out, named once."""
 
     task, fps, stride = "depth", 10.0, 2
 
-    def __init__(self, root, split_file, raw_root=None):
+    def __init__(self, root, split_file, raw_root=None, skip=False):
         _need(root, "KITTI root")
-        self.items = []
+        self.items, skipped = [], []
         for line, date, drive, k, depth in kitti_targets(split_file):
             depth = depth or os.path.join(drive, "proj_depth", "groundtruth", "image_02", f"{k:010d}.png")
             tries = [os.path.join(root, folder, depth) for folder in ("", "train", "val")]
-            gt = next((t for t in tries if os.path.exists(t)), None)
-            if gt is None:
-                raise data.UserError(f"KITTI ground truth for {line} is missing: looked for {', '.join(tries)}")
-            paths = [_need(os.path.join(raw_root or root, date, drive, "image_02", "data", f"{j:010d}.png"),
-                           f"KITTI raw frame for {line} (raw drives under --kitti-raw, default the root)")
-                     for j in self._indices(k)]
-            self.items.append((paths, gt, f"{drive}/{k:010d}"))
+            try:
+                if (gt := next((t for t in tries if os.path.exists(t)), None)) is None:
+                    raise data.UserError(f"KITTI ground truth for {line} is missing: looked for {', '.join(tries)}")
+                paths = [_need(os.path.join(raw_root or root, date, drive, "image_02", "data", f"{j:010d}.png"),
+                               f"KITTI raw frame for {line} (raw drives under --kitti-raw, default the root)")
+                         for j in self._indices(k)]
+                self.items.append((paths, gt, f"{drive}/{k:010d}"))
+            except data.UserError as e:
+                if not skip:
+                    raise
+                skipped.append(str(e))
         if not self.items:
-            raise data.UserError(f"no usable KITTI sequence in {split_file}")
+            raise data.UserError(f"no usable KITTI sequence in {split_file}" + (f" under {root} ({skipped[0]}; and "
+                                 f"{len(skipped) - 1} more): give --kitti-val-split FILE" if skipped else ""))
+        if skipped and os.environ.get("RANK", "0") == "0":
+            print(f"warning: the held-out check skips {len(skipped)} of the {len(skipped) + len(self.items)} KITTI "
+                  f"sequences of {split_file} ({skipped[0]}; ...): --kitti-val-split FILE for others", file=sys.stderr)
 
     def _frame(self, path):
         return kitti_crop(_read(path, "RGB"))
@@ -384,12 +394,12 @@ class SyntheticSequences(_Sequences):
         return dict(classes=classes[0], depth=depth[0], valid=np.ones_like(depth[0], bool))
 
 
-def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0, task=None):
+def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0, task=None, skip=False):
     """'synthetic', 'vspw:ROOT', 'cityscapes:ROOT' or 'kitti:ROOT' -> the sequences of that split; a dataset without
-    the labels of `task` (seg or depth, if given) is refused."""
+    the labels of `task` (seg or depth, if given) is refused; skip: KITTISequences'."""
     name, _, root = spec.partition(":")
-    if name == "synthetic":
-        return SyntheticSequences(split, seed)
+    if name == "synthetic":  # training reads every frame
+        return SyntheticSequences(split, seed, every_frame=split == "train")
     reader = {"vspw": VSPWSequences, "cityscapes": CityscapesSequences, "kitti": KITTISequences}.get(name)
     if not reader or not root:
         raise data.UserError(f"dataset {spec!r}: give it as NAME:ROOT (vspw, cityscapes, kitti) or 'synthetic'")
@@ -399,7 +409,7 @@ def open_eval(spec, split="val", kitti_split=None, kitti_raw=None, seed=0, task=
         return reader(root, split)
     if not kitti_split and split != "val":  # the default list is the test split: never train on it silently
         raise data.UserError("KITTI training needs a list of training frames (Eigen format): pass --kitti-split FILE")
-    return KITTISequences(root, kitti_split or KITTI_EIGEN_TEST, kitti_raw)
+    return KITTISequences(root, kitti_split or KITTI_EIGEN_TEST, kitti_raw, skip)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,9 +465,8 @@ def main(args):
     ckpt = T.check_run(args, f"{args.task}head", [("--data", args.data.partition(":")[2]), ("--kitti-split",
                        args.kitti_split), ("--kitti-val-split", args.kitti_val_split), ("--kitti-raw", args.kitti_raw),
                        ("--pca", args.pca)])
-    train = SyntheticSequences("train", args.seed, every_frame=True) if args.data == "synthetic" else \
-        open_eval(args.data, "train", args.kitti_split, args.kitti_raw, task=args.task)
-    val = open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw, args.seed)
+    train = open_eval(args.data, "train", args.kitti_split, args.kitti_raw, args.seed, args.task)
+    val = open_eval(args.data, "val", args.kitti_val_split, args.kitti_raw, args.seed, skip=True)
     vfm = T.VFM(T.feature_source(args.vfm, args.vfm_layers, args.pca)).to(device)
     vfm.check_size(*args.size)  # before the run folder is made
     torch.manual_seed(args.seed)
@@ -474,19 +483,12 @@ def main(args):
     t0 = time.perf_counter()
     while step < args.steps:
         lr = T.lr_at(step, args.lr, args.warmup) * 0.5 * (1 + math.cos(math.pi * step / args.steps))  # cosine
-        for group in opt.param_groups:
-            group["lr"] = lr
         frames, target, valid = (t.to(device, non_blocking=True) for t in next(loader))
         with T.autocast(device, args.dtype):
             feats = vfm(frames)  # (B, N, C), frozen
         loss = head_loss(model, args.task, feats.float(), target, valid)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        loss = loss.detach()
-        if world > 1:  # every rank sees the same loss (and gradients): all stop alike on a non-finite one
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-        T.stop_if_nonfinite([loss, *(p.grad for p in head.parameters())], step, ckpt_path, master)
-        opt.step()
+        T.optimizer_step(head, opt, lr, loss := loss.detach(), step, ckpt_path, master, world)
         step += 1
         bar.update(1)
         if master and (step % args.log_every == 0 or step == args.steps):
@@ -506,10 +508,7 @@ def main(args):
             T.save_checkpoint(dict(kind=f"{args.task}head", num_classes=head.head.out_channels, vfm=vfm.name,
                                    size=args.size, data=args.data, model=head.state_dict(), optimizer=opt.state_dict(),
                                    step=step, args=vars(args)), ckpt_path, master)
-    bar.close()
-    if master:
-        print(f"done: {step} steps, checkpoint {ckpt_path}")
-    T.cleanup_dist(world)
+    T.cleanup_dist(world, bar, f"done: {step} steps, checkpoint {ckpt_path}")
 
 
 def get_parser():
@@ -520,7 +519,7 @@ def get_parser():
                    "(its train split)")
     p.add_argument("--kitti-split", default="", help="KITTI list file of the training frames (Eigen split format)")
     p.add_argument("--kitti-val-split", default="", help="KITTI list for the held-out check (default: the Eigen "
-                   "test list, splits/kitti_eigen_test.txt)")
+                   "test list, splits/kitti_eigen_test.txt); its sequences not under ROOT are skipped, named once")
     p.add_argument("--kitti-raw", default=None, help="root of the raw KITTI drives (default: the KITTI ROOT itself)")
     p.add_argument("--out", default="runs/head", help="run folder: ckpt.pt, log.jsonl")
     data.vfm_flags(p, T.DINOV3_B16, T.VFM_PRESETS)

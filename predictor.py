@@ -372,23 +372,27 @@ def export_tokens(tok, vfm, source, folder, meta, size, device, dtype, rank=0, w
                 out["video"].append(i), out["times"].append(torch.tensor(times))
                 out["tokens"].append(torch.cat(tokens))
         T.save_checkpoint(out, path)
+    if rank == 0:
+        print(f"wrote the delta tokens of the {len(source)} videos of --data to {folder}: shard_*.pt ({shard:,} videos "
+              "a file" + ", this rank's share" * (world_size > 1) + "), meta.pt")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
-def heldout_check(args, vfm, device, num_samples, metrics=(("", frame_loss),), batch_size=16):
+def heldout_check(args, vfm, device, name, num_samples, metrics=(("", "smooth L1", frame_loss),), batch_size=16):
     """The held-out check of both world models, the mid-horizon protocol (SPEC section 5) on --val-clips clips of 4
-    context + 3 target frames. Returns check(model) -> {"h{h}/{best|mean|copy_last}{name}": mean over the clips} at
-    horizons h = 1, 3: the best and the mean of `num_samples` rollouts, and copy-last, for each (name, metric) of
-    `metrics`, metric(pred, target) (..., N, C) -> (...) (default: the feature smooth L1)."""
+    context + 3 target frames. Returns check(model, step), which logs {"h{h}/{best|mean|copy_last}{key}": mean over
+    the clips} at horizons h = 1, 3: the best and the mean of `num_samples` rollouts (1: a deterministic model, said
+    as such), and copy-last, for each (key, label, metric) of `metrics`, metric(pred, target) (..., N, C) -> (...)."""
     val = data.ClipDataset(data.open_source(args.val_data or args.data, "val", args.fps, args.seed, args),
                            num_frames=7, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
     clips, times, _ = zip(*(val.sample(0, j) for j in range(args.val_clips)))
     clips, times = torch.stack(clips), torch.stack(times)                                 # (V, 7, 3, H, W), (V, 7)
+    labels = " / ".join(label for _, label, _ in metrics)
 
     @torch.no_grad()
-    def check(model):
+    def check(model, step):
         model.eval()
         g, sums = torch.Generator(device).manual_seed(args.seed), {}
         for i in range(0, len(clips), batch_size):
@@ -397,13 +401,19 @@ def heldout_check(args, vfm, device, num_samples, metrics=(("", frame_loss),), b
                 pred = model.sample(feats[:, :4], times[i:i + batch_size], num_samples, 3, g)[0]  # (B, S, 3, N, C)
             for h in (1, 3):
                 samples, target = pred[:, :, h - 1].float(), feats[:, 3 + h]             # (B, S, N, C), (B, N, C)
-                for metric, fn in metrics:
-                    for name, v in (("best", fn(samples, target[:, None]).min(1).values),
+                for key, _, fn in metrics:
+                    for pick, v in (("best", fn(samples, target[:, None]).min(1).values),
                                     ("mean", fn(samples.mean(1), target)), ("copy_last", fn(feats[:, 3], target))):
-                        key = f"h{h}/{name}{metric}"
-                        sums[key] = sums.get(key, 0.0) + v.sum().item()
+                        sums[k] = sums.get(k := f"h{h}/{pick}{key}", 0.0) + v.sum().item()
         model.train()
-        return {k: v / len(clips) for k, v in sums.items()}
+        result = {k: v / len(clips) for k, v in sums.items()}
+        T.log_jsonl(args.out, dict(step=step, eval=result))
+        data.draw_curves(args.out, name, r"eval/(h\d/\w+)", "held-out loss (best, mean of K), h1, h3 ahead")
+        value = lambda h, pick: " / ".join(f"{result[f'h{h}/{pick}{key}']:.4f}" for key, _, _ in metrics)
+        model_says = lambda h: (f"best-of-{num_samples} {value(h, 'best')}   mean-of-{num_samples} "
+                                f"{value(h, 'mean')}" if num_samples > 1 else f"{name} {value(h, 'best')}")
+        tqdm.write(f"step {step} prediction check on held-out clips, context 4 (feature {labels}):" + "".join(
+            f"\n  horizon {h}: {model_says(h)}   copy-last {value(h, 'copy_last')}" for h in (1, 3)))
     return check
 
 
@@ -493,14 +503,12 @@ def main(args):
                               "166 ms, 24.2 GiB (SPEC section 6)", args.bom_chunk)
     if args.cache_tokens:
         meta["num_clips"] = math.ceil(args.cache_crops * len(train.source))
-    if master:
-        check = heldout_check(args, vfm, device, args.val_samples)
+    check = heldout_check(args, vfm, device, "DeltaWorld", 1 if args.no_bom else args.val_samples) if master else None
 
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     # the tokenizer the checkpoint records: a file by its absolute path, a hub id as it is
     tokenizer = os.path.abspath(args.tokenizer) if os.path.exists(args.tokenizer) else args.tokenizer
-    resumed = T.resume(args, world, opt, master, ckpt)
-    step, skipped = resumed["step"], resumed["skipped"]
+    step, skipped = map(T.resume(args, world, opt, master, ckpt).get, ("step", "skipped"))
     model = T.ddp(world, world_size, device)
     if args.cache_tokens:
         start = time.perf_counter()
@@ -514,11 +522,8 @@ def main(args):
         loader = data.make_loader(train, args.batch_size, rank, world_size, accum, step, args.num_workers)
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    t0, logged = time.perf_counter(), step
     while step < args.steps:
         lr = T.lr_at(step, args.lr, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             batch = next(loader)
@@ -532,36 +537,17 @@ def main(args):
                     loss, _ = world_loss(world, model, tokens, times, noise, args.bom_chunk)
                 (loss / accum).backward()
             loss_sum += loss.detach() / accum
-        if world_size > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        grad_norm = torch.nn.utils.clip_grad_norm_(world.parameters(), float("inf"))  # logged, not clipped
-        T.stop_if_nonfinite([loss_sum, grad_norm], step, ckpt_path, master)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = T.optimizer_step(world, opt, lr, loss_sum, step, ckpt_path, master, world_size)  # not clipped
         step += 1
-        bar.update(1)
-        if master and (step % args.log_every == 0 or step == args.steps):
-            rate = (step - logged) * args.global_batch / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss_sum.item():.4g}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}", skipped=skipped)
-            T.log_jsonl(args.out, dict(step=step, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm.item(),
-                                       clips_per_s=rate, skipped_videos=skipped))
-            t0, logged = time.perf_counter(), step
+        T.log_step(bar, args, step, loss_sum, lr, grad_norm, skipped)
         if master and (step % args.eval_every == 0 or step == args.steps):
-            result = check(world)
-            T.log_jsonl(args.out, dict(step=step, eval=result))
-            data.draw_curves(args.out, "DeltaWorld", r"eval/(h\d/\w+)", "held-out loss (best, mean of K), h1, h3 ahead")
-            tqdm.write(f"step {step} held-out feature loss (smooth L1), {args.val_samples} samples:" + "".join(
-                f"\n  horizon {h}: best {result[f'h{h}/best']:.4f}   mean {result[f'h{h}/mean']:.4f}   "
-                f"copy-last {result[f'h{h}/copy_last']:.4f}" for h in (1, 3)))
+            check(world, step)
         if T.stop_requested(world_size) or step % args.ckpt_every == 0 or step == args.steps:
             T.save_checkpoint(dict(kind="deltaworld", config=world.config, tokenizer=tokenizer, tokenizer_sha1=sha1,
                                    tokenizer_config=asdict(tok.cfg), vfm=vfm.name, size=args.size,
                                    model=world.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
                                    args=vars(args)), ckpt_path, master)
-    bar.close()
-    if master:
-        print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
-    T.cleanup_dist(world_size)
+    T.cleanup_dist(world_size, bar, f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
 
 
 def get_parser():

@@ -74,14 +74,16 @@ def load_backbone(name):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return AutoModel.from_config(AutoConfig.for_model(**VFM_PRESETS[name]), attn_implementation="sdpa")
+    if not os.path.isdir(name) and (name[:1] in "/.~" or name.count("/") > 1):  # a path, not a hub id 'org/name'
+        raise data.UserError(f"could not load the VFM '{name}': there is no folder {name}: check the path")
     try:
         offline = not os.path.isdir(name) and hub_unreachable()  # a local folder needs no probe of the hub
         return AutoModel.from_pretrained(name, attn_implementation="sdpa", local_files_only=offline)
     except Exception as e:
         hint = (f"the folder {name} must hold config.json and model.safetensors (or pytorch_model.bin)"
-                if os.path.isdir(name) else hub_hint(name, e, "--vfm /path/to/a/local/copy") or
-                f"'{name}' is neither a hub id nor a folder (typo?); the paper uses {DINOV3_B16}. For an offline "
-                f"run without weights use a random preset: {', '.join(VFM_PRESETS)}")
+                if os.path.isdir(name) else (hub_hint(name, e, "--vfm /path/to/a/local/copy") or f"'{name}' is neither "
+                f"a hub id nor a folder (typo?); the paper uses {DINOV3_B16}") + "; offline without weights (--bench, "
+                f"--flops): --vfm vitb16-random, a random ViT-B (random presets: {', '.join(VFM_PRESETS)})")
         cause = f"{type(e).__name__}: {e}".splitlines()[0]
         raise data.UserError(f"could not load the VFM '{name}': {hint} (cause: {cause})") from None
 
@@ -441,12 +443,14 @@ def load_checkpoint(path, expect=(), flag="checkpoint", mmap=False):
     return ckpt
 
 
-def load_state_strict(module, ckpt, what, fix="check --model / --vfm / --mode"):
+def load_state_strict(module, ckpt, what, fix="check --model / --vfm / --mode", say=False):
     """Load a checkpoint's "model" (a released file: its state dict) strictly; one line says what does not fit."""
     try:
         module.load_state_dict(ckpt["model"] if "kind" in ckpt else ckpt.get("state_dict", ckpt), strict=True)
     except RuntimeError as e:
         raise data.UserError(f"{what} does not fit this model ({' '.join(str(e).split())[:500]}): {fix}") from None
+    if say:  # --init, rank 0: what was loaded
+        print(f"{what}: loaded its weights" + f" ({ckpt.get('step')} steps)" * ("step" in ckpt) + "; step 0, new AdamW")
 
 
 def load_deltatok(path, device="cpu", flag="--tokenizer"):
@@ -477,8 +481,13 @@ def setup_dist():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def cleanup_dist(world):
-    """Wait for the slowest rank (rank 0 checks and saves), then tear down: an early teardown can hang the others."""
+def cleanup_dist(world, bar=None, done=""):
+    """The end of a run: its progress bar closed, rank 0 (whose bar is drawn) says `done`; then wait for the slowest
+    rank (rank 0 checks and saves) and tear down: an early teardown can hang the others."""
+    if bar is not None:
+        bar.close()
+        if not bar.disable:
+            print(done)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -624,12 +633,40 @@ def stop_requested(world):
 
 
 def stopped(what, master):
-    """Exit PREEMPTED; rank 0 says what is saved and how to go on."""
-    if master:
+    """Exit PREEMPTED; rank 0 says what is saved and how to go on: the command as it was launched."""
+    if master:  # (torchrun's workers know its run id; srun or an environment set by hand start python itself)
         again = shlex.join(sys.argv + ["--resume"] * ("--resume" not in sys.argv))
-        print(f"\nstopped by {signal.Signals(_stop['agreed']).name}: {what}; to go on: "
-              f"{'torchrun [its options]' if dist.is_initialized() else 'python'} {again}", file=sys.stderr)
+        how = (": torchrun [its options]" if "TORCHELASTIC_RUN_ID" in os.environ else
+               ", under the same launcher: python" if dist.is_initialized() else ": python")
+        print(f"\nstopped by {signal.Signals(_stop['agreed']).name}: {what}; to go on{how} {again}", file=sys.stderr)
     sys.exit(PREEMPTED)
+
+
+def optimizer_step(module, opt, lr, loss, step, ckpt_path, master, world, grad_clip=math.inf):
+    """On every rank alike: the loss (detached) averaged over the ranks in place, the gradient norm of `module` (clipped
+    to grad_clip), a stop before a non-finite value reaches the weights, the update at `lr`. -> the gradient norm"""
+    if world > 1:
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
+    stop_if_nonfinite([loss, grad_norm], step, ckpt_path, master)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def log_step(bar, args, step, loss, lr, grad_norm, skipped):
+    """The bar moves on; every --log-every steps rank 0 (whose bar is drawn) logs the step: loss, lr, clips/s, ..."""
+    bar.update(1)
+    if bar.disable or step % args.log_every and step != args.steps:
+        return
+    t0, logged = getattr(bar, "logged", (bar.start_t, bar.initial))
+    rate = (step - logged) * args.global_batch / (time.time() - t0)
+    bar.set_postfix(loss=f"{loss.item():.4g}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}", skipped=skipped)
+    log_jsonl(args.out, dict(step=step, loss=loss.item(), lr=lr, grad_norm=grad_norm.item(), clips_per_s=rate,
+                             skipped_videos=skipped))
+    bar.logged = time.time(), step
 
 
 def make_optimizer(model, lr, weight_decay, device):
@@ -680,8 +717,7 @@ def reconstruction_check(tok, vfm, clips, device, dtype, batch_size=16):
                                ("copy_last", feats[:, 0])):
                 for metric, v in (("mse", (pred - target).pow(2).mean((1, 2))),
                                   ("cos", F.cosine_similarity(pred, target, dim=-1).mean(1))):
-                    key = f"h{h}/{name}/{metric}"
-                    sums[key] = sums.get(key, 0.0) + v.sum().item()
+                    sums[k] = sums.get(k := f"h{h}/{name}/{metric}", 0.0) + v.sum().item()
     return {k: v / len(clips) for k, v in sums.items()}
 
 
@@ -709,7 +745,7 @@ def main(args):
     torch.manual_seed(args.seed)  # identical initial weights on every rank
     tok = build_deltatok(args.model, vfm, args.mode, None if args.no_rope_jitter else 2.0, args.size).to(device)
     if init:  # weights only (a released file or a tokenizer.py checkpoint): optimizer and step start afresh
-        load_state_strict(tok, init, f"--init {args.init}")
+        load_state_strict(tok, init, f"--init {args.init}", say=master)
     train = data.ClipDataset(data.open_source(args.data, "train", args.fps, args.seed, args), num_frames=2,
                              size=args.size, stride=tuple(args.stride), seed=args.seed)  # (its index: written)
     if args.fit_pca:  # over all patches of N batches of training clips (2 frames each)
@@ -741,17 +777,13 @@ def main(args):
         val = data.ClipDataset(val_src, num_frames=4, size=args.size, stride=tuple(args.stride), seed=args.seed + 1)
         val_clips = torch.stack([val.sample(0, j)[0] for j in range(args.val_clips)])
     ckpt_path = os.path.join(args.out, "ckpt.pt")
-    resumed = resume(args, tok, opt, master, ckpt)
-    step, skipped = resumed["step"], resumed["skipped"]
+    step, skipped = map(resume(args, tok, opt, master, ckpt).get, ("step", "skipped"))
     model = ddp(tok, world, device)
     loader = data.make_loader(train, args.batch_size, rank, world, accum, step, args.num_workers)
 
     bar = tqdm(total=args.steps, initial=step, disable=not master, dynamic_ncols=True)
-    t0, logged = time.perf_counter(), step
     while step < args.steps:
         lr = lr_at(step, args.lr, args.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
         for micro in range(accum):
             batch = next(loader)
@@ -764,20 +796,9 @@ def main(args):
                     loss = feature_loss(model(feats[:, 0], feats[:, 1], jitter), feats[:, 1], args.loss)
                 (loss / accum).backward()
             loss_sum += loss.detach() / accum
-        if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        grad_norm = torch.nn.utils.clip_grad_norm_(tok.parameters(), args.grad_clip)
-        stop_if_nonfinite([loss_sum, grad_norm], step, ckpt_path, master)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(tok, opt, lr, loss_sum, step, ckpt_path, master, world, args.grad_clip)
         step += 1
-        bar.update(1)
-        if master and (step % args.log_every == 0 or step == args.steps):
-            rate = (step - logged) * args.global_batch / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss_sum.item():.4g}", lr=f"{lr:.2e}", clips_s=f"{rate:.1f}", skipped=skipped)
-            log_jsonl(args.out, dict(step=step, loss=loss_sum.item(), lr=lr, grad_norm=grad_norm.item(),
-                                     clips_per_s=rate, skipped_videos=skipped))
-            t0, logged = time.perf_counter(), step
+        log_step(bar, args, step, loss_sum, lr, grad_norm, skipped)
         if master and (step % args.eval_every == 0 or step == args.steps):
             tok.eval()
             result = reconstruction_check(tok, vfm, val_clips, device, args.dtype)
@@ -792,10 +813,7 @@ def main(args):
             save_checkpoint(dict(kind="deltatok", config=asdict(tok.cfg), vfm=vfm.name, size=args.size,
                                  model=tok.state_dict(), optimizer=opt.state_dict(), step=step, skipped=skipped,
                                  args=vars(args)), ckpt_path, master)
-    bar.close()
-    if master:
-        print(f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
-    cleanup_dist(world)
+    cleanup_dist(world, bar, f"done: {step} steps, {skipped} broken videos skipped, checkpoint {ckpt_path}")
 
 
 def get_parser():

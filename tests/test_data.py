@@ -288,6 +288,33 @@ def test_frame_folders_take_times_from_names_or_fps(tmp_path):
     assert source.read(numbered, [2])[0, 0, 0, 0] == 200
 
 
+def test_readmes_cityscapes_step_makes_each_sequence_one_30_frame_video(tmp_path):
+    """README's snippet (Table D), run twice on a Cityscapes tree as it ships: a city's frames in one folder, two of
+    Frankfurt's val sequences under one number, labels of the test split too. One folder per labelled frame of train
+    and val, each read as one video of its 30 frames in order."""
+    snippet = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read().split("python - <<'PY'\n")[1]
+    labelled = {"train": [("aachen", 3, 19)], "val": [("frankfurt", 0, 294), ("frankfurt", 0, 576)],
+                "test": [("berlin", 0, 19)]}
+    root = tmp_path / "cityscapes"
+    for split, sequences in labelled.items():
+        for city, seq, f in sequences:
+            for folder, j, kind in [("gtFine", f, "gtFine_labelIds")] + [("leftImg8bit_sequence", j, "leftImg8bit")
+                                                                         for j in range(f - 19, f + 11)]:
+                (root / folder / split / city).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.full((2, 2, 3), j % 256, np.uint8)).save(
+                    root / folder / split / city / f"{city}_{seq:06d}_{j:06d}_{kind}.png")
+    for _ in range(2):  # the second run finds every link made
+        exec(snippet.split("\nPY\n")[0].replace("/data/cityscapes", str(root)), {})
+    assert sorted(os.listdir(tmp_path / "cityscapes_seq")) == ["train", "val"]
+    for split in ("train", "val"):
+        videos = data.VideoFolder(str(tmp_path / "cityscapes_seq" / split), fps=17)
+        assert [os.path.basename(videos.path(i)) for i in range(len(videos))] == [
+            f"{city}_{seq:06d}_{f:06d}" for city, seq, f in labelled[split]]
+        for i, (_, _, f) in enumerate(labelled[split]):
+            assert np.allclose(videos.frame_times(i), np.arange(30) / 17)
+            assert videos.read(i, range(30))[:, 0, 0, 0].tolist() == [j % 256 for j in range(f - 19, f + 11)]
+
+
 def test_missing_or_empty_root_is_a_clear_error(tmp_path):
     with pytest.raises(data.UserError, match="nowhere"):
         data.VideoFolder(str(tmp_path / "nowhere"))

@@ -200,7 +200,12 @@ CASES = [  # script, arguments, what the one line must name
      "{tiny_tok} was trained on the features tiny, not dinov2-tiny"),
     ("predictor", ["--data", "{frames}", "--fps", "10", "--tokenizer", "{deltaworld}"], "{deltaworld} is a deltaworld "
      "checkpoint"),
-    ("baseline_dinoworld", ["--data", "{frames}", "--fps", "10", "--vfm", "{missing}"], "VFM '{missing}'"),
+    ("baseline_dinoworld", ["--data", "{frames}", "--fps", "10", "--vfm", "{missing}"], "VFM '{missing}': there is "
+     "no folder {missing}"),
+    # round 4 (issue 29): a missing folder is not looked for on the hub; a failed download names the offline way
+    ("tokenizer", ["--vfm", "./nowhere/dinov3"], "VFM './nowhere/dinov3': there is no folder ./nowhere/dinov3"),
+    ("tokenizer", ["--vfm", "facebook/no-such-dinov3", "--bench", "1"], "offline without weights (--bench, --flops): "
+     "--vfm vitb16-random"),
     ("predictor", ["--tokenizer", "{tiny_tok}", "--data", "{frames}", "--fps", "10", "--export-tokens", "{tokrun}"],
      "--export-tokens {tokrun} holds files it did not make"),
 ]

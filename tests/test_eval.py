@@ -85,8 +85,9 @@ def test_features_file_best_and_mean_through_the_head(ckpts, tmp_path):
 
 
 def test_flops_match_table_b_for_deltaworld(capsys):
-    got = E.flops(E.get_parser().parse_args(["--flops", "--vfm", "vitb16-random", "--size", "256"]))
-    assert "DINO-world's rows fall 11-13% below Table B" in capsys.readouterr().out  # explained where printed
+    got = E.main(E.get_parser().parse_args(["--flops", "--vfm", "vitb16-random"]))  # Table B's 256 px by default
+    out = capsys.readouterr().out
+    assert out.startswith("GFLOPs per 256x256 crop") and "DINO-world's rows fall 11-13% below Table B" in out
     ref = E.TABLE_B
     checks = [("Backbone (per frame)", ref["backbone"]), ("DeltaTok encoder (per frame)", ref["encoder"]),
               ("DeltaTok decoder (per step)", ref["decoder"])] + \

@@ -104,7 +104,7 @@ def test_cityscapes_sequences(tmp_path):
         H.open_eval(f"cityscapes:{root}", "train")
 
 
-def test_kitti_sequences_crop_and_valid_mask(tmp_path):
+def test_kitti_sequences_crop_and_valid_mask(tmp_path, capsys):
     root, h, w = tmp_path / "kitti", 360, 1232
     rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     drive = "2011_09_26_drive_0002_sync"
@@ -140,6 +140,21 @@ def test_kitti_sequences_crop_and_valid_mask(tmp_path):
         H.open_eval(f"kitti:{root}", "train")
     with pytest.raises(data.UserError, match="does not exist"):
         H.open_eval(f"kitti:{tmp_path}/nowhere", kitti_split=str(split))
+    # the held-out check of a training run (heads.py's default): the Eigen test list's sequences that are there (one,
+    # frame 69 of the drive, linked to the frames above), what it skips named once; an evaluation's list is complete
+    folder = f"{root}/2011_09_26/{drive}/image_02/data"
+    for j in range(7):
+        os.symlink(f"{folder}/{8 + 2 * j:010d}.png", f"{folder}/{57 + 2 * j:010d}.png")
+    os.symlink(gt, gt.replace(f"{20:010d}", f"{69:010d}"))
+    capsys.readouterr()
+    assert [item[2] for item in H.open_eval(f"kitti:{root}", skip=True).items] == [f"{drive}/{69:010d}"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"warning: the held-out check skips 602 of the 603 KITTI sequences of "
+                                               f"{H.KITTI_EIGEN_TEST} (KITTI ground truth for 2011_09_26/"), err
+    with pytest.raises(data.UserError, match="KITTI ground truth for 2011_09_26/.* is missing"):
+        H.open_eval(f"kitti:{root}")
+    with pytest.raises(data.UserError, match=f"no usable KITTI sequence in .* under {tmp_path} .*: give --kitti-val"):
+        H.open_eval(f"kitti:{tmp_path}", skip=True)
 
 
 def test_kitti_default_split_is_the_releases_603_sequences():

@@ -299,7 +299,7 @@ def test_size_flag_reads_square_and_h_by_w():
             data.frame_size(bad)
 
 
-def test_table_d_chain_from_one_set_of_flags_over_dinov2_layers_and_pca_at_28x56(tmp_path):
+def test_table_d_chain_from_one_set_of_flags_over_dinov2_layers_and_pca_at_28x56(tmp_path, capsys):
     """Table D inside the project: DeltaTok over DINOv2 blocks + PCA, the discriminative predictor (--no-bom), a head
     on the same features and eval.py, all at 28 x 56; each stage records one canonical feature source."""
     common = ["--vfm", "dinov2-tiny", "--vfm-layers", "1,3", "--size", "28x56", "--num-workers", "0", "--dtype",
@@ -313,10 +313,13 @@ def test_table_d_chain_from_one_set_of_flags_over_dinov2_layers_and_pca_at_28x56
     vfm = T.VFM(source)
     assert tok.cfg.dim == vfm.dim == 32 and tok.cfg.aspect == 2 and source.startswith("dinov2-tiny|layers=1,3|pca=")
     # the discriminative world model trains on the recorded source and rolls out 2 x 4 patch grids
+    capsys.readouterr()
     P.main(P.get_parser().parse_args(
         ["--size", "28x56", "--num-workers", "0", "--dtype", "fp32", "--batch-size", "4", "--tokenizer", tok_ckpt,
          "--no-bom", "--model", "tiny", "--num-frames", "4", "--global-batch", "4", "--steps", "2", "--warmup", "1",
          "--val-clips", "2", "--val-samples", "2", "--out", str(tmp_path / "world")]))
+    checked = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  horizon ")]  # deterministic:
+    assert len(checked) == 2 and all(x.split()[2] == "DeltaWorld" and "best" not in x for x in checked)  # one row
     world_ckpt = str(tmp_path / "world" / "ckpt.pt")
     world = P.load_deltaworld(world_ckpt)
     feats = world.vfm(FRAMES[None].expand(1, 2, 3, 28, 56))  # (1, 2, 8, 32)
@@ -334,6 +337,8 @@ def test_table_d_chain_from_one_set_of_flags_over_dinov2_layers_and_pca_at_28x56
     source_videos = Coordinates()
     P.export_tokens(tok, vfm, source_videos, str(tmp_path / "export"), dict(kind="token_export"), (28, 56),
                     torch.device("cpu"), "fp32", chunk=4)
+    assert capsys.readouterr().out.endswith(f"\nwrote the delta tokens of the {len(source_videos)} videos of --data "
+                                            f"to {tmp_path / 'export'}: shard_*.pt (1,000 videos a file), meta.pt\n")
     shard = torch.load(tmp_path / "export" / "shard_00000.pt", weights_only=True)
     frames = torch.nn.functional.interpolate(torch.from_numpy(source_videos.read(0, range(10))).permute(0, 3, 1, 2),
                                              (28, 56), mode="bilinear", antialias=True)

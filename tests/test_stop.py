@@ -71,15 +71,16 @@ def assert_same_state(a, b):
             assert torch.equal(s[k], b["optimizer"]["state"][i][k]), (i, k)
 
 
-def check_stop(err, out, step, name):
+def check_stop(err, out, step, name, launch):
     """The checkpoint is of `step`, the step in flight when the signal came; no later step ran; the run said so in
-    one line with the command that goes on."""
+    one line with the command that goes on, as it was launched."""
     saved = T.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
     assert saved == step
     assert max(logged(out)) == saved  # no step after the saved one was computed: none is computed twice
     line = [x for x in err.splitlines() if x.startswith("stopped by")]
     assert len(line) == 1 and line[0].startswith(f"stopped by {name}: step {saved} is saved in ")
     assert f" --out {out} " in line[0] and line[0].endswith(" --resume")  # the same command, with --resume
+    assert f"; to go on{launch}" in line[0], line[0]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
@@ -105,12 +106,15 @@ def test_a_signal_saves_the_step_in_flight_exits_3_and_resume_is_bit_exact(tmp_p
     monkeypatch.setattr(T, "lr_at", signal_at_k)
     args = [*COMMON, "--num-workers", "1" if sig == signal.SIGTERM else "0", "--batch-size", "4", "--out", str(out)]
     monkeypatch.setattr(sys, "argv", ["tokenizer.py", *args])
+    if sig == signal.SIGUSR1:  # as under torchrun, whose workers know its run id
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     with pytest.raises(SystemExit) as stop:
         train(*args)
     assert stop.value.code == T.PREEMPTED
     del stop  # its traceback holds the stopped run's DataLoader: its worker ends now, not with pytest
     gc.collect()
-    check_stop(capsys.readouterr().err, out, k + 1, sig.name)
+    check_stop(capsys.readouterr().err, out, k + 1, sig.name, ": torchrun [its options] tokenizer.py " if
+               sig == signal.SIGUSR1 else ": python tokenizer.py ")
     monkeypatch.undo()
     train(*args, "--resume")
     assert_same_state(uninterrupted, out)
@@ -124,7 +128,7 @@ def test_a_signal_to_one_of_two_processes_stops_both_and_resume_is_bit_exact(tmp
     signalled = two_processes(at_step(tmp_path, 1, k, "os.kill(os.getpid(), signal.SIGTERM)"), *two, cut)
     assert [code for code, _ in signalled] == [T.PREEMPTED] * 2, signalled
     assert not signalled[1][1].strip()  # rank 0 speaks for both
-    check_stop(signalled[0][1], cut, k + 1, "SIGTERM")
+    check_stop(signalled[0][1], cut, k + 1, "SIGTERM", ", under the same launcher: python ")  # srun's way
     for args in ([*two, full], [*two, cut, "--resume"]):
         assert [code for code, _ in two_processes("tokenizer.py", *args)] == [0, 0]
     assert_same_state(full, cut)

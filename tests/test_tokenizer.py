@@ -170,12 +170,15 @@ def test_log_cosh_loss_is_stable_and_matches_the_definition():
     assert T.feature_loss(d, torch.zeros(101)) == (d ** 2).mean()  # the default stays the paper's MSE
 
 
-def test_init_from_a_previous_stage_keeps_weights_and_starts_fresh(tmp_path):
+def test_init_from_a_previous_stage_keeps_weights_and_starts_fresh(tmp_path, capsys):
     """The release's staged schedule: --init a tokenizer.py checkpoint; the weights carry over, step and optimizer
-    start again."""
+    start again, as a line says."""
     common = TINY + ["--global-batch", "4", "--batch-size", "4"]
     train(*common, "--steps", "3", "--loss", "log-cosh", "--out", tmp_path / "s1")
+    capsys.readouterr()
     train(*common, "--steps", "1", "--lr", "1e-30", "--init", tmp_path / "s1/ckpt.pt", "--out", tmp_path / "s2")
+    assert f"--init {tmp_path / 's1/ckpt.pt'}: loaded its weights (3 steps); step 0, new AdamW\n" in \
+        capsys.readouterr().out
     s1, s2 = (T.load_checkpoint(tmp_path / f"{s}/ckpt.pt") for s in ("s1", "s2"))
     assert s2["step"] == 1 and s2["args"]["loss"] == "mse"
     assert all(v["step"].item() == 1 for v in s2["optimizer"]["state"].values())  # fresh AdamW moments
