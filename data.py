@@ -98,8 +98,12 @@ def fail_together(kind, e, tb):
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each default once (a help text that says its default keeps its own words), and no empty one."""
+    def _format_action(self, a):  # a flag without help text: its default alone (argparse would show no help at all)
+        a.help = a.help or ("(default: %(default)s)" if a.default not in (None, "", []) else None)
+        return super()._format_action(a)
+
     def _get_help_string(self, a):
-        return a.help if "default" in (a.help or "") or a.default in (None, "", []) else super()._get_help_string(a)
+        return a.help if "default" in a.help or a.default in (None, "", []) else super()._get_help_string(a)
 
 
 def hub_id(path):
