@@ -96,14 +96,12 @@ def fail_together(kind, e, tb):
     print(f"{os.path.basename(sys.argv[0])}: error: stopping: {message}", file=sys.stderr)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """--help shows each default once (a help text that says its default keeps its own words), and no empty one."""
-    def _format_action(self, a):  # a flag without help text: its default alone (argparse would show no help at all)
-        a.help = a.help or ("(default: %(default)s)" if a.default not in (None, "", []) else None)
+    def _format_action(self, a):  # (a flag without help text too: argparse shows no line of help for it)
+        if a.default not in (None, "", [], argparse.SUPPRESS) and "default" not in (a.help or ""):
+            a.help = f"{a.help or ''} (default: %(default)s)".lstrip()
         return super()._format_action(a)
-
-    def _get_help_string(self, a):
-        return a.help if "default" in a.help or a.default in (None, "", []) else super()._get_help_string(a)
 
 
 def hub_id(path):
@@ -113,9 +111,8 @@ def hub_id(path):
 
 def check_paths(read, out=None, write=()):
     """Every path a command reads or writes, checked before anything is built, created or locked: each (flag, path)
-    of `read` exists, is readable, and a folder or file as its flag wants ('synthetic' and hub ids pass); `out` and
-    each of `write`, (flag, folder or ""), is or can be made a writable folder; out is no folder read, nor inside
-    one, nor the folder of a file read."""
+    of `read` is readable, a folder or file as its flag wants ('synthetic' and hub ids pass); `out` and each (flag,
+    folder or "") of `write` is or can be made a writable folder; out is no folder read, nor in one or a file's."""
     dest = os.path.realpath(out[1]) if out else ""
     folders, either = ("--kitti-raw", "--cache-tokens"), ("--data", "--val-data", "--bench", "SRC", "--video")
     for flag, path in read:
@@ -125,8 +122,8 @@ def check_paths(read, out=None, write=()):
             raise UserError(f"{flag} {path} does not exist (or cannot be read): check the path")
         if (isdir := os.path.isdir(path)) != (flag in folders) and flag not in either:  # any other flag: a file
             raise UserError(f"{flag} {path} is a {('file', 'folder')[isdir]}: give a {('folder', 'file')[isdir]}")
-        folder = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
-        if dest == folder or os.path.isdir(path) and dest.startswith(folder + os.sep):
+        folder = os.path.realpath(path if isdir else os.path.dirname(os.path.abspath(path)))
+        if dest == folder or isdir and dest.startswith(folder + os.sep):
             raise UserError(f"{out[0]} {out[1]} is {'inside ' * (dest != folder)}the folder of {flag} {path}: it would "
                             f"write over what it reads; give another {out[0]}")
     for flag, path in [w for w in (out, *write) if w and w[1]]:
@@ -216,6 +213,7 @@ VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", 
               ".wmv", ".ogv")  # what PyAV reads: other files in a folder are not probed (lists name any file)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then the original's frame count and rate
+INDEX_FORMAT = 1  # an index file of another format, or of another root, is rebuilt
 
 # -----------------------------------------------------------------------------
 # the record of a run beside its log.jsonl: curves.png; Weights & Biases with --wandb (imported only then, rank 0)
@@ -325,8 +323,7 @@ def _scene(seed, split, i, size, fps, seconds):
     far, near = rng.uniform(40, 60), rng.uniform(15, 25)
     bg_depth = (far + (near - far) * ys).astype(np.float32)  # (H, 1) ground plane: far at the top, near at the bottom
 
-    t = np.arange(round(seconds * fps)) / fps  # (F,)
-    n = rng.integers(1, 3)
+    t, n = np.arange(round(seconds * fps)) / fps, rng.integers(1, 3)  # (F,) frame times, 1-2 objects
     cls = rng.integers(1, len(TINTS) + 1, n)  # class of each object, 0 is background
     colour = 0.8 * TINTS[cls - 1] + 0.2 * rng.uniform(0, 1, (n, 3))  # class-tinted: classes differ in colour
     pos, vel, depth = np.zeros((len(t), n, 2)), np.zeros((len(t), n, 2)), np.zeros((len(t), n))
@@ -338,8 +335,7 @@ def _scene(seed, split, i, size, fps, seconds):
         v = rng.uniform(0.25, 0.5) * np.stack([np.sin(heading), np.cos(heading)], -1)  # frames/s, (y, x)
         p = rng.uniform(0, 1, 2) + np.concatenate([[[0, 0]], np.cumsum(v[:-1] * np.diff(starts)[:, None], 0)])
         seg = np.searchsorted(starts, t, side="right") - 1
-        pos[:, o] = p[seg] + v[seg] * (t - starts[seg])[:, None]  # unfolded: a free walk in the plane
-        vel[:, o] = v[seg]
+        pos[:, o], vel[:, o] = p[seg] + v[seg] * (t - starts[seg])[:, None], v[seg]  # unfolded: a free walk
         depth[:, o] = rng.uniform(4, 12) * (1 + 0.15 * np.sin(2 * np.pi * (t / rng.uniform(4, 10) + rng.uniform())))
     palette = (np.concatenate([bg.reshape(-1, 3), colour]) * 255 + 0.5).astype(np.uint8)  # (H*W + n, 3)
     return dict(palette=palette, bg_depth=bg_depth, ys=ys, xs=xs, cls=cls, pos=pos, vel=vel, depth=depth)
@@ -378,8 +374,7 @@ class SyntheticVideos:
             d = s["depth"][idx, o, None, None].astype(np.float32)  # (T, 1, 1)
             r = 3.2 / d  # apparent radius shrinks with distance (depth is visible); 0.23-0.9 of the frame: every
             # object spans several patches of a 4 x 4 grid, or patch-level heads could not see it (present mIoU 45)
-            dy = s["ys"] - pos[:, o, 0, None, None]  # (T, H, 1)
-            dx = s["xs"] - pos[:, o, 1, None, None]  # (T, 1, W)
+            dy, dx = s["ys"] - pos[:, o, 0, None, None], s["xs"] - pos[:, o, 1, None, None]  # (T, H, 1), (T, 1, W)
             inside = SHAPES[c](dy, dx, r) & (d < depth)  # z-buffer: the nearest surface wins
             index[inside] = hw + o
             depth = np.where(inside, d, depth)
@@ -396,9 +391,6 @@ class SyntheticVideos:
 
 # -----------------------------------------------------------------------------
 # real videos: video files decoded with PyAV, or folders of frames, found once and kept in an index file
-
-INDEX_FORMAT = 1  # an index file of another format, or of another root, is rebuilt
-
 
 @functools.lru_cache(maxsize=64)  # frame_times, then read, list the same folder
 def _frame_folder(folder):
@@ -531,9 +523,7 @@ class VideoFolder:
     ('12.480.jpg') or `fps`; unreadable or missing ones are left out and named. Flat arrays, shared by the workers."""
 
     def __init__(self, root, fps=None, index=None, trust=False, out=None):
-        root, self.fps, self.trust = os.path.abspath(root), fps, trust
-        if not os.path.exists(root):
-            raise UserError(f"video folder or list {root!r} does not exist: check --data / --val-data")
+        root, self.fps, self.trust = os.path.abspath(root), fps, trust  # (check_paths saw that it exists)
         self.root = root if os.path.isdir(root) else os.path.dirname(root)
         file = os.path.join(root, ".deltatok-index.npz") if self.root == root else root + ".deltatok-index.npz"
         if index or out and not os.access(os.path.dirname(file), os.W_OK):  # in --index, else the run folder
@@ -576,9 +566,8 @@ class VideoFolder:
         for fast in (True, False):  # the fast path misses frames of open GOPs: then a plain decode from the start
             # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
             with av.open(self.path(i), options={"skip_frame": "all"}) as container:
-                stream, frames = container.streams.video[0], {}
+                stream, frames, tb = container.streams.video[0], {}, float(container.streams.video[0].time_base)
                 stream.codec_context.thread_count = 1  # threads add latency; one process per core is faster
-                tb = float(stream.time_base)
                 if fast:  # from the key frame before the first wanted frame; unwanted unreferenced ones are skipped
                     container.seek(round((t0 + min(want) / rate) / tb), stream=stream)
                 for packet in container.demux(stream):
@@ -593,19 +582,20 @@ class VideoFolder:
 
 
 def prepare(src, dst, short_side=288, workers=1, index=None):
-    """Copy the video files under `src` to the same paths under `dst` (.mp4) for random access: H.264 at short side
-    `short_side`, a key frame every 16 frames, 3 unreferenced B-frames between references (read skips them). Frame k
-    stays frame k at the original's count and rate, so ClipDataset cuts the same clips (crops are relative)."""
+    """Copy the video files under `src` (a list's: from the folder they share) to the same paths under `dst` (.mp4) for
+    random access: H.264 at short side `short_side`, a key frame every 16 frames, 3 unreferenced B-frames between
+    references (read skips them). Frame k stays frame k, of the original's count and rate: the same clips and crops."""
     if not any(path.lower().endswith(VIDEO_EXTS) for path, _, _ in _found(os.path.abspath(src))):  # before indexing
         raise UserError(f"no video files ({' '.join(VIDEO_EXTS)}) under {src}: nothing to copy (frame folders are read "
                         "fast as they are: train on them directly)")
     source = VideoFolder(src, fps=1, index=index, out=dst)  # the index goes in DST where SRC is read-only
-    names = {os.path.relpath(source.path(i), source.root): i for i in range(len(source)) if source.info[i, 1] > 0}
-    if any(name.startswith("..") for name in names):
-        raise UserError(f"{src} lists videos outside its folder: their copies would not be under {dst}")
+    videos = {os.path.normpath(source.path(i)): i for i in range(len(source)) if source.info[i, 1] > 0}
+    outside = os.path.commonpath([source.root, *videos]) != source.root  # a list that names videos outside its folder
+    base = os.path.commonpath([os.path.dirname(v) for v in videos]) if outside else source.root  # copies mirror them
+    names = {os.path.relpath(video, base): i for video, i in videos.items()}
     copies = {os.path.splitext(name)[0] + ".mp4": name for name in names}  # a.mp4 and a.webm would make one a.mp4
     if lost := sorted(set(names) - set(copies.values())):
-        raise UserError(f"{lost[0]} and {copies[copy := os.path.splitext(lost[0])[0] + '.mp4']} in {source.root} "
+        raise UserError(f"{lost[0]} and {copies[copy := os.path.splitext(lost[0])[0] + '.mp4']} in {base} "
                         f"would both be copied to {os.path.join(dst, copy)}: rename one (or list the videos to copy)")
     jobs = [(source.path(names[name]), os.path.join(dst, copy), (int(source.info[names[name], 0]),
              float(source.info[names[name], 1])), short_side) for copy, name in copies.items()]
@@ -685,8 +675,7 @@ class ClipDataset:
                  ratio=(3 / 4, 4 / 3), seed=0):
         self.source, self.num_frames, self.seed, self.stride, self.scale = source, num_frames, seed, stride, scale
         self.size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
-        aspect = self.size[1] / self.size[0]  # appendix A: crop scale 0.6-1, width / height 3:4-4:3 of the output's
-        self.ratio = [r * aspect for r in ratio]
+        self.ratio = [r * (self.size[1] / self.size[0]) for r in ratio]  # appendix A: 3:4-4:3 of the output's aspect
 
     def sample(self, step, j):
         """Clip j of `step`: frames (T, 3, H, W) uint8, times (T,) float32 s from the first, broken videos skipped."""
@@ -703,8 +692,7 @@ class ClipDataset:
             target = times[rng.choice(starts)] + offsets
             idx = np.searchsorted(times, target).clip(1, len(times) - 1)
             idx -= target - times[idx - 1] < times[idx] - target  # nearest frame
-            for t in range(1, len(idx)):  # a gap shorter than the frame interval still moves on by one frame
-                idx[t] = max(idx[t], idx[t - 1] + 1)
+            idx = np.maximum.accumulate(idx - (t := np.arange(len(idx)))) + t  # a gap under a frame still moves one
             if idx[-1] >= len(times):
                 continue
             try:
@@ -739,10 +727,9 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
     """Infinite iterator of micro-batches: for each step from `start_step`, `accum` dicts with "frames"
     (B, T, 3, S, S) uint8, "times" (B, T) float32, "skipped" (broken videos skipped) and "step". Micro-batch m of
     rank r holds clips j = (m * world_size + r) * batch_size + b, so one process at batch 2B equals two at B."""
-    micro = _MicroBatches(dataset, batch_size, rank, world_size, accum)
-    # batch_size=None: each item already is a micro-batch; an endless sequential sampler keeps the order fixed
+    micro = _MicroBatches(dataset, batch_size, rank, world_size, accum)  # (batch_size=None: items are batches)
     return iter(torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(start_step * accum),
-                                            num_workers=num_workers, worker_init_fn=quiet_worker))
+                                            num_workers=num_workers, worker_init_fn=quiet_worker))  # in order
 
 
 def quiet_worker(_):
@@ -831,8 +818,8 @@ def bench_record(**result):
 def bench_table(jsonl, markdown):
     """Write `make bench-gpu`'s rows (one JSON object per line; {"row", "failed"} for a bench that failed or ran out
     of time) into the markdown file, between the lines <!-- bench-gpu --> and <!-- /bench-gpu -->."""
-    head, _, rest = open(markdown, errors="replace").read().partition("<!-- bench-gpu -->\n")
-    if "<!-- /bench-gpu -->" not in rest:  # before anything is written
+    text = open(markdown, errors="replace").read()
+    if not (m := re.fullmatch(r"(.*?<!-- bench-gpu -->\n).*?(<!-- /bench-gpu -->.*)", text, re.S)):  # before a write
         raise UserError(f"MD {markdown} has no lines <!-- bench-gpu --> and <!-- /bench-gpu --> to put the table "
                         "between: give the markdown file to fill")
     rows = [json.loads(line) for line in open(jsonl)]
@@ -853,8 +840,7 @@ def bench_table(jsonl, markdown):
         else:  # eval's
             lines.append(f"| {r['row']} | | **{r.get('sequences_per_s', 0):.1f} sequences/s** | | | |")
     with open(markdown + ".tmp", "w") as f:  # write, then rename: never half a file
-        f.write(head + "<!-- bench-gpu -->\n" + "\n".join(lines) + "\n<!-- /bench-gpu -->" + rest.partition(
-            "<!-- /bench-gpu -->")[2])
+        f.write(m[1] + "\n".join(lines) + "\n" + m[2])
     os.replace(markdown + ".tmp", markdown)
 
 
