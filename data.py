@@ -366,8 +366,7 @@ class SyntheticVideos:
     def _render(self, i, idx):
         s = _scene(self.seed, self.split, i, self.size, self.fps, self.seconds)
         pos = self.trajectory(i)[0][idx].astype(np.float32)  # (T, n, 2)
-        # paint indices into a palette (background pixels, then one colour per object): far cheaper than RGB writes
-        hw = self.size ** 2
+        hw = self.size ** 2  # indices into a palette (background pixels, one colour per object): cheaper than RGB
         index = np.tile(np.arange(hw, dtype=np.int32).reshape(self.size, -1), (len(idx), 1, 1))  # (T, H, W)
         depth = np.broadcast_to(s["bg_depth"], index.shape)  # (T, H, W)
         for o, c in enumerate(s["cls"]):
@@ -418,9 +417,8 @@ def _probe(path, strict=False):
             if not n:  # webm / mkv store no frame count: derive it from the duration
                 seconds = stream.duration * stream.time_base if stream.duration else container.duration / av.time_base
                 n = round(float(seconds) * rate)
-            # not stream.start_time: an AVI with B-frames says 0 and starts at 1 / rate
             first = min(p.pts for p in itertools.islice(container.demux(stream), 16) if p.pts is not None and
-                        not p.is_discard) * float(stream.time_base)
+                        not p.is_discard) * float(stream.time_base)  # (an AVI with B-frames: start_time 0, not this)
         if n <= 0 or rate <= 0:
             raise ValueError(f"no frames in {path}")
         return n, rate, first
@@ -564,8 +562,7 @@ class VideoFolder:
         if rate <= 0:  # a frame folder
             return np.stack([np.asarray(Image.open(_frame_folder(self.path(i))[0][k]).convert("RGB")) for k in idx])
         for fast in (True, False):  # the fast path misses frames of open GOPs: then a plain decode from the start
-            # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
-            with av.open(self.path(i), options={"skip_frame": "all"}) as container:
+            with av.open(self.path(i), options={"skip_frame": "all"}) as container:  # opening decodes nothing
                 stream, frames, tb = container.streams.video[0], {}, float(container.streams.video[0].time_base)
                 stream.codec_context.thread_count = 1  # threads add latency; one process per core is faster
                 if fast:  # from the key frame before the first wanted frame; unwanted unreferenced ones are skipped
@@ -701,10 +698,9 @@ class ClipDataset:
                 skipped += 1
                 _warn_broken(self.source, i, e)
                 continue
-            # one crop per clip, resized to (H, W) as uint8 (6x faster than float), aspect a little off (appendix A)
-            top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, self.ratio)
-            crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
-            crop = torch.nn.functional.interpolate(crop, self.size, mode="bilinear", antialias=True)
+            top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, self.ratio)  # one per clip (appendix A)
+            crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)  # aspect a little off
+            crop = torch.nn.functional.interpolate(crop, self.size, mode="bilinear", antialias=True)  # uint8: 6x faster
             return crop, torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32), skipped
         raise UserError(f"no readable video long enough for {self.num_frames} frames at stride {self.stride} s "
                         f"after 1000 draws ({skipped} broken)")
@@ -868,11 +864,12 @@ def main(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Prepare videos for training, time the loader, or write the bench table.",
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description="Prepare videos for training, time the loader, or write the bench "
+                                     "table.", formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--bench", metavar="DIR", help="clips/s of the training loader over DIR (or a list), for 20 s")
-    mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
+    mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy SRC (a folder or list) for fast random "
+                      "access, to the same paths under DST (a list's: from the folder they share); train on DST")
     mode.add_argument("--bench-table", nargs=2, metavar=("JSONL", "MD"), help="`make bench-gpu`'s rows (JSONL) into "
                       "the table of MD (between <!-- bench-gpu --> and <!-- /bench-gpu -->)")
     parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")
