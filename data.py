@@ -446,7 +446,7 @@ def _found(root, rel="", seen=()):
             raise UserError(f"{root} is no folder or text list of videos (UTF-8, one path a line): check it")
         paths = [p for p in map(str.strip, text.splitlines()) if p and p[0] != "#"]
         return [(p, *_stat(os.path.join(os.path.dirname(root), p))) for p in paths]
-    here, found, images, seen = os.path.join(root, rel), [], False, seen or (os.path.realpath(root),)
+    here, found, seen = os.path.join(root, rel), [], seen or (os.path.realpath(root),)
     try:  # hidden entries are no videos (macOS '._*' files beside them, '.git'); a link: by what it leads to
         entries = sorted((os.path.isdir(e) if e.is_symlink() else e.is_dir(), e.name, e) for e in os.scandir(here)
                          if e.name[0] != ".")
@@ -457,8 +457,7 @@ def _found(root, rel="", seen=()):
             found += _found(root, rel + name + "/", seen + (real,))
         elif not folder and name.lower().endswith(VIDEO_EXTS):
             found.append((rel + name, *_stat(e)))
-        images = images or name.lower().endswith(IMAGE_EXTS)
-    return [(rel[:-1], -1, _stat(here)[1])] * images + found
+    return [(rel[:-1], -1, _stat(here)[1])] * any(n.lower().endswith(IMAGE_EXTS) for _, n, _ in entries) + found
 
 
 def _pack(paths):  # one flat buffer, each path ended by a 0 byte: no Python object per video
@@ -521,7 +520,9 @@ class VideoFolder:
     ('12.480.jpg') or `fps`; unreadable or missing ones are left out and named. Flat arrays, shared by the workers."""
 
     def __init__(self, root, fps=None, index=None, trust=False, out=None):
-        root, self.fps, self.trust = os.path.abspath(root), fps, trust  # (check_paths saw that it exists)
+        root, self.fps, self.trust = os.path.abspath(root), fps, trust
+        if not os.path.exists(root):
+            raise UserError(f"video folder or list {root!r} does not exist: check --data / --val-data")
         self.root = root if os.path.isdir(root) else os.path.dirname(root)
         file = os.path.join(root, ".deltatok-index.npz") if self.root == root else root + ".deltatok-index.npz"
         if index or out and not os.access(os.path.dirname(file), os.W_OK):  # in --index, else the run folder
