@@ -214,12 +214,11 @@ VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then the original's frame count and rate
 INDEX_FORMAT = 1  # an index file of another format, or of another root, is rebuilt
+_wandb = {}  # --wandb (below): wandb.init's arguments, the run once started, the last step it held when it resumed
+_WARNED = set()  # the broken videos this process has named (_warn_broken)
 
 # -----------------------------------------------------------------------------
 # the record of a run beside its log.jsonl: curves.png; Weights & Biases with --wandb (imported only then, rank 0)
-
-_wandb = {}  # --wandb: wandb.init's arguments, the run once started, the last step it held when this run resumed
-
 
 def read_log(path, most=2000):
     """log.jsonl -> {key: [(step, value)]} of every number in it ('eval/h1/best': a check's), read line by line into
@@ -628,8 +627,7 @@ def _prepare_one(job):
 
 
 def open_source(root, split="train", fps=None, seed=0, flags=None):
-    """'synthetic' -> the built-in videos of that split; anything else is a folder or a list of real videos, its
-    index where the parsed `flags` say (--index, --trust-index, and --out, the run folder)."""
+    """'synthetic': the built-in videos of `split`; else a folder or list of real videos, indexed as `flags` say."""
     index = (flags.index, flags.trust_index, flags.out) if flags else ()
     return SyntheticVideos(split, seed) if root == "synthetic" else _video_folder(root, fps, *index)
 
@@ -651,9 +649,6 @@ def _crop_box(rng, height, width, scale, ratio):
     r = min(max(width / height, min(ratio)), max(ratio))  # fall back to the largest centre crop within the ratio range
     w, h = min(width, round(height * r)), min(height, round(width / r))
     return (height - h) // 2, (width - w) // 2, h, w
-
-
-_WARNED = set()  # broken videos this process has named
 
 
 def _warn_broken(source, i, error):
@@ -768,34 +763,32 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def timed(fn, device, n):
-    """Seconds of each of n calls of fn(), the device synchronised before and after each."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    sync()
-    stamps = [time.perf_counter()]
-    for _ in range(n):  # the sync after a call is the one before the next
-        fn()
-        sync()
-        stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps, stamps[1:])]
-
-
 def run_bench(step_fn, flops_fn, batch, n, device, reference):
     """Time n training steps (after 3 warm-up ones: compile_s is what they took beyond 3 timed ones), report peak
     memory, FLOPs per step and the share of the measured matmul peak. flops_fn runs the step eagerly on ONE sample:
     the counter sees no compiled code, math attention on a whole batch would be huge, and FLOPs grow with the batch."""
+    sync = (lambda: torch.cuda.synchronize(device)) if (cuda := device.type == "cuda") else (lambda: None)
+
+    def timed(fn, n):  # seconds of each of n calls of fn(), the device synchronised before and after each
+        sync()
+        stamps = [time.perf_counter()]
+        for _ in range(n):  # the sync after a call is the one before the next
+            fn()
+            sync()
+            stamps.append(time.perf_counter())
+        return [b - a for a, b in zip(stamps, stamps[1:])]
     with torch.compiler.set_stance("force_eager"):
         flops = count_flops(flops_fn) * batch
-    warm = sum(timed(step_fn, device, 3))
-    if cuda := device.type == "cuda":
+    warm = sum(timed(step_fn, 3))
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    ms = 1000 * sorted(timed(step_fn, device, n))[n // 2]
+    ms = 1000 * sorted(timed(step_fn, n))[n // 2]
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else  # CPU: the process' peak resident memory
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)  # (Linux reports KiB)
     side, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)  # the matmul peak
     a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
-    peak = 2 * side ** 3 / min(timed(lambda: a @ b, device, 6)[1:])  # FLOP/s
+    peak = 2 * side ** 3 / min(timed(lambda: a @ b, 6)[1:])  # FLOP/s
     result = dict(device=name, step_ms=round(ms, 2), compile_s=round(max(warm - 3 * ms / 1000, 0), 1),
                   peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
                   achieved_tflops=round(flops / ms / 1e9, 2), matmul_peak_tflops=round(peak / 1e12, 2),
@@ -813,8 +806,7 @@ def bench_record(**result):
 
 
 def bench_table(jsonl, markdown):
-    """Write `make bench-gpu`'s rows (one JSON object per line; {"row", "failed"} for a bench that failed or ran out
-    of time) into the markdown file, between the lines <!-- bench-gpu --> and <!-- /bench-gpu -->."""
+    """`make bench-gpu`'s rows (JSON lines; {"row", "failed"}: failed or out of time) into `markdown`'s table."""
     text = open(markdown, errors="replace").read()
     if not (m := re.fullmatch(r"(.*?<!-- bench-gpu -->\n).*?(<!-- /bench-gpu -->.*)", text, re.S)):  # before a write
         raise UserError(f"MD {markdown} has no lines <!-- bench-gpu --> and <!-- /bench-gpu --> to put the table "
