@@ -281,8 +281,7 @@ def wandb_start(args, run_id=None, last=-1):
 
 
 def wandb_log(record):
-    """A record to W&B at its step: nested keys as 'eval/h1/best', a .png path an image, a list of dicts a table; a W&B
-    that fails warns once and the run goes on without it."""
+    """A record to W&B at its step (a .png path: an image, a list of dicts: a table); W&B failing: a warning, no W&B."""
     if "init" in _wandb and record["step"] > _wandb["last"]:
         try:
             import wandb
