@@ -735,12 +735,11 @@ def quiet_worker(_):
     threading.Thread(target=wait, daemon=True).start()
 
 
-def accumulation(global_batch, batch_size, world):
-    """Micro-steps per optimizer step so that batch_size x world x accumulation = global_batch."""
-    if global_batch % (batch_size * world):
-        raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size {batch_size} x "
-                        f"{world} processes")
-    return global_batch // (batch_size * world)
+def accumulation(global_batch, batch, world):
+    """Micro-steps per optimizer step so that batch (per process) x world x accumulation = global_batch."""
+    if global_batch % (batch * world):
+        raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size {batch} x {world} processes")
+    return global_batch // (batch * world)
 
 
 def clip_random(seed, step, clip_ids, shape, device, draw=torch.randn):
