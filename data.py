@@ -110,9 +110,9 @@ def hub_id(path):
 
 
 def check_paths(read, out=None, write=()):
-    """Every path a command reads or writes, checked before anything is built, created or locked: each (flag, path)
-    of `read` is readable, a folder or file as its flag wants ('synthetic' and hub ids pass); `out` and each (flag,
-    folder or "") of `write` is or can be made a writable folder; out is no folder read, nor in one or a file's."""
+    """The paths a command reads and writes, checked before anything is built or written: each (flag, path) of `read`
+    is readable, a folder or file as its flag wants ('synthetic' and hub ids pass); `out` and each (flag, folder or "")
+    of `write` is or can be made a writable folder; out is no folder read, nor inside one, nor a read file's folder."""
     dest = os.path.realpath(out[1]) if out else ""
     folders, either = ("--kitti-raw", "--cache-tokens"), ("--data", "--val-data", "--bench", "SRC", "--video")
     for flag, path in read:
@@ -416,7 +416,7 @@ def _probe(path, strict=False):
                 seconds = stream.duration * stream.time_base if stream.duration else container.duration / av.time_base
                 n = round(float(seconds) * rate)
             first = min(p.pts for p in itertools.islice(container.demux(stream), 16) if p.pts is not None and
-                        not p.is_discard) * float(stream.time_base)  # (an AVI with B-frames: start_time 0, not this)
+                        not p.is_discard) * float(stream.time_base)  # not start_time (0 in an AVI with B-frames)
         if n <= 0 or rate <= 0:
             raise ValueError(f"no frames in {path}")
         return n, rate, first
@@ -718,9 +718,9 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
     """Infinite iterator of micro-batches: for each step from `start_step`, `accum` dicts with "frames"
     (B, T, 3, S, S) uint8, "times" (B, T) float32, "skipped" (broken videos skipped) and "step". Micro-batch m of
     rank r holds clips j = (m * world_size + r) * batch_size + b, so one process at batch 2B equals two at B."""
-    micro = _MicroBatches(dataset, batch_size, rank, world_size, accum)  # (batch_size=None: items are batches)
+    micro = _MicroBatches(dataset, batch_size, rank, world_size, accum)  # items are micro-batches: batch_size=None
     return iter(torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(start_step * accum),
-                                            num_workers=num_workers, worker_init_fn=quiet_worker))  # in order
+                                            num_workers=num_workers, worker_init_fn=quiet_worker))  # a fixed order
 
 
 def quiet_worker(_):
