@@ -96,10 +96,12 @@ def fail_together(kind, e, tb):
     print(f"{os.path.basename(sys.argv[0])}: error: stopping: {message}", file=sys.stderr)
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.HelpFormatter):
     """--help shows each default once (a help text that says its default keeps its own words), and no empty one."""
-    def _get_help_string(self, a):
-        return a.help if "default" in (a.help or "") or a.default in (None, "", []) else super()._get_help_string(a)
+    def _format_action(self, a):  # (a flag without help text too: argparse shows no line of help for it)
+        if a.default not in (None, "", [], argparse.SUPPRESS) and "default" not in (a.help or ""):
+            a.help = f"{a.help or ''} (default: %(default)s)".lstrip()
+        return super()._format_action(a)
 
 
 def hub_id(path):
@@ -108,10 +110,9 @@ def hub_id(path):
 
 
 def check_paths(read, out=None, write=()):
-    """Every path a command reads or writes, checked before anything is built, created or locked: each (flag, path)
-    of `read` exists, is readable, and a folder or file as its flag wants ('synthetic' and hub ids pass); `out` and
-    each of `write`, (flag, folder or ""), is or can be made a writable folder; out is no folder read, nor inside
-    one, nor the folder of a file read."""
+    """The paths a command reads and writes, checked before anything is built or written: each (flag, path) of `read`
+    is readable, a folder or file as its flag wants ('synthetic' and hub ids pass); `out` and each (flag, folder or "")
+    of `write` is or can be made a writable folder; out is no folder read, nor inside one, nor a read file's folder."""
     dest = os.path.realpath(out[1]) if out else ""
     folders, either = ("--kitti-raw", "--cache-tokens"), ("--data", "--val-data", "--bench", "SRC", "--video")
     for flag, path in read:
@@ -121,8 +122,8 @@ def check_paths(read, out=None, write=()):
             raise UserError(f"{flag} {path} does not exist (or cannot be read): check the path")
         if (isdir := os.path.isdir(path)) != (flag in folders) and flag not in either:  # any other flag: a file
             raise UserError(f"{flag} {path} is a {('file', 'folder')[isdir]}: give a {('folder', 'file')[isdir]}")
-        folder = os.path.realpath(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
-        if dest == folder or os.path.isdir(path) and dest.startswith(folder + os.sep):
+        folder = os.path.realpath(path if isdir else os.path.dirname(os.path.abspath(path)))
+        if dest == folder or isdir and dest.startswith(folder + os.sep):
             raise UserError(f"{out[0]} {out[1]} is {'inside ' * (dest != folder)}the folder of {flag} {path}: it would "
                             f"write over what it reads; give another {out[0]}")
     for flag, path in [w for w in (out, *write) if w and w[1]]:
@@ -212,12 +213,12 @@ VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", 
               ".wmv", ".ogv")  # what PyAV reads: other files in a folder are not probed (lists name any file)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then the original's frame count and rate
+INDEX_FORMAT = 1  # an index file of another format, or of another root, is rebuilt
+_wandb = {}  # --wandb (below): wandb.init's arguments, the run once started, the last step it held when it resumed
+_WARNED = set()  # the broken videos this process has named (_warn_broken)
 
 # -----------------------------------------------------------------------------
 # the record of a run beside its log.jsonl: curves.png; Weights & Biases with --wandb (imported only then, rank 0)
-
-_wandb = {}  # --wandb: wandb.init's arguments, the run once started, the last step it held when this run resumed
-
 
 def read_log(path, most=2000):
     """log.jsonl -> {key: [(step, value)]} of every number in it ('eval/h1/best': a check's), read line by line into
@@ -280,8 +281,7 @@ def wandb_start(args, run_id=None, last=-1):
 
 
 def wandb_log(record):
-    """A record to W&B at its step: nested keys as 'eval/h1/best', a .png path an image, a list of dicts a table; a W&B
-    that fails warns once and the run goes on without it."""
+    """A record to W&B at its step (a .png path: an image, a list of dicts: a table); W&B failing: a warning, no W&B."""
     if "init" in _wandb and record["step"] > _wandb["last"]:
         try:
             import wandb
@@ -321,8 +321,7 @@ def _scene(seed, split, i, size, fps, seconds):
     far, near = rng.uniform(40, 60), rng.uniform(15, 25)
     bg_depth = (far + (near - far) * ys).astype(np.float32)  # (H, 1) ground plane: far at the top, near at the bottom
 
-    t = np.arange(round(seconds * fps)) / fps  # (F,)
-    n = rng.integers(1, 3)
+    t, n = np.arange(round(seconds * fps)) / fps, rng.integers(1, 3)  # (F,) frame times, 1-2 objects
     cls = rng.integers(1, len(TINTS) + 1, n)  # class of each object, 0 is background
     colour = 0.8 * TINTS[cls - 1] + 0.2 * rng.uniform(0, 1, (n, 3))  # class-tinted: classes differ in colour
     pos, vel, depth = np.zeros((len(t), n, 2)), np.zeros((len(t), n, 2)), np.zeros((len(t), n))
@@ -334,8 +333,7 @@ def _scene(seed, split, i, size, fps, seconds):
         v = rng.uniform(0.25, 0.5) * np.stack([np.sin(heading), np.cos(heading)], -1)  # frames/s, (y, x)
         p = rng.uniform(0, 1, 2) + np.concatenate([[[0, 0]], np.cumsum(v[:-1] * np.diff(starts)[:, None], 0)])
         seg = np.searchsorted(starts, t, side="right") - 1
-        pos[:, o] = p[seg] + v[seg] * (t - starts[seg])[:, None]  # unfolded: a free walk in the plane
-        vel[:, o] = v[seg]
+        pos[:, o], vel[:, o] = p[seg] + v[seg] * (t - starts[seg])[:, None], v[seg]  # unfolded: a free walk
         depth[:, o] = rng.uniform(4, 12) * (1 + 0.15 * np.sin(2 * np.pi * (t / rng.uniform(4, 10) + rng.uniform())))
     palette = (np.concatenate([bg.reshape(-1, 3), colour]) * 255 + 0.5).astype(np.uint8)  # (H*W + n, 3)
     return dict(palette=palette, bg_depth=bg_depth, ys=ys, xs=xs, cls=cls, pos=pos, vel=vel, depth=depth)
@@ -366,16 +364,14 @@ class SyntheticVideos:
     def _render(self, i, idx):
         s = _scene(self.seed, self.split, i, self.size, self.fps, self.seconds)
         pos = self.trajectory(i)[0][idx].astype(np.float32)  # (T, n, 2)
-        # paint indices into a palette (background pixels, then one colour per object): far cheaper than RGB writes
-        hw = self.size ** 2
+        hw = self.size ** 2  # indices into a palette (background pixels, one colour per object): cheaper than RGB
         index = np.tile(np.arange(hw, dtype=np.int32).reshape(self.size, -1), (len(idx), 1, 1))  # (T, H, W)
         depth = np.broadcast_to(s["bg_depth"], index.shape)  # (T, H, W)
         for o, c in enumerate(s["cls"]):
             d = s["depth"][idx, o, None, None].astype(np.float32)  # (T, 1, 1)
             r = 3.2 / d  # apparent radius shrinks with distance (depth is visible); 0.23-0.9 of the frame: every
             # object spans several patches of a 4 x 4 grid, or patch-level heads could not see it (present mIoU 45)
-            dy = s["ys"] - pos[:, o, 0, None, None]  # (T, H, 1)
-            dx = s["xs"] - pos[:, o, 1, None, None]  # (T, 1, W)
+            dy, dx = s["ys"] - pos[:, o, 0, None, None], s["xs"] - pos[:, o, 1, None, None]  # (T, H, 1), (T, 1, W)
             inside = SHAPES[c](dy, dx, r) & (d < depth)  # z-buffer: the nearest surface wins
             index[inside] = hw + o
             depth = np.where(inside, d, depth)
@@ -392,9 +388,6 @@ class SyntheticVideos:
 
 # -----------------------------------------------------------------------------
 # real videos: video files decoded with PyAV, or folders of frames, found once and kept in an index file
-
-INDEX_FORMAT = 1  # an index file of another format, or of another root, is rebuilt
-
 
 @functools.lru_cache(maxsize=64)  # frame_times, then read, list the same folder
 def _frame_folder(folder):
@@ -422,9 +415,8 @@ def _probe(path, strict=False):
             if not n:  # webm / mkv store no frame count: derive it from the duration
                 seconds = stream.duration * stream.time_base if stream.duration else container.duration / av.time_base
                 n = round(float(seconds) * rate)
-            # not stream.start_time: an AVI with B-frames says 0 and starts at 1 / rate
             first = min(p.pts for p in itertools.islice(container.demux(stream), 16) if p.pts is not None and
-                        not p.is_discard) * float(stream.time_base)
+                        not p.is_discard) * float(stream.time_base)  # not start_time (0 in an AVI with B-frames)
         if n <= 0 or rate <= 0:
             raise ValueError(f"no frames in {path}")
         return n, rate, first
@@ -452,7 +444,7 @@ def _found(root, rel="", seen=()):
             raise UserError(f"{root} is no folder or text list of videos (UTF-8, one path a line): check it")
         paths = [p for p in map(str.strip, text.splitlines()) if p and p[0] != "#"]
         return [(p, *_stat(os.path.join(os.path.dirname(root), p))) for p in paths]
-    here, found, images, seen = os.path.join(root, rel), [], False, seen or (os.path.realpath(root),)
+    here, found, seen = os.path.join(root, rel), [], seen or (os.path.realpath(root),)
     try:  # hidden entries are no videos (macOS '._*' files beside them, '.git'); a link: by what it leads to
         entries = sorted((os.path.isdir(e) if e.is_symlink() else e.is_dir(), e.name, e) for e in os.scandir(here)
                          if e.name[0] != ".")
@@ -463,8 +455,7 @@ def _found(root, rel="", seen=()):
             found += _found(root, rel + name + "/", seen + (real,))
         elif not folder and name.lower().endswith(VIDEO_EXTS):
             found.append((rel + name, *_stat(e)))
-        images = images or name.lower().endswith(IMAGE_EXTS)
-    return [(rel[:-1], -1, _stat(here)[1])] * images + found
+    return [(rel[:-1], -1, _stat(here)[1])] * any(n.lower().endswith(IMAGE_EXTS) for _, n, _ in entries) + found
 
 
 def _pack(paths):  # one flat buffer, each path ended by a 0 byte: no Python object per video
@@ -570,11 +561,9 @@ class VideoFolder:
         if rate <= 0:  # a frame folder
             return np.stack([np.asarray(Image.open(_frame_folder(self.path(i))[0][k]).convert("RGB")) for k in idx])
         for fast in (True, False):  # the fast path misses frames of open GOPs: then a plain decode from the start
-            # skip_frame=all: opening decodes nothing (probing H.264 decodes up to 7 frames, 13 ms at 720p)
-            with av.open(self.path(i), options={"skip_frame": "all"}) as container:
-                stream, frames = container.streams.video[0], {}
+            with av.open(self.path(i), options={"skip_frame": "all"}) as container:  # opening decodes nothing
+                stream, frames, tb = container.streams.video[0], {}, float(container.streams.video[0].time_base)
                 stream.codec_context.thread_count = 1  # threads add latency; one process per core is faster
-                tb = float(stream.time_base)
                 if fast:  # from the key frame before the first wanted frame; unwanted unreferenced ones are skipped
                     container.seek(round((t0 + min(want) / rate) / tb), stream=stream)
                 for packet in container.demux(stream):
@@ -589,19 +578,20 @@ class VideoFolder:
 
 
 def prepare(src, dst, short_side=288, workers=1, index=None):
-    """Copy the video files under `src` to the same paths under `dst` (.mp4) for random access: H.264 at short side
-    `short_side`, a key frame every 16 frames, 3 unreferenced B-frames between references (read skips them). Frame k
-    stays frame k at the original's count and rate, so ClipDataset cuts the same clips (crops are relative)."""
+    """Copy the video files under `src` (a list's: from the folder they share) to the same paths under `dst` (.mp4) for
+    random access: H.264 at short side `short_side`, a key frame every 16 frames, 3 unreferenced B-frames between
+    references (read skips them). Frame k stays frame k, of the original's count and rate: the same clips and crops."""
     if not any(path.lower().endswith(VIDEO_EXTS) for path, _, _ in _found(os.path.abspath(src))):  # before indexing
         raise UserError(f"no video files ({' '.join(VIDEO_EXTS)}) under {src}: nothing to copy (frame folders are read "
                         "fast as they are: train on them directly)")
     source = VideoFolder(src, fps=1, index=index, out=dst)  # the index goes in DST where SRC is read-only
-    names = {os.path.relpath(source.path(i), source.root): i for i in range(len(source)) if source.info[i, 1] > 0}
-    if any(name.startswith("..") for name in names):
-        raise UserError(f"{src} lists videos outside its folder: their copies would not be under {dst}")
+    videos = {os.path.normpath(source.path(i)): i for i in range(len(source)) if source.info[i, 1] > 0}
+    outside = os.path.commonpath([source.root, *videos]) != source.root  # a list that names videos outside its folder
+    base = os.path.commonpath([os.path.dirname(v) for v in videos]) if outside else source.root  # copies mirror them
+    names = {os.path.relpath(video, base): i for video, i in videos.items()}
     copies = {os.path.splitext(name)[0] + ".mp4": name for name in names}  # a.mp4 and a.webm would make one a.mp4
     if lost := sorted(set(names) - set(copies.values())):
-        raise UserError(f"{lost[0]} and {copies[copy := os.path.splitext(lost[0])[0] + '.mp4']} in {source.root} "
+        raise UserError(f"{lost[0]} and {copies[copy := os.path.splitext(lost[0])[0] + '.mp4']} in {base} "
                         f"would both be copied to {os.path.join(dst, copy)}: rename one (or list the videos to copy)")
     jobs = [(source.path(names[name]), os.path.join(dst, copy), (int(source.info[names[name], 0]),
              float(source.info[names[name], 1])), short_side) for copy, name in copies.items()]
@@ -636,8 +626,7 @@ def _prepare_one(job):
 
 
 def open_source(root, split="train", fps=None, seed=0, flags=None):
-    """'synthetic' -> the built-in videos of that split; anything else is a folder or a list of real videos, its
-    index where the parsed `flags` say (--index, --trust-index, and --out, the run folder)."""
+    """'synthetic': the built-in videos of `split`; else a folder or list of real videos, indexed as `flags` say."""
     index = (flags.index, flags.trust_index, flags.out) if flags else ()
     return SyntheticVideos(split, seed) if root == "synthetic" else _video_folder(root, fps, *index)
 
@@ -661,9 +650,6 @@ def _crop_box(rng, height, width, scale, ratio):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-_WARNED = set()  # broken videos this process has named
-
-
 def _warn_broken(source, i, error):
     """Name a broken video and why, the first time this process meets it; later failures are only counted."""
     name = source.path(i) if isinstance(source, VideoFolder) else f"video {i}"
@@ -681,8 +667,7 @@ class ClipDataset:
                  ratio=(3 / 4, 4 / 3), seed=0):
         self.source, self.num_frames, self.seed, self.stride, self.scale = source, num_frames, seed, stride, scale
         self.size = (size, size) if isinstance(size, int) else tuple(size)  # (H, W)
-        aspect = self.size[1] / self.size[0]  # appendix A: crop scale 0.6-1, width / height 3:4-4:3 of the output's
-        self.ratio = [r * aspect for r in ratio]
+        self.ratio = [r * (self.size[1] / self.size[0]) for r in ratio]  # appendix A: 3:4-4:3 of the output's aspect
 
     def sample(self, step, j):
         """Clip j of `step`: frames (T, 3, H, W) uint8, times (T,) float32 s from the first, broken videos skipped."""
@@ -699,8 +684,7 @@ class ClipDataset:
             target = times[rng.choice(starts)] + offsets
             idx = np.searchsorted(times, target).clip(1, len(times) - 1)
             idx -= target - times[idx - 1] < times[idx] - target  # nearest frame
-            for t in range(1, len(idx)):  # a gap shorter than the frame interval still moves on by one frame
-                idx[t] = max(idx[t], idx[t - 1] + 1)
+            idx = np.maximum.accumulate(idx - (t := np.arange(len(idx)))) + t  # a gap under a frame still moves one
             if idx[-1] >= len(times):
                 continue
             try:
@@ -709,10 +693,9 @@ class ClipDataset:
                 skipped += 1
                 _warn_broken(self.source, i, e)
                 continue
-            # one crop per clip, resized to (H, W) as uint8 (6x faster than float), aspect a little off (appendix A)
-            top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, self.ratio)
-            crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)
-            crop = torch.nn.functional.interpolate(crop, self.size, mode="bilinear", antialias=True)
+            top, left, h, w = _crop_box(rng, *frames.shape[1:3], self.scale, self.ratio)  # one per clip (appendix A)
+            crop = torch.from_numpy(frames[:, top:top + h, left:left + w]).permute(0, 3, 1, 2)  # aspect a little off
+            crop = torch.nn.functional.interpolate(crop, self.size, mode="bilinear", antialias=True)  # uint8: 6x faster
             return crop, torch.tensor(times[idx] - times[idx[0]], dtype=torch.float32), skipped
         raise UserError(f"no readable video long enough for {self.num_frames} frames at stride {self.stride} s "
                         f"after 1000 draws ({skipped} broken)")
@@ -735,10 +718,9 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
     """Infinite iterator of micro-batches: for each step from `start_step`, `accum` dicts with "frames"
     (B, T, 3, S, S) uint8, "times" (B, T) float32, "skipped" (broken videos skipped) and "step". Micro-batch m of
     rank r holds clips j = (m * world_size + r) * batch_size + b, so one process at batch 2B equals two at B."""
-    micro = _MicroBatches(dataset, batch_size, rank, world_size, accum)
-    # batch_size=None: each item already is a micro-batch; an endless sequential sampler keeps the order fixed
+    micro = _MicroBatches(dataset, batch_size, rank, world_size, accum)  # items are micro-batches: batch_size=None
     return iter(torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(start_step * accum),
-                                            num_workers=num_workers, worker_init_fn=quiet_worker))
+                                            num_workers=num_workers, worker_init_fn=quiet_worker))  # a fixed order
 
 
 def quiet_worker(_):
@@ -753,12 +735,11 @@ def quiet_worker(_):
     threading.Thread(target=wait, daemon=True).start()
 
 
-def accumulation(global_batch, batch_size, world):
-    """Micro-steps per optimizer step so that batch_size x world x accumulation = global_batch."""
-    if global_batch % (batch_size * world):
-        raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size {batch_size} x "
-                        f"{world} processes")
-    return global_batch // (batch_size * world)
+def accumulation(global_batch, batch, world):
+    """Micro-steps per optimizer step so that batch (per process) x world x accumulation = global_batch."""
+    if global_batch % (batch * world):
+        raise UserError(f"--global-batch {global_batch} is not a multiple of --batch-size {batch} x {world} processes")
+    return global_batch // (batch * world)
 
 
 def clip_random(seed, step, clip_ids, shape, device, draw=torch.randn):
@@ -780,34 +761,32 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def timed(fn, device, n):
-    """Seconds of each of n calls of fn(), the device synchronised before and after each."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    sync()
-    stamps = [time.perf_counter()]
-    for _ in range(n):  # the sync after a call is the one before the next
-        fn()
-        sync()
-        stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps, stamps[1:])]
-
-
 def run_bench(step_fn, flops_fn, batch, n, device, reference):
     """Time n training steps (after 3 warm-up ones: compile_s is what they took beyond 3 timed ones), report peak
     memory, FLOPs per step and the share of the measured matmul peak. flops_fn runs the step eagerly on ONE sample:
     the counter sees no compiled code, math attention on a whole batch would be huge, and FLOPs grow with the batch."""
+    sync = (lambda: torch.cuda.synchronize(device)) if (cuda := device.type == "cuda") else (lambda: None)
+
+    def timed(fn, n):  # seconds of each of n calls of fn(), the device synchronised before and after each
+        sync()
+        stamps = [time.perf_counter()]
+        for _ in range(n):  # the sync after a call is the one before the next
+            fn()
+            sync()
+            stamps.append(time.perf_counter())
+        return [b - a for a, b in zip(stamps, stamps[1:])]
     with torch.compiler.set_stance("force_eager"):
         flops = count_flops(flops_fn) * batch
-    warm = sum(timed(step_fn, device, 3))
-    if cuda := device.type == "cuda":
+    warm = sum(timed(step_fn, 3))
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    ms = 1000 * sorted(timed(step_fn, device, n))[n // 2]
+    ms = 1000 * sorted(timed(step_fn, n))[n // 2]
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
     mem = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else  # CPU: the process' peak resident memory
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)  # (Linux reports KiB)
     side, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)  # the matmul peak
     a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
-    peak = 2 * side ** 3 / min(timed(lambda: a @ b, device, 6)[1:])  # FLOP/s
+    peak = 2 * side ** 3 / min(timed(lambda: a @ b, 6)[1:])  # FLOP/s
     result = dict(device=name, step_ms=round(ms, 2), compile_s=round(max(warm - 3 * ms / 1000, 0), 1),
                   peak_mem_gib=round(mem, 2), gflops_per_step=round(flops / 1e9, 1),
                   achieved_tflops=round(flops / ms / 1e9, 2), matmul_peak_tflops=round(peak / 1e12, 2),
@@ -825,10 +804,9 @@ def bench_record(**result):
 
 
 def bench_table(jsonl, markdown):
-    """Write `make bench-gpu`'s rows (one JSON object per line; {"row", "failed"} for a bench that failed or ran out
-    of time) into the markdown file, between the lines <!-- bench-gpu --> and <!-- /bench-gpu -->."""
-    head, _, rest = open(markdown, errors="replace").read().partition("<!-- bench-gpu -->\n")
-    if "<!-- /bench-gpu -->" not in rest:  # before anything is written
+    """`make bench-gpu`'s rows (JSON lines; {"row", "failed"}: failed or out of time) into `markdown`'s table."""
+    text = open(markdown, errors="replace").read()
+    if not (m := re.fullmatch(r"(.*?<!-- bench-gpu -->\n).*?(<!-- /bench-gpu -->.*)", text, re.S)):  # before a write
         raise UserError(f"MD {markdown} has no lines <!-- bench-gpu --> and <!-- /bench-gpu --> to put the table "
                         "between: give the markdown file to fill")
     rows = [json.loads(line) for line in open(jsonl)]
@@ -849,8 +827,7 @@ def bench_table(jsonl, markdown):
         else:  # eval's
             lines.append(f"| {r['row']} | | **{r.get('sequences_per_s', 0):.1f} sequences/s** | | | |")
     with open(markdown + ".tmp", "w") as f:  # write, then rename: never half a file
-        f.write(head + "<!-- bench-gpu -->\n" + "\n".join(lines) + "\n<!-- /bench-gpu -->" + rest.partition(
-            "<!-- /bench-gpu -->")[2])
+        f.write(m[1] + "\n".join(lines) + "\n" + m[2])
     os.replace(markdown + ".tmp", markdown)
 
 
@@ -878,11 +855,12 @@ def main(args):
 
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Prepare videos for training, time the loader, or write the bench table.",
-                                     formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(description="Prepare videos for training, time the loader, or write the bench "
+                                     "table.", formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--bench", metavar="DIR", help="clips/s of the training loader over DIR (or a list), for 20 s")
-    mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy for fast random access; train on DST")
+    mode.add_argument("--prepare", nargs=2, metavar=("SRC", "DST"), help="copy SRC (a folder or list) for fast random "
+                      "access, to the same paths under DST (a list's: from the folder they share); train on DST")
     mode.add_argument("--bench-table", nargs=2, metavar=("JSONL", "MD"), help="`make bench-gpu`'s rows (JSONL) into "
                       "the table of MD (between <!-- bench-gpu --> and <!-- /bench-gpu -->)")
     parser.add_argument("--workers", type=at_least(1), default=1, help="processes, each with one thread")

@@ -586,6 +586,19 @@ def test_prepare_refuses_two_videos_that_would_make_one_copy(tmp_path, contents)
     assert not (tmp_path / "dst").exists()
 
 
+def test_prepare_copies_a_list_of_videos_anywhere_to_their_paths_from_the_folder_they_share(tmp_path, contents):
+    for name in ("a/x.mp4", "b/c/y.mp4"):
+        (tmp_path / "videos" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "videos" / name).write_bytes(contents["video"])
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "l.txt").write_text(f"../videos/a/x.mp4\n{tmp_path / 'videos/b/c/y.mp4'}\n")  # outside
+    (tmp_path / "videos" / "l.txt").write_text("b/c/y.mp4\n")  # inside its folder: paths from the list's folder
+    for src, dst in (("lists/l.txt", "dst"), ("videos/l.txt", "dst2")):
+        data.prepare(str(tmp_path / src), str(tmp_path / dst))
+    copies = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("dst*/**/*.mp4"))
+    assert copies == ["dst/a/x.mp4", "dst/b/c/y.mp4", "dst2/b/c/y.mp4"]
+
+
 FALLBACK = [("h264_closed.mp4", "libx264", {"bf": "3"}),
             ("h264_open_gop.mp4", "libx264", {"bf": "3", "x264-params": "open-gop=1"}),
             ("mpeg4.avi", "mpeg4", {"bf": "2"}), ("mpeg4.mp4", "mpeg4", {"bf": "2"}),
