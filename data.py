@@ -70,9 +70,8 @@ def cli(main, parser):
 
 
 def fail_together(kind, e, tb):
-    """sys.excepthook of a rank (tokenizer.setup_dist): its error (its own or a DataLoader worker's) goes to the group's
-    store first; the others, whose collective with it then fails (gloo at once; under NCCL torchrun stops them), name
-    it in one line, not a traceback. A rank gone without a word (SIGKILL, the OOM killer): the survivors name it."""
+    """sys.excepthook of a rank (tokenizer.setup_dist): its error (or its loader worker's) goes to the group's store;
+    the others, whose collectives then fail, name it in one line. A rank killed silently: the survivors name it."""
     rank, world, stderr = torch.distributed.get_rank(), torch.distributed.get_world_size(), os.dup(2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # (a store gone with its host logs a C++ backtrace at each call)
     try:
@@ -199,9 +198,8 @@ def run_flags(p, workers, eval_every):
     p.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=["bf16", "fp32"])
     p.add_argument("--num-workers", type=at_least(0), default=cpu_workers(workers), help="loader processes per GPU")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=at_least(1), default=10)
-    p.add_argument("--eval-every", type=at_least(1), default=eval_every)
-    p.add_argument("--ckpt-every", type=at_least(1), default=1000)
+    for flag, default in (("--log-every", 10), ("--eval-every", eval_every), ("--ckpt-every", 1000)):
+        p.add_argument(flag, type=at_least(1), default=default)
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt if it exists")
     p.add_argument("--allow-changes", action="store_true", help="with --resume: go on with flags other than the "
                    "checkpoint's (--lr, --seed, --global-batch, ...); without it, such a resume is refused")
@@ -320,13 +318,11 @@ def _scene(seed, split, i, size, fps, seconds):
     bg = (bg + texture[..., None]).clip(0, 1)  # (H, W, 3) muted texture
     far, near = rng.uniform(40, 60), rng.uniform(15, 25)
     bg_depth = (far + (near - far) * ys).astype(np.float32)  # (H, 1) ground plane: far at the top, near at the bottom
-
     t, n = np.arange(round(seconds * fps)) / fps, rng.integers(1, 3)  # (F,) frame times, 1-2 objects
     cls = rng.integers(1, len(TINTS) + 1, n)  # class of each object, 0 is background
     colour = 0.8 * TINTS[cls - 1] + 0.2 * rng.uniform(0, 1, (n, 3))  # class-tinted: classes differ in colour
     pos, vel, depth = np.zeros((len(t), n, 2)), np.zeros((len(t), n, 2)), np.zeros((len(t), n))
-    for o in range(n):
-        # piecewise-constant velocity: constant speed, turning by one of TURNS at Poisson-distributed moments
+    for o in range(n):  # piecewise-constant velocity: constant speed, turning by TURNS at Poisson-distributed moments
         k = int(4 * seconds / TURN_EVERY) + 8  # more events than the video needs; later ones go unused
         starts = np.concatenate([[0.0], np.cumsum(rng.exponential(TURN_EVERY, k))])  # (k+1,)
         heading = rng.uniform(0, 2 * np.pi) + np.concatenate([[0.0], np.cumsum(rng.choice(TURNS, k))])
@@ -340,9 +336,8 @@ def _scene(seed, split, i, size, fps, seconds):
 
 
 class SyntheticVideos:
-    """Procedural videos: 1-2 shapes over a textured background, occluding each other by depth, each at constant speed
-    and at random moments going on, turning left or right or reversing (bouncing off the borders): a short context
-    has several plausible futures. Frame k of video i is a pure function of (seed, split, i, k)."""
+    """Procedural videos: 1-2 shapes over a texture, occluding by depth, at constant speed, at random moments going on,
+    turning or reversing (bouncing off the borders): several plausible futures. Frame k: f(seed, split, i, k)."""
 
     NUM_CLASSES = 4  # background, circle, square, triangle
 
@@ -435,9 +430,8 @@ def _stat(path):
 
 
 def _found(root, rel="", seen=()):
-    """(path, size, mtime) of each video file and frame folder under the folder `root` (relative, files before folders,
-    by name; a frame folder: size -1 and its mtime, which changes when images come or go; nothing there: (-1, 0)), or of
-    each path the list `root` names (UTF-8, one a line, absolute or relative to its folder)."""
+    """(path, size, mtime) of each video file and frame folder under the folder `root` (relative, files first, by name;
+    a frame folder: size -1, mtime changes as images come or go; nothing: (-1, 0)), or of each path the list names."""
     if not os.path.isdir(root):  # a list written anywhere: a byte-order mark, CRLF, blank lines, '#' comments
         text = open(root, "rb").read().decode("utf-8-sig", "replace")
         if "\0" in text or "\ufffd" in text:  # an archive, an image: refused before an index or lock goes beside it
@@ -467,9 +461,8 @@ def _unpack(buffer):
 
 
 def _index(root, file, trust=False, check=lambda paths, info: None):
-    """The index of `root`: the paths (a list) and info (`_probe`'s) of each video file and frame folder, read from
-    `file` and brought up to date (new and changed files probed on all cores, removed ones dropped) with their stat
-    (size, mtime); trust: the saved index as it is, the files unseen. check(paths, info) may refuse before a write."""
+    """The paths (a list) and `_probe`'s info of each video of `root`, from the index `file` updated by (size, mtime):
+    new or changed probed on all cores, removed dropped; trust: as saved, unchecked. check(paths, info) may refuse."""
     lock = None
     try:
         for locked in (False, True):  # all processes (ranks, runs) look at once; one at a time probes and writes
@@ -513,9 +506,8 @@ def _index(root, file, trust=False, check=lambda paths, info: None):
 
 
 class VideoFolder:
-    """Every video file and folder of images (one folder = one video) under `root`, or the videos the list `root`
-    names. Frame counts and rates come from the index (`_index`), frame folders' times from names in seconds
-    ('12.480.jpg') or `fps`; unreadable or missing ones are left out and named. Flat arrays, shared by the workers."""
+    """Every video file and frame folder (one video) under `root`, or the videos the list `root` names; counts and rates
+    from the index (`_index`), frame folders' times from names ('12.480.jpg') or `fps`; broken ones left out, named."""
 
     def __init__(self, root, fps=None, index=None, trust=False, out=None):
         root, self.fps, self.trust = os.path.abspath(root), fps, trust
@@ -578,9 +570,8 @@ class VideoFolder:
 
 
 def prepare(src, dst, short_side=288, workers=1, index=None):
-    """Copy the video files under `src` (a list's: from the folder they share) to the same paths under `dst` (.mp4) for
-    random access: H.264 at short side `short_side`, a key frame every 16 frames, 3 unreferenced B-frames between
-    references (read skips them). Frame k stays frame k, of the original's count and rate: the same clips and crops."""
+    """Copy the video files under `src` (a list's: from the folder they share) to the same paths under `dst` (.mp4), in
+    H.264 for random access (read skips the unreferenced B-frames); frame k stays frame k: the same clips and crops."""
     if not any(path.lower().endswith(VIDEO_EXTS) for path, _, _ in _found(os.path.abspath(src))):  # before indexing
         raise UserError(f"no video files ({' '.join(VIDEO_EXTS)}) under {src}: nothing to copy (frame folders are read "
                         "fast as they are: train on them directly)")
@@ -672,14 +663,12 @@ class ClipDataset:
     def sample(self, step, j):
         """Clip j of `step`: frames (T, 3, H, W) uint8, times (T,) float32 s from the first, broken videos skipped."""
         skipped = 0
-        for attempt in range(1000):
+        for attempt in range(1000):  # gaps uniform in `stride` seconds, snapped to the video's frames
             rng = np.random.default_rng([self.seed, step, j, attempt])
-            i = int(rng.integers(len(self.source)))
-            times = self.source.frame_times(i)
-            # gaps uniform in `stride` seconds, snapped to the video's frames; a video too short: draw another
+            times = self.source.frame_times(i := int(rng.integers(len(self.source))))
             offsets = np.concatenate([[0.0], np.cumsum(rng.uniform(*self.stride, self.num_frames - 1))])  # (T,)
             starts = np.flatnonzero(times <= times[-1] - offsets[-1])
-            if len(starts) == 0:
+            if len(starts) == 0:  # a video too short: draw another
                 continue
             target = times[rng.choice(starts)] + offsets
             idx = np.searchsorted(times, target).clip(1, len(times) - 1)
@@ -715,9 +704,8 @@ class _MicroBatches(torch.utils.data.Dataset):
 
 
 def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0, num_workers=2):
-    """Infinite iterator of micro-batches: for each step from `start_step`, `accum` dicts with "frames"
-    (B, T, 3, S, S) uint8, "times" (B, T) float32, "skipped" (broken videos skipped) and "step". Micro-batch m of
-    rank r holds clips j = (m * world_size + r) * batch_size + b, so one process at batch 2B equals two at B."""
+    """Infinite: for each step from `start_step`, `accum` dicts "frames" (B, T, 3, S, S) uint8, "times" (B, T) float32,
+    "skipped", "step"; micro-batch m of rank r: clips (m * world_size + r) * batch_size + b (one at 2B = two at B)."""
     micro = _MicroBatches(dataset, batch_size, rank, world_size, accum)  # items are micro-batches: batch_size=None
     return iter(torch.utils.data.DataLoader(micro, batch_size=None, sampler=itertools.count(start_step * accum),
                                             num_workers=num_workers, worker_init_fn=quiet_worker))  # a fixed order
@@ -727,7 +715,6 @@ def quiet_worker(_):
     """A DataLoader worker leaves the SIGTERM a scheduler sends every process to the main one, which finishes its step
     and saves (tokenizer.catch_signals); it still exits on its parent's SIGTERM, as PyTorch's own handler does."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # and in the thread below, which takes it
-
     def wait():
         while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
             pass
@@ -751,8 +738,7 @@ def clip_random(seed, step, clip_ids, shape, device, draw=torch.randn):
 
 
 # -----------------------------------------------------------------------------
-# the bench of every stage (each script's --bench; nanoGPT's bench.py): time, peak memory and FLOPs of a step, and
-# the table of BENCHMARKS.md that `make bench-gpu` fills from the rows its benches append
+# each script's --bench (nanoGPT's bench.py): time, memory and FLOPs of a step; BENCHMARKS.md's table of their rows
 
 def count_flops(fn):
     """FLOPs (2 x multiply-adds) of fn(), attention included (SDPA's math path is counted; fused kernels are not)."""
@@ -762,11 +748,9 @@ def count_flops(fn):
 
 
 def run_bench(step_fn, flops_fn, batch, n, device, reference):
-    """Time n training steps (after 3 warm-up ones: compile_s is what they took beyond 3 timed ones), report peak
-    memory, FLOPs per step and the share of the measured matmul peak. flops_fn runs the step eagerly on ONE sample:
-    the counter sees no compiled code, math attention on a whole batch would be huge, and FLOPs grow with the batch."""
+    """Time n steps after 3 warm-up ones (compile_s: their time beyond 3 steps); peak memory, FLOPs, share of the matmul
+    peak. flops_fn: the step eager on ONE sample (no compiled code to count; math attention on a batch: huge)."""
     sync = (lambda: torch.cuda.synchronize(device)) if (cuda := device.type == "cuda") else (lambda: None)
-
     def timed(fn, n):  # seconds of each of n calls of fn(), the device synchronised before and after each
         sync()
         stamps = [time.perf_counter()]
