@@ -3,9 +3,8 @@ Video data for every stage, and the command line every script shares.
 
 Sources (`len(source)`, `source.frame_times(i)`, `source.read(i, idx)`): `SyntheticVideos`, moving shapes with class
 and depth labels, no download (`--data synthetic`, every script's default), and `VideoFolder`, real video files or
-frame folders under a folder or in a list, what start-up learns of each kept in an index file.
-`ClipDataset.sample(step, j)` cuts clip j of a step, a pure function of (seed, step, j); `make_loader` makes them a
-resumable stream in which step s is clips 0 .. global_batch - 1 for any number of ranks, micro-steps and workers.
+frame folders under a folder or in a list, indexed. `ClipDataset.sample(step, j)`: clip j of a step, a pure function
+of (seed, step, j); `make_loader`: a resumable stream, step s clips 0 .. global_batch - 1 on any ranks and workers.
 
     python data.py --prepare /data/videos /data/videos288 --workers 16  # once: copies made for random access
     python data.py --bench /data/videos288 --workers 4                   # clips/s of the training loader
@@ -109,9 +108,8 @@ def hub_id(path):
 
 
 def check_paths(read, out=None, write=()):
-    """The paths a command reads and writes, checked before anything is built or written: each (flag, path) of `read`
-    is readable, a folder or file as its flag wants ('synthetic' and hub ids pass); `out` and each (flag, folder or "")
-    of `write` is or can be made a writable folder; out is no folder read, nor inside one, nor a read file's folder."""
+    """Before anything is built: each (flag, path) of `read` readable, a folder or file as its flag wants ('synthetic',
+    hub ids pass); `out` and each (flag, folder or "") of `write` a writable folder or makeable; out not in one read."""
     dest = os.path.realpath(out[1]) if out else ""
     folders, either = ("--kitti-raw", "--cache-tokens"), ("--data", "--val-data", "--bench", "SRC", "--video")
     for flag, path in read:
@@ -214,6 +212,7 @@ PREPARED = "deltatok-prepared"  # the comment of a copy made by `prepare`, then 
 INDEX_FORMAT = 1  # an index file of another format, or of another root, is rebuilt
 _wandb = {}  # --wandb (below): wandb.init's arguments, the run once started, the last step it held when it resumed
 _WARNED = set()  # the broken videos this process has named (_warn_broken)
+_video_folder = functools.lru_cache(maxsize=2)(lambda *a: VideoFolder(*a))  # open_source: reopened --data, read once
 
 # -----------------------------------------------------------------------------
 # the record of a run beside its log.jsonl: curves.png; Weights & Biases with --wandb (imported only then, rank 0)
@@ -622,9 +621,6 @@ def open_source(root, split="train", fps=None, seed=0, flags=None):
     return SyntheticVideos(split, seed) if root == "synthetic" else _video_folder(root, fps, *index)
 
 
-_video_folder = functools.lru_cache(maxsize=2)(VideoFolder)  # the held-out check reopens --data: one index read
-
-
 # -----------------------------------------------------------------------------
 # training clips
 
@@ -712,8 +708,7 @@ def make_loader(dataset, batch_size, rank=0, world_size=1, accum=1, start_step=0
 
 
 def quiet_worker(_):
-    """A DataLoader worker leaves the SIGTERM a scheduler sends every process to the main one, which finishes its step
-    and saves (tokenizer.catch_signals); it still exits on its parent's SIGTERM, as PyTorch's own handler does."""
+    """A loader worker leaves a scheduler's SIGTERM to the main process (catch_signals); its parent's ends it."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # and in the thread below, which takes it
     def wait():
         while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():
