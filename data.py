@@ -233,8 +233,7 @@ def read_log(path, most=2000):
 
 
 def draw_curves(out, stage, heldout, what, size=(1260, 340)):
-    """out/curves.png (and to W&B): training loss (log scale), learning rate and the held-out metrics whose keys
-    match the pattern `heldout` (its group 1 in the legend, `what` above), against step."""
+    """out/curves.png (and to W&B) against step: loss (log scale), lr, and `what`: the metrics matching `heldout`."""
     log, img, font = read_log(os.path.join(out, "log.jsonl")), Image.new("RGB", size, "white"), ImageFont.load_default()
     last, w, pen = max([p[-1][0] for p in log.values()], default=1), size[0] // 3, ImageDraw.Draw(img)
     pen.text((10, 6), f"{stage} training, run folder {out}, step {last}", "black", font)
@@ -793,18 +792,16 @@ def bench_table(jsonl, markdown):
     need = max([r["batch"] / r["step_ms"] * 1000 for r in rows if r["row"].startswith("DeltaTok") and "batch" in r],
                default=0)  # clips/s the fastest DeltaTok step eats: what the loader must feed
     for r in rows:
-        if r.get("failed"):
-            lines.append(f"| {r['row']} | | failed or out of time (see the log) | | | |")
-        elif "batch" in r:
-            per = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
-            lines.append(f"| {r['row']} | {r['batch']} | **{r['step_ms']:.1f} ms**{per} | {r['peak_mem_gib']:.1f} "
-                         f"GiB | {100 * r['fraction_of_matmul_peak']:.0f}% of {r['matmul_peak_tflops']:.0f} TFLOP/s | "
-                         f"{r['device']} |")
+        if "batch" in r:
+            r["per"] = f" ({r['step_ms'] / r['batch']:.1f} ms per sequence)" if "sampling" in r["row"] else ""
+            lines.append("| {row} | {batch} | **{step_ms:.1f} ms**{per} | {peak_mem_gib:.1f} GiB | "
+                         "{fraction_of_matmul_peak:.0%} of {matmul_peak_tflops:.0f} TFLOP/s | {device} |".format(**r))
         elif "clips_per_s" in r:  # the loader's (with workers: beside what it must feed) or the token cache's
             cells = f" (DeltaTok step: {need:.0f} clips/s) | | | cpu" if "workers" in r else " | | |"
             lines.append(f"| {r['row']} | | **{r['clips_per_s']:.0f} clips/s**{cells} |")
-        else:  # eval's
-            lines.append(f"| {r['row']} | | **{r.get('sequences_per_s', 0):.1f} sequences/s** | | | |")
+        else:  # eval's, or failed or out of time (the Makefile's {"row", "failed"}: no numbers)
+            lines.append(f"| {r['row']} | | " + ("failed or out of time (see the log)" if r.get("failed") else
+                                                 f"**{r.get('sequences_per_s', 0):.1f} sequences/s**") + " | | | |")
     with open(markdown + ".tmp", "w") as f:  # write, then rename: never half a file
         f.write(m[1] + "\n".join(lines) + "\n" + m[2])
     os.replace(markdown + ".tmp", markdown)
