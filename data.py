@@ -255,8 +255,8 @@ def draw_curves(out, stage, heldout, what, size=(1260, 340)):
             pen.text((x0 - 4, y1 - (y1 - y0) * t), f"{g(lo + (hi - lo) * t):.3g}", "black", font, anchor="rm")
         for c, (label, p) in enumerate(series.items()):
             colour, x, y = f"hsl({c * 137 % 360}, 75%, 42%)", x0 + (c % 2) * (x1 - x0) / 2, y1 + 34 + 14 * (c // 2)
-            pen.line([xy(*q) for q in p], colour, 2)
-            for a, b in [xy(*q) for q in p] if len(p) < 30 else ():  # a marker on each of a few points
+            pen.line(points := [xy(*q) for q in p], colour, 2)
+            for a, b in points if len(p) < 30 else ():  # a marker on each of a few points
                 pen.ellipse((a - 2, b - 2, a + 2, b + 2), colour)
             pen.line((x, y + 6, x + 16, y + 6), colour, 2)
             pen.text((x + 20, y), label, "black", font)
@@ -468,8 +468,8 @@ def _index(root, file, trust=False, check=lambda paths, info: None):
             with contextlib.suppress(Exception), np.load(file) as saved:
                 old = dict(saved) if saved["format"] == INDEX_FORMAT and saved["root"] == root else {}
             if old and trust:
-                check(_unpack(old["paths"]), old["info"])
-                return _unpack(old["paths"]), old["info"]
+                check(paths := _unpack(old["paths"]), old["info"])
+                return paths, old["info"]
             found = found if locked else _found(root)  # [(path, size, mtime)]
             known = dict(zip(zip(_unpack(old["paths"]), *old["stat"].T.tolist()), old["info"].tolist())) if old else {}
             info = [known.get(f) for f in found]
