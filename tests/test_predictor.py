@@ -227,9 +227,9 @@ def test_sampling_rollout(vfm):
 # training
 
 def test_tiny_deltaworld_learns_to_beat_copy_last(tok_ckpt, tmp_path):
-    ckpt = train(tmp_path, "--tokenizer", tok_ckpt, "--steps", "60", "--global-batch", "16", "--batch-size", "16",
+    ckpt = train(tmp_path, "--tokenizer", tok_ckpt, "--steps", "40", "--global-batch", "16", "--batch-size", "16",
                  "--lr", "1e-3", "--warmup", "10", "--bom", "16", "--val-clips", "16", "--val-samples", "8",
-                 "--eval-every", "60")
+                 "--eval-every", "40")
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     result = [r["eval"] for r in log if "eval" in r][-1]
     losses = [r["loss"] for r in log if "loss" in r]

@@ -185,7 +185,7 @@ def test_tiny_tokenizer_overfits_small_set(vfm, feats):
     opt = T.make_optimizer(tok, 1e-3, 1e-4, torch.device("cpu"))
     x, y = feats[:, :-1].flatten(0, 1), feats[:, 1:].flatten(0, 1)  # 9 frame pairs
     losses = []
-    for step in range(200):
+    for step in range(100):  # the loss falls 200-fold by then (a million-fold by step 200)
         for g in opt.param_groups:
             g["lr"] = T.lr_at(step, 1e-3, 20)
         loss = F.mse_loss(tok(x, y), y)
@@ -274,11 +274,11 @@ def test_training_two_process_ddp_equals_one_process(tmp_path):
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     common = [*TINY[:-2], "--steps", "8", "--global-batch", "4", "--batch-size", "4", "--ckpt-every", "2"]
-    train(*common, "--out", tmp_path / "full")
     out = tmp_path / "killed"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "tokenizer.py", *common, "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    train(*common, "--out", tmp_path / "full")  # while that one starts
     deadline = time.time() + 120
     while not (out / "ckpt.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
