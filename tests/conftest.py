@@ -31,3 +31,12 @@ def signal_handlers():
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early(request):
+    """A module's EARLY fixtures (subprocess runs: torchrun, the command line) start with its first test when a
+    selected test asks for them: their processes use the second core while this one runs the in-process tests."""
+    for name in getattr(request.module, "EARLY", ()):
+        if any(item.module is request.module and name in item.fixturenames for item in request.session.items):
+            request.getfixturevalue(name)

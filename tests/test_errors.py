@@ -175,10 +175,14 @@ def test_a_bad_input_is_one_line_exit_2_and_nothing_written(script, args, named,
     assert not (tmp_path / "run").exists() and state() == before  # no folder made, no file changed
 
 
+EARLY = ["command_lines"]  # conftest.early
+
+
 @pytest.fixture(scope="module")
-def command_lines(tmp_path_factory):
+def command_lines(tmp_path_factory, request):
     """tokenizer.py in its own interpreter, as a user runs it: with a path that is not there, and with data that the
-    loader's worker rejects (the only video is too short for any clip). Both start at once (one core each)."""
+    loader's worker rejects (the only video is too short for any clip). Both start with the module's first test; a
+    test that reads one's (stderr, exit status) waits for it."""
     from PIL import Image
     d = tmp_path_factory.mktemp("cli")
     (d / "videos" / "v").mkdir(parents=True)
@@ -189,7 +193,14 @@ def command_lines(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     procs = {k: subprocess.Popen([sys.executable, "tokenizer.py", *map(str, args)], cwd=ROOT, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k, args in runs.items()}
-    return {k: (p.communicate(timeout=300)[1], p.returncode) for k, p in procs.items()} | {"run": d / "run"}
+    for p in procs.values():
+        request.addfinalizer(p.terminate)  # if no test waited for it
+
+    class Ended(dict):
+        def __missing__(self, k):
+            self[k] = procs[k].communicate(timeout=300)[1], procs[k].returncode
+            return self[k]
+    return Ended(run=d / "run")
 
 
 def test_the_command_line_prints_no_traceback(command_lines):
