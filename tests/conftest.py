@@ -1,11 +1,15 @@
+import multiprocessing
+import multiprocessing.forkserver
 import os
+import runpy
 import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 # one thread everywhere: subprocess runs and in-process runs then reduce in the same order (bit-equal weights),
 # and parallel test processes do not oversubscribe the cores
 os.environ["OMP_NUM_THREADS"] = "1"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
 
@@ -40,3 +44,30 @@ def early(request):
     for name in getattr(request.module, "EARLY", ()):
         if any(item.module is request.module and name in item.fixturenames for item in request.session.items):
             request.getfixturevalue(name)
+
+
+def _as_command_line(script, args, env, stderr):
+    """`python script args` in this process, forked by command_line's server: env set, stdout to /dev/null, stderr
+    to the file `stderr`."""
+    os.environ.update(env)
+    for fd, path in ((1, os.devnull), (2, stderr)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.argv = [script, *args]
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+
+
+@pytest.fixture(scope="session")
+def command_line():
+    """command_line(script, *args, env={...}, stderr=path): `python script args` started as a process forked by a
+    server that has imported tokenizer (torch, transformers) once, so without the seconds of an interpreter's start:
+    a multiprocessing.Process (.join(), .exitcode, .kill()). For the tests of signals, exit statuses and what a run
+    leaves behind; the tests of the interpreter itself (its one line on stderr, torchrun) start their own."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tokenizer"])
+    multiprocessing.forkserver.ensure_running()  # now: its start-up runs beside the tests until the first run
+
+    def start(script, *args, env=None, stderr=os.devnull):
+        process = context.Process(target=_as_command_line, args=(script, list(map(str, args)), env or {}, str(stderr)))
+        process.start()
+        return process
+    return start

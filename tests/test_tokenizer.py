@@ -2,7 +2,6 @@
 import functools
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ def torchrun(*args):
 
 
 DDP = [*TINY, "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
-EARLY = ["ddp_run"]  # conftest.early
+EARLY = ["ddp_run", "command_line"]  # conftest.early
 
 
 @pytest.fixture(scope="module")
@@ -369,19 +368,17 @@ def test_compile_blocks_is_regional_and_equals_eager(backend, monkeypatch):
     torch._dynamo.reset()
 
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path):
+def test_kill_and_resume_equals_uninterrupted(command_line, tmp_path):
     common = [*TINY[:-2], "--steps", "8", "--global-batch", "4", "--batch-size", "4", "--ckpt-every", "2"]
     out = tmp_path / "killed"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "tokenizer.py", *common, "--out", str(out)], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    train(*common, "--out", tmp_path / "full")  # while that one starts
+    proc = command_line("tokenizer.py", *common, "--out", out)
     deadline = time.time() + 120
     while not (out / "ckpt.pt").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # mid-run, after at least one checkpoint
-    proc.wait()
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL mid-run, after at least one checkpoint
+    proc.join()
     step = T.load_checkpoint(out / "ckpt.pt")["step"]
+    train(*common, "--out", tmp_path / "full")
     assert 2 <= step <= 8
     train(*common, "--out", out, "--resume")
     a, b = weights(tmp_path / "full"), weights(out)
