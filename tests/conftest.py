@@ -2,6 +2,7 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import runpy
+import socket
 import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
@@ -58,15 +59,23 @@ def _as_command_line(script, args, env, stderr):
 
 @pytest.fixture(scope="session")
 def command_line():
-    """command_line(script, *args, env={...}, stderr=path): `python script args` started as a process forked by a
-    server that has imported tokenizer (torch, transformers) once, so without the seconds of an interpreter's start:
-    a multiprocessing.Process (.join(), .exitcode, .kill()). For the tests of signals, exit statuses and what a run
-    leaves behind; the tests of the interpreter itself (its one line on stderr, torchrun) start their own."""
+    """command_line(script, *args, stderr=path): `python script args` started as a process forked by a server that
+    has imported tokenizer (torch, transformers) once, so without the seconds of an interpreter's start: a
+    multiprocessing.Process (.join(), .exitcode, .kill()). ranks=2: two such processes in torchrun's environment
+    (rank r's stderr to path + r), a list. For the tests of signals, exit statuses, DDP and what a run leaves behind;
+    the tests of the interpreter itself (its one line on stderr, torchrun and its failing rank) start their own."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["tokenizer"])
     multiprocessing.forkserver.ensure_running()  # now: its start-up runs beside the tests until the first run
 
-    def start(script, *args, env=None, stderr=os.devnull):
+    def start(script, *args, ranks=0, stderr=os.devnull, env=None):
+        if ranks:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            return [start(script, *args, stderr=f"{stderr}{r}", env=dict(
+                RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                for r in range(ranks)]
         process = context.Process(target=_as_command_line, args=(script, list(map(str, args)), env or {}, str(stderr)))
         process.start()
         return process

@@ -106,33 +106,6 @@ def test_flops_count_the_model_size_given_and_say_which(capsys):
     assert all(tiny[k] < base[k] for k in tiny if "Backbone" not in k)
 
 
-@pytest.fixture(scope="module")
-def ranks_run(ckpts, tmp_path_factory, request):
-    """`torchrun --nproc_per_node 2 eval.py` of the next test, started with the module's first test (after ckpts):
-    (the process, its arguments but --out, its folder)."""
-    args = ["--ckpt", ckpts["tok"], "--heads", ckpts["seg"], "--size", str(SIZE), "--max-sequences", "1"]
-    out = tmp_path_factory.mktemp("ranks")
-    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "eval.py", *args, "--out", str(out)], cwd=ROOT,
-                           env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    request.addfinalizer(two.terminate)  # if the test did not run to its wait
-    return two, args, out
-
-
-EARLY = ["ranks_run"]  # conftest.early
-
-
-def test_torchrun_with_fewer_sequences_than_ranks_ends_and_equals_one_process(ranks_run, tmp_path):
-    """Rank 1 has no sequence: it must still reach every collective (no hang), and the scores are one process's."""
-    two, args, out = ranks_run
-    E.main(E.get_parser().parse_args([*args, "--out", str(tmp_path)]))
-    _, err = two.communicate(timeout=300)
-    assert two.returncode == 0, err[-3000:]
-    one, two = (json.load(open(d / "results.json"))["results"] for d in (tmp_path, out))
-    assert one == two
-
-
 def test_save_features_under_torchrun_is_refused_up_front(ckpts, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(T, "setup_dist", lambda: (0, 2, torch.device("cpu")))  # as rank 0 of 2
     monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", ckpts["tok"], "--save-features", str(tmp_path / "f.pt")])
@@ -183,3 +156,30 @@ def test_figures_carry_a_title_and_a_legend_and_the_gif_every_sample(tmp_path):
     tile = 1600 // (S + 2)  # shrunk from 128 px to fit
     pixels = np.asarray(gif.convert("RGB")).astype(int)[32 + tile // 2, [(c + 2) * tile + tile // 2 for c in range(S)]]
     assert np.abs(pixels - (np.arange(S) / S * 255)[:, None]).max() <= 3
+
+
+@pytest.fixture(scope="module")
+def ranks_run(ckpts, tmp_path_factory, request):
+    """`torchrun --nproc_per_node 2 eval.py` of the next test, started with the module's first test (after ckpts):
+    (the process, its arguments but --out, its folder)."""
+    args = ["--ckpt", ckpts["tok"], "--heads", ckpts["seg"], "--size", str(SIZE), "--max-sequences", "1"]
+    out = tmp_path_factory.mktemp("ranks")
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "eval.py", *args, "--out", str(out)], cwd=ROOT,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    request.addfinalizer(two.terminate)  # if the test did not run to its wait
+    return two, args, out
+
+
+EARLY = ["ranks_run"]  # conftest.early
+
+
+def test_torchrun_with_fewer_sequences_than_ranks_ends_and_equals_one_process(ranks_run, tmp_path):
+    """Rank 1 has no sequence: it must still reach every collective (no hang), and the scores are one process's."""
+    two, args, out = ranks_run
+    E.main(E.get_parser().parse_args([*args, "--out", str(tmp_path)]))
+    _, err = two.communicate(timeout=300)
+    assert two.returncode == 0, err[-3000:]
+    one, two = (json.load(open(d / "results.json"))["results"] for d in (tmp_path, out))
+    assert one == two

@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,11 +48,7 @@ def at_step(tmp_path, rank, step, action):
 
 def two_processes(command_line, tmp_path, script, *args):
     """Two gloo processes as torchrun (or srun, one task per process) starts them: [(exit status, stderr)] by rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [command_line(script, *args, stderr=tmp_path / f"stderr{r}", env=dict(
-        RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))) for r in (0, 1)]
+    procs = command_line(script, *args, ranks=2, stderr=tmp_path / "stderr")
     for p in procs:
         p.join(300)
     return [(p.exitcode, (tmp_path / f"stderr{r}").read_text()) for r, p in enumerate(procs)]

@@ -3,7 +3,6 @@ import functools
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -30,25 +29,7 @@ def feats(vfm):
     return vfm(torch.randint(0, 256, (3, 4, 3, 32, 32), dtype=torch.uint8))  # (B, T, N, C)
 
 
-def torchrun(*args):
-    """`torchrun --nproc_per_node 2 ARGS`, started (wait with .communicate())."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-DDP = [*TINY, "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
-EARLY = ["ddp_run", "command_line"]  # conftest.early
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory, request):
-    """The two processes of test_training_two_process_ddp_equals_one_process, started with the module's first test."""
-    out = tmp_path_factory.mktemp("ddp") / "two"
-    two = torchrun("tokenizer.py", *DDP, "--batch-size", "4", "--out", out)
-    request.addfinalizer(two.terminate)  # if the test did not run to its wait
-    return two, out
+EARLY = ["command_line"]  # conftest.early: its server starts with the first test
 
 
 def train(*args):
@@ -262,6 +243,51 @@ def test_rope_jitter_is_per_clip_and_the_same_for_any_split(vfm, feats):
     assert T.build_deltatok("tiny", vfm, rope_rescale=None).jitter(0, 5, range(3), "cpu") is None
 
 
+def test_training_two_process_ddp_equals_one_process(command_line, tmp_path):
+    """With the default flags (RoPE jitter on): 2 processes x 4 clips == 1 x 8 == 4 micro-batches of 2. (torchrun
+    itself starts tokenizer.py's ranks in test_stop's failing-rank test.)"""
+    common = [*TINY, "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
+    two = command_line("tokenizer.py", *common, "--batch-size", "4", "--out", tmp_path / "two", ranks=2,
+                       stderr=tmp_path / "stderr")
+    train(*common, "--batch-size", "8", "--out", tmp_path / "one")
+    train(*common, "--batch-size", "8", "--no-rope-jitter", "--out", tmp_path / "still")
+    train(*common, "--batch-size", "2", "--out", tmp_path / "acc")
+    for p in two:
+        p.join(300)
+    assert [p.exitcode for p in two] == [0, 0], (tmp_path / "stderr0").read_text()
+    w1, w2, w3 = weights(tmp_path / "one"), weights(tmp_path / "two"), weights(tmp_path / "acc")
+    init = T.build_deltatok("tiny", T.VFM("tiny")).state_dict()
+    assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train ...
+    still = weights(tmp_path / "still")
+    assert any(not torch.allclose(w1[k], still[k], atol=1e-6) for k in w1)  # ... with the jitter
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)  # 2 processes x batch 4 == 1 x 8
+        torch.testing.assert_close(w3[k], w1[k], atol=2e-5, rtol=1e-4)  # 4 micro-batches of 2 == 1 x 8
+    log = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+    assert any("eval" in r for r in log)
+
+
+def test_kill_and_resume_equals_uninterrupted(command_line, tmp_path):
+    common = [*TINY[:-2], "--steps", "8", "--global-batch", "4", "--batch-size", "4", "--ckpt-every", "2"]
+    train(*common, "--out", tmp_path / "full")
+    out = tmp_path / "killed"
+    proc = command_line("tokenizer.py", *common, "--out", out)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()  # SIGKILL mid-run, after at least one checkpoint
+    proc.join()
+    step = T.load_checkpoint(out / "ckpt.pt")["step"]
+    assert 2 <= step <= 8
+    train(*common, "--out", out, "--resume")
+    a, b = weights(tmp_path / "full"), weights(out)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
+    logged = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 9))  # nothing logged twice
+
+
 def test_a_second_make_demo_resumes_and_more_steps_equal_one_longer_run(tmp_path):
     """`make demo TOK_STEPS=6000` after `make demo`: every training stage resumes from its checkpoint, and the
     tokenizer's 2 steps, then 4 with --resume, equal 4 steps in one run."""
@@ -366,44 +392,3 @@ def test_compile_blocks_is_regional_and_equals_eager(backend, monkeypatch):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
     assert list(tok.state_dict()) == keys
     torch._dynamo.reset()
-
-
-def test_kill_and_resume_equals_uninterrupted(command_line, tmp_path):
-    common = [*TINY[:-2], "--steps", "8", "--global-batch", "4", "--batch-size", "4", "--ckpt-every", "2"]
-    out = tmp_path / "killed"
-    proc = command_line("tokenizer.py", *common, "--out", out)
-    deadline = time.time() + 120
-    while not (out / "ckpt.pt").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    proc.kill()  # SIGKILL mid-run, after at least one checkpoint
-    proc.join()
-    step = T.load_checkpoint(out / "ckpt.pt")["step"]
-    train(*common, "--out", tmp_path / "full")
-    assert 2 <= step <= 8
-    train(*common, "--out", out, "--resume")
-    a, b = weights(tmp_path / "full"), weights(out)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0)
-    logged = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 9))  # nothing logged twice
-
-
-def test_training_two_process_ddp_equals_one_process(ddp_run, tmp_path):
-    """With the default flags (RoPE jitter on): 2 processes x 4 clips == 1 x 8 == 4 micro-batches of 2."""
-    two, out = ddp_run
-    train(*DDP, "--batch-size", "8", "--out", tmp_path / "one")
-    train(*DDP, "--batch-size", "8", "--no-rope-jitter", "--out", tmp_path / "still")
-    train(*DDP, "--batch-size", "2", "--out", tmp_path / "acc")
-    _, err = two.communicate(timeout=600)
-    assert two.returncode == 0, err
-    w1, w2, w3 = weights(tmp_path / "one"), weights(out), weights(tmp_path / "acc")
-    init = T.build_deltatok("tiny", T.VFM("tiny")).state_dict()
-    assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train ...
-    still = weights(tmp_path / "still")
-    assert any(not torch.allclose(w1[k], still[k], atol=1e-6) for k in w1)  # ... with the jitter
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=2e-5, rtol=1e-4)  # 2 processes x batch 4 == 1 x 8
-        torch.testing.assert_close(w3[k], w1[k], atol=2e-5, rtol=1e-4)  # 4 micro-batches of 2 == 1 x 8
-    log = [json.loads(line) for line in open(tmp_path / "one" / "log.jsonl")]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
-    assert any("eval" in r for r in log)
