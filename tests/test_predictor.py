@@ -62,15 +62,19 @@ EARLY = ["ddp_run"]  # conftest.early
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tok_ckpt, tmp_path_factory, request):
+def ddp_run(tmp_path_factory, request):
     """`torchrun --nproc_per_node 2` of test_two_process_ddp_equals_one_process, started with the module's first test
-    (after tok_ckpt): (the process, its arguments but --batch-size and --out, its folder)."""
-    common = [*TINY, "--tokenizer", tok_ckpt, "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
-    out = tmp_path_factory.mktemp("ddp") / "two"  # 2 processes x 2 clips x accumulation 2
+    (before tok_ckpt: a one-step DeltaTok will do): (the process, its arguments but --batch-size and --out, its
+    folder)."""
+    tok, out = tmp_path_factory.mktemp("ddp") / "tok", tmp_path_factory.mktemp("ddp") / "two"
+    T.main(T.get_parser().parse_args(["--vfm", "tiny", "--model", "tiny", "--size", "32", "--steps", "1",
+                                      "--global-batch", "4", "--batch-size", "4", "--num-workers", "0", "--val-clips",
+                                      "1", "--dtype", "fp32", "--out", str(tok)]))
+    common = [*TINY, "--tokenizer", str(tok / "ckpt.pt"), "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "predictor.py", *common, "--batch-size", "2", "--out", str(out)], cwd=ROOT,
-                           env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                            "predictor.py", *common, "--batch-size", "2", "--out", str(out)],  # 2 x 2 x accum 2
+                           cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     request.addfinalizer(two.terminate)  # if the test did not run to its wait
     return two, common, out
 
