@@ -9,6 +9,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -76,7 +77,7 @@ def check_stop(err, out, step, name):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
-EARLY = ["command_line", "failing_ranks"]  # conftest.early: they start beside the first tests
+EARLY = ["command_line"]  # conftest.early: its server starts beside the first tests
 
 
 @pytest.fixture(scope="module")
@@ -130,30 +131,18 @@ def test_a_signal_to_one_of_two_processes_stops_both_and_resume_is_bit_exact(com
     assert_same_state(full, cut)
 
 
-@pytest.fixture(scope="module")
-def failing_ranks(tmp_path_factory, request):
-    """The torchrun of the next test, started with the module's first test: (torchrun, its folder, where rank 1
-    writes the time as it raises to t, and torchrun's stderr goes to stderr)."""
-    tmp = tmp_path_factory.mktemp("failing")
-    failing = at_step(tmp, 1, 3, f"open({str(tmp / 't')!r}, 'w').write(repr(time.time())); "
-                                 "raise ValueError('boom at step 3')")
-    with open(tmp / "stderr", "w") as err:
-        proc = subprocess.Popen([*TORCHRUN, failing, *COMMON, "--num-workers", "0", "--batch-size", "2", "--out",
-                                 str(tmp / "out")], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=err)
-    request.addfinalizer(proc.terminate)  # if the test did not run to its wait
-    return proc, tmp
-
-
-def test_a_failing_rank_stops_every_rank_and_is_named(failing_ranks):
+def test_a_failing_rank_stops_every_rank_and_is_named(tmp_path):
     """Under torchrun, rank 1 raises as step 3 starts; rank 0 stops within seconds (not NCCL's 10 minutes), with
     one line that names rank 1 and its error, and no traceback of its own."""
-    proc, tmp = failing_ranks
-    proc.wait(timeout=300)
-    stderr = (tmp / "stderr").read_text()  # written last by torchrun's report, once every rank has ended
-    assert proc.returncode != 0 and os.path.getmtime(tmp / "stderr") - float((tmp / "t").read_text()) < 60
-    named = [x for x in stderr.splitlines() if x.endswith("stopping: rank 1 failed with ValueError: boom at step 3")]
-    assert len(named) == 1, stderr  # from rank 0, whose collective with rank 1 failed
-    assert stderr.count("Traceback") == 2  # rank 1's own, and torchrun's report; none from rank 0
+    failing = at_step(tmp_path, 1, 3, f"open({str(tmp_path / 't')!r}, 'w').write(repr(time.time())); "
+                                      "raise ValueError('boom at step 3')")
+    proc = subprocess.run([*TORCHRUN, failing, *COMMON, "--num-workers", "0", "--batch-size", "2", "--out",
+                           str(tmp_path / "out")], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and time.time() - float((tmp_path / "t").read_text()) < 60
+    named = [x for x in proc.stderr.splitlines() if x.endswith("stopping: rank 1 failed with ValueError: boom at step "
+                                                                "3")]
+    assert len(named) == 1, proc.stderr  # from rank 0, whose collective with rank 1 failed
+    assert proc.stderr.count("Traceback") == 2  # rank 1's own, and torchrun's report; none from rank 0
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
