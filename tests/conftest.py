@@ -78,5 +78,10 @@ def command_line():
                 for r in range(ranks)]
         process = context.Process(target=_as_command_line, args=(script, list(map(str, args)), env or {}, str(stderr)))
         process.start()
+        started.append(process)
         return process
-    return start
+    started = []
+    yield start
+    for process in started:
+        if process.exitcode is None:  # left running by a failed test
+            process.kill()
