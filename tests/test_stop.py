@@ -47,7 +47,8 @@ def at_step(tmp_path, rank, step, action):
 
 
 def two_processes(command_line, tmp_path, script, *args):
-    """Two gloo processes as torchrun (or srun, one task per process) starts them: [(exit status, stderr)] by rank."""
+    """Two gloo processes in the environment torchrun (or srun, one task per process) gives them, forked by
+    command_line: [(exit status, stderr)] by rank."""
     procs = command_line(script, *args, ranks=2, stderr=tmp_path / "stderr")
     for p in procs:
         p.join(300)
