@@ -171,25 +171,33 @@ def test_tiny_dinoworld_learns_on_synthetic_videos():
     assert final < 0.5 * initial, (initial, final, copy_last)
 
 
-def torchrun(*args):
-    """`torchrun --nproc_per_node 2 ARGS`, started: the one-process side runs here meanwhile (two cores)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
 def weights(out):
     return T.load_checkpoint(os.path.join(out, "ckpt.pt"))["model"]
 
 
-def test_two_process_ddp_with_accumulation_equals_one_process(tmp_path, capsys):
-    common = [*TINY, "--bom", "4", "--steps", "2", "--global-batch", "8", "--eval-every", "2", "--ckpt-every", "2"]
-    two = torchrun("baseline_dinoworld.py", *common, "--batch-size", "2", "--out", tmp_path / "two")
-    D.main(D.get_parser().parse_args([*common, "--batch-size", "8", "--out", str(tmp_path / "one")]))  # one process
+DDP = [*TINY, "--bom", "4", "--steps", "2", "--global-batch", "8", "--eval-every", "2", "--ckpt-every", "2"]
+EARLY = ["ddp_run"]  # conftest.early
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, request):
+    """`torchrun --nproc_per_node 2` of test_two_process_ddp_with_accumulation_equals_one_process, started with the
+    module's first test."""
+    out = tmp_path_factory.mktemp("ddp") / "two"
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "baseline_dinoworld.py", *map(str, DDP), "--batch-size", "2", "--out", str(out)], cwd=ROOT,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    request.addfinalizer(two.terminate)  # if the test did not run to its wait
+    return two, out
+
+
+def test_two_process_ddp_with_accumulation_equals_one_process(ddp_run, tmp_path, capsys):
+    two, out = ddp_run
+    D.main(D.get_parser().parse_args([*DDP, "--batch-size", "8", "--out", str(tmp_path / "one")]))  # one process
     _, err = two.communicate(timeout=600)
     assert two.returncode == 0, err
-    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    w1, w2 = weights(tmp_path / "one"), weights(out)
     init = D.build_dinoworld("tiny", T.VFM("tiny"), bom=4).state_dict()
     assert any(not torch.allclose(w1[k], init[k]) for k in w1)  # it did train
     for k in w1:  # 2 processes x 2 micro-steps of 2 clips == 1 process x 8 clips, BoM noise included

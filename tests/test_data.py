@@ -624,9 +624,13 @@ def test_read_gives_every_frame_of_a_full_decode_and_skips_no_clip(tmp_path, nam
     assert sum(clips.sample(0, j)[2] for j in range(20)) == 0
 
 
-def test_ranks_under_torchrun_share_one_index_build(tmp_path):
-    """Two gloo processes open one folder at once: one probes, the other waits and reads its index; both see the
-    same videos in the same order."""
+EARLY = ["index_ranks"]  # conftest.early
+
+
+@pytest.fixture(scope="module")
+def index_ranks(tmp_path_factory, request):
+    """The torchrun of the next test, started with the module's first test: (torchrun, its folder)."""
+    tmp_path = tmp_path_factory.mktemp("ranks")
     for c in range(3):
         (tmp_path / "videos" / f"c{c}").mkdir(parents=True)
         for v in range(2):
@@ -651,10 +655,19 @@ videos = [(source.path(i), len(source.frame_times(i))) for i in range(len(source
 json.dump(dict(videos=videos, probed=len(probed)), open(sys.argv[2] + os.environ["RANK"], "w"))
 dist.destroy_process_group()
 """)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script), str(tmp_path / "videos"), str(tmp_path / "rank")], capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(script), str(tmp_path / "videos"), str(tmp_path / "rank")], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    request.addfinalizer(run.terminate)  # if the test did not run to its wait
+    return run, tmp_path
+
+
+def test_ranks_under_torchrun_share_one_index_build(index_ranks):
+    """Two gloo processes open one folder at once: one probes, the other waits and reads its index; both see the
+    same videos in the same order."""
+    run, tmp_path = index_ranks
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
     ranks = [json.load(open(tmp_path / f"rank{r}")) for r in (0, 1)]
     assert ranks[0]["videos"] == ranks[1]["videos"] and len(ranks[0]["videos"]) == 6
     assert [n for _, n in ranks[0]["videos"]] == [4, 5, 5, 6, 6, 7]  # c0/0, c0/1, c1/0, ...: in walk order

@@ -312,11 +312,15 @@ def test_every_path_flag_refuses_every_kind_of_wrong_path(script, flag, kind, fi
     assert state() == before  # nothing made, no input changed
 
 
+EARLY = ["command_lines"]  # conftest.early
+
+
 @pytest.fixture(scope="module")
-def command_lines(tmp_path_factory):
+def command_lines(tmp_path_factory, request):
     """tokenizer.py in its own interpreter, as a user runs it: converting a PCA file that would run `touch marker` (a
     dotted name through numpy, as pickle protocol 4 resolves it), and with data that the loader's worker rejects (the
-    only video is too short for any clip). Both start at once (one core each)."""
+    only video is too short for any clip). Both start with the module's first test; a test that reads one's (stderr,
+    exit status) waits for it."""
     from PIL import Image
     d = tmp_path_factory.mktemp("cli")
     (d / "videos" / "v").mkdir(parents=True)
@@ -330,7 +334,14 @@ def command_lines(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     procs = {k: subprocess.Popen([sys.executable, "tokenizer.py", *map(str, args)], cwd=ROOT, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k, args in runs.items()}
-    return {k: (p.communicate(timeout=300)[1], p.returncode) for k, p in procs.items()} | {"run": d / "run"}
+    for p in procs.values():
+        request.addfinalizer(p.terminate)  # if no test waited for it
+
+    class Ended(dict):
+        def __missing__(self, k):
+            self[k] = procs[k].communicate(timeout=300)[1], procs[k].returncode
+            return self[k]
+    return Ended(run=d / "run")
 
 
 def test_the_command_line_prints_no_traceback_and_a_crafted_pca_file_runs_nothing(command_lines):

@@ -27,7 +27,7 @@ def ckpts(tmp_path_factory):
         ["--vfm", "tiny", "--model", "tiny", "--size", str(SIZE), "--global-batch", "8", "--batch-size", "8",
          "--steps", "5", "--warmup", "1", "--num-workers", "0", "--val-clips", "2", "--out", str(out / "tok"),
          "--dtype", "fp32"]))
-    for task, steps in (("seg", 80), ("depth", 40)):
+    for task, steps in (("seg", 40), ("depth", 20)):
         H.main(H.get_parser().parse_args(
             ["--task", task, "--vfm", "tiny", "--size", str(SIZE), "--steps", str(steps), "--batch-size", "8",
              "--lr", "1e-2", "--warmup", "1", "--num-workers", "0", "--val-sequences", "2", "--dtype", "fp32",
@@ -107,20 +107,6 @@ def test_flops_count_the_model_size_given_and_say_which(capsys):
     assert all(tiny[k] < base[k] for k in tiny if "Backbone" not in k)
 
 
-def test_torchrun_with_fewer_sequences_than_ranks_ends_and_equals_one_process(ckpts, tmp_path):
-    """Rank 1 has no sequence: it must still reach every collective (no hang), and the scores are one process's."""
-    args = ["--ckpt", ckpts["tok"], "--heads", ckpts["seg"], "--size", str(SIZE), "--max-sequences", "1"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "eval.py", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    E.main(E.get_parser().parse_args([*args, "--out", str(tmp_path / "one")]))  # meanwhile (two cores)
-    _, err = two.communicate(timeout=300)
-    assert two.returncode == 0, err[-3000:]
-    one, two = (json.load(open(tmp_path / d / "results.json"))["results"] for d in ("one", "two"))
-    assert one == two
-
-
 def test_save_features_under_torchrun_is_refused_up_front(ckpts, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(T, "setup_dist", lambda: (0, 2, torch.device("cpu")))  # as rank 0 of 2
     monkeypatch.setattr(sys, "argv", ["eval.py", "--ckpt", ckpts["tok"], "--save-features", str(tmp_path / "f.pt")])
@@ -171,3 +157,30 @@ def test_figures_carry_a_title_and_a_legend_and_the_gif_every_sample(tmp_path):
     tile = 1600 // (S + 2)  # shrunk from 128 px to fit
     pixels = np.asarray(gif.convert("RGB")).astype(int)[32 + tile // 2, [(c + 2) * tile + tile // 2 for c in range(S)]]
     assert np.abs(pixels - (np.arange(S) / S * 255)[:, None]).max() <= 3
+
+
+@pytest.fixture(scope="module")
+def ranks_run(ckpts, tmp_path_factory, request):
+    """`torchrun --nproc_per_node 2 eval.py` of the next test, started with the module's first test (after ckpts):
+    (the process, its arguments but --out, its folder)."""
+    args = ["--ckpt", ckpts["tok"], "--heads", ckpts["seg"], "--size", str(SIZE), "--max-sequences", "1"]
+    out = tmp_path_factory.mktemp("ranks")
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "eval.py", *args, "--out", str(out)], cwd=ROOT,
+                           env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    request.addfinalizer(two.terminate)  # if the test did not run to its wait
+    return two, args, out
+
+
+EARLY = ["ranks_run"]  # conftest.early
+
+
+def test_torchrun_with_fewer_sequences_than_ranks_ends_and_equals_one_process(ranks_run, tmp_path):
+    """Rank 1 has no sequence: it must still reach every collective (no hang), and the scores are one process's."""
+    two, args, out = ranks_run
+    E.main(E.get_parser().parse_args([*args, "--out", str(tmp_path)]))
+    _, err = two.communicate(timeout=300)
+    assert two.returncode == 0, err[-3000:]
+    one, two = (json.load(open(d / "results.json"))["results"] for d in (tmp_path, out))
+    assert one == two

@@ -39,14 +39,6 @@ def clip(B=2, L=8, C=64):
     return torch.randn(B, L, C), torch.cumsum(torch.rand(B, L) * 0.3, 1) - 0.1  # tokens (B, T, C), times (B, T)
 
 
-def torchrun(*args):
-    """`torchrun --nproc_per_node 2 ARGS`, started: the one-process side runs here meanwhile (two cores)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
 def train(out, *args):
     """predictor.py's main in this process (single process, as a plain `python predictor.py` run)."""
     torch.set_num_threads(1)
@@ -64,6 +56,27 @@ def tok_ckpt(tmp_path_factory):
                                       "--num-workers", "0", "--val-clips", "4", "--eval-every", "1000",
                                       "--dtype", "fp32", "--out", str(out)]))
     return str(out / "ckpt.pt")
+
+
+EARLY = ["ddp_run"]  # conftest.early
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, request):
+    """`torchrun --nproc_per_node 2` of test_two_process_ddp_equals_one_process, started with the module's first test
+    (before tok_ckpt: a one-step DeltaTok will do): (the process, its arguments but --batch-size and --out, its
+    folder)."""
+    tok, out = tmp_path_factory.mktemp("ddp") / "tok", tmp_path_factory.mktemp("ddp") / "two"
+    T.main(T.get_parser().parse_args(["--vfm", "tiny", "--model", "tiny", "--size", "32", "--steps", "1",
+                                      "--global-batch", "4", "--batch-size", "4", "--num-workers", "0", "--val-clips",
+                                      "1", "--dtype", "fp32", "--out", str(tok)]))
+    common = [*TINY, "--tokenizer", str(tok / "ckpt.pt"), "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "predictor.py", *common, "--batch-size", "2", "--out", str(out)],  # 2 x 2 x accum 2
+                           cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    request.addfinalizer(two.terminate)  # if the test did not run to its wait
+    return two, common, out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,9 +240,9 @@ def test_sampling_rollout(vfm):
 # training
 
 def test_tiny_deltaworld_learns_to_beat_copy_last(tok_ckpt, tmp_path):
-    ckpt = train(tmp_path, "--tokenizer", tok_ckpt, "--steps", "60", "--global-batch", "16", "--batch-size", "16",
+    ckpt = train(tmp_path, "--tokenizer", tok_ckpt, "--steps", "40", "--global-batch", "16", "--batch-size", "16",
                  "--lr", "1e-3", "--warmup", "10", "--bom", "16", "--val-clips", "16", "--val-samples", "8",
-                 "--eval-every", "60")
+                 "--eval-every", "40")
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     result = [r["eval"] for r in log if "eval" in r][-1]
     losses = [r["loss"] for r in log if "loss" in r]
@@ -289,13 +302,12 @@ def test_token_cache_is_refused_after_the_tokenizer_changes(tok_ckpt, tmp_path):
         train(tmp_path / "b", *args)
 
 
-def test_two_process_ddp_equals_one_process(tok_ckpt, tmp_path):
-    common = [*TINY, "--tokenizer", tok_ckpt, "--steps", "3", "--global-batch", "8", "--ckpt-every", "3"]
-    two = torchrun("predictor.py", *common, "--batch-size", "2", "--out", tmp_path / "two")  # 2 x 2 x accum 2
+def test_two_process_ddp_equals_one_process(ddp_run, tmp_path):
+    two, common, out = ddp_run
     P.main(P.get_parser().parse_args([*common, "--batch-size", "8", "--out", str(tmp_path / "one")]))  # one process
     _, err = two.communicate(timeout=600)
     assert two.returncode == 0, err
-    w1, w2 = (T.load_checkpoint(tmp_path / d / "ckpt.pt")["model"] for d in ("one", "two"))
+    w1, w2 = (T.load_checkpoint(d / "ckpt.pt")["model"] for d in (tmp_path / "one", out))
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=2e-6, rtol=1e-4)
 

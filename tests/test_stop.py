@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -48,16 +47,13 @@ def at_step(tmp_path, rank, step, action):
     return str(path)
 
 
-def two_processes(script, *args):
-    """Two gloo processes as torchrun (or srun, one task per process) starts them: [(returncode, stderr)] by rank."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                              stdout=subprocess.DEVNULL, env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
-             for r in range(2)]
-    return [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+def two_processes(command_line, tmp_path, script, *args):
+    """Two gloo processes in the environment torchrun (or srun, one task per process) gives them, forked by
+    command_line: [(exit status, stderr)] by rank."""
+    procs = command_line(script, *args, ranks=2, stderr=tmp_path / "stderr")
+    for p in procs:
+        p.join(300)
+    return [(p.exitcode, (tmp_path / f"stderr{r}").read_text()) for r, p in enumerate(procs)]
 
 
 def assert_same_state(a, b):
@@ -82,6 +78,9 @@ def check_stop(err, out, step, name, launch):
     assert f" --out {out} " in line[0] and line[0].endswith(" --resume")  # the same command, with --resume
     assert f"; to go on{launch}" in line[0], line[0]
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+EARLY = ["command_line"]  # conftest.early: its server starts beside the first tests
 
 
 @pytest.fixture(scope="module")
@@ -121,16 +120,20 @@ def test_a_signal_saves_the_step_in_flight_exits_3_and_resume_is_bit_exact(tmp_p
     assert logged(out) == list(range(1, 21))  # each step logged once
 
 
-def test_a_signal_to_one_of_two_processes_stops_both_and_resume_is_bit_exact(tmp_path):
-    """SIGTERM to rank 1 only, as step k + 1 starts: the ranks agree at the step boundary, rank 0 saves step k + 1."""
+def test_a_signal_to_one_of_two_processes_stops_both_and_resume_is_bit_exact(command_line, tmp_path):
+    """SIGTERM to rank 1 only, as step k + 1 starts: the ranks agree at the step boundary, rank 0 saves step k + 1;
+    resumed on two ranks, the run ends bit-equal to an uninterrupted one. That one runs here, as 2 micro-batches of
+    2 clips: DDP's mean of two ranks' gradients equals the sum of the two halves exactly (the same batches, and
+    halving is exact in floating point)."""
     k, cut, full = random.randint(1, 8), tmp_path / "cut", tmp_path / "full"
     two = [*COMMON, "--steps", "10", "--num-workers", "0", "--batch-size", "2", "--out"]
-    signalled = two_processes(at_step(tmp_path, 1, k, "os.kill(os.getpid(), signal.SIGTERM)"), *two, cut)
+    signalled = two_processes(command_line, tmp_path, at_step(tmp_path, 1, k, "os.kill(os.getpid(), signal.SIGTERM)"),
+                              *two, cut)
     assert [code for code, _ in signalled] == [T.PREEMPTED] * 2, signalled
     assert not signalled[1][1].strip()  # rank 0 speaks for both
     check_stop(signalled[0][1], cut, k + 1, "SIGTERM", ", under the same launcher: python ")  # srun's way
-    for args in ([*two, full], [*two, cut, "--resume"]):
-        assert [code for code, _ in two_processes("tokenizer.py", *args)] == [0, 0]
+    assert [code for code, _ in two_processes(command_line, tmp_path, "tokenizer.py", *two, cut, "--resume")] == [0, 0]
+    train(*two, full)
     assert_same_state(full, cut)
 
 
