@@ -218,7 +218,7 @@ def load_deltaworld(path, device="cpu", tokenizer=None, vfm=None, flag="--ckpt")
         raise data.UserError(f"{flag} {path} records its tokenizer at {ckpt['tokenizer']}, which is gone: pass "
                              "--tokenizer with that file (moved or copied), or with the released DeltaTok it used")
     tok, vfm_name = T.load_deltatok(tokenizer or ckpt["tokenizer"], device)
-    if ckpt.get("tokenizer_sha1", sha1 := file_sha1(tokenizer or ckpt["tokenizer"])) != sha1:  # (released: none)
+    if "tokenizer_sha1" in ckpt and ckpt["tokenizer_sha1"] != (sha1 := file_sha1(tokenizer or ckpt["tokenizer"])):
         raise data.UserError(f"{flag} {path} was trained with another tokenizer than {tokenizer or ckpt['tokenizer']} "
                              f"(sha1 {ckpt['tokenizer_sha1'][:12]}..., not {sha1[:12]}...): pass the one it records")
     vfm = vfm if vfm is not None else T.VFM(vfm_name if released else ckpt["vfm"] or vfm_name).to(device)

@@ -194,10 +194,10 @@ def test_dino_foresight_pca_files_convert_as_its_pca_transform_projects(tmp_path
         write(tmp_path / name)
     monkeypatch.delitem(sys.modules, "sklearn.decomposition._pca")  # reading needs no sklearn
     for name in files:
-        torch.save(T.convert_pca(str(tmp_path / name)), tmp_path / "pca.pt")
+        torch.save(pca := T.convert_pca(str(tmp_path / name)), tmp_path / "pca.pt")
         proj, shift, _ = T.load_pca(str(tmp_path / "pca.pt"), 64)
         torch.testing.assert_close(x @ proj - shift, want, atol=1e-4, rtol=1e-4, msg=name)
-        assert torch.equal(torch.load(tmp_path / "pca.pt")["variance"], torch.arange(16, 0.0, -1)), name
+        assert torch.equal(pca["variance"], torch.arange(16, 0.0, -1)), name
     out = tmp_path / "new" / "pca.pt"  # the command line: a new file, its folder made, said in one line
     T.main(T.get_parser().parse_args(["--convert-pca", str(tmp_path / next(iter(files))), "--pca", str(out)]))
     assert capsys.readouterr().out == f"wrote {out}: a PCA of 64-d features to 16 components\n"
